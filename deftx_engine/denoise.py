@@ -1,0 +1,154 @@
+"""DeFT-X denoising of a weight delta: delta' = L + S.
+
+L is the rank-r part of delta (largest singular values); S keeps the largest-magnitude share rho of the
+residual delta - L *within that matrix*; everything else is treated as noise and dropped.
+
+Why a Gram eigendecomposition and not ``torch.linalg.svd``: for a tall m x n delta (XLM-R's 250002 x 768
+word embeddings) the singular values and right singular vectors come from the n x n matrix delta^T delta,
+and L = delta V_r V_r^T needs no U at all. That is two matrix products over delta instead of a full SVD
+(about 9x faster on the embeddings on 2 CPU cores, see benchmarks/RESULTS.md), and L is an exact
+projection of delta, so a delta of exact rank r comes back to float tolerance. The Gram matrix is
+accumulated in float64, which keeps sigma^2 accurate to ~1e-12 relative to sigma_max^2 -- the range the
+energy rule looks at.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .masks import select_top_k
+
+_ROWS = 1 << 15  # rows per chunk when streaming over a tall matrix
+
+
+@dataclass
+class DenoiseConfig:
+    """How each weight-matrix delta is split into a low-rank part and a sparse residual.
+
+    rank_policy: "energy" -- smallest r whose cumulative sigma^2 reaches ``energy`` (the paper's choice);
+                 "fixed"  -- r = ``rank``, clipped to min(m, n).
+    energy: share of sum(sigma^2) that L must keep (0.90 as in the paper).
+    rank: r for the fixed policy (100 as in the paper's fixed-rank ablation).
+    residual_share: rho, share of the residual entries of each matrix kept in S (0.05; 0 drops S).
+    """
+
+    rank_policy: Literal["energy", "fixed"] = "energy"
+    energy: float = 0.90
+    rank: int = 100
+    residual_share: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.rank_policy not in ("energy", "fixed"):
+            raise ConfigError(f"rank_policy must be 'energy' or 'fixed', got {self.rank_policy!r}")
+        if not 0.0 < self.energy <= 1.0:
+            raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
+        if self.rank < 0:
+            raise ConfigError(f"rank must be >= 0, got {self.rank}")
+        if not 0.0 <= self.residual_share <= 1.0:
+            raise ConfigError(f"residual_share must be in [0, 1], got {self.residual_share}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DenoiseRecord:
+    """What denoising did to one matrix (for the spectrum plot and the vector's metadata)."""
+
+    name: str
+    shape: tuple[int, int]
+    singular_values: list[float] = field(repr=False)
+    rank: int
+    energy_retained: float
+    residual_kept: int
+
+
+def spectrum(delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular values (descending, float64) and the matching right singular vectors of a tall delta.
+
+    Streams over row chunks so a 250k-row matrix never needs a float64 copy.
+    """
+    n = delta.shape[1]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for start in range(0, delta.shape[0], _ROWS):
+        c = delta[start:start + _ROWS].to(torch.float64)
+        gram.addmm_(c.T, c)
+    evals, evecs = torch.linalg.eigh(gram)
+    return evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
+
+
+def choose_rank(sigma: Tensor, cfg: DenoiseConfig) -> int:
+    """The rank r that ``cfg`` asks for, given descending singular values."""
+    if cfg.rank_policy == "fixed":
+        return min(cfg.rank, sigma.numel())
+    power = sigma.double() ** 2
+    total = float(power.sum())
+    if total == 0.0:
+        return 0
+    cum = power.cumsum(0) / total
+    return min(int((cum < cfg.energy - 1e-12).sum()) + 1, sigma.numel())
+
+
+def _denoise_tall(delta: Tensor, cfg: DenoiseConfig, name: str) -> DenoiseRecord:
+    """Overwrite a contiguous tall (m >= n) ``delta`` with L + S; return the record."""
+    sigma, v = spectrum(delta)
+    r = choose_rank(sigma, cfg)
+    power = sigma ** 2
+    energy = float(power[:r].sum() / power.sum()) if float(power.sum()) > 0 else 1.0
+    vr = v[:, :r].to(delta.dtype)
+    residual = torch.empty_like(delta)
+    for start in range(0, delta.shape[0], _ROWS):
+        rows = delta[start:start + _ROWS]
+        low = (rows @ vr) @ vr.T
+        residual[start:start + _ROWS] = rows - low
+        rows.copy_(low)
+    keep = int(round(cfg.residual_share * residual.numel()))
+    idx = select_top_k({"residual": residual}, keep)["residual"]
+    delta.view(-1)[idx] += residual.view(-1)[idx]
+    return DenoiseRecord(name, tuple(delta.shape), sigma.float().tolist(), r, energy, keep)
+
+
+def _denoise_inplace(delta: Tensor, cfg: DenoiseConfig, name: str) -> DenoiseRecord:
+    """Overwrite a contiguous 2-D ``delta`` with L + S; a wide matrix is denoised as its transpose."""
+    if delta.shape[0] >= delta.shape[1]:
+        return _denoise_tall(delta, cfg, name)
+    tall = delta.T.contiguous()
+    record = _denoise_tall(tall, cfg, name)
+    delta.copy_(tall.T)
+    record.shape = tuple(delta.shape)
+    return record
+
+
+def denoise_matrix(delta: Tensor, cfg: DenoiseConfig | None = None, name: str = "") -> tuple[Tensor, DenoiseRecord]:
+    """delta' = L + S for one weight-matrix delta (a new tensor; ``delta`` is not changed)."""
+    if delta.dim() != 2:
+        raise ConfigError(f"{name or 'delta'}: denoising needs a 2-D matrix, got shape {tuple(delta.shape)}")
+    out = delta.detach().clone().contiguous()
+    return out, _denoise_inplace(out, cfg or DenoiseConfig(), name)
+
+
+def denoise_deltas(deltas: Mapping[str, Tensor], cfg: DenoiseConfig | None = None, *, inplace: bool = False,
+                   progress: Callable[[int, int, str], None] | None = None
+                   ) -> tuple[dict[str, Tensor], dict[str, DenoiseRecord]]:
+    """Denoise every 2-D delta of a model; 1-D tensors (biases) pass through unchanged.
+
+    ``inplace=True`` overwrites the given tensors, so denoising a whole model costs one matrix of extra
+    memory at a time instead of a second copy of the model.
+    """
+    cfg = cfg or DenoiseConfig()
+    out: dict[str, Tensor] = {}
+    records: dict[str, DenoiseRecord] = {}
+    for i, (name, d) in enumerate(deltas.items()):
+        if d.dim() == 2:
+            target = d if inplace and d.is_contiguous() else d.detach().clone().contiguous()
+            records[name] = _denoise_inplace(target, cfg, name)
+            out[name] = target
+        else:
+            out[name] = d
+        if progress:
+            progress(i + 1, len(deltas), name)
+    return out, records

@@ -1,0 +1,277 @@
+"""Sparse fine-tuning vectors: phi = theta2 - theta0 on a few entries, plus whole heads.
+
+A vector is a folder with two files, so that loading never runs code:
+- ``sft_config.json``: metadata (base model, kind, language, labels, method, denoising, k, version) and the
+  shape of every parameter the vector touches;
+- ``sft_model.safetensors``: per maskable parameter ``<name>.idx`` (sorted row-major flat int32 indices)
+  and ``<name>.val`` (the diffs), and per head parameter ``<name>.head`` (the whole trained tensor).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import __version__
+from .errors import VectorError
+from .params import parameter_roles
+
+CONFIG_FILE = "sft_config.json"
+WEIGHTS_FILE = "sft_model.safetensors"
+FORMAT = "deftx-sft/1"
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Hash of the encoder's parameter names and shapes (pooler excluded: MLM models have none).
+
+    A vector applied to a model with another fingerprint was made for another base model.
+    """
+    roles = parameter_roles(model)
+    params = dict(model.named_parameters())
+    items = sorted((n, tuple(params[n].shape)) for n in roles.maskable + roles.frozen if ".pooler." not in n)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+@dataclass
+class VectorMeta:
+    """Everything needed to reuse a vector later, on another machine or from the Hub."""
+
+    kind: str  # "language" | "task" | "composed"
+    base_model: str
+    base_fingerprint: str
+    language: str = ""
+    label_names: list[str] = field(default_factory=list)
+    method: str = "deftx"  # "deftx" | "lt-sft" | ...
+    denoise: dict | None = None  # DenoiseConfig.to_dict() for deftx, None for lt-sft
+    k: int = 0
+    engine_version: str = __version__
+    extra: dict = field(default_factory=dict)  # training settings, metrics, components of a composition
+
+
+@dataclass
+class SparseVector:
+    """One sparse fine-tuning: ``indices``/``values`` per maskable parameter, whole ``heads``."""
+
+    meta: VectorMeta
+    indices: dict[str, Tensor] = field(default_factory=dict)  # int32, sorted, unique
+    values: dict[str, Tensor] = field(default_factory=dict)
+    heads: dict[str, Tensor] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    _saved: list[dict[str, Tensor]] = field(default_factory=list, repr=False, compare=False)
+
+    # ---- building ---------------------------------------------------------------------------------
+    @classmethod
+    def from_diff(cls, meta: VectorMeta, theta0: Mapping[str, Tensor], model: nn.Module,
+                  mask: Mapping[str, Tensor], head_names: Iterable[str] = ()) -> "SparseVector":
+        """phi = theta(model) - theta0 at the masked entries, and the model's head tensors whole."""
+        params = dict(model.named_parameters())
+        vec = cls(meta)
+        for name, idx in mask.items():
+            if idx.numel() == 0:
+                continue
+            idx = idx.long()
+            cur = params[name].detach().reshape(-1)
+            vec.indices[name] = idx.to(torch.int32)
+            vec.values[name] = (cur[idx] - theta0[name].reshape(-1)[idx]).float().cpu()
+            vec.shapes[name] = tuple(params[name].shape)
+        for name in head_names:
+            vec.heads[name] = params[name].detach().float().cpu().clone()
+            vec.shapes[name] = tuple(params[name].shape)
+        vec.meta.k = vec.nnz
+        return vec
+
+    @property
+    def nnz(self) -> int:
+        return sum(int(i.numel()) for i in self.indices.values())
+
+    def mask(self) -> dict[str, Tensor]:
+        """The index sets, as a mask (for overlap reports)."""
+        return {n: i.long() for n, i in self.indices.items()}
+
+    # ---- checking ---------------------------------------------------------------------------------
+    def check(self, where: str = "vector") -> None:
+        """Internal consistency: sorted in-range indices, matching lengths, finite values."""
+        for name, idx in self.indices.items():
+            val = self.values.get(name)
+            shape = self.shapes.get(name)
+            if val is None or shape is None:
+                raise VectorError(f"{where}: parameter {name!r} has indices but no values or shape")
+            if idx.numel() != val.numel():
+                raise VectorError(f"{where}: parameter {name!r} has {idx.numel()} indices but {val.numel()} values")
+            numel = int(torch.Size(shape).numel())
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                raise VectorError(f"{where}: parameter {name!r} has indices outside [0, {numel}) for shape {shape}")
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise VectorError(f"{where}: parameter {name!r} has unsorted or repeated indices")
+            if not bool(torch.isfinite(val).all()):
+                raise VectorError(f"{where}: parameter {name!r} has NaN or infinite values")
+        for name, t in self.heads.items():
+            if not bool(torch.isfinite(t).all()):
+                raise VectorError(f"{where}: head parameter {name!r} has NaN or infinite values")
+
+    def validate(self, model: nn.Module, *, heads: bool = True, where: str = "vector") -> None:
+        """Raise ``VectorError`` if this vector does not fit ``model``; never touches the model."""
+        fp = base_fingerprint(model)
+        if self.meta.base_fingerprint and self.meta.base_fingerprint != fp:
+            raise VectorError(
+                f"{where} was made for base model {self.meta.base_model!r} (fingerprint "
+                f"{self.meta.base_fingerprint}), but this model's parameters differ (fingerprint {fp})")
+        params = dict(model.named_parameters())
+        names = list(self.indices) + (list(self.heads) if heads else [])
+        for name in names:
+            if name not in params:
+                raise VectorError(f"{where}: the model has no parameter {name!r}")
+            if tuple(params[name].shape) != tuple(self.shapes[name]):
+                raise VectorError(f"{where}: parameter {name!r} has shape {tuple(self.shapes[name])} in the "
+                                  f"vector but {tuple(params[name].shape)} in the model")
+        self.check(where)
+
+    # ---- applying ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, model: nn.Module, *, scale: float = 1.0, heads: bool = True) -> nn.Module:
+        """theta += scale * phi in place (and set heads); remembers the old entries for ``revert``."""
+        self.validate(model, heads=heads)
+        params = dict(model.named_parameters())
+        saved: dict[str, Tensor] = {}
+        for name, idx in self.indices.items():
+            flat = params[name].data.view(-1)
+            idx = idx.long().to(flat.device)
+            saved[name] = flat[idx].clone()
+            flat.index_add_(0, idx, self.values[name].to(flat.device, flat.dtype), alpha=scale)
+        if heads:
+            for name, t in self.heads.items():
+                saved[name + ".head"] = params[name].data.clone()
+                params[name].data.copy_(t)
+        self._saved.append(saved)
+        return model
+
+    @torch.no_grad()
+    def revert(self, model: nn.Module) -> nn.Module:
+        """Undo the last ``apply`` bit-exactly (stored old entries are written back, not subtracted)."""
+        if not self._saved:
+            raise VectorError("revert() without a matching apply()")
+        saved = self._saved.pop()
+        params = dict(model.named_parameters())
+        for name, old in saved.items():
+            if name.endswith(".head"):
+                params[name[:-5]].data.copy_(old)
+            else:
+                params[name].data.view(-1)[self.indices[name].long().to(old.device)] = old
+        return model
+
+    # ---- saving and loading -----------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write the folder atomically: a temporary sibling is renamed over the target at the end."""
+        self.check(str(folder))
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            tensors = {}
+            for name, idx in self.indices.items():
+                tensors[f"{name}.idx"] = idx.to(torch.int32).contiguous()
+                tensors[f"{name}.val"] = self.values[name].contiguous()
+            for name, t in self.heads.items():
+                tensors[f"{name}.head"] = t.contiguous()
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+            config = {"format": FORMAT, **asdict(self.meta),
+                      "shapes": {n: list(s) for n, s in self.shapes.items()}}
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+            old = None
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                folder.rename(old)
+            tmp.rename(folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "SparseVector":
+        """Read a vector folder; any missing, corrupted or inconsistent file is a ``VectorError``."""
+        folder = Path(folder)
+        cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise VectorError(f"{p}: file not found (a vector folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise VectorError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise VectorError(f"{cfg_path}: not a DeFT-X vector config (expected format {FORMAT!r})")
+        try:
+            shapes = {n: tuple(int(x) for x in s) for n, s in config.pop("shapes").items()}
+            config.pop("format")
+            meta = VectorMeta(**config)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise VectorError(f"{cfg_path}: missing or malformed field ({e})") from None
+        try:
+            tensors = load_file(str(w_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise VectorError(f"{w_path}: cannot be read as safetensors ({e})") from None
+        vec = cls(meta, shapes=shapes)
+        for key, t in tensors.items():
+            name, _, part = key.rpartition(".")
+            if part not in ("idx", "val", "head") or name not in shapes:
+                raise VectorError(f"{w_path}: unexpected tensor {key!r} (not listed in {CONFIG_FILE})")
+            {"idx": vec.indices, "val": vec.values, "head": vec.heads}[part][name] = t
+        for name, t in vec.heads.items():
+            if tuple(t.shape) != shapes[name]:
+                raise VectorError(f"{w_path}: head {name!r} has shape {tuple(t.shape)}, config says {shapes[name]}")
+        vec.check(str(folder))
+        return vec
+
+
+def compose(vectors: Sequence[SparseVector], scales: Sequence[float] | None = None) -> SparseVector:
+    """One vector whose diffs are the (scaled) sum of the given ones; heads come from the task vector.
+
+    theta0 + compose([task, lang]) == theta0 + phi_task + phi_lang, applied in one pass.
+    """
+    if not vectors:
+        raise VectorError("compose() needs at least one vector")
+    scales = list(scales) if scales is not None else [1.0] * len(vectors)
+    if len(scales) != len(vectors):
+        raise VectorError(f"compose(): {len(vectors)} vectors but {len(scales)} scales")
+    fps = {v.meta.base_fingerprint for v in vectors}
+    if len(fps) > 1:
+        bases = ", ".join(f"{v.meta.kind}:{v.meta.base_model}" for v in vectors)
+        raise VectorError(f"compose(): the vectors were made for different base models ({bases})")
+    tasks = [v for v in vectors if v.meta.kind == "task"]
+    if len(tasks) > 1:
+        raise VectorError("compose(): more than one task vector; heads would be ambiguous")
+    head_src = tasks[0] if tasks else None
+    first = vectors[0].meta
+    meta = VectorMeta(kind="composed", base_model=first.base_model, base_fingerprint=first.base_fingerprint,
+                      language="+".join(v.meta.language for v in vectors if v.meta.language),
+                      label_names=list(head_src.meta.label_names) if head_src else [], method=first.method,
+                      extra={"components": [{"kind": v.meta.kind, "language": v.meta.language,
+                                             "method": v.meta.method, "scale": s}
+                                            for v, s in zip(vectors, scales)]})
+    out = SparseVector(meta)
+    for name in dict.fromkeys(n for v in vectors for n in v.indices):
+        parts = [(v.indices[name].long(), v.values[name] * s) for v, s in zip(vectors, scales) if name in v.indices]
+        idx = torch.cat([p[0] for p in parts])
+        val = torch.cat([p[1] for p in parts])
+        uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        out.indices[name] = uniq.to(torch.int32)
+        out.values[name] = torch.zeros(uniq.numel(), dtype=val.dtype).index_add_(0, inverse, val)
+        out.shapes[name] = next(v.shapes[name] for v in vectors if name in v.shapes)
+    if head_src:
+        out.heads = dict(head_src.heads)
+        out.shapes.update({n: head_src.shapes[n] for n in head_src.heads})
+    out.meta.k = out.nnz
+    return out

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny models built in-process (no downloads), seeded."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+NUSAX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nusax"
+
+
+def tiny_bert_config(**kw):
+    from transformers import BertConfig
+
+    base = dict(vocab_size=120, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=32, max_position_embeddings=64)
+    base.update(kw)
+    return BertConfig(**base)
+
+
+@pytest.fixture
+def tiny_cls_model():
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(tiny_bert_config(num_labels=3)).eval()
+
+
+@pytest.fixture
+def nusax_dir():
+    if not (NUSAX / "sentiment").is_dir():
+        pytest.skip(f"NusaX data not found at {NUSAX} (shared/ must sit beside the repository)")
+    return NUSAX

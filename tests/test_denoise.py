@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from deftx_engine.denoise import DenoiseConfig, choose_rank, denoise_deltas, denoise_matrix
+from deftx_engine.errors import ConfigError
+
+
+def low_rank(m, n, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300), (64, 64)])
+def test_exact_rank_recovered_with_fixed_rank(shape):
+    d = low_rank(*shape, r=6)
+    out, rec = denoise_matrix(d, DenoiseConfig("fixed", rank=6, residual_share=0.0))
+    assert rec.rank == 6
+    assert torch.allclose(out, d, atol=1e-4 * d.abs().max())
+    assert rec.energy_retained == pytest.approx(1.0, abs=1e-9)
+
+
+def test_exact_rank_recovered_with_energy_policy():
+    d = low_rank(200, 50, r=4, seed=1)
+    out, rec = denoise_matrix(d, DenoiseConfig("energy", energy=0.999, residual_share=0.0))
+    assert rec.rank <= 4
+    assert torch.allclose(out, d, atol=1e-3 * d.abs().max())
+
+
+def test_matches_svd_reference():
+    d = torch.randn(120, 30, generator=torch.Generator().manual_seed(2))
+    out, rec = denoise_matrix(d, DenoiseConfig("fixed", rank=5, residual_share=0.1))
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    low = u[:, :5] @ torch.diag(s[:5]) @ vh[:5]
+    res = d - low
+    keep = res.abs().flatten().topk(360).indices
+    ref = low.flatten().clone()
+    ref[keep] += res.flatten()[keep]
+    assert torch.allclose(out.flatten(), ref, atol=1e-4)
+    assert torch.allclose(torch.tensor(rec.singular_values), s, atol=1e-4)
+
+
+def test_energy_rank_is_smallest_reaching_tau():
+    sigma = torch.tensor([3.0, 2.0, 1.0, 0.5])  # sigma^2 = 9, 4, 1, .25 -> cum 0.632, 0.912, 0.982, 1
+    assert choose_rank(sigma, DenoiseConfig(energy=0.90)) == 2
+    assert choose_rank(sigma, DenoiseConfig(energy=0.60)) == 1
+    assert choose_rank(sigma, DenoiseConfig(energy=0.95)) == 3
+    assert choose_rank(sigma, DenoiseConfig(energy=1.0)) == 4
+    assert choose_rank(torch.zeros(3), DenoiseConfig()) == 0
+
+
+def test_fixed_rank_clipped_to_matrix():
+    d = torch.randn(10, 8)
+    _, rec = denoise_matrix(d, DenoiseConfig("fixed", rank=100))
+    assert rec.rank == 8
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.05, 0.3, 1.0])
+def test_residual_share_is_exact(rho):
+    d = torch.randn(50, 20, generator=torch.Generator().manual_seed(3))
+    out, rec = denoise_matrix(d, DenoiseConfig("fixed", rank=2, residual_share=rho))
+    low, _ = denoise_matrix(d, DenoiseConfig("fixed", rank=2, residual_share=0.0))
+    changed = int(((out - low).abs() > 0).sum())
+    assert rec.residual_kept == round(rho * 1000) == changed
+    if rho == 1.0:
+        assert torch.allclose(out, d, atol=1e-5)
+
+
+def test_biases_pass_through_and_inplace():
+    deltas = {"w": torch.randn(30, 10), "b": torch.randn(10)}
+    orig_w = deltas["w"].clone()
+    out, recs = denoise_deltas(deltas, DenoiseConfig("fixed", rank=1, residual_share=0.0))
+    assert out["b"] is deltas["b"] and set(recs) == {"w"}
+    assert torch.equal(deltas["w"], orig_w)  # not in place by default
+    out2, _ = denoise_deltas(deltas, DenoiseConfig("fixed", rank=1, residual_share=0.0), inplace=True)
+    assert out2["w"] is deltas["w"] and torch.allclose(deltas["w"], out["w"])
+
+
+def test_zero_delta():
+    out, rec = denoise_matrix(torch.zeros(20, 5))
+    assert rec.rank == 0 and torch.equal(out, torch.zeros(20, 5))
+
+
+@pytest.mark.parametrize("kw", [dict(rank_policy="svd"), dict(energy=0.0), dict(energy=1.5),
+                                dict(residual_share=-0.1), dict(rank=-1)])
+def test_bad_config(kw):
+    with pytest.raises(ConfigError):
+        DenoiseConfig(**kw)

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from deftx_engine.errors import ConfigError
+from deftx_engine.masks import densities, k_from, mask_size, overlap, select_top_k
+from deftx_engine.params import layer_of, module_type, parameter_roles
+
+
+@pytest.mark.parametrize("k", [0, 1, 17, 500, 999, 1000])
+def test_exact_k_and_largest(k):
+    g = torch.Generator().manual_seed(0)
+    s = {"a": torch.randn(30, 20, generator=g), "b": torch.randn(400, generator=g)}
+    m = select_top_k(s, k)
+    assert mask_size(m) == k
+    chosen = torch.cat([s["a"].flatten()[m["a"]].abs(), s["b"][m["b"]].abs()])
+    rest = torch.cat([s["a"].flatten().abs(), s["b"].abs()])
+    if 0 < k < 1000:
+        assert chosen.min() >= rest.topk(k).values.min()
+    for idx in m.values():
+        assert idx.dtype == torch.int64 and bool((idx[1:] > idx[:-1]).all())
+
+
+def test_tie_breaking_is_deterministic():
+    s = {"a": torch.ones(10), "b": torch.ones(10)}
+    m = select_top_k(s, 13)
+    assert m["a"].tolist() == list(range(10)) and m["b"].tolist() == [0, 1, 2]
+    s = {"a": torch.tensor([0.5, 2.0, 1.0, 1.0, 1.0]), "b": torch.tensor([1.0, -1.0])}
+    m = select_top_k(s, 3)
+    assert m["a"].tolist() == [1, 2, 3] and m["b"].tolist() == []
+    assert select_top_k({"a": -torch.ones(4)}, 2)["a"].tolist() == [0, 1]  # magnitude, not sign
+
+
+def test_values_sharing_high_bits():
+    # values that differ only in the low 16 bits of their float pattern exercise the second radix level
+    base = torch.tensor([1.0]).view(torch.int32)
+    vals = (base + torch.arange(100, dtype=torch.int32)).view(torch.float32)
+    m = select_top_k({"x": vals[torch.randperm(100, generator=torch.Generator().manual_seed(1))]}, 7)
+    assert sorted(vals[torch.randperm(100, generator=torch.Generator().manual_seed(1))][m["x"]].tolist()) == sorted(vals[-7:].tolist())
+
+
+def test_k_bounds():
+    with pytest.raises(ConfigError, match="outside"):
+        select_top_k({"a": torch.ones(5)}, 6)
+    assert k_from(0.25, 1000) == 250 and k_from(30, 1000) == 30
+    with pytest.raises(ConfigError):
+        k_from(-3, 10)
+
+
+def test_overlap_on_hand_made_masks():
+    a = {"bert.encoder.layer.0.attention.self.query.weight": torch.tensor([0, 1, 2, 3]),
+         "bert.encoder.layer.1.intermediate.dense.weight": torch.tensor([5, 6])}
+    b = {"bert.encoder.layer.0.attention.self.query.weight": torch.tensor([2, 3, 4]),
+         "bert.embeddings.word_embeddings.weight": torch.tensor([9])}
+    o = overlap(a, b)
+    assert o["overall"] == {"a": 6, "b": 4, "shared": 2, "share_of_a": 2 / 6, "share_of_b": 2 / 4,
+                            "jaccard": 2 / 8}
+    assert o["per_layer"]["layer.0"]["jaccard"] == 2 / 5
+    assert o["per_layer"]["layer.1"]["shared"] == 0
+    assert o["per_module"]["attn.Q"]["shared"] == 2
+    assert o["per_module"]["embeddings"]["b"] == 1 and o["per_module"]["ffn"]["a"] == 2
+
+
+def test_densities():
+    shapes = {"bert.encoder.layer.0.x.weight": (10, 10), "bert.encoder.layer.0.x.bias": (10,),
+              "bert.encoder.layer.1.x.weight": (5, 2)}
+    mask = {"bert.encoder.layer.0.x.weight": torch.arange(20), "bert.encoder.layer.1.x.weight": torch.arange(5)}
+    assert densities(mask, shapes)["bert.encoder.layer.0.x.weight"] == 0.2
+    per_layer = densities(mask, shapes, layer_of)
+    assert per_layer == {"layer.0": 20 / 110, "layer.1": 0.5}
+
+
+def test_parameter_roles(tiny_cls_model):
+    roles = parameter_roles(tiny_cls_model)
+    assert all("LayerNorm" in n for n in roles.frozen) and len(roles.frozen) == 2 * (1 + 2 * 2)
+    assert roles.heads == ["classifier.weight", "classifier.bias"]
+    assert "bert.embeddings.word_embeddings.weight" in roles.maskable
+    assert not any("LayerNorm" in n for n in roles.maskable)
+
+
+def test_module_type_names():
+    assert module_type("roberta.encoder.layer.3.attention.self.key.weight") == "attn.K"
+    assert module_type("roberta.encoder.layer.3.attention.output.dense.weight") == "attn.O"
+    assert module_type("roberta.encoder.layer.3.output.dense.weight") == "ffn"
+    assert module_type("roberta.encoder.layer.3.intermediate.dense.bias") == "ffn"
+    assert module_type("roberta.embeddings.word_embeddings.weight") == "embeddings"
+    assert layer_of("roberta.encoder.layer.11.output.dense.weight") == "layer.11"
