@@ -119,7 +119,8 @@ def _summary(a: int, b: int, shared: int) -> dict[str, float]:
 
 
 def overlap(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict:
-    """Shared entries of two masks (or two vectors' index sets): overall, per layer, per module type."""
+    """Shared entries of two masks (or two vectors' index sets): overall, per layer, per module type, and
+    per (layer, module type) cell keyed ``"layer.3|attn.Q"`` for heatmaps."""
     per_param = {}
     for name in sorted(set(a) | set(b)):
         ia = a.get(name, torch.empty(0, dtype=torch.int64)).long()
@@ -135,4 +136,5 @@ def overlap(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict:
         return {g: _summary(*c) for g, c in acc.items()}
 
     totals = [sum(c[i] for c in per_param.values()) for i in range(3)]
-    return {"overall": _summary(*totals), "per_layer": grouped(layer_of), "per_module": grouped(module_type)}
+    return {"overall": _summary(*totals), "per_layer": grouped(layer_of), "per_module": grouped(module_type),
+            "per_layer_module": grouped(lambda n: f"{layer_of(n)}|{module_type(n)}")}

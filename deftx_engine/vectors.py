@@ -37,9 +37,15 @@ def base_fingerprint(model: nn.Module) -> str:
     A vector applied to a model with another fingerprint was made for another base model.
     """
     roles = parameter_roles(model)
-    params = dict(model.named_parameters())
-    items = sorted((n, tuple(params[n].shape)) for n in roles.maskable + roles.frozen if ".pooler." not in n)
+    head = set(roles.heads)
+    items = sorted((n, tuple(p.shape)) for n, p in model.named_parameters()
+                   if n not in head and ".pooler." not in n and not _outside_encoder(model, n))
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def _outside_encoder(model: nn.Module, name: str) -> bool:
+    prefix = getattr(model, "base_model_prefix", "")
+    return bool(prefix) and hasattr(model, prefix) and not name.startswith(prefix + ".")
 
 
 @dataclass

@@ -1,0 +1,269 @@
+"""The ``deftx`` command: train, compose, evaluate, predict, inspect, push and pull sparse vectors."""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import signal
+import sys
+from pathlib import Path
+
+from .errors import DeftxError
+
+HELP = {
+    "data": "training data: a path (.txt/.csv/.tsv/.jsonl) or hub:org/name[:config][@split][#column]",
+    "base_model": "base model: 'minilm' (offline default), a local folder, or a Hub id such as FacebookAI/xlm-roberta-base",
+    "language": "language code or name recorded in the vector (e.g. jav)",
+    "text_column": "column/key holding the text (default: 'text'; for tasks also premise/hypothesis)",
+    "pair_column": "second text column for pair tasks such as NLI",
+    "label_column": "column/key holding the label",
+    "method": "deftx = SVD-denoise the phase-1 delta before masking; lt-sft = plain magnitude mask",
+    "rank_policy": "energy = smallest rank keeping --energy of sum(sigma^2); fixed = --rank",
+    "energy": "share of the spectrum's energy (sigma^2) the low-rank part keeps",
+    "rank": "rank r for --rank-policy fixed (clipped to each matrix)",
+    "residual_share": "rho: share of each matrix's residual entries kept after the low-rank part (0 drops it)",
+    "k": "entries to train: a share of the maskable parameters (<1) or a count (default: 0.028 language, 0.052 task)",
+    "full_steps": "phase-1 (full fine-tuning) steps; 0 = use --full-epochs",
+    "full_epochs": "phase-1 epochs when --full-steps is 0",
+    "sparse_steps": "phase-2 (sparse fine-tuning) steps; 0 = use --sparse-epochs",
+    "sparse_epochs": "phase-2 epochs when --sparse-steps is 0",
+    "lr": "peak learning rate (linear decay)",
+    "batch_size": "examples per device per step",
+    "grad_accum": "gradient accumulation steps",
+    "max_length": "tokens per example (longer ones are truncated)",
+    "mlm_probability": "share of tokens masked for the masked-LM objective",
+    "weight_decay": "AdamW weight decay",
+    "warmup_steps": "warm-up steps, or a share of each phase's steps when < 1",
+    "seed": "random seed (data order, masking, head initialisation)",
+    "save_steps": "checkpoint every N steps (and when stopped by a signal)",
+    "logging_steps": "log the loss every N steps",
+    "max_lines": "refuse data with more lines/rows than this (unset: no limit)",
+    "source_language_vector": "task SFT only: train on top of theta0 + this source-language vector (LT-SFT's setting)",
+    "sparse_phase": "run phase 2 (false: keep the masked phase-1 delta; an ablation)",
+}
+
+
+def _add_train_parser(sub, kind: str):
+    from .train import TrainConfig
+
+    p = sub.add_parser(f"train-{kind}", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help=f"train a {kind} SFT (full FT -> denoise -> mask -> sparse FT)",
+                       description=f"Train a {kind} sparse fine-tuning. Writes status.json, metrics.jsonl, "
+                                   "log.txt and vector/ to --output-dir.")
+    p.add_argument("--output-dir", required=True, help="run folder (refused if it holds a different run)")
+    p.add_argument("--preset", help="named settings: cpu-demo or paper-xlmr-base; explicit options win")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run in --output-dir")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "kind":
+            continue
+        opt = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw = dict(help=HELP[f.name] + (f" (default: {default})" if default is not None else ""),
+                  default=argparse.SUPPRESS)
+        if f.name == "data":
+            kw["required"] = True
+        elif f.type in ("bool",):
+            kw["type"] = lambda s: s.lower() in ("1", "true", "yes")
+        elif f.type in ("int", "int | None"):
+            kw["type"] = int
+        elif f.type in ("float", "float | None"):
+            kw["type"] = float
+        if f.name in ("method",):
+            kw["choices"] = ["deftx", "lt-sft"]
+        if f.name in ("rank_policy",):
+            kw["choices"] = ["energy", "fixed"]
+        p.add_argument(opt, **kw)
+    p.set_defaults(func=lambda a: _train(a, kind))
+    return p
+
+
+def _train(args, kind: str) -> int:
+    from .presets import preset
+    from .runs import RunDir, StopFlag
+    from .train import TrainConfig, train_sft
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = preset(args.preset, kind) if args.preset else {}
+    values.update({k: v for k, v in vars(args).items() if k in fields})
+    cfg = TrainConfig(kind=kind, **values)
+    print("configuration:", json.dumps(cfg.to_dict(), indent=2), file=sys.stderr)
+    stop = StopFlag().install()
+    run = RunDir(args.output_dir)
+    try:
+        out = train_sft(cfg, run, stop=stop, resume=args.resume, overwrite=args.overwrite)
+    except BaseException as e:
+        if run.config_file.exists() and not isinstance(e, DeftxError):
+            run.update(state="failed", message=f"{type(e).__name__}: {e}")
+        raise
+    if out is None:
+        run.update(state="cancelled", message="stopped by a signal; resume with --resume")
+        print(f"cancelled; the last checkpoint is in {args.output_dir}", file=sys.stderr)
+        return 128 + (stop.signal or signal.SIGTERM)
+    print(out)
+    return 0
+
+
+def _vectors(args):
+    return [args.task, *(args.language or [])]
+
+
+def _compose(args) -> int:
+    from .evaluate import composed_model
+
+    model, tok = composed_model(args.task, args.language or [], args.scale)
+    out = Path(args.output_dir)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(out)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .data import load_task_data
+    from .evaluate import composed_model, evaluate_task_data
+
+    model, tok = composed_model(args.task, args.language or [], args.scale)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    td = load_task_data(args.data, text_column=args.text_column, pair_column=args.pair_column,
+                        label_column=args.label_column, label_names=names)
+    result = {"data": args.data, "task": args.task, "language": args.language or [],
+              **evaluate_task_data(model, tok, td)}
+    text = json.dumps(result, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+def _predict(args) -> int:
+    from .data import load_task_data
+    from .evaluate import composed_model, predict_proba
+
+    model, tok = composed_model(args.task, args.language or [], args.scale)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if args.data:
+        td = load_task_data(args.data, text_column=args.text_column, pair_column=args.pair_column,
+                            label_column=args.label_column, label_names=names) if args.labelled else None
+        texts = td.texts if td else _read_texts(args.data, args.text_column)
+        pairs = td.text_pairs if td else None
+    else:
+        if not args.text:
+            raise DeftxError("give --text (and --text-pair for pair tasks) or --data FILE")
+        texts, pairs = [args.text], [args.text_pair] if args.text_pair else None
+    probs = predict_proba(model, tok, texts, pairs)
+    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    w = csv.writer(out)
+    w.writerow(["text", "prediction", *[f"p_{n}" for n in names]])
+    for t, row in zip(texts, probs.tolist()):
+        w.writerow([t, names[max(range(len(row)), key=row.__getitem__)], *[f"{p:.4f}" for p in row]])
+    if args.output:
+        out.close()
+    return 0
+
+
+def _read_texts(path: str, column: str | None) -> list[str]:
+    from .data import load_corpus
+
+    return load_corpus(path, column)
+
+
+def _inspect(args) -> int:
+    from .report import inspect_report
+
+    report = inspect_report(args.vectors, run=args.run, html=args.html)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    else:
+        print(text)
+    return 0
+
+
+def _push(args) -> int:
+    from .hub import push_vector
+
+    print(push_vector(args.vector, args.repo_id, token=args.token, private=args.private))
+    return 0
+
+
+def _pull(args) -> int:
+    from .hub import pull_vector
+
+    print(pull_vector(args.repo_id, args.output_dir, token=args.token, revision=args.revision))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deftx", description="DeFT-X: composable, SVD-denoised sparse "
+                                     "fine-tunings for zero-shot cross-lingual transfer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub, "language")
+    _add_train_parser(sub, "task")
+
+    def model_args(p):
+        p.add_argument("--task", required=True, help="task vector folder")
+        p.add_argument("--language", action="append", help="language vector folder (repeatable)")
+        p.add_argument("--scale", type=float, nargs="+", help="one scale per vector (task first); default 1")
+
+    def data_args(p, required):
+        p.add_argument("--data", required=required, help="labelled or unlabelled file (.csv/.tsv/.jsonl/.txt)")
+        p.add_argument("--text-column", help="text column (default: auto-detect)")
+        p.add_argument("--pair-column", help="second text column for pair tasks")
+        p.add_argument("--label-column", default="label", help="label column (default: label)")
+
+    p = sub.add_parser("compose", help="theta0 + task + language vectors -> a standard HF model folder")
+    model_args(p)
+    p.add_argument("--output-dir", required=True, help="where to write the model (loads with transformers.pipeline)")
+    p.set_defaults(func=_compose)
+
+    p = sub.add_parser("evaluate", help="macro-F1, accuracy and confusion matrix of a composed model (JSON)")
+    model_args(p)
+    data_args(p, True)
+    p.add_argument("--output", help="also write the JSON to this file")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="label probabilities for --text or every line of --data (CSV)")
+    model_args(p)
+    data_args(p, False)
+    p.add_argument("--text", help="one input text")
+    p.add_argument("--text-pair", help="its pair (NLI hypothesis)")
+    p.add_argument("--labelled", action="store_true", help="--data is a labelled task file (read its text columns)")
+    p.add_argument("--output", help="write the CSV here instead of stdout")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("inspect", help="spectra, mask densities and overlap -> JSON and a Plotly HTML report")
+    p.add_argument("vectors", nargs="+", help="one or more vector folders (overlap is reported for each pair)")
+    p.add_argument("--run", help="a run folder whose spectra.json to include")
+    p.add_argument("--html", help="write a standalone Plotly report here")
+    p.add_argument("--output", help="write the JSON here instead of stdout")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("push", help="upload a vector folder with a model card to the Hugging Face Hub")
+    p.add_argument("vector", help="vector folder")
+    p.add_argument("repo_id", help="e.g. user/deftx-jav-language")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--token", help="Hugging Face token (default: $HF_TOKEN); never printed or stored")
+    p.set_defaults(func=_push)
+
+    p = sub.add_parser("pull", help="download a vector (ours or composable-sft's pytorch_diff.bin) from the Hub")
+    p.add_argument("repo_id", help="Hub repo id or a local folder")
+    p.add_argument("--output-dir", required=True, help="where to put the vector folder")
+    p.add_argument("--revision", help="branch, tag or commit")
+    p.add_argument("--token", help="Hugging Face token for private repos (default: $HF_TOKEN)")
+    p.set_defaults(func=_pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DeftxError as e:
+        print(f"deftx: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

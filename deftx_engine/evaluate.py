@@ -1,0 +1,75 @@
+"""Composing a model for a target language, predicting with it, and scoring it (macro-F1, accuracy)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data import TaskData
+from .errors import VectorError
+from .models import device, load_cls_model, load_tokenizer
+from .vectors import SparseVector, compose
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], label_names: Sequence[str]) -> dict:
+    """Accuracy, macro-F1 (mean over the labels that occur in truth or prediction, as scikit-learn does),
+    per-label F1 and the confusion matrix (rows: true label, columns: predicted)."""
+    n = len(label_names)
+    conf = torch.zeros(n, n, dtype=torch.int64)
+    for t, p in zip(y_true, y_pred):
+        conf[t, p] += 1
+    tp = conf.diag().double()
+    prec = tp / conf.sum(0).double().clamp(min=1)
+    rec = tp / conf.sum(1).double().clamp(min=1)
+    f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec), torch.zeros_like(tp))
+    present = (conf.sum(0) + conf.sum(1)) > 0
+    total = int(conf.sum())
+    return {"n": total, "accuracy": float(tp.sum() / total) if total else 0.0,
+            "macro_f1": float(f1[present].mean()) if bool(present.any()) else 0.0,
+            "f1": {label_names[i]: float(f1[i]) for i in range(n)},
+            "labels": list(label_names), "confusion": conf.tolist()}
+
+
+def load_vectors(vectors: Sequence[str | Path | SparseVector]) -> list[SparseVector]:
+    return [v if isinstance(v, SparseVector) else SparseVector.load(v) for v in vectors]
+
+
+def composed_model(task: str | Path | SparseVector, languages: Sequence[str | Path | SparseVector] = (),
+                   scales: Sequence[float] | None = None, base_model: str | None = None):
+    """theta0 + phi_task + sum(phi_language): a classification model ready to predict, and its tokenizer.
+
+    Every vector is validated against the base model before anything is applied.
+    """
+    vecs = load_vectors([task, *languages])
+    if vecs[0].meta.kind != "task":
+        raise VectorError(f"the first vector must be a task vector, got kind {vecs[0].meta.kind!r}")
+    for v in vecs[1:]:
+        if v.meta.kind != "language":
+            raise VectorError(f"expected a language vector, got kind {v.meta.kind!r}")
+    base = base_model or vecs[0].meta.base_model
+    model = load_cls_model(base, vecs[0].meta.label_names)
+    combined = compose(vecs, scales)
+    combined.apply(model)
+    return model.to(device()).eval(), load_tokenizer(base)
+
+
+@torch.no_grad()
+def predict_proba(model, tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                  batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+    """Label probabilities, one row per input (pairs for NLI-style tasks)."""
+    out = []
+    dev = next(model.parameters()).device
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i:i + batch_size]), list(pairs[i:i + batch_size]) if pairs else None,
+                        truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(dev)
+        out.append(model(**enc).logits.float().softmax(-1).cpu())
+    return torch.cat(out) if out else torch.empty(0, model.config.num_labels)
+
+
+def evaluate_task_data(model, tokenizer, td: TaskData, batch_size: int = 32) -> dict:
+    """Scores ``model`` on labelled data whose labels were checked against the model's labels."""
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    probs = predict_proba(model, tokenizer, td.texts, td.text_pairs, batch_size)
+    lid = {l: i for i, l in enumerate(names)}
+    return classification_metrics([lid[l] for l in td.labels], probs.argmax(-1).tolist(), names)

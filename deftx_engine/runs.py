@@ -1,0 +1,149 @@
+"""A training run's folder: the single channel between a training process and whoever watches it.
+
+``status.json`` (state, phase, step, total steps, loss, ETA) is rewritten atomically as training goes;
+``metrics.jsonl`` gets one line per logged step; ``run.json`` holds the resolved configuration. The CLI
+writes them, the web app only reads them (and sends SIGTERM to cancel).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return default
+
+
+@dataclass
+class Status:
+    state: str = "queued"
+    phase: str = ""  # "full" | "denoise" | "sparse" | "save"
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    eta_seconds: float | None = None
+    message: str = ""
+    pid: int = field(default_factory=os.getpid)
+    started: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+
+class RunDir:
+    """One run's output folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.status_file = self.path / "status.json"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.config_file = self.path / "run.json"
+        self.log_file = self.path / "log.txt"
+        self.vector_dir = self.path / "vector"
+        self.mask_file = self.path / "mask.safetensors"
+        self.spectra_file = self.path / "spectra.json"
+        self._status: Status | None = None
+
+    # ---- claiming the folder -----------------------------------------------------------------------
+    def claim(self, config: dict, *, resume: bool, overwrite: bool) -> bool:
+        """Take the folder for ``config``; returns True if an earlier run with the same config is resumed.
+
+        A folder holding a different run is refused unless ``overwrite``; nothing is deleted before the
+        new configuration is known to be valid.
+        """
+        old = read_json(self.config_file)
+        if old is not None and not overwrite:
+            if old != config:
+                raise ConfigError(f"{self.path} holds a different run (see {self.config_file}); "
+                                  "choose another --output-dir or pass --overwrite")
+            if not resume:
+                raise ConfigError(f"{self.path} already holds this run; pass --resume to continue it "
+                                  "or --overwrite to start again")
+            return True
+        if overwrite and self.path.exists():
+            import shutil
+
+            for child in self.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.config_file, config)
+        return False
+
+    # ---- status and metrics ------------------------------------------------------------------------
+    def status(self) -> dict:
+        return read_json(self.status_file, {}) or {}
+
+    def update(self, **changes) -> None:
+        if self._status is None:
+            self._status = Status(**{k: v for k, v in self.status().items() if k in Status.__dataclass_fields__})
+            self._status.pid = os.getpid()
+        for k, v in changes.items():
+            setattr(self._status, k, v)
+        self._status.updated = time.time()
+        write_json_atomic(self.status_file, asdict(self._status))
+
+    def log_metrics(self, record: dict) -> None:
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def metrics(self) -> list[dict]:
+        if not self.metrics_file.exists():
+            return []
+        out = []
+        for line in self.metrics_file.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+        return out
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class StopFlag:
+    """Turns SIGTERM/SIGINT into a flag that the trainer checks after each step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, _frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __bool__(self) -> bool:
+        return self.signal is not None

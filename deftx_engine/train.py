@@ -1,0 +1,311 @@
+"""The two-phase SFT trainer: full fine-tune -> (denoise) -> global top-k mask -> reset -> sparse fine-tune.
+
+Built on Hugging Face ``Trainer``, so both phases get logging, gradient accumulation, mixed precision on a
+GPU, checkpoints/resume and multi-process training under ``torchrun`` / ``accelerate launch``.
+Progress goes to the run folder (``runs.RunDir``), which is all the web app reads.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .data import load_corpus, load_task_data
+from .denoise import DenoiseConfig, denoise_deltas
+from .errors import ConfigError
+from .masks import k_from, select_top_k
+from .models import load_cls_model, load_mlm_model, load_tokenizer
+from .optim import SparseAdamW
+from .params import parameter_roles
+from .runs import RunDir, StopFlag, write_json_atomic
+from .vectors import SparseVector, VectorMeta, base_fingerprint
+
+
+@dataclass
+class TrainConfig:
+    """One SFT. Defaults are the paper's where it gives them, and small enough for a CPU otherwise."""
+
+    kind: Literal["language", "task"]
+    data: str  # corpus (language) or labelled task file (task): path or hub:org/name[:config][@split][#column]
+    base_model: str = "minilm"  # alias, local folder or Hub id
+    language: str = ""  # language code/name recorded in the vector
+    text_column: str | None = None
+    pair_column: str | None = None
+    label_column: str = "label"
+    method: Literal["deftx", "lt-sft"] = "deftx"
+    rank_policy: Literal["energy", "fixed"] = "energy"
+    energy: float = 0.90
+    rank: int = 100
+    residual_share: float = 0.05
+    k: float | None = None  # share of maskable parameters (< 1) or a count; None: 2.8 % language, 5.2 % task
+    full_steps: int = 0  # phase 1 steps; 0 = use full_epochs
+    full_epochs: float = 1.0
+    sparse_steps: int = 0  # phase 2 steps; 0 = use sparse_epochs
+    sparse_epochs: float = 1.0
+    lr: float = 5e-5
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 128
+    mlm_probability: float = 0.15
+    weight_decay: float = 0.0
+    warmup_steps: float = 0.0  # count, or a share of the phase's steps when < 1
+    seed: int = 42
+    save_steps: int = 200
+    logging_steps: int = 5
+    max_lines: int | None = None  # refuse larger corpora/task files (protects shared deployments)
+    source_language_vector: str | None = None  # task SFT on top of theta0 + this vector (LT-SFT's setting)
+    sparse_phase: bool = True  # False: the vector is the masked (denoised) phase-1 delta (ablation)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("language", "task"):
+            raise ConfigError(f"kind must be 'language' or 'task', got {self.kind!r}")
+        if self.method not in ("deftx", "lt-sft"):
+            raise ConfigError(f"method must be 'deftx' or 'lt-sft', got {self.method!r}")
+        for name in ("lr", "batch_size", "max_length", "grad_accum"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.k is None:
+            self.k = 0.028 if self.kind == "language" else 0.052
+        if self.k <= 0:
+            raise ConfigError(f"k must be > 0, got {self.k}")
+        self.denoise_config()  # validates rank policy, energy, rank, residual share
+
+    def denoise_config(self) -> DenoiseConfig:
+        return DenoiseConfig(self.rank_policy, self.energy, self.rank, self.residual_share)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- data --------------------------------------------------------------------------------------------
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def load_examples(cfg: TrainConfig, tokenizer, label_names: list[str] | None = None):
+    """Read and tokenize the run's data; returns (dataset, label_names or None). Fails before training."""
+    if cfg.kind == "language":
+        lines = load_corpus(cfg.data, cfg.text_column, max_lines=cfg.max_lines)
+        enc = tokenizer(lines, truncation=True, max_length=cfg.max_length)
+        rows = [{k: enc[k][i] for k in enc} for i in range(len(lines))]
+        return _Examples(rows), None
+    td = load_task_data(cfg.data, text_column=cfg.text_column, pair_column=cfg.pair_column,
+                        label_column=cfg.label_column, label_names=label_names, max_rows=cfg.max_lines)
+    enc = tokenizer(td.texts, td.text_pairs, truncation=True, max_length=cfg.max_length)
+    lid = {l: i for i, l in enumerate(td.label_names)}
+    rows = [{**{k: enc[k][i] for k in enc}, "labels": lid[td.labels[i]]} for i in range(len(td))]
+    return _Examples(rows), td.label_names
+
+
+def _collator(cfg: TrainConfig, tokenizer):
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+
+    if cfg.kind == "language":
+        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability)
+    return DataCollatorWithPadding(tokenizer)
+
+
+# ---- progress ----------------------------------------------------------------------------------------
+def _progress_callback(run: RunDir, phase: str, offset: int, total: int, stop: StopFlag | None):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """Writes status/metrics for watchers and turns a stop signal into a clean stop with a checkpoint."""
+
+        def __init__(self):
+            self.t0 = time.time()
+            self.first = None
+            self.last_write = 0.0
+            self.loss = None
+
+        def on_step_end(self, args, state, control, **kw):
+            if stop:
+                control.should_training_stop = True
+                control.should_save = True
+            if not state.is_world_process_zero:
+                return
+            now = time.time()
+            if self.first is None:
+                self.first = (now, state.global_step)
+            if now - self.last_write > 0.5 or state.global_step == state.max_steps:
+                done = offset + state.global_step
+                t_first, s_first = self.first
+                rate = (now - t_first) / max(state.global_step - s_first, 1)
+                eta = rate * (total - done) if state.global_step > s_first else None
+                run.update(state="running", phase=phase, step=done, total_steps=total, loss=self.loss,
+                           eta_seconds=eta)
+                self.last_write = now
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+                run.log_metrics({"phase": phase, "step": offset + state.global_step, "loss": self.loss,
+                                 "lr": logs.get("learning_rate")})
+
+    return Progress()
+
+
+# ---- phases ------------------------------------------------------------------------------------------
+def _steps(cfg: TrainConfig, n_examples: int, steps: int, epochs: float, world: int) -> int:
+    if steps > 0:
+        return steps
+    per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum * world))
+    return max(1, math.ceil(per_epoch * epochs))
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if folder.exists() else []
+    return str(ckpts[-1]) if ckpts else None
+
+
+def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir, phase: str, offset: int,
+               total: int, stop: StopFlag | None, optimizer=None, resume: bool = False):
+    from transformers import Trainer, TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to="none",
+        seed=cfg.seed, use_cpu=not cuda, fp16=cuda and not torch.cuda.is_bf16_supported(),
+        bf16=cuda and torch.cuda.is_bf16_supported(), remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=cfg.kind == "language",  # MLM heads carry a bias the loss may not use
+        max_grad_norm=0.0 if optimizer is not None else 1.0,  # the sparse optimizer clips masked grads itself
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                      optimizers=(optimizer, None),
+                      callbacks=[_progress_callback(run, phase, offset, total, stop)])
+    trainer.train(resume_from_checkpoint=_last_checkpoint(out) if resume else None)
+    if stop:
+        return trainer, False
+    return trainer, True
+
+
+def _trainable_setup(model: nn.Module, roles, mask: dict | None) -> None:
+    """Phase 1: everything but frozen params trains. Phase 2: only masked params and heads."""
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name in roles.frozen:
+            p.requires_grad_(False)
+        elif mask is not None and name in roles.maskable:
+            p.requires_grad_(name in mask and mask[name].numel() > 0)
+
+
+def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, resume: bool = False,
+              overwrite: bool = False) -> Path | None:
+    """Run both phases and save the vector to ``run.vector_dir``; returns None if stopped by a signal.
+
+    Data, settings and the output folder are all checked before the folder is claimed or a model loaded.
+    """
+    from transformers import set_seed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    main = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes the run folder
+    tokenizer = load_tokenizer(cfg.base_model)
+    dataset, label_names = load_examples(cfg, tokenizer)
+    if main:
+        resume = run.claim(cfg.to_dict(), resume=resume, overwrite=overwrite)
+    set_seed(cfg.seed)
+    model = load_mlm_model(cfg.base_model) if cfg.kind == "language" else load_cls_model(cfg.base_model, label_names)
+    if cfg.source_language_vector:
+        SparseVector.load(cfg.source_language_vector).apply(model, heads=False)
+    roles = parameter_roles(model)
+    if not roles.maskable:
+        raise ConfigError(f"{cfg.base_model}: no maskable parameters found")
+    params = dict(model.named_parameters())
+    n_maskable = sum(params[n].numel() for n in roles.maskable)
+    k = k_from(cfg.k, n_maskable)
+    if k > n_maskable:
+        raise ConfigError(f"k = {k:,} is larger than the {n_maskable:,} maskable parameters of {cfg.base_model}")
+    heads = [n for n in roles.heads if params[n].requires_grad]
+    theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}
+    full = _steps(cfg, len(dataset), cfg.full_steps, cfg.full_epochs, world)
+    sparse = _steps(cfg, len(dataset), cfg.sparse_steps, cfg.sparse_epochs, world) if cfg.sparse_phase else 0
+    total = full + sparse
+    collator = _collator(cfg, tokenizer)
+    log = run.log_file.open("a", encoding="utf-8") if main else None
+
+    def say(msg: str) -> None:
+        if log:
+            log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            log.flush()
+
+    say(f"{cfg.kind} SFT of {cfg.base_model}: {len(dataset)} examples, k = {k:,} of {n_maskable:,} maskable "
+        f"({k / n_maskable:.2%}), {full} full + {sparse} sparse steps, method {cfg.method}")
+    if main:
+        run.update(state="running", phase="full", step=0, total_steps=total, message="")
+
+    # phase 1: full fine-tuning, unless a mask from an earlier attempt exists
+    if resume and run.mask_file.exists():
+        mask = {n: t.long() for n, t in load_file(str(run.mask_file)).items()}
+        say("resumed: mask found, phase 1 skipped")
+    else:
+        _trainable_setup(model, roles, None)
+        _, finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
+                                 total, stop, resume=resume)
+        if not finished:
+            return None
+        if main:
+            run.update(phase="denoise", step=full, message="denoising and selecting the mask")
+        t = time.time()
+        deltas = {n: params[n].detach().float() - theta0[n].float() for n in roles.maskable}
+        if cfg.method == "deftx":
+            deltas, records = denoise_deltas(deltas, cfg.denoise_config(), inplace=True)
+            if main:
+                write_json_atomic(run.spectra_file, {n: asdict(r) for n, r in records.items()})
+        mask = select_top_k(deltas, k)
+        if main:
+            save_file({n: i.to(torch.int32).contiguous() for n, i in mask.items()}, str(run.mask_file) + ".tmp")
+            Path(str(run.mask_file) + ".tmp").replace(run.mask_file)
+        say(f"mask of {k:,} entries chosen in {time.time() - t:.1f}s")
+        if not cfg.sparse_phase:  # ablation: keep the masked phase-1 (denoised) delta, no retraining
+            with torch.no_grad():
+                for n in roles.maskable:
+                    flat = params[n].data.view(-1)
+                    flat.copy_(theta0[n].view(-1))
+                    flat[mask[n]] += deltas[n].view(-1)[mask[n]].to(flat.dtype)
+        del deltas
+
+    # phase 2: reset to theta0, train only the masked entries (and the heads, densely)
+    if cfg.sparse_phase:
+        with torch.no_grad():
+            for n, t0 in theta0.items():
+                params[n].data.copy_(t0)
+        _trainable_setup(model, roles, mask)
+        opt = SparseAdamW([(params[n], mask[n]) for n in roles.maskable if params[n].requires_grad] +
+                          [(params[n], None) for n in heads], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        _, finished = _run_phase(model, cfg, dataset, collator, run.path / "phase2", sparse, run, "sparse", full,
+                                 total, stop, optimizer=opt, resume=resume)
+        if not finished:
+            return None
+        say(f"sparse phase optimizer state: {opt.state_bytes():,} bytes")
+
+    if not main:
+        return run.vector_dir
+    run.update(phase="save", step=total, message="saving the vector")
+    meta = VectorMeta(kind=cfg.kind, base_model=cfg.base_model, base_fingerprint=base_fingerprint(model),
+                      language=cfg.language, label_names=list(label_names or []),
+                      method=cfg.method if cfg.sparse_phase else f"{cfg.method}-no-retrain",
+                      denoise=cfg.denoise_config().to_dict() if cfg.method == "deftx" else None,
+                      extra={"train": cfg.to_dict(), "n_maskable": n_maskable})
+    vec = SparseVector.from_diff(meta, theta0, model, mask, heads)
+    vec.save(run.vector_dir)
+    run.update(state="done", phase="done", step=total, eta_seconds=0, message=f"vector saved ({vec.nnz:,} entries)")
+    say(f"vector saved to {run.vector_dir}")
+    return run.vector_dir
