@@ -5,6 +5,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -258,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not os.environ.get("DEFTX_VERBOSE"):  # transformers' load reports list every new head weight
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
     try:
         return args.func(args)
     except DeftxError as e:

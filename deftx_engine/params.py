@@ -5,6 +5,8 @@ One rule, used by every caller (training, masks, vectors, composition):
 - LayerNorm weights and biases are *frozen*: never trained, never stored (as in LT-SFT and DeFT-X);
 - everything outside the encoder (classification head, masked-LM head) is a *head*: trained densely
   and stored whole in the vector, because a new head has no pretrained value to be sparse against.
+  The encoder's pooler counts as head too: many checkpoints (the MiniLM default among them) ship none,
+  so its starting value is random and a sparse diff against it could not be reproduced elsewhere.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def parameter_roles(model: nn.Module) -> ParameterRoles:
     for name, _ in model.named_parameters():
         if name in norm_params:
             roles.frozen.append(name)
-        elif not has_prefix or name.startswith(prefix + "."):
+        elif ".pooler." not in name and (not has_prefix or name.startswith(prefix + ".")):
             roles.maskable.append(name)
         else:
             roles.heads.append(name)

@@ -219,8 +219,6 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
     main = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes the run folder
     tokenizer = load_tokenizer(cfg.base_model)
     dataset, label_names = load_examples(cfg, tokenizer)
-    if main:
-        resume = run.claim(cfg.to_dict(), resume=resume, overwrite=overwrite)
     set_seed(cfg.seed)
     model = load_mlm_model(cfg.base_model) if cfg.kind == "language" else load_cls_model(cfg.base_model, label_names)
     if cfg.source_language_vector:
@@ -233,6 +231,8 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
     k = k_from(cfg.k, n_maskable)
     if k > n_maskable:
         raise ConfigError(f"k = {k:,} is larger than the {n_maskable:,} maskable parameters of {cfg.base_model}")
+    if main:  # everything is checked: only now is the output folder claimed
+        resume = run.claim(cfg.to_dict(), resume=resume, overwrite=overwrite)
     heads = [n for n in roles.heads if params[n].requires_grad]
     theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}
     full = _steps(cfg, len(dataset), cfg.full_steps, cfg.full_epochs, world)

