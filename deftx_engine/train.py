@@ -24,7 +24,7 @@ from .masks import k_from, select_top_k
 from .models import load_cls_model, load_mlm_model, load_tokenizer
 from .optim import SparseAdamW
 from .params import parameter_roles
-from .runs import RunDir, StopFlag, write_json_atomic
+from .runs import RunDir, StopFlag, read_json, write_json_atomic
 from .vectors import SparseVector, VectorMeta, base_fingerprint
 
 
@@ -168,8 +168,13 @@ def _steps(cfg: TrainConfig, n_examples: int, steps: int, epochs: float, world: 
 
 
 def _last_checkpoint(folder: Path) -> str | None:
+    """Newest *complete* checkpoint: Trainer writes trainer_state.json last, so a process killed while
+    saving leaves a folder without a readable one, which is skipped."""
     ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if folder.exists() else []
-    return str(ckpts[-1]) if ckpts else None
+    for ckpt in reversed(ckpts):
+        if read_json(ckpt / "trainer_state.json") is not None:
+            return str(ckpt)
+    return None
 
 
 def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir, phase: str, offset: int,

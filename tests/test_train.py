@@ -201,21 +201,40 @@ def test_sigterm_cancels_and_keeps_a_checkpoint(tiny_dir, tmp_path):
     assert not (run / "vector").exists()
 
 
-def test_kill_then_resume_matches_uninterrupted_run(tiny_dir, tmp_path):
+@pytest.mark.parametrize("kill_at", [3, 13], ids=["full-phase", "sparse-phase"])
+def test_kill_then_resume_matches_uninterrupted_run(tiny_dir, tmp_path, kill_at):
     args = ["train-task", "--data", TASK, "--base-model", tiny_dir, "--full-steps", "10", "--sparse-steps", "10",
             "--save-steps", "2", "--lr", "1e-3", *FAST, "--logging-steps", "1"]
     assert main([*args, "--output-dir", str(tmp_path / "ref")]) == 0
     run = tmp_path / "killed"
     proc = _cli(*args, "--output-dir", str(run))
-    _wait_step(run, 13, proc)  # in the sparse phase, after a checkpoint
+    _wait_step(run, kill_at, proc)  # after a checkpoint (every 2 steps)
     proc.kill()
     proc.wait()
+    assert json.loads((run / "status.json").read_text())["state"] == "running"  # stale: nobody marked it
     assert main([*args, "--output-dir", str(run), "--resume"]) == 0
     a, b = SparseVector.load(tmp_path / "ref" / "vector"), SparseVector.load(run / "vector")
     assert a.indices.keys() == b.indices.keys()
     for n in a.indices:
         assert torch.equal(a.indices[n], b.indices[n])
         assert torch.allclose(a.values[n], b.values[n], atol=1e-6), n
+
+
+def test_full_disk_fails_the_run_cleanly(tiny_dir, tmp_path):
+    """A file-size limit (like a full disk: writes fail with EFBIG) makes the run fail with a message."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    run = tmp_path / "full"
+    proc = _cli("train-task", "--data", TASK, "--base-model", tiny_dir, "--full-steps", "4", "--sparse-steps", "4",
+                "--save-steps", "2", "--output-dir", str(run), *FAST, preexec_fn=limit)
+    assert proc.wait(timeout=120) != 0
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "File too large" in status["message"]
+    assert not (run / "vector").exists()
 
 
 def test_torchrun_two_processes(tiny_dir, tmp_path):
