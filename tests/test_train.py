@@ -266,3 +266,20 @@ def test_minilm_smoke_on_nusax(nusax_dir, tmp_path):
     assert result["n"] == 100 and result["labels"] == ["negative", "neutral", "positive"]
     vec = SparseVector.load(tmp_path / "jav" / "vector")
     assert vec.meta.base_model == "minilm" and vec.nnz == round(0.028 * vec.meta.extra["n_maskable"])
+
+
+def test_task_sft_on_top_of_a_source_language_vector(trained, tiny_dir, tmp_path):
+    """LT-SFT's setting: the task vector is a diff against theta0 + phi_source, and leaves phi_source out."""
+    src = str(trained / "lang" / "vector")
+    assert main(["train-task", "--data", TASK, "--base-model", tiny_dir, "--full-steps", "2", "--sparse-steps", "2",
+                 "--source-language-vector", src, "--output-dir", str(tmp_path / "t"), *FAST]) == 0
+    vec = SparseVector.load(tmp_path / "t" / "vector")
+    assert vec.meta.extra["train"]["source_language_vector"] == src
+    ckpt = load_file(str(tmp_path / "t" / "phase2" / "checkpoint-2" / "model.safetensors"))
+    from deftx_engine.models import load_cls_model
+
+    base = load_cls_model(tiny_dir, vec.meta.label_names)
+    SparseVector.load(src).apply(base, heads=False)
+    for name, idx in vec.indices.items():
+        start = dict(base.named_parameters())[name].detach().reshape(-1)[idx.long()]
+        assert torch.equal(ckpt[name].reshape(-1)[idx.long()] - start, vec.values[name])
