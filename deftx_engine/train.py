@@ -178,7 +178,8 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 
 def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir, phase: str, offset: int,
-               total: int, stop: StopFlag | None, optimizer=None, resume: bool = False):
+               total: int, stop: StopFlag | None, optimizer=None, resume: bool = False) -> bool:
+    """Train one phase with ``Trainer``; False if a stop signal ended it early (a checkpoint was saved)."""
     from transformers import Trainer, TrainingArguments
 
     cuda = torch.cuda.is_available()
@@ -197,9 +198,7 @@ def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir
                       optimizers=(optimizer, None),
                       callbacks=[_progress_callback(run, phase, offset, total, stop)])
     trainer.train(resume_from_checkpoint=_last_checkpoint(out) if resume else None)
-    if stop:
-        return trainer, False
-    return trainer, True
+    return not stop
 
 
 def _trainable_setup(model: nn.Module, roles, mask: dict | None) -> None:
@@ -262,7 +261,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
         say("resumed: mask found, phase 1 skipped")
     else:
         _trainable_setup(model, roles, None)
-        _, finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
+        finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
                                  total, stop, resume=resume)
         if not finished:
             return None
@@ -295,7 +294,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
         _trainable_setup(model, roles, mask)
         opt = SparseAdamW([(params[n], mask[n]) for n in roles.maskable if params[n].requires_grad] +
                           [(params[n], None) for n in heads], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        _, finished = _run_phase(model, cfg, dataset, collator, run.path / "phase2", sparse, run, "sparse", full,
+        finished = _run_phase(model, cfg, dataset, collator, run.path / "phase2", sparse, run, "sparse", full,
                                  total, stop, optimizer=opt, resume=resume)
         if not finished:
             return None
