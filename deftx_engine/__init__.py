@@ -1,23 +1,20 @@
 """DeFT-X: zero-shot cross-lingual transfer by composable, SVD-denoised sparse fine-tunings.
 
-The core (denoise, masks, vectors) imports only torch and safetensors; training, evaluation and Hub
-functions load transformers/huggingface_hub on first use, so importing the package stays fast.
+Names are imported on first use, so ``import deftx_engine.data`` (the web app's start-up path) does not
+pay for torch, transformers or huggingface_hub.
 """
 __version__ = "0.1.0"
 
-from .denoise import DenoiseConfig, DenoiseRecord, denoise_deltas, denoise_matrix  # noqa: E402
-from .errors import ConfigError, DataError, DeftxError, VectorError  # noqa: E402
-from .masks import densities, overlap, select_top_k  # noqa: E402
-from .params import parameter_roles  # noqa: E402
-from .vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
-
-_LAZY = {"TrainConfig": "train", "train_sft": "train", "composed_model": "evaluate",
-         "predict_proba": "evaluate", "classification_metrics": "evaluate", "push_vector": "hub",
-         "pull_vector": "hub", "load_corpus": "data", "load_task_data": "data", "RunDir": "runs"}
-
-__all__ = ["DenoiseConfig", "DenoiseRecord", "denoise_deltas", "denoise_matrix", "ConfigError", "DataError",
-           "DeftxError", "VectorError", "densities", "overlap", "select_top_k", "parameter_roles",
-           "SparseVector", "VectorMeta", "base_fingerprint", "compose", *_LAZY]
+_LAZY = {
+    "DenoiseConfig": "denoise", "DenoiseRecord": "denoise", "denoise_deltas": "denoise", "denoise_matrix": "denoise",
+    "ConfigError": "errors", "DataError": "errors", "DeftxError": "errors", "VectorError": "errors",
+    "densities": "masks", "overlap": "masks", "select_top_k": "masks", "parameter_roles": "params",
+    "SparseVector": "vectors", "VectorMeta": "vectors", "base_fingerprint": "vectors", "compose": "vectors",
+    "TrainConfig": "train", "train_sft": "train", "composed_model": "evaluate", "predict_proba": "evaluate",
+    "classification_metrics": "evaluate", "push_vector": "hub", "pull_vector": "hub",
+    "load_corpus": "data", "load_task_data": "data", "RunDir": "runs",
+}
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):

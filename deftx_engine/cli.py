@@ -92,12 +92,7 @@ def _train(args, kind: str) -> int:
     print("configuration:", json.dumps(cfg.to_dict(), indent=2), file=sys.stderr)
     stop = StopFlag().install()
     run = RunDir(args.output_dir)
-    try:
-        out = train_sft(cfg, run, stop=stop, resume=args.resume, overwrite=args.overwrite)
-    except BaseException as e:
-        if run.config_file.exists() and not isinstance(e, DeftxError):
-            run.update(state="failed", message=f"{type(e).__name__}: {e}")
-        raise
+    out = train_sft(cfg, run, stop=stop, resume=args.resume, overwrite=args.overwrite)
     if out is None:
         run.update(state="cancelled", message="stopped by a signal; resume with --resume")
         print(f"cancelled; the last checkpoint is in {args.output_dir}", file=sys.stderr)

@@ -27,7 +27,8 @@ def spectrum_figure(record: Mapping, title: str = "") -> go.Figure:
     fig.update_layout(title=title or record.get("name", ""), xaxis_title="index", yaxis_type="log",
                       yaxis_title="σ", yaxis2=dict(overlaying="y", side="right", range=[0, 1.02],
                                                    title="cumulative energy"),
-                      legend=dict(orientation="h"), margin=dict(t=50, l=50, r=50, b=40))
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+                      margin=dict(t=70, l=50, r=50, b=40))
     return fig
 
 

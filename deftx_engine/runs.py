@@ -11,6 +11,7 @@ import os
 import signal
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,20 @@ class RunDir:
             setattr(self._status, k, v)
         self._status.updated = time.time()
         write_json_atomic(self.status_file, asdict(self._status))
+
+    @contextmanager
+    def record_failure(self, active: bool = True):
+        """Mark the run failed (or cancelled, on Ctrl-C) if the block raises, then re-raise."""
+        try:
+            yield
+        except BaseException as e:
+            if active:
+                state = "cancelled" if isinstance(e, KeyboardInterrupt) else "failed"
+                try:
+                    self.update(state=state, message=f"{type(e).__name__}: {e}")
+                except OSError:  # e.g. the disk is full: the exception itself is what matters
+                    pass
+            raise
 
     def log_metrics(self, record: dict) -> None:
         with open(self.metrics_file, "a", encoding="utf-8") as f:

@@ -237,79 +237,80 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
         raise ConfigError(f"k = {k:,} is larger than the {n_maskable:,} maskable parameters of {cfg.base_model}")
     if main:  # everything is checked: only now is the output folder claimed
         resume = run.claim(cfg.to_dict(), resume=resume, overwrite=overwrite)
-    heads = [n for n in roles.heads if params[n].requires_grad]
-    theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}
-    full = _steps(cfg, len(dataset), cfg.full_steps, cfg.full_epochs, world)
-    sparse = _steps(cfg, len(dataset), cfg.sparse_steps, cfg.sparse_epochs, world) if cfg.sparse_phase else 0
-    total = full + sparse
-    collator = _collator(cfg, tokenizer)
-    log = run.log_file.open("a", encoding="utf-8") if main else None
+    with run.record_failure(main):  # any error from here on marks the run failed (with its message)
+        heads = [n for n in roles.heads if params[n].requires_grad]
+        theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}
+        full = _steps(cfg, len(dataset), cfg.full_steps, cfg.full_epochs, world)
+        sparse = _steps(cfg, len(dataset), cfg.sparse_steps, cfg.sparse_epochs, world) if cfg.sparse_phase else 0
+        total = full + sparse
+        collator = _collator(cfg, tokenizer)
+        log = run.log_file.open("a", encoding="utf-8") if main else None
 
-    def say(msg: str) -> None:
-        if log:
-            log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
-            log.flush()
+        def say(msg: str) -> None:
+            if log:
+                log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+                log.flush()
 
-    say(f"{cfg.kind} SFT of {cfg.base_model}: {len(dataset)} examples, k = {k:,} of {n_maskable:,} maskable "
-        f"({k / n_maskable:.2%}), {full} full + {sparse} sparse steps, method {cfg.method}")
-    if main:
-        run.update(state="running", phase="full", step=0, total_steps=total, message="")
-
-    # phase 1: full fine-tuning, unless a mask from an earlier attempt exists
-    if resume and run.mask_file.exists():
-        mask = {n: t.long() for n, t in load_file(str(run.mask_file)).items()}
-        say("resumed: mask found, phase 1 skipped")
-    else:
-        _trainable_setup(model, roles, None)
-        finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
-                                 total, stop, resume=resume)
-        if not finished:
-            return None
+        say(f"{cfg.kind} SFT of {cfg.base_model}: {len(dataset)} examples, k = {k:,} of {n_maskable:,} maskable "
+            f"({k / n_maskable:.2%}), {full} full + {sparse} sparse steps, method {cfg.method}")
         if main:
-            run.update(phase="denoise", step=full, message="denoising and selecting the mask")
-        t = time.time()
-        deltas = {n: params[n].detach().float() - theta0[n].float() for n in roles.maskable}
-        if cfg.method == "deftx":
-            deltas, records = denoise_deltas(deltas, cfg.denoise_config(), inplace=True)
+            run.update(state="running", phase="full", step=0, total_steps=total, message="")
+
+        # phase 1: full fine-tuning, unless a mask from an earlier attempt exists
+        if resume and run.mask_file.exists():
+            mask = {n: t.long() for n, t in load_file(str(run.mask_file)).items()}
+            say("resumed: mask found, phase 1 skipped")
+        else:
+            _trainable_setup(model, roles, None)
+            finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
+                                     total, stop, resume=resume)
+            if not finished:
+                return None
             if main:
-                write_json_atomic(run.spectra_file, {n: asdict(r) for n, r in records.items()})
-        mask = select_top_k(deltas, k)
-        if main:
-            save_file({n: i.to(torch.int32).contiguous() for n, i in mask.items()}, str(run.mask_file) + ".tmp")
-            Path(str(run.mask_file) + ".tmp").replace(run.mask_file)
-        say(f"mask of {k:,} entries chosen in {time.time() - t:.1f}s")
-        if not cfg.sparse_phase:  # ablation: keep the masked phase-1 (denoised) delta, no retraining
+                run.update(phase="denoise", step=full, message="denoising and selecting the mask")
+            t = time.time()
+            deltas = {n: params[n].detach().float() - theta0[n].float() for n in roles.maskable}
+            if cfg.method == "deftx":
+                deltas, records = denoise_deltas(deltas, cfg.denoise_config(), inplace=True)
+                if main:
+                    write_json_atomic(run.spectra_file, {n: asdict(r) for n, r in records.items()})
+            mask = select_top_k(deltas, k)
+            if main:
+                save_file({n: i.to(torch.int32).contiguous() for n, i in mask.items()}, str(run.mask_file) + ".tmp")
+                Path(str(run.mask_file) + ".tmp").replace(run.mask_file)
+            say(f"mask of {k:,} entries chosen in {time.time() - t:.1f}s")
+            if not cfg.sparse_phase:  # ablation: keep the masked phase-1 (denoised) delta, no retraining
+                with torch.no_grad():
+                    for n in roles.maskable:
+                        flat = params[n].data.view(-1)
+                        flat.copy_(theta0[n].view(-1))
+                        flat[mask[n]] += deltas[n].view(-1)[mask[n]].to(flat.dtype)
+            del deltas
+
+        # phase 2: reset to theta0, train only the masked entries (and the heads, densely)
+        if cfg.sparse_phase:
             with torch.no_grad():
-                for n in roles.maskable:
-                    flat = params[n].data.view(-1)
-                    flat.copy_(theta0[n].view(-1))
-                    flat[mask[n]] += deltas[n].view(-1)[mask[n]].to(flat.dtype)
-        del deltas
+                for n, t0 in theta0.items():
+                    params[n].data.copy_(t0)
+            _trainable_setup(model, roles, mask)
+            opt = SparseAdamW([(params[n], mask[n]) for n in roles.maskable if params[n].requires_grad] +
+                              [(params[n], None) for n in heads], lr=cfg.lr, weight_decay=cfg.weight_decay)
+            finished = _run_phase(model, cfg, dataset, collator, run.path / "phase2", sparse, run, "sparse", full,
+                                     total, stop, optimizer=opt, resume=resume)
+            if not finished:
+                return None
+            say(f"sparse phase optimizer state: {opt.state_bytes():,} bytes")
 
-    # phase 2: reset to theta0, train only the masked entries (and the heads, densely)
-    if cfg.sparse_phase:
-        with torch.no_grad():
-            for n, t0 in theta0.items():
-                params[n].data.copy_(t0)
-        _trainable_setup(model, roles, mask)
-        opt = SparseAdamW([(params[n], mask[n]) for n in roles.maskable if params[n].requires_grad] +
-                          [(params[n], None) for n in heads], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        finished = _run_phase(model, cfg, dataset, collator, run.path / "phase2", sparse, run, "sparse", full,
-                                 total, stop, optimizer=opt, resume=resume)
-        if not finished:
-            return None
-        say(f"sparse phase optimizer state: {opt.state_bytes():,} bytes")
-
-    if not main:
+        if not main:
+            return run.vector_dir
+        run.update(phase="save", step=total, message="saving the vector")
+        meta = VectorMeta(kind=cfg.kind, base_model=cfg.base_model, base_fingerprint=base_fingerprint(model),
+                          language=cfg.language, label_names=list(label_names or []),
+                          method=cfg.method if cfg.sparse_phase else f"{cfg.method}-no-retrain",
+                          denoise=cfg.denoise_config().to_dict() if cfg.method == "deftx" else None,
+                          extra={"train": cfg.to_dict(), "n_maskable": n_maskable})
+        vec = SparseVector.from_diff(meta, theta0, model, mask, heads)
+        vec.save(run.vector_dir)
+        run.update(state="done", phase="done", step=total, eta_seconds=0, message=f"vector saved ({vec.nnz:,} entries)")
+        say(f"vector saved to {run.vector_dir}")
         return run.vector_dir
-    run.update(phase="save", step=total, message="saving the vector")
-    meta = VectorMeta(kind=cfg.kind, base_model=cfg.base_model, base_fingerprint=base_fingerprint(model),
-                      language=cfg.language, label_names=list(label_names or []),
-                      method=cfg.method if cfg.sparse_phase else f"{cfg.method}-no-retrain",
-                      denoise=cfg.denoise_config().to_dict() if cfg.method == "deftx" else None,
-                      extra={"train": cfg.to_dict(), "n_maskable": n_maskable})
-    vec = SparseVector.from_diff(meta, theta0, model, mask, heads)
-    vec.save(run.vector_dir)
-    run.update(state="done", phase="done", step=total, eta_seconds=0, message=f"vector saved ({vec.nnz:,} entries)")
-    say(f"vector saved to {run.vector_dir}")
-    return run.vector_dir

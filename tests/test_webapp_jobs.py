@@ -1,0 +1,283 @@
+"""The web app's job registry (webapp/jobs.py) with a fake job: a tiny Python script that writes status.json.
+
+No model, no network: each fake job lives well under a second unless a test wants it to linger.
+"""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from webapp.jobs import JobRegistry, is_alive, process_start
+
+# argv: run_dir mode seconds. Modes: ok (steps then done), fail (CLI-style error, exit 2), stubborn (ignores
+# SIGTERM), sleep (never writes a final state). Every start appends a line to <run_dir>/starts.txt.
+FAKE = r"""
+import json, os, signal, sys, time
+run, mode, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+os.makedirs(run, exist_ok=True)
+with open(os.path.join(run, "starts.txt"), "a") as f:
+    f.write(f"{os.getpid()} {time.time()}\n")
+def status(state, step, msg=""):
+    tmp = os.path.join(run, ".status.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"state": state, "phase": "full", "step": step, "total_steps": 5, "message": msg,
+                   "pid": os.getpid(), "updated": time.time()}, f)
+    os.replace(tmp, os.path.join(run, "status.json"))
+stop = []
+signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else (lambda *a: stop.append(1)))
+if mode == "fail":
+    print("Traceback (most recent call last):\n  File x\nValueError: inner detail")
+    print("deftx: error: data.csv line 7: field 'label' is empty", file=sys.stderr)
+    sys.exit(2)
+end = time.time() + seconds
+step = 0
+while time.time() < end:
+    if stop:
+        status("cancelled", step, "stopped by a signal")
+        sys.exit(143)
+    step += 1
+    status("running", min(step, 5))
+    time.sleep(0.05)
+if mode in ("sleep", "stubborn"):
+    sys.exit(0)
+status("done", 5, "vector saved")
+"""
+
+
+def fake(mode="ok", seconds=0.2):
+    return [sys.executable, "-c", FAKE, "{run_dir}", mode, str(seconds)]
+
+
+@pytest.fixture
+def reg(tmp_path):
+    r = JobRegistry(tmp_path, max_concurrent=1, poll=0.05, grace=1.0)
+    yield r
+    r.shutdown(cancel_running=True)
+
+
+def wait_for(pred, timeout=20.0, tick=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        if tick:
+            tick()
+        if pred():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("condition not reached within %.0fs" % timeout)
+
+
+def test_runs_in_fifo_order_one_at_a_time(reg):
+    ids = [reg.submit(f"job{i}", "language", fake("ok", 0.2)) for i in range(3)]
+    assert [reg.get(i)["state"] for i in ids] == ["queued"] * 3
+    assert [reg.queue_position(i) for i in ids] == [1, 2, 3]
+    reg.start()
+    rows = [reg.wait(i, timeout=30) for i in ids]
+    assert [r["state"] for r in rows] == ["done"] * 3
+    assert rows[0]["started"] < rows[1]["started"] < rows[2]["started"]
+    for a, b in zip(rows, rows[1:]):
+        assert a["finished"] <= b["started"], "a second job started while the first was running"
+    assert rows[0]["step"] == 5 and rows[0]["total_steps"] == 5 and rows[0]["message"] == "vector saved"
+    assert rows[0]["exit_code"] == 0
+    # the list is newest first
+    assert [r["id"] for r in reg.list()] == ids[::-1]
+
+
+def test_max_concurrent_two(tmp_path):
+    reg = JobRegistry(tmp_path, max_concurrent=2, poll=0.05)
+    try:
+        ids = [reg.submit(f"j{i}", "task", fake("ok", 1.0)) for i in range(3)]
+        reg.tick()
+        assert [reg.get(i)["state"] for i in ids] == ["running", "running", "queued"]
+        reg.start()
+        rows = [reg.wait(i, timeout=30) for i in ids]
+        assert all(r["state"] == "done" for r in rows)
+        assert rows[2]["started"] >= min(rows[0]["finished"], rows[1]["finished"])
+    finally:
+        reg.shutdown(cancel_running=True)
+
+
+def test_env_default_is_one_job(tmp_path, monkeypatch):
+    monkeypatch.delenv("DEFTX_MAX_JOBS", raising=False)
+    assert JobRegistry(tmp_path / "a").max_concurrent == 1
+    monkeypatch.setenv("DEFTX_MAX_JOBS", "3")
+    assert JobRegistry(tmp_path / "b").max_concurrent == 3
+
+
+def test_cancel_queued_is_immediate(reg):
+    first = reg.submit("first", "language", fake("ok", 1.0))
+    second = reg.submit("second", "language", fake("ok", 0.1))
+    reg.tick()
+    assert reg.cancel(second) == "cancelled"
+    row = reg.get(second)
+    assert row["state"] == "cancelled" and row["pid"] is None
+    reg.start()
+    assert reg.wait(first, timeout=30)["state"] == "done"
+    time.sleep(0.3)
+    assert reg.get(second)["state"] == "cancelled"
+    assert not (reg.runs_root / second / "starts.txt").exists(), "a cancelled queued run was started"
+
+
+def test_cancel_running_sends_sigterm(reg):
+    rid = reg.submit("long", "language", fake("ok", 60))
+    reg.start()
+    wait_for(lambda: reg.get(rid)["step"] >= 1)
+    t0 = time.time()
+    assert reg.cancel(rid) == "running"
+    row = reg.wait(rid, timeout=15)
+    assert row["state"] == "cancelled"
+    assert row["exit_code"] == 143
+    assert row["message"] == "stopped by a signal"
+    assert time.time() - t0 < 5
+
+
+def test_cancel_escalates_to_sigkill(reg):
+    rid = reg.submit("stubborn", "language", fake("stubborn", 60))
+    reg.start()
+    wait_for(lambda: reg.get(rid)["step"] >= 1)
+    pid = reg.get(rid)["pid"]
+    reg.cancel(rid)
+    row = reg.wait(rid, timeout=15)  # grace is 1 s
+    assert row["state"] == "cancelled"
+    assert row["exit_code"] == -signal.SIGKILL
+    assert not is_alive(pid, None)
+
+
+def test_failure_without_final_state(reg):
+    rid = reg.submit("bad", "task", fake("fail"))
+    reg.start()
+    row = reg.wait(rid, timeout=15)
+    assert row["state"] == "failed"
+    assert row["exit_code"] == 2
+    assert row["message"] == "data.csv line 7: field 'label' is empty"  # the CLI's message, no traceback
+
+
+def test_exit_zero_without_final_state_is_a_failure(reg):
+    rid = reg.submit("quiet", "task", fake("sleep", 0.1))
+    reg.start()
+    row = reg.wait(rid, timeout=15)
+    assert row["state"] == "failed" and "without reporting a result" in row["message"]
+
+
+def test_command_that_cannot_start(reg):
+    rid = reg.submit("missing", "task", ["/nonexistent/python", "{run_dir}"])
+    reg.tick()
+    row = reg.get(rid)
+    assert row["state"] == "failed" and "could not start" in row["message"]
+
+
+def test_restart_marks_gone_runs_interrupted(tmp_path):
+    a = JobRegistry(tmp_path, poll=0.05)
+    rid = a.submit("orphan", "language", fake("sleep", 60))
+    a.tick()
+    row = a.get(rid)
+    assert row["state"] == "running" and is_alive(row["pid"], row["pid_start"])
+    a.stop()  # the app goes away; its job keeps running in its own session
+    b = JobRegistry(tmp_path, poll=0.05)
+    assert b.recover() == [], "a run whose process is still alive must not be touched"
+    os.kill(row["pid"], signal.SIGKILL)  # ... then the job dies while no app is watching
+    a._procs[rid].wait()
+    c = JobRegistry(tmp_path, poll=0.05)
+    assert c.recover() == [rid]
+    row = c.get(rid)
+    assert row["state"] == "interrupted" and row["finished"] is not None
+
+
+def test_restart_detects_a_reused_pid(tmp_path):
+    a = JobRegistry(tmp_path)
+    rid = a.submit("reused", "language", fake("sleep", 60))
+    a.stop()
+    with sqlite3.connect(tmp_path / "registry.sqlite3") as db:  # a pid that now belongs to another process
+        db.execute("UPDATE runs SET state='running', pid=?, pid_start='1', owner='1:1:gone' WHERE id=?",
+                   (os.getpid(), rid))
+    b = JobRegistry(tmp_path)
+    assert b.recover() == [rid]
+    assert b.get(rid)["state"] == "interrupted"
+
+
+def test_restart_keeps_watching_a_live_job(tmp_path):
+    a = JobRegistry(tmp_path, poll=0.05)
+    rid = a.submit("survivor", "language", fake("ok", 1.5))
+    a.tick()
+    a.stop()  # app restart while the job runs
+    b = JobRegistry(tmp_path, poll=0.05).start()
+    try:
+        row = b.wait(rid, timeout=20)
+        assert row["state"] == "done"  # its final status.json, read by the new app
+    finally:
+        b.stop()
+        a._procs[rid].wait()
+
+
+def test_two_registries_share_one_file(tmp_path):
+    """Two app processes' registries on one SQLite file: no run starts twice, at most one runs at a time,
+    concurrent submits lose nothing."""
+    a = JobRegistry(tmp_path, max_concurrent=1, poll=0.02)
+    b = JobRegistry(tmp_path, max_concurrent=1, poll=0.02)
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def submit_many(reg, n):
+        for i in range(n):
+            rid = reg.submit(f"c{i}", "task", fake("ok", 0.05))
+            with lock:
+                ids.append(rid)
+
+    threads = [threading.Thread(target=submit_many, args=(r, 4)) for r in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ids) == 16 and len(set(ids)) == 16
+    assert len(a.list()) == len(b.list()) == 16
+    a.start()
+    b.start()
+    try:
+        rows = [a.wait(i, timeout=120) for i in ids]
+    finally:
+        a.stop()
+        b.stop()
+    assert all(r["state"] == "done" for r in rows)
+    for r in rows:
+        starts = (tmp_path / "runs" / r["id"] / "starts.txt").read_text().splitlines()
+        assert len(starts) == 1, f"run {r['id']} started {len(starts)} times"
+    spans = sorted((r["started"], r["finished"]) for r in rows)
+    for (s1, f1), (s2, f2) in zip(spans, spans[1:]):
+        assert f1 <= s2, "two runs ran at once with max_concurrent=1"
+    # both registries' processes were reaped by the one that started them: exit codes are known
+    assert all(r["exit_code"] == 0 for r in rows)
+    assert {r["owner"] for r in rows} <= {a.identity, b.identity}
+
+
+def test_pulled_vectors_are_done_runs(reg, tmp_path):
+    rid = reg.add_vector("lt-sft-sw", "language", tmp_path / "v", config={"source": "org/repo"})
+    row = reg.get(rid)
+    assert row["state"] == "done" and row["vector_dir"] == str(tmp_path / "v")
+    assert row["config"] == {"source": "org/repo"}
+    reg.tick()  # the scheduler leaves it alone
+    assert reg.get(rid)["state"] == "done"
+
+
+def test_process_identity():
+    me = process_start(os.getpid())
+    assert me is not None and is_alive(os.getpid(), me)
+    assert not is_alive(os.getpid(), "0")
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert not is_alive(p.pid, None)
+
+
+def test_registry_survives_corrupt_status(reg):
+    rid = reg.submit("garbled", "task", [sys.executable, "-c",
+                                         "import sys,os; os.makedirs(sys.argv[1], exist_ok=True); "
+                                         "open(os.path.join(sys.argv[1], 'status.json'), 'w').write('{not json')",
+                                         "{run_dir}"])
+    reg.start()
+    row = reg.wait(rid, timeout=15)
+    assert row["state"] == "failed"
+    assert json.loads(json.dumps(row["config"])) == {}

@@ -1,0 +1,33 @@
+"""DeFT-X Studio web app: a thin Gradio layer over ``deftx_engine`` (see README, section "Web app").
+
+- ``webapp.jobs``: the SQLite job registry and the scheduler that runs training as CLI processes;
+- ``webapp.ui``: ``build_app(home)`` -> ``gr.Blocks`` with the Data, Train, Runs, Analyze, Predict, Hub tabs.
+
+Importing this package is cheap: Gradio, torch and transformers are imported only by ``webapp.ui`` and
+by the handlers that need them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "assets" / "examples"
+
+
+def default_home() -> Path:
+    """``$DEFTX_HOME``; else ``/data/deftx`` on a Hugging Face Space with persistent storage (``/data``);
+    else ``.deftx`` next to app.py."""
+    env = os.environ.get("DEFTX_HOME", "").strip()
+    if env:
+        return Path(env).expanduser().resolve()
+    data = Path("/data")
+    if os.environ.get("SPACE_ID") and data.is_dir() and os.access(data, os.W_OK):
+        return data / "deftx"
+    return REPO / ".deftx"
+
+
+def build_app(home: str | Path | None = None):
+    from .ui import build_app as _build
+
+    return _build(home)
