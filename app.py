@@ -13,18 +13,22 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 def main() -> None:
     logging.basicConfig(level=os.environ.get("DEFTX_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from webapp import default_home
+    from deftx_engine.errors import ConfigError
+    from webapp import default_home, env_number
     from webapp.ui import build_app, launch_kwargs
 
     home = default_home()
-    demo = build_app(home)
     on_space = bool(os.environ.get("SPACE_ID"))
     server_name = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1")
-    server_port = int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
-    # DEFTX_AUTH="user:password[,user2:password2]": a login page for a shared deployment
-    auth = [tuple(pair.split(":", 1)) for pair in os.environ.get("DEFTX_AUTH", "").split(",") if ":" in pair] or None
-    print(f"DeFT-X Studio: data in {home}", flush=True)
-    demo.launch(server_name=server_name, server_port=server_port, auth=auth, **launch_kwargs(home))
+    try:
+        server_port = env_number("GRADIO_SERVER_PORT", 7860, minimum=1)
+        demo = build_app(home)
+        # launch_kwargs: files served only from DEFTX_HOME/outputs, upload limit, DEFTX_AUTH logins
+        kwargs = launch_kwargs(home)
+    except ConfigError as e:  # a bad DEFTX_* setting: one line, no traceback
+        raise SystemExit(f"DeFT-X Studio: {e}") from None
+    print(f"DeFT-X Studio: data in {home}" + (" (login required)" if kwargs.get("auth") else ""), flush=True)
+    demo.launch(server_name=server_name, server_port=server_port, **kwargs)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ HELP = {
     "save_steps": "checkpoint every N steps (and when stopped by a signal)",
     "logging_steps": "log the loss every N steps",
     "max_lines": "refuse data with more lines/rows than this (unset: no limit)",
+    "max_bytes": "refuse data files larger than this many bytes",
     "source_language_vector": "task SFT only: train on top of theta0 + this source-language vector (LT-SFT's setting)",
     "sparse_phase": "run phase 2 (false: keep the masked phase-1 delta; an ablation)",
 }

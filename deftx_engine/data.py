@@ -163,7 +163,7 @@ def load_task_data(
     table = _load_table(src, _TASK_SUFFIXES, max_bytes)
     if not table.rows:
         raise DataError(f"{table.name} has no data rows. Add examples below the header.")
-    _check_limit(table.name, len(table.rows), max_rows, "rows", "--max-rows")
+    _check_limit(table.name, len(table.rows), max_rows, "rows", "--max-lines")
     text_name, pair_name = _task_columns(table, _default_column(src, text_column), pair_column)
     _require_column(table, label_column, "--label-column")
     texts = [_required_text(where, record, text_name) for where, record in table.rows]
@@ -271,6 +271,7 @@ def _load_table(src: Path | HubSource, supported: tuple[str, ...], max_bytes: in
 def _csv_table(name: str, text: str, *, tsv: bool) -> _Table:
     """Header on line 1; TSV is read unquoted because corpora such as XNLI contain unbalanced quotes."""
     delimiter, kind = ("\t", "TSV") if tsv else (",", "CSV")
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # a long line is data, not a quoting error
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     rows: list[tuple[str, dict[str, Any]]] = []
     try:

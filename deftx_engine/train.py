@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import load_corpus, load_task_data
+from .data import MAX_BYTES_DEFAULT, load_corpus, load_task_data
 from .denoise import DenoiseConfig, denoise_deltas
 from .errors import ConfigError
 from .masks import k_from, select_top_k
@@ -60,6 +60,7 @@ class TrainConfig:
     save_steps: int = 200
     logging_steps: int = 5
     max_lines: int | None = None  # refuse larger corpora/task files (protects shared deployments)
+    max_bytes: int = MAX_BYTES_DEFAULT  # refuse larger data files
     source_language_vector: str | None = None  # task SFT on top of theta0 + this vector (LT-SFT's setting)
     sparse_phase: bool = True  # False: the vector is the masked (denoised) phase-1 delta (ablation)
 
@@ -68,9 +69,14 @@ class TrainConfig:
             raise ConfigError(f"kind must be 'language' or 'task', got {self.kind!r}")
         if self.method not in ("deftx", "lt-sft"):
             raise ConfigError(f"method must be 'deftx' or 'lt-sft', got {self.method!r}")
-        for name in ("lr", "batch_size", "max_length", "grad_accum"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lr", "batch_size", "max_length", "grad_accum", "full_epochs", "sparse_epochs", "max_bytes"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+        for name in ("full_steps", "sparse_steps", "warmup_steps", "weight_decay", "save_steps", "logging_steps"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         if self.k is None:
             self.k = 0.028 if self.kind == "language" else 0.052
         if self.k <= 0:
@@ -99,12 +105,13 @@ class _Examples(torch.utils.data.Dataset):
 def load_examples(cfg: TrainConfig, tokenizer, label_names: list[str] | None = None):
     """Read and tokenize the run's data; returns (dataset, label_names or None). Fails before training."""
     if cfg.kind == "language":
-        lines = load_corpus(cfg.data, cfg.text_column, max_lines=cfg.max_lines)
+        lines = load_corpus(cfg.data, cfg.text_column, max_lines=cfg.max_lines, max_bytes=cfg.max_bytes)
         enc = tokenizer(lines, truncation=True, max_length=cfg.max_length)
         rows = [{k: enc[k][i] for k in enc} for i in range(len(lines))]
         return _Examples(rows), None
     td = load_task_data(cfg.data, text_column=cfg.text_column, pair_column=cfg.pair_column,
-                        label_column=cfg.label_column, label_names=label_names, max_rows=cfg.max_lines)
+                        label_column=cfg.label_column, label_names=label_names, max_rows=cfg.max_lines,
+                        max_bytes=cfg.max_bytes)
     enc = tokenizer(td.texts, td.text_pairs, truncation=True, max_length=cfg.max_length)
     lid = {l: i for i, l in enumerate(td.label_names)}
     rows = [{**{k: enc[k][i] for k in enc}, "labels": lid[td.labels[i]]} for i in range(len(td))]

@@ -379,7 +379,7 @@ def test_task_header_only(tmp_path):
 
 def test_task_max_rows(tmp_path):
     path = write(tmp_path, "t.csv", "text,label\na,x\nb,y\nc,z\n")
-    with pytest.raises(DataError, match=r"t\.csv has 3 rows, more than the limit of 2\. Raise --max-rows"):
+    with pytest.raises(DataError, match=r"t\.csv has 3 rows, more than the limit of 2\. Raise --max-lines"):
         load_task_data(path, max_rows=2)
 
 

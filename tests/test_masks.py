@@ -72,7 +72,7 @@ def test_densities():
 def test_parameter_roles(tiny_cls_model):
     roles = parameter_roles(tiny_cls_model)
     assert all("LayerNorm" in n for n in roles.frozen) and len(roles.frozen) == 2 * (1 + 2 * 2)
-    assert roles.heads == ["classifier.weight", "classifier.bias"]
+    assert roles.heads == ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"]
     assert "bert.embeddings.word_embeddings.weight" in roles.maskable
     assert not any("LayerNorm" in n for n in roles.maskable)
 

@@ -39,7 +39,8 @@ def test_from_diff_shapes_and_k(tiny_cls_model):
     vec = make_vector(tiny_cls_model, k=123)
     assert vec.nnz == vec.meta.k == 123
     assert all(i.dtype == torch.int32 for i in vec.indices.values())
-    assert set(vec.heads) == {"classifier.weight", "classifier.bias"}
+    assert set(vec.heads) == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+                              "classifier.bias"}
 
 
 def test_save_load_round_trip_is_bit_exact(tiny_cls_model, tmp_path):

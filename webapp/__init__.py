@@ -15,6 +15,26 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "assets" / "examples"
 
 
+def env_number(name: str, default: float | None = None, *, integer: bool = True,
+               minimum: float | None = None) -> float | int | None:
+    """A numeric setting from the environment (empty or unset: ``default``). A value that is not a number,
+    or is below ``minimum``, raises ``deftx_engine.errors.ConfigError`` naming the variable, so a typo in a
+    deployment's settings is reported in one line instead of a traceback (or silently ignored)."""
+    from deftx_engine.errors import ConfigError
+
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        what = "a whole number" if integer else "a number"
+        raise ConfigError(f"the environment variable {name} must be {what}, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")) or (minimum is not None and value < minimum):
+        raise ConfigError(f"the environment variable {name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
 def default_home() -> Path:
     """``$DEFTX_HOME``; else ``/data/deftx`` on a Hugging Face Space with persistent storage (``/data``);
     else ``.deftx`` next to app.py."""

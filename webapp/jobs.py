@@ -14,6 +14,11 @@ The scheduler thread (``JobRegistry.start``) of each app process, every ``poll``
 4. escalates a cancel to SIGKILL after the grace period;
 5. starts queued runs in FIFO order while fewer than ``max_concurrent`` runs are running.
 
+A run whose process ended without a final state is ``failed`` (with the CLI's one-line error), or
+``interrupted`` if it was killed by a signal from outside (OOM killer, ``kill -9``) or vanished while no app
+watched it. ``resume`` queues an interrupted, cancelled or failed run again, as the same run (id and folder)
+with ``--resume``, behind the runs queued before it (queue order is the time of the last (re)queueing).
+
 A process is identified by its pid *and* its start time (``/proc/<pid>/stat``), so a reused pid is
 never mistaken for a run's process. Jobs run in their own session (process group): a cancel signals the
 whole group, and closing the app does not kill training; a restarted app watches such runs again.
@@ -58,13 +63,23 @@ CREATE TABLE IF NOT EXISTS runs (
     pid_start TEXT,
     owner TEXT,
     cancel_requested REAL,
-    exit_code INTEGER
+    exit_code INTEGER,
+    queued REAL
 );
 CREATE INDEX IF NOT EXISTS runs_state ON runs(state, created);
 """
 COLUMNS = ("id", "name", "kind", "state", "created", "started", "finished", "pid", "run_dir", "config", "message",
            "phase", "step", "total_steps", "command", "vector_dir", "pid_start", "owner", "cancel_requested",
-           "exit_code")
+           "exit_code", "queued")
+# columns added after the first release: (name, type) added to an older registry file on open
+MIGRATIONS = (("queued", "REAL"),)
+# queue order: when a run was (re)queued; a resumed run waits behind the runs queued before it
+QUEUE_ORDER = "COALESCE(queued, created), rowid"
+RESUMABLE = ("interrupted", "cancelled", "failed")
+
+
+class QueueFull(Exception):
+    """``submit`` / ``resume`` refused: ``max_queued`` runs are waiting already."""
 PROCESS_LOG = "process.log"
 
 
@@ -121,6 +136,13 @@ def _owner_alive(owner: str | None) -> bool:
     return is_alive(int(parts[0]), None if parts[1] == "None" else parts[1])
 
 
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
 def failure_message(run_dir: Path, exit_code: int | None) -> str:
     """A one-line reason for a process that ended without a final state: the CLI's user-facing error
     (``deftx: error: ...``) if there is one, else the last exception line of its log, never a traceback."""
@@ -153,7 +175,9 @@ class JobRegistry:
             d.mkdir(parents=True, exist_ok=True)
         self.db_path = self.home / db_name
         if max_concurrent is None:
-            max_concurrent = int(os.environ.get("DEFTX_MAX_JOBS", "1") or 1)
+            from . import env_number
+
+            max_concurrent = env_number("DEFTX_MAX_JOBS", 1, minimum=1)
         self.max_concurrent = max(1, int(max_concurrent))
         self.poll = poll
         self.grace = grace
@@ -164,9 +188,18 @@ class JobRegistry:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._draining = False  # set by shutdown(): no new process is started
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+            for col, typ in MIGRATIONS:
+                if col not in have:
+                    try:
+                        db.execute(f"ALTER TABLE runs ADD COLUMN {col} {typ}")
+                    except sqlite3.OperationalError as e:  # another app process added it a moment ago
+                        if "duplicate column" not in str(e):
+                            raise
 
     # ---- SQLite ------------------------------------------------------------------------------------
     @contextmanager
@@ -221,7 +254,7 @@ class JobRegistry:
     def queue_position(self, run_id: str) -> int | None:
         """1 for the next run to start, None if ``run_id`` is not queued."""
         with self._connect() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM runs WHERE state='queued' ORDER BY created, rowid")]
+            ids = [r[0] for r in db.execute(f"SELECT id FROM runs WHERE state='queued' ORDER BY {QUEUE_ORDER}")]
         return ids.index(run_id) + 1 if run_id in ids else None
 
     def _set(self, db: sqlite3.Connection, run_id: str, **changes) -> None:
@@ -236,19 +269,55 @@ class JobRegistry:
         return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
     def submit(self, name: str, kind: str, command: Sequence[str], *, config: dict | None = None,
-               run_id: str | None = None) -> str:
+               run_id: str | None = None, max_queued: int | None = None) -> str:
         """Queue a run. ``command`` is the argv of its process; ``{run_dir}`` in it is replaced by the
-        run folder (``<home>/runs/<id>``), which is where the process must write ``status.json``."""
+        run folder (``<home>/runs/<id>``), which is where the process must write ``status.json``.
+        With ``max_queued``, ``QueueFull`` is raised if that many runs are waiting already (checked in the
+        same transaction as the insert, so concurrent sessions cannot overshoot it)."""
         run_id = run_id or self.new_id()
         run_dir = self.runs_root / run_id
         argv = [str(a).replace("{run_dir}", str(run_dir)) for a in command]
         with self._transaction() as db:
-            db.execute("INSERT INTO runs (id, name, kind, state, created, run_dir, config, command, vector_dir) "
-                       "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                       (run_id, name, kind, time.time(), str(run_dir), json.dumps(config or {}), json.dumps(argv),
+            self._check_queue(db, max_queued)
+            now = time.time()
+            db.execute("INSERT INTO runs (id, name, kind, state, created, queued, run_dir, config, command, "
+                       "vector_dir) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                       (run_id, name, kind, now, now, str(run_dir), json.dumps(config or {}), json.dumps(argv),
                         str(RunDir(run_dir).vector_dir)))
         self._wake.set()
         return run_id
+
+    @staticmethod
+    def _check_queue(db: sqlite3.Connection, max_queued: int | None) -> None:
+        if max_queued is not None:
+            waiting = db.execute("SELECT COUNT(*) FROM runs WHERE state='queued'").fetchone()[0]
+            if waiting >= max_queued:
+                raise QueueFull(f"{waiting} runs are waiting already (the limit is {max_queued})")
+
+    def resume(self, run_id: str, *, max_queued: int | None = None) -> dict:
+        """Queue an ``interrupted``, ``cancelled`` or ``failed`` training run again, as the same run (same id,
+        same run folder) with ``--resume`` added to its command: the CLI continues from the newest complete
+        checkpoint (or skips phase 1 if the mask exists). It waits behind the runs queued before it.
+        Returns the updated row; ``ValueError`` if the run cannot be resumed, ``KeyError`` if unknown."""
+        with self._transaction() as db:
+            row = self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+            if row is None:
+                raise KeyError(run_id)
+            if row["state"] not in RESUMABLE:
+                raise ValueError(f"run {row['name']} is {row['state']}; only "
+                                 f"{', '.join(RESUMABLE)} runs can be resumed")
+            if not row["command"] or row["kind"] not in ("language", "task"):
+                raise ValueError(f"{row['name']} was not trained here (pulled vector), so there is nothing to resume")
+            self._check_queue(db, max_queued)
+            argv = list(row["command"])
+            if "--resume" not in argv:
+                argv.append("--resume")
+            db.execute("UPDATE runs SET state='queued', queued=?, started=NULL, finished=NULL, pid=NULL, "
+                       "pid_start=NULL, owner=NULL, cancel_requested=NULL, exit_code=NULL, command=?, message=? "
+                       "WHERE id=?", (time.time(), json.dumps(argv), "queued to resume from its last checkpoint",
+                                      run_id))
+        self._wake.set()
+        return self.get(run_id)
 
     def add_vector(self, name: str, kind: str, vector_dir: str | Path, *, config: dict | None = None,
                    run_id: str | None = None, message: str = "") -> str:
@@ -348,7 +417,7 @@ class JobRegistry:
         with self._lock:
             self._reap_own()
             self._watch_running()
-            while self._start_next():
+            while not self._draining and self._start_next():
                 pass
 
     def _reap_own(self) -> None:
@@ -376,8 +445,18 @@ class JobRegistry:
                 log.warning("run %s did not stop within %.0fs of SIGTERM: SIGKILL", row["id"], self.grace)
                 self._signal(row["pid"], signal.SIGKILL)
 
-    def _mirror(self, row: dict) -> None:
+    @staticmethod
+    def _status(row: dict) -> dict:
+        """The run folder's status.json, unless it is older than this start of the run: a resumed run's
+        folder still holds the previous attempt's final state until the new process writes its own."""
         st = RunDir(row["run_dir"]).status()
+        updated = st.get("updated")
+        if row.get("started") and isinstance(updated, (int, float)) and updated < row["started"]:
+            return {}
+        return st
+
+    def _mirror(self, row: dict) -> None:
+        st = self._status(row)
         if not st:
             return
         changes = {k: st[k] for k in ("phase", "step", "total_steps") if k in st and st[k] != row[k]}
@@ -390,17 +469,23 @@ class JobRegistry:
 
     def _finalise(self, row: dict, *, exit_code: int | None, reaped: bool) -> bool:
         """Decide the final state of a run whose process has ended (or is gone)."""
-        st = RunDir(row["run_dir"]).status()
+        st = self._status(row)
         state = st.get("state")
         message = st.get("message", "")
         if state in FINAL_STATES:
             pass
         elif row["cancel_requested"]:
             state, message = "cancelled", "stopped (killed after the grace period)" if exit_code == -9 else "stopped"
+        elif reaped and exit_code is not None and exit_code < 0:
+            # killed from outside (OOM killer, kill -9, shutdown): like a crash, it can be resumed
+            state = "interrupted"
+            message = (f"the training process was killed ({_signal_name(-exit_code)}); resume it to continue "
+                       "from its last checkpoint")
         elif reaped:
             state, message = "failed", failure_message(Path(row["run_dir"]), exit_code)
         else:
-            state, message = "interrupted", "the training process is gone (app restarted or process killed)"
+            state, message = "interrupted", ("the training process is gone (app restarted or process killed); "
+                                             "resume it to continue from its last checkpoint")
         changes = dict(state=state, finished=time.time(), message=message, exit_code=exit_code)
         for k in ("phase", "step", "total_steps"):
             if k in st:
@@ -419,7 +504,7 @@ class JobRegistry:
             running = db.execute("SELECT COUNT(*) FROM runs WHERE state='running'").fetchone()[0]
             if running >= self.max_concurrent:
                 return False
-            row = self._row(db.execute("SELECT * FROM runs WHERE state='queued' ORDER BY created, rowid LIMIT 1")
+            row = self._row(db.execute(f"SELECT * FROM runs WHERE state='queued' ORDER BY {QUEUE_ORDER} LIMIT 1")
                             .fetchone())
             if row is None:
                 return False
@@ -449,7 +534,8 @@ class JobRegistry:
     def _child_env() -> dict:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        env.pop("HF_TOKEN", None)  # training never needs the user's write token
+        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):  # training never needs the user's write token
+            env.pop(var, None)
         return env
 
     # ---- housekeeping -------------------------------------------------------------------------------
@@ -467,7 +553,9 @@ class JobRegistry:
             time.sleep(min(self.poll, 0.2))
 
     def shutdown(self, cancel_running: bool = False) -> None:
-        """Stop the scheduler; optionally cancel the runs this process started (tests, benchmarks)."""
+        """Stop the scheduler; optionally cancel the runs this process started (tests, benchmarks). Queued
+        runs stay queued (the next app starts them); none is started while shutting down."""
+        self._draining = True
         if cancel_running:
             for run_id in list(self._procs):
                 self.cancel(run_id)

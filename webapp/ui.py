@@ -17,10 +17,12 @@ import logging
 import math
 import os
 import re
-import shutil
+import stat
 import sys
+import tempfile
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,11 @@ from typing import Any
 import gradio as gr
 
 from deftx_engine import presets as engine_presets
-from deftx_engine.errors import DeftxError
+from deftx_engine.errors import ConfigError, DeftxError
 from deftx_engine.runs import RunDir, read_json
 
-from . import EXAMPLES, default_home
-from .jobs import JobRegistry
+from . import EXAMPLES, default_home, env_number
+from .jobs import JobRegistry, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +63,112 @@ def default_model() -> str:
 
 
 def max_upload_mb() -> float:
-    return float(os.environ.get("DEFTX_MAX_UPLOAD_MB", "50") or 50)
+    """DEFTX_MAX_UPLOAD_MB (default 50): the largest upload, enforced by Gradio and again when it is stored."""
+    return env_number("DEFTX_MAX_UPLOAD_MB", 50.0, integer=False, minimum=1e-6)
+
+
+def max_lines() -> int | None:
+    """DEFTX_MAX_LINES (default: no limit): corpora / task files with more lines (rows) are refused."""
+    return env_number("DEFTX_MAX_LINES", None, minimum=1)
+
+
+def max_steps() -> int | None:
+    """DEFTX_MAX_STEPS (default: no limit): runs with more steps in either phase are refused."""
+    return env_number("DEFTX_MAX_STEPS", None, minimum=1)
+
+
+def max_queue() -> int | None:
+    """DEFTX_MAX_QUEUE (default: no limit): Start (and Resume) are refused while this many runs wait."""
+    return env_number("DEFTX_MAX_QUEUE", None, minimum=1)
+
+
+def auth_from_env() -> list[tuple[str, str]] | None:
+    """DEFTX_AUTH = ``user:password[,user2:password2]`` (a password may contain ':' but not ','): the
+    logins of a shared deployment. A malformed value is an error, never silently "no login"."""
+    raw = os.environ.get("DEFTX_AUTH", "").strip()
+    if not raw:
+        return None
+    pairs = []
+    for i, item in enumerate(raw.split(","), start=1):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user.strip() or not password:
+            raise ConfigError(f"DEFTX_AUTH entry {i} is not user:password (write user:password[,user2:password2])")
+        pairs.append((user.strip(), password))
+    return pairs
+
+
+def check_settings() -> dict:
+    """Read every limit from the environment once at start, so a bad value stops the app with a one-line
+    message naming the variable (requests read them again, and report a bad value inline)."""
+    return {"DEFTX_MAX_UPLOAD_MB": max_upload_mb(), "DEFTX_MAX_LINES": max_lines(), "DEFTX_MAX_STEPS": max_steps(),
+            "DEFTX_MAX_QUEUE": max_queue(), "DEFTX_MAX_JOBS": env_number("DEFTX_MAX_JOBS", 1, minimum=1),
+            "DEFTX_AUTH": "set" if auth_from_env() else None}
 
 
 def launch_kwargs(home: str | Path | None = None) -> dict:
-    """The launch() settings app.py uses: theme, CSS, upload limit, and files served only from DEFTX_HOME."""
+    """The launch() settings app.py uses: theme, CSS, upload limit, login (DEFTX_AUTH), and the only files
+    served: those the app writes for download (DEFTX_HOME/outputs). Uploads, run folders, vectors and the
+    registry are never served, and Gradio refuses any other path (and symlinks out of outputs/)."""
     home = Path(home) if home else default_home()
+    outputs = home / "outputs"
+    outputs.mkdir(parents=True, exist_ok=True)
     return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald", neutral_hue="slate"),
                 css=CSS_FILE.read_text(encoding="utf-8") if CSS_FILE.exists() else None,
-                allowed_paths=[str(home)], max_file_size=f"{max_upload_mb():g}mb", show_error=False)
+                allowed_paths=[str(outputs.resolve())], max_file_size=max(1, int(max_upload_mb() * 2 ** 20)),
+                show_error=False,
+                auth=auth_from_env())
+
+
+# ---- secrets ------------------------------------------------------------------------------------------
+_TOKEN_RE = re.compile(r"\b(hf_|api_org_)[A-Za-z0-9]{20,}")  # Hub tokens; not words like hf_hub_download
+_BEARER_RE = re.compile(r"(?i)(bearer\s+|token[=:]\s*)[^\s'\"&,;]+")
+
+
+def scrub(text: str, *secrets: str | None) -> str:
+    """``text`` without the given secrets and without anything shaped like a Hugging Face token or a bearer
+    header, for every message shown to a user or written to a log."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return _BEARER_RE.sub(lambda m: m.group(1) + "***", _TOKEN_RE.sub("hf_***", text))
 
 
 # ---- small helpers ------------------------------------------------------------------------------------
+def _cut(text: Any, n: int = 300) -> str:
+    """A cell of a preview: long texts (a 200 kB line) are shortened, so the page stays light."""
+    text = str(text)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _ok(msg: str) -> str:
     return f"<span class='dx-ok'>✔</span> {msg}"
 
 
 def _err(msg: str) -> str:
     return f"<span class='dx-err'>✖</span> {msg.replace('<', '&lt;')}"  # no tags from a message
+
+
+def _number(value: Any, what: str, *, integer: bool = False, minimum: float | None = None,
+            default: float | None = None) -> float | int:
+    """A number from a form field or an API call; empty, NaN, infinite or out-of-range values are refused
+    with a message naming the field (never a ValueError from int())."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if default is None:
+            raise DeftxError(f"{what}: give a number")
+        value = default
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise DeftxError(f"{what} must be a number, got {_cut(value, 40)!r}") from None
+    if math.isnan(x) or math.isinf(x):
+        raise DeftxError(f"{what} must be a finite number, got {value}")
+    if integer:
+        if x != int(x):
+            raise DeftxError(f"{what} must be a whole number, got {value}")
+        x = int(x)
+    if minimum is not None and x < minimum:
+        raise DeftxError(f"{what} must be at least {minimum:g}, got {value}")
+    return x
 
 
 def _fmt_duration(seconds: float | None) -> str:
@@ -110,66 +200,175 @@ class Studio:
         for d in (self.uploads, self.outputs):
             d.mkdir(parents=True, exist_ok=True)
         self.registry = JobRegistry(home)
-        self.display_names: dict[str, str] = {}
+        self.display_names: OrderedDict[str, str] = OrderedDict()  # stored upload path -> name uploaded
+        self._names_lock = threading.Lock()
         self._models: OrderedDict[tuple, tuple] = OrderedDict()
         self._model_lock = threading.Lock()
         self._vectors: OrderedDict[tuple, Any] = OrderedDict()
         self._vector_lock = threading.Lock()
-        self.model_cache_size = int(os.environ.get("DEFTX_MODEL_CACHE", "2") or 2)
+        self.model_cache_size = env_number("DEFTX_MODEL_CACHE", 2, minimum=1)
         extra = [p for p in os.environ.get("DEFTX_DATA_DIRS", "").split(os.pathsep) if p.strip()]
         self.read_roots = [home.resolve(), EXAMPLES.resolve(), *(Path(p).expanduser().resolve() for p in extra)]
 
+    MAX_NAMES = 5000  # display names remembered (oldest forgotten first)
+
     # ---- messages -------------------------------------------------------------------------------------
     def pretty(self, msg: str) -> str:
-        """An engine message with stored upload paths replaced by the names the user uploaded."""
-        for stored, shown in self.display_names.items():
-            msg = msg.replace(stored, shown)
-        return msg.replace(str(self.home), "DEFTX_HOME")
+        """A message for the page: stored upload paths replaced by the names the user uploaded, DEFTX_HOME
+        by its name, and anything shaped like a token removed."""
+        uploads = str(self.uploads)
+
+        def shown(m: re.Match) -> str:
+            return self.display_names.get(m.group(0), m.group(1))
+
+        msg = re.sub(re.escape(uploads) + r"/([0-9a-f]{12}-[A-Za-z0-9._-]*)", shown, msg)
+        msg = msg.replace("Raise --max-lines or use a smaller file.",  # the CLI's advice; here it is the server's
+                          "Use a smaller file (this server's limit, DEFTX_MAX_LINES).")
+        msg = msg.replace("Use a smaller file or raise --max-bytes.", "Use a smaller file.")
+        for flag, field in (("--text-column", "the Text column"), ("--pair-column", "the Second text column"),
+                            ("--label-column", "the Label column")):  # the CLI's options are fields here
+            msg = msg.replace(f"pass {flag}", f"set {field}").replace(f"Pass {flag}", f"Set {field}")
+            msg = msg.replace(flag, field)
+        return scrub(msg.replace(str(self.home), "DEFTX_HOME"))
+
+    def _remember_name(self, stored: Path, shown: str) -> None:
+        with self._names_lock:
+            self.display_names[str(stored)] = shown
+            self.display_names.move_to_end(str(stored))
+            while len(self.display_names) > self.MAX_NAMES:
+                self.display_names.popitem(last=False)
 
     # ---- files ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _short(name: str, n: int = 80) -> str:
+        name = name.replace("\0", "\\0")
+        return name if len(name) <= n else name[: n - 1] + "…"
+
+    @staticmethod
+    def upload_areas() -> list[Path]:
+        """Where uploaded files can come from: Gradio's upload folder (and, for in-process callers such as
+        tests and scripts, the system temp folder)."""
+        areas = [Path(tempfile.gettempdir())]
+        try:
+            from gradio.utils import get_upload_folder
+
+            areas.insert(0, Path(get_upload_folder()))
+        except Exception:  # noqa: BLE001 -- an older/newer Gradio without the helper
+            pass
+        return [a.resolve() for a in areas]
+
     def store_upload(self, tmp_path: str) -> Path:
-        """Copy an uploaded file into DEFTX_HOME/uploads under a content-hash name (never the raw name)."""
-        src = Path(tmp_path)
-        limit = max_upload_mb() * 2 ** 20
-        size = src.stat().st_size
-        if size > limit:
-            raise DeftxError(f"{src.name} is {size / 2 ** 20:.1f} MB, over the upload limit of "
-                             f"{max_upload_mb():g} MB (DEFTX_MAX_UPLOAD_MB)")
-        h = hashlib.sha256()
-        with open(src, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.stem)[:60].strip("._") or "upload"
-        suffix = src.suffix.lower() if re.fullmatch(r"\.[a-z0-9]{1,8}", src.suffix.lower()) else ""
-        dest = self.uploads / f"{h.hexdigest()[:12]}-{stem}{suffix}"
-        if not dest.exists():
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dest)
-        self.display_names[str(dest)] = src.name
+        """Copy an uploaded file into DEFTX_HOME/uploads under ``<content hash>-<sanitised name>``.
+
+        The uploaded name never becomes a path: only ``[A-Za-z0-9._-]`` of its stem (60 at most) and a short
+        lowercase suffix are kept, after the hash, so ``../../x``, absolute names, NUL bytes or 4 kB names
+        cannot leave uploads/. The source must be a regular file (not a symlink, FIFO or device) inside the
+        upload area; it is read once (hashing and copying together), stopping at the size limit."""
+        raw = str(tmp_path)
+        shown = self._short(raw.replace("\\", "/").rsplit("/", 1)[-1] or "upload")
+        if "\0" in raw:
+            raise DeftxError(f"{shown}: the file name contains a NUL byte; rename the file and upload it again")
+        src = Path(raw)
+        try:
+            if stat.S_ISLNK(os.lstat(src).st_mode):
+                raise DeftxError(f"{shown}: a symbolic link is not an uploaded file; upload the file itself")
+            real = src.resolve(strict=True)
+        except DeftxError:
+            raise
+        except (OSError, RuntimeError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or type(e).__name__
+            raise DeftxError(f"{shown}: the uploaded file cannot be read ({reason}); upload it again") from None
+        if not any(real == a or a in real.parents for a in self.upload_areas()):
+            raise DeftxError(f"{shown} is not an uploaded file; upload it, or type its path in the path field")
+        limit_mb = max_upload_mb()
+        limit = int(limit_mb * 2 ** 20)
+        try:
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError as e:
+            raise DeftxError(f"{shown}: the uploaded file cannot be read ({e.strerror or e}); upload it again") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            os.close(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DeftxError(f"{shown} is not a regular file; upload a .txt, .csv, .tsv or .jsonl file")
+            raise DeftxError(f"{shown} is {st.st_size / 2 ** 20:.1f} MB, over the upload limit of "
+                             f"{limit_mb:g} MB (DEFTX_MAX_UPLOAD_MB)")
+        tmp = None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                h = hashlib.sha256()
+                out_fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=self.uploads)
+                size = 0
+                with os.fdopen(out_fd, "wb") as out:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        size += len(block)
+                        if size > limit:  # the file grew while it was read
+                            raise DeftxError(f"{shown} is over the upload limit of {limit_mb:g} MB "
+                                             "(DEFTX_MAX_UPLOAD_MB)")
+                        h.update(block)
+                        out.write(block)
+            base = src.name
+            stem, dot, ext = base.rpartition(".") if "." in base.lstrip(".") else (base, "", "")
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:60].strip("._-") or "upload"
+            suffix = f".{ext.lower()}" if dot and re.fullmatch(r"[a-z0-9]{1,8}", ext.lower()) else ""
+            dest = self.uploads / f"{h.hexdigest()[:12]}-{stem}{suffix}"
+            assert dest.parent == self.uploads and "/" not in dest.name
+            try:
+                existing = os.lstat(dest)
+            except OSError:
+                existing = None
+            if existing is not None and stat.S_ISREG(existing.st_mode) and existing.st_size == size:
+                os.unlink(tmp)  # the same content was uploaded before
+            else:  # new, or something that is not our file (e.g. a planted symlink): replace it atomically
+                os.replace(tmp, dest)
+            tmp = None
+        except OSError as e:
+            raise DeftxError(f"{shown}: the upload could not be stored ({e.strerror or e})") from None
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+        self._remember_name(dest, shown)
         return dest
 
     def resolve_source(self, file: str | None, spec: str | None) -> tuple[str, str]:
         """(source for the engine, name to show) from an upload or a typed path / ``hub:`` spec."""
         if file:
             p = self.store_upload(file)
-            return str(p), self.display_names[str(p)]
+            return str(p), self.display_names.get(str(p), p.name)
         spec = (spec or "").strip()
         if not spec:
             raise DeftxError("choose a file to upload, or type a path or a hub:org/name spec")
         if spec.startswith("hub:"):
+            if "\0" in spec or len(spec) > 500:
+                raise DeftxError("that is not a Hub dataset spec: write hub:org/name[:config][@split][#column]")
             return spec, spec
-        return str(self.check_path(spec)), Path(spec).name
+        return str(self.check_path(spec)), self._short(Path(spec).name)
 
     def check_path(self, spec: str) -> Path:
-        """A typed local path must lie in DEFTX_HOME, the bundled examples, or a DEFTX_DATA_DIRS folder."""
-        p = Path(spec).expanduser()
-        if not p.is_absolute():
-            p = (Path.cwd() / p)
-        real = p.resolve()
+        """A typed local path must lie in DEFTX_HOME, the bundled examples, or a DEFTX_DATA_DIRS folder
+        (after resolving ``..`` and symlinks), and be a regular file or a folder (never a FIFO or device,
+        which could block a reader)."""
+        shown = self._short(spec)
+        if "\0" in spec:
+            raise DeftxError(f"{shown}: a path cannot contain a NUL byte")
+        if len(spec) > 4096:
+            raise DeftxError(f"{shown}: the path is too long")
+        try:
+            p = Path(spec).expanduser()
+            if not p.is_absolute():
+                p = (Path.cwd() / p)
+            real = p.resolve()
+        except (OSError, RuntimeError, ValueError):
+            raise DeftxError(f"{shown}: not a usable path (unknown user, a symlink loop or a name too long)") from None
         if not any(real == r or r in real.parents for r in self.read_roots):
-            raise DeftxError(f"{spec}: the app only reads files you upload, the bundled examples and folders "
+            raise DeftxError(f"{shown}: the app only reads files you upload, the bundled examples and folders "
                              "listed in DEFTX_DATA_DIRS; upload the file instead")
+        try:
+            mode = real.stat().st_mode
+        except OSError:
+            mode = None  # missing: the loader says so, naming the file
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise DeftxError(f"{shown} is not a regular file")
         return real
 
     # ---- vectors and models ---------------------------------------------------------------------------
@@ -324,7 +523,8 @@ def _safe(n_outputs: int, status_at: int | None, on_error: dict | None = None):
             except DeftxError as e:
                 msg = studio.pretty(str(e))
             except Exception as e:  # noqa: BLE001 -- the user sees one line, the server log the traceback
-                log.exception("%s failed", fn.__name__)
+                # the traceback is logged scrubbed: an exception text may quote a token or a header
+                log.error("%s failed:\n%s", fn.__name__, scrub(traceback.format_exc()))
                 first = (str(e).strip().splitlines() or [""])[0][:300]
                 msg = studio.pretty(f"unexpected error ({type(e).__name__}): {first}")
             gr.Warning(msg)
@@ -338,6 +538,16 @@ def _safe(n_outputs: int, status_at: int | None, on_error: dict | None = None):
         return wrapper
 
     return deco
+
+
+def _scrubbed(e: Exception, token: str | None) -> Exception:
+    """``e`` as an exception without ``token`` in its text (and with no chained original): a DeftxError
+    stays one, anything else becomes a one-line DeftxError (its scrubbed traceback goes to the log)."""
+    if isinstance(e, DeftxError):
+        return DeftxError(scrub(str(e), token))
+    log.error("Hub call failed:\n%s", scrub(traceback.format_exc(), token))
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return DeftxError(scrub(f"unexpected error ({type(e).__name__}): {first}", token))
 
 
 def _bar(counts: dict[str, int], title: str):
@@ -361,7 +571,7 @@ def _torch_threads() -> None:
     if not _threads_set:
         import torch
 
-        torch.set_num_threads(max(1, int(os.environ.get("DEFTX_APP_THREADS", "1") or 1)))
+        torch.set_num_threads(env_number("DEFTX_APP_THREADS", 1, minimum=1))
         _threads_set = True
 
 
@@ -386,6 +596,7 @@ def _warm_up() -> None:
 def build_app(home: str | Path | None = None) -> gr.Blocks:
     """The DeFT-X Studio Blocks. ``home`` defaults to ``webapp.default_home()`` (``$DEFTX_HOME``)."""
     home = Path(home).expanduser().resolve() if home else default_home()
+    check_settings()  # a bad DEFTX_* value stops here, with a message naming it
     home.mkdir(parents=True, exist_ok=True)
     studio = Studio(home)
     changed = studio.registry.recover()
@@ -505,6 +716,7 @@ def build_app(home: str | Path | None = None) -> gr.Blocks:
                         with gr.Row():
                             t_start = gr.Button("▶ Start training", variant="primary", elem_id="dx-start", scale=3)
                             t_cancel = gr.Button("■ Cancel", variant="stop", elem_id="dx-cancel", scale=1)
+                            t_resume = gr.Button("↻ Resume", elem_id="dx-resume", scale=1)
                         t_status = gr.Markdown(elem_classes="dx-status", elem_id="dx-train-status")
                         t_watch = gr.Dropdown([], value=None, label="Run shown", allow_custom_value=True)
                         t_progress = gr.HTML(progress_html(studio, None), elem_id="dx-progress", js_on_load=None)
@@ -616,23 +828,26 @@ def build_app(home: str | Path | None = None) -> gr.Blocks:
             text_column = (text_column or "").strip() or None
             pair_column = (pair_column or "").strip() or None
             label_column = (label_column or "").strip() or "label"
+            limit = max_lines()
             if role == "corpus":
-                lines = load_corpus(source, text_column)
+                lines = load_corpus(source, text_column, max_lines=limit)
                 d = describe_corpus(lines)
-                df = pd.DataFrame({"line": range(1, min(len(lines), 20) + 1), "text": lines[:20]})
+                df = pd.DataFrame({"line": range(1, min(len(lines), 20) + 1), "text": [_cut(t) for t in lines[:20]]})
                 msg = _ok(f"**{html.escape(shown)}**: {d['n_lines']:,} lines, {d['n_chars']:,} characters, "
                           f"{d['mean_words']} words per line on average. Used for language SFTs.")
                 return msg, df, gr.update(value=None, visible=False), source
-            td = load_task_data(source, text_column=text_column, pair_column=pair_column, label_column=label_column)
+            td = load_task_data(source, text_column=text_column, pair_column=pair_column, label_column=label_column,
+                                max_rows=limit)
             d = describe_task(td)
-            cols = {"text": td.texts[:20]}
+            cols = {"text": [_cut(t) for t in td.texts[:20]]}
             if td.is_pair:
-                cols["second text"] = td.text_pairs[:20]
-            cols["label"] = td.labels[:20]
+                cols["second text"] = [_cut(t) for t in td.text_pairs[:20]]
+            cols["label"] = [_cut(t) for t in td.labels[:20]]
             counts = d["label_counts"]
             use = "task SFTs" if role == "task" else "scoring in the Predict tab"
+            names = [html.escape(_cut(k, 40)) for k in list(counts)[:30]] + (["…"] if len(counts) > 30 else [])
             msg = _ok(f"**{html.escape(shown)}**: {d['n_rows']:,} {'sentence pairs' if td.is_pair else 'texts'}, "
-                      f"{len(counts)} labels ({', '.join(html.escape(k) for k in counts)}). Used for {use}.")
+                      f"{len(counts)} labels ({', '.join(names)}). Used for {use}.")
             return msg, pd.DataFrame(cols), gr.update(value=_bar(counts, "Label distribution"), visible=True), source
 
         d_source = gr.State(str(EXAMPLE["corpus"]))
@@ -744,39 +959,59 @@ def build_app(home: str | Path | None = None) -> gr.Blocks:
                 raise DeftxError("no training data: check a file in the Data tab first")
             if not data.startswith("hub:"):
                 data = str(studio.check_path(data))
-            if k_exact_value and abs(float(k_percent) - float(k_exact_value[0])) < 1e-9:
+            k_percent = _number(k_percent, "k")
+            if k_exact_value and abs(k_percent - float(k_exact_value[0])) < 1e-9:
                 k = int(k_exact_value[1])
             else:
-                k = float(k_percent) / 100.0
+                k = k_percent / 100.0
                 if not 0 < k < 1:
                     raise DeftxError(f"k must be between 0 and 100 %, got {k_percent}")
-            full_steps, sparse_steps = int(full_steps or 0), int(sparse_steps or 0)
-            max_lines = int(os.environ["DEFTX_MAX_LINES"]) if os.environ.get("DEFTX_MAX_LINES") else None
-            max_steps = int(os.environ["DEFTX_MAX_STEPS"]) if os.environ.get("DEFTX_MAX_STEPS") else None
+            full_steps = _number(full_steps, "phase-1 steps", integer=True, minimum=0, default=0)
+            sparse_steps = _number(sparse_steps, "phase-2 steps", integer=True, minimum=0, default=0)
+            epochs = _number(epochs, "epochs per phase", default=1.0)
+            lines_limit, steps_limit = max_lines(), max_steps()
             values = dict(data=data, base_model=(base_model or "").strip() or "minilm",
                           language=(language or "").strip(), method=method, rank_policy=rank_policy,
-                          energy=float(energy), rank=int(rank), residual_share=float(residual_share), k=k,
-                          full_steps=full_steps, sparse_steps=sparse_steps, lr=float(lr),
-                          batch_size=int(batch_size), max_length=int(max_length), seed=int(seed),
+                          energy=_number(energy, "τ"), rank=_number(rank, "r", integer=True),
+                          residual_share=_number(residual_share, "ρ"), k=k,
+                          full_steps=full_steps, sparse_steps=sparse_steps, lr=_number(lr, "learning rate"),
+                          batch_size=_number(batch_size, "batch size", integer=True, minimum=1),
+                          max_length=_number(max_length, "max tokens", integer=True, minimum=1),
+                          seed=_number(seed, "seed", integer=True, minimum=0, default=0),
                           text_column=(text_column or "").strip() or None,
                           pair_column=(pair_column or "").strip() or None,
-                          label_column=(label_column or "").strip() or "label", max_lines=max_lines)
+                          label_column=(label_column or "").strip() or "label", max_lines=lines_limit)
+            if not full_steps or not sparse_steps:
+                if epochs <= 0:
+                    raise DeftxError(f"epochs per phase must be > 0 when the steps are 0, got {epochs:g}")
             if not full_steps:
-                values["full_epochs"] = float(epochs)
+                values["full_epochs"] = epochs
             if not sparse_steps:
-                values["sparse_epochs"] = float(epochs)
+                values["sparse_epochs"] = epochs
             if preset and preset != CUSTOM:
                 p = engine_presets.preset(preset, kind)
                 values.update({k_: p[k_] for k_ in ("save_steps", "logging_steps") if k_ in p})
             cfg = TrainConfig(kind=kind, **values)  # ConfigError -> inline message
-            if max_steps and (full_steps > max_steps or sparse_steps > max_steps):
-                raise DeftxError(f"at most {max_steps:,} steps per phase on this server (DEFTX_MAX_STEPS)")
+            if steps_limit and (full_steps > steps_limit or sparse_steps > steps_limit):
+                raise DeftxError(f"at most {steps_limit:,} steps per phase on this server (DEFTX_MAX_STEPS)")
+            if steps_limit and (not full_steps or not sparse_steps) and data.startswith("hub:"):
+                raise DeftxError(f"this server allows at most {steps_limit:,} steps per phase (DEFTX_MAX_STEPS): "
+                                 "give the phase-1 and phase-2 steps (not epochs) for a Hub dataset")
+            n_examples = None
             if not data.startswith("hub:"):  # fail now, with line and field, rather than in the job
                 if kind == "language":
-                    load_corpus(data, cfg.text_column, max_lines=max_lines)
+                    n_examples = len(load_corpus(data, cfg.text_column, max_lines=lines_limit))
                 else:
-                    load_task_data(data, text_column=cfg.text_column, pair_column=cfg.pair_column,
-                                   label_column=cfg.label_column, max_rows=max_lines)
+                    n_examples = len(load_task_data(data, text_column=cfg.text_column, pair_column=cfg.pair_column,
+                                                    label_column=cfg.label_column, max_rows=lines_limit))
+            if steps_limit and n_examples:
+                per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
+                for what, steps, ep in (("phase 1", full_steps, cfg.full_epochs),
+                                        ("phase 2", sparse_steps, cfg.sparse_epochs)):
+                    need = steps or max(1, math.ceil(per_epoch * ep))
+                    if need > steps_limit:
+                        raise DeftxError(f"{what} would take {need:,} steps ({ep:g} epochs of {per_epoch:,}); this "
+                                         f"server allows at most {steps_limit:,} per phase (DEFTX_MAX_STEPS)")
             argv = [sys.executable, "-m", "deftx_engine.cli", f"train-{kind}", "--output-dir", "{run_dir}"]
             for key, val in cfg.to_dict().items():
                 if key == "kind" or val is None:
@@ -786,7 +1021,11 @@ def build_app(home: str | Path | None = None) -> gr.Blocks:
             config = {**cfg.to_dict(), "preset": preset if preset != CUSTOM else None,
                       "data_shown": studio.display_names.get(data, Path(data).name if not data.startswith("hub:")
                                                              else data)}
-            run_id = studio.registry.submit(name, kind, argv, config=config)
+            try:
+                run_id = studio.registry.submit(name, kind, argv, config=config, max_queued=max_queue())
+            except QueueFull as e:
+                raise DeftxError(f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again when a run has "
+                                 "finished, or cancel one of yours") from None
             for _ in range(20):  # the scheduler thread starts it within a poll if a slot is free
                 row = studio.registry.get(run_id)
                 if row["state"] != "queued":
@@ -824,6 +1063,32 @@ def build_app(home: str | Path | None = None) -> gr.Blocks:
             return msg, progress_html(studio, row)
 
         t_cancel.click(cancel_run, t_watch, [t_status, t_progress], api_name="cancel_run")
+
+        @safe(2, 0)
+        def resume_run(run_id):
+            """Continue an interrupted, cancelled or failed run from its last checkpoint: the same run (id and
+            folder) is queued again with ``--resume``. Returns (message, progress)."""
+            if not run_id:
+                raise DeftxError("no run selected")
+            try:
+                row = studio.registry.resume(run_id, max_queued=max_queue())
+            except KeyError:
+                raise DeftxError(f"unknown run {run_id!r}") from None
+            except ValueError as e:
+                raise DeftxError(str(e)) from None
+            except QueueFull as e:
+                raise DeftxError(f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again later") from None
+            for _ in range(20):  # the scheduler starts it within a poll if a slot is free
+                if row["state"] != "queued":
+                    break
+                time.sleep(0.05)
+                row = studio.registry.get(run_id)
+            pos = studio.registry.queue_position(run_id)
+            what = "resumed" if row["state"] == "running" else (f"queued to resume (#{pos})" if pos else "queued")
+            return (_ok(f"Run **{html.escape(row['name'])}** {what}: it continues from its last checkpoint."),
+                    progress_html(studio, row))
+
+        t_resume.click(resume_run, t_watch, [t_status, t_progress], api_name="resume_run")
 
         def status_of(run_id, sig):
             """Progress of one run: (progress html, loss figure, log tail, status dict, signature).
@@ -1079,10 +1344,10 @@ def build_app(home: str | Path | None = None) -> gr.Blocks:
             pairs = None
             try:  # a labelled file (or one with premise/hypothesis columns) keeps its layout
                 td = load_task_data(source, text_column=text_column, pair_column=(pair_column or "").strip() or None,
-                                    label_names=names)
+                                    label_names=names, max_rows=max_lines())
                 texts, pairs = td.texts, td.text_pairs
             except DeftxError:
-                texts = load_corpus(source, text_column)
+                texts = load_corpus(source, text_column, max_lines=max_lines())
             probs = predict_proba(model, tok, texts, pairs).tolist()
             out = studio.outputs / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}-{Path(shown).stem[:40]}.csv"
             with open(out, "w", newline="", encoding="utf-8") as f:
@@ -1110,7 +1375,8 @@ def build_app(home: str | Path | None = None) -> gr.Blocks:
                                                      if language_run else None)
             td = load_task_data(source, text_column=(text_column or "").strip() or None,
                                 pair_column=(pair_column or "").strip() or None,
-                                label_column=(label_column or "").strip() or "label", label_names=names)
+                                label_column=(label_column or "").strip() or "label", label_names=names,
+                                max_rows=max_lines())
             m = evaluate_task_data(model, tok, td)
             key = Path(shown).name + (" (task + language vector)" if language_run else " (task vector alone)")
             summary = {"macro_f1": round(m["macro_f1"], 4), "accuracy": round(m["accuracy"], 4), "n": m["n"]}
@@ -1141,8 +1407,11 @@ def build_app(home: str | Path | None = None) -> gr.Blocks:
                                  + (", sign in," if oauth else "") + " or set the HF_TOKEN environment variable")
             row = studio.registry.get(run_id)
             metrics = row["config"].get("metrics") if row else None
-            url = push_vector(vdir, repo_id, token=tok, private=bool(private), metrics=metrics)
-            return _ok(f"Pushed to [{html.escape(repo_id)}]({html.escape(str(url))})."), ""
+            try:
+                url = push_vector(vdir, repo_id, token=tok, private=bool(private), metrics=metrics)
+            except Exception as e:  # noqa: BLE001 -- whatever it says, without the token (even a non-hf_ one)
+                raise _scrubbed(e, tok) from None
+            return _ok(f"Pushed to [{html.escape(repo_id)}]({html.escape(scrub(str(url), tok))})."), ""
 
         h_push.click(push, [h_run, h_repo, h_private, h_token], [h_pstatus, h_token], api_name="push")
 
@@ -1163,8 +1432,11 @@ def build_app(home: str | Path | None = None) -> gr.Blocks:
             run_id = studio.registry.new_id()
             dest = studio.registry.vectors_root / run_id
             tok = (token or "").strip() or (oauth_token.token if oauth_token is not None else None) or None
-            pull_vector(source, dest, token=tok, base_model=(base_model or "").strip(),
-                        kind=kind or None, language=(language or "").strip() or None)
+            try:
+                pull_vector(source, dest, token=tok, base_model=(base_model or "").strip(),
+                            kind=kind or None, language=(language or "").strip() or None)
+            except Exception as e:  # noqa: BLE001 -- whatever it says, without the token (even a non-hf_ one)
+                raise _scrubbed(e, tok) from None
             vec = studio.vector(dest)
             m = vec.meta
             if Path(source).is_dir():
