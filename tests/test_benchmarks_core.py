@@ -1,0 +1,65 @@
+"""benchmarks/core.py runs end to end on tiny shapes and prints every measured line."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+CORE = Path(__file__).resolve().parents[1] / "benchmarks" / "core.py"
+
+
+def load_core():
+    spec = importlib.util.spec_from_file_location("benchmarks_core", CORE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tiny_run_prints_every_figure(capsys):
+    core = load_core()
+    results = core.main(["--shapes", "tiny", "--repeats", "1"])
+    out = capsys.readouterr().out
+
+    for line in ("| denoise all (energy 0.90, rho 0.05, inplace) |",
+                 "| global top-k (k = ",
+                 "| denoise + top-k total |",
+                 "| apply (validate + index_add_) |",
+                 "| revert (write back saved entries) |",
+                 "| compose of two ",
+                 "| save (safetensors + JSON, atomic rename) |",
+                 "| load (+ check) |",
+                 "| file size on disk |",
+                 "| peak extra / model size |",
+                 "| torch.linalg.svd(full_matrices=False), run once |",
+                 "| svd time / Gram-eigh time |",
+                 "| max |sigma_gram - sigma_svd| / sigma_max |",
+                 "| Gram accumulation (float64) |",
+                 "| residual top-k: radix threshold (2 histogram passes) |",
+                 "| sum of the engine's steps |",
+                 "| apply: index_add_ |",
+                 "| revert: write back (flat[idx] = old) |",
+                 "| other processes' CPU use during the timed repeats |"):
+        assert line in out, f"missing table line {line!r}"
+    assert "| revert restores bit-exactly (asserted, every repeat) | yes | bit-exact | yes |" in out
+    assert "| applied entries equal theta0 + phi exactly | yes |" in out
+    assert results["revert_bit_exact"] is True
+    # the tiny shape set: 7,296 maskable entries, k at the paper's share (14,155,776 of 277,414,656)
+    assert results["maskable"] == 7296 and results["k"] == round(7296 * 14_155_776 / 277_414_656)
+    assert results["sigma_rel_err"] < 1e-4
+    assert results["step1_total_s"] < 30
+
+
+def test_xlmr_shapes_match_the_published_model():
+    core = load_core()
+    factory, _ = core._encoder_factory("xlmr-base")
+    shapes, numel = core.maskable_shapes(factory)
+    assert sum(math.prod(s) for s in shapes.values()) == core.XLMR_BASE_MASKABLE
+    assert numel == 277_453_056  # xlm-roberta-base's 278,043,648 minus the pooler
+    assert shapes["embeddings.word_embeddings.weight"] == (250_002, 768)
+    assert not any("LayerNorm" in n for n in shapes)
+    assert core.task_k(core.XLMR_BASE_MASKABLE) == 14_155_776
+
+
+def test_repeats_must_be_positive():
+    with pytest.raises(SystemExit):
+        load_core().main(["--shapes", "tiny", "--repeats", "0"])
