@@ -151,7 +151,7 @@ def test_bad_settings_are_refused_inline(client, tiny_model):
                                      epochs=1, lr=0.0, batch_size=8, max_length=32, seed=1, text_column="",
                                      pair_column="", label_column="label", preset="custom",
                                      api_name="/start_training")
-    assert "lr must be > 0" in msg and not isinstance(run_id, str)  # run id left unchanged (a skip)
+    assert "lr must be a finite number > 0" in msg and not isinstance(run_id, str)  # run id left unchanged (a skip)
 
 
 def test_language_and_task_runs_finish(client, trained):
