@@ -74,6 +74,7 @@ class SparseVector:
     heads: dict[str, Tensor] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     _saved: list[dict[str, Tensor]] = field(default_factory=list, repr=False, compare=False)
+    _checked: tuple | None = field(default=None, repr=False, compare=False)
 
     # ---- building ---------------------------------------------------------------------------------
     @classmethod
@@ -106,7 +107,10 @@ class SparseVector:
 
     # ---- checking ---------------------------------------------------------------------------------
     def check(self, where: str = "vector") -> None:
-        """Internal consistency: sorted in-range indices, matching lengths, finite values."""
+        """Internal consistency: sorted in-range indices, matching lengths, finite values.
+
+        ``load`` runs it; ``validate`` runs it again only for vectors built or changed in memory.
+        """
         for name, idx in self.indices.items():
             val = self.values.get(name)
             shape = self.shapes.get(name)
@@ -124,6 +128,11 @@ class SparseVector:
         for name, t in self.heads.items():
             if not bool(torch.isfinite(t).all()):
                 raise VectorError(f"{where}: head parameter {name!r} has NaN or infinite values")
+        self._checked = self._fingerprint_of_contents()
+
+    def _fingerprint_of_contents(self) -> tuple:
+        """Cheap identity of the tensors checked: a vector edited in memory is checked again."""
+        return tuple((n, id(t), t._version) for d in (self.indices, self.values, self.heads) for n, t in d.items())
 
     def validate(self, model: nn.Module, *, heads: bool = True, where: str = "vector") -> None:
         """Raise ``VectorError`` if this vector does not fit ``model``; never touches the model."""
@@ -140,7 +149,8 @@ class SparseVector:
             if tuple(params[name].shape) != tuple(self.shapes[name]):
                 raise VectorError(f"{where}: parameter {name!r} has shape {tuple(self.shapes[name])} in the "
                                   f"vector but {tuple(params[name].shape)} in the model")
-        self.check(where)
+        if self._checked != self._fingerprint_of_contents():
+            self.check(where)
 
     # ---- applying ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -151,8 +161,8 @@ class SparseVector:
         saved: dict[str, Tensor] = {}
         for name, idx in self.indices.items():
             flat = params[name].data.view(-1)
-            idx = idx.long().to(flat.device)
-            saved[name] = flat[idx].clone()
+            idx = idx.to(flat.device)  # int32 is accepted here: no int64 copy of 14M indices
+            saved[name] = flat.index_select(0, idx)
             flat.index_add_(0, idx, self.values[name].to(flat.device, flat.dtype), alpha=scale)
         if heads:
             for name, t in self.heads.items():
@@ -172,7 +182,7 @@ class SparseVector:
             if name.endswith(".head"):
                 params[name[:-5]].data.copy_(old)
             else:
-                params[name].data.view(-1)[self.indices[name].long().to(old.device)] = old
+                params[name].data.view(-1).index_copy_(0, self.indices[name].to(old.device, torch.int64), old)
         return model
 
     # ---- saving and loading -----------------------------------------------------------------------
