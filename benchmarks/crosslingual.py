@@ -53,10 +53,10 @@ k = 5.2 % (task) / 2.8 % (language) of the maskable parameters as in the paper. 
 measures a training step, the denoise + mask time and an evaluation batch on this machine and prints the
 expected time of the remaining work.
 
-Notes. The base model's pooler may be missing from a checkpoint (the offline multilingual-e5-small build);
-``load_cls_model`` then initialises it from the global RNG, which ``train_sft`` seeds with the run's seed just
-before loading. Every evaluation therefore seeds the RNG with the task vector's seed before
-``evaluate.composed_model`` so the composed model starts from the same theta0 as training did.
+Notes. Weights a checkpoint lacks are initialised from the global RNG by ``load_cls_model``; the engine
+stores the ones it knows of whole (classification head, pooler: ``params.py``). As a second line of defence
+every evaluation seeds the RNG with the task vector's seed before ``evaluate.composed_model``, exactly as
+``train_sft`` does before loading, so any other such weight starts from the same value as in training.
 """
 from __future__ import annotations
 
@@ -387,7 +387,7 @@ class Evaluator:
             else:
                 tvec = self.vector(task)
                 lvecs = [self.vector(lang)] if lang else []
-                set_seed(task.cfg.seed)  # same theta0 as training for weights the checkpoint lacks (pooler)
+                set_seed(task.cfg.seed)  # same init as training for any weight the checkpoint lacks
                 if method.merge == "ties":
                     model, tok = composed_model(ties_merge([tvec, *lvecs], self.s.ties_density, self.s.ties_lambda))
                 else:

@@ -55,7 +55,7 @@ def start(fns, tiny, name, seed=7):
     msg, run_id, *_ = fns["start_training"](
         kind="task", base_model=tiny, data=str(ASSETS / "source_task_en.csv"), language="en", name=name,
         method="deftx", rank_policy="energy", energy=0.9, rank=100, residual_share=0.05, k_percent=5,
-        full_steps=60, sparse_steps=10, epochs=1, lr=1e-3, batch_size=8, max_length=32, seed=seed,
+        full_steps=100, sparse_steps=100, epochs=1, lr=1e-3, batch_size=8, max_length=32, seed=seed,
         text_column="", pair_column="", label_column="label",
         preset="cpu-demo",  # its save_steps (50) and logging_steps (5); every other value is explicit
         k_exact_value=None)
@@ -128,7 +128,7 @@ def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatc
         reg = app.studio.registry
         row = reg.get(victim)
         assert row["id"] == victim and row["command"][-1] == "--resume" and row["run_dir"] == str(run_dir)
-        wait_for(lambda: (st := RunDir(run_dir).status()).get("phase") == "sparse" and st.get("step", 0) >= 62,
+        wait_for(lambda: (st := RunDir(run_dir).status()).get("phase") == "sparse" and st.get("step", 0) >= 102,
                  180, "the resumed victim to be 2 steps into phase 2")
         row = reg.get(victim)
         assert row["state"] == "running" and not (run_dir / "vector").exists(), "phase 2 already over"

@@ -172,6 +172,33 @@ def _cli(*args, **kw):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
 
 
+# Runs the CLI but stops, marks and sleeps before optimisation step HOLD+1, so a test can kill it at a known
+# step however fast the machine is (steps take milliseconds; status.json is written at most twice a second).
+HOLD_CLI = """
+import os, sys, time
+from pathlib import Path
+from transformers import Trainer
+hold, mark, step = int(os.environ["HOLD_AT"]), Path(os.environ["HOLD_MARK"]), Trainer.training_step
+calls = 0
+def training_step(self, *a, **kw):
+    global calls
+    calls += 1
+    if calls > hold:
+        mark.write_text(str(hold))
+        time.sleep(3600)
+    return step(self, *a, **kw)
+Trainer.training_step = training_step
+from deftx_engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli_held_at(step: int, mark: Path, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOLD_AT": str(step), "HOLD_MARK": str(mark)}
+    return subprocess.Popen([sys.executable, "-c", HOLD_CLI, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def _wait_step(run: Path, step: int, proc, timeout=120):
     t = time.time()
     while time.time() - t < timeout:
@@ -207,10 +234,16 @@ def test_kill_then_resume_matches_uninterrupted_run(tiny_dir, tmp_path, kill_at)
             "--save-steps", "2", "--lr", "1e-3", *FAST, "--logging-steps", "1"]
     assert main([*args, "--output-dir", str(tmp_path / "ref")]) == 0
     run = tmp_path / "killed"
-    proc = _cli(*args, "--output-dir", str(run))
-    _wait_step(run, kill_at, proc)  # after a checkpoint (every 2 steps)
+    mark = tmp_path / "held"
+    proc = _cli_held_at(kill_at, mark, *args, "--output-dir", str(run))
+    t = time.time()
+    while not mark.exists():  # steps 1..kill_at are done, the last checkpoint (every 2 steps) is kill_at - 1
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() - t < 120, "the held run never reached its step"
+        time.sleep(0.05)
     proc.kill()
     proc.wait()
+    assert (run / ("phase1" if kill_at <= 10 else "phase2") / f"checkpoint-{(kill_at - 1) % 10}").is_dir()
     assert json.loads((run / "status.json").read_text())["state"] == "running"  # stale: nobody marked it
     assert main([*args, "--output-dir", str(run), "--resume"]) == 0
     a, b = SparseVector.load(tmp_path / "ref" / "vector"), SparseVector.load(run / "vector")
