@@ -673,26 +673,23 @@ def step2(factory, shapes, deltas, mask, k, seed, noise_share, repeats, table: T
             vec.check()
             note("apply: validate -- check() (sorted, in range, isfinite)", t0)
             t0 = time.perf_counter()
-            longs = {n: i.long() for n, i in vec.indices.items()}
-            note("apply: int32 -> int64 indices", t0)
+            saved = {n: params[n].data.view(-1).index_select(0, i) for n, i in vec.indices.items()}
+            note("apply: save old entries (index_select on int32 indices)", t0)
             t0 = time.perf_counter()
-            saved = {n: params[n].data.view(-1)[i].clone() for n, i in longs.items()}
-            note("apply: save old entries (flat[idx].clone())", t0)
-            t0 = time.perf_counter()
-            for n, i in longs.items():
+            for n, i in vec.indices.items():
                 params[n].data.view(-1).index_add_(0, i, vec.values[n], alpha=1.0)
             note("apply: index_add_", t0)
             t0 = time.perf_counter()
             longs = {n: i.long() for n, i in vec.indices.items()}
-            note("revert: int32 -> int64 indices", t0)
+            note("revert: int32 -> int64 indices (index_copy_ needs int64)", t0)
             t0 = time.perf_counter()
             for n, i in longs.items():
-                params[n].data.view(-1)[i] = saved[n]
-            note("revert: write back (flat[idx] = old)", t0)
+                params[n].data.view(-1).index_copy_(0, i, saved[n])
+            note("revert: write back (index_copy_)", t0)
             assert bit_exact()
             t0 = time.perf_counter()
-            _ = {n: params[n].data.view(-1).index_select(0, i) for n, i in longs.items()}
-            note("alt: save old entries with index_select", t0)
+            _ = {n: params[n].data.view(-1)[i].clone() for n, i in longs.items()}
+            note("alt: save old entries with fancy indexing (flat[idx].clone())", t0)
             t0 = time.perf_counter()
             _ = all(bool(torch.isfinite(v.sum())) for v in vec.values.values())
             note("alt: finiteness via isfinite(values.sum())", t0)
