@@ -429,11 +429,26 @@ def language_sft_rss(model: str, extra: list[str]) -> dict:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - t
     log = (out / "run" / "log.txt").read_text(encoding="utf-8") if (out / "run" / "log.txt").exists() else ""
+    phases = phase_step_times(out / "run" / "metrics.jsonl")
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     peak_kb = int(proc.stderr.strip().splitlines()[-1])  # Linux: kilobytes
-    return {"command": " ".join(cmd[1:]), "wall_s": wall, "max_rss_bytes": peak_kb * 1024, "log": log}
+    return {"command": " ".join(cmd[1:]), "wall_s": wall, "max_rss_bytes": peak_kb * 1024, "log": log,
+            "phase_step_s": phases}
+
+
+def phase_step_times(metrics: Path) -> dict[str, float]:
+    """Seconds per step of each phase in a real run, from its metrics log: the median over consecutive loss
+    records of (time between them) / (steps between them) -- the Trainer's own loop, as users run it."""
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()] if metrics.exists() else []
+    out = {}
+    for phase in ("full", "sparse"):
+        r = [x for x in rows if x.get("phase") == phase and "step" in x]
+        gaps = [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(r, r[1:]) if b["step"] > a["step"]]
+        if gaps:
+            out[phase] = statistics.median(gaps)
+    return out
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -493,6 +508,11 @@ def markdown(res: dict) -> str:
         L += ["", "### A whole language SFT run (subprocess)", "",
               f"`python {r['command']}`: wall {r['wall_s']:.0f} s, peak RSS {_mb(r['max_rss_bytes'])}"
               + f"; other processes used {_cores(r.get('other_cores'))} cores meanwhile."]
+        ph = r.get("phase_step_s", {})
+        if "full" in ph and "sparse" in ph:
+            L += ["", f"Step time inside that run (Trainer loop, median over its logged intervals): full phase "
+                      f"{ph['full'] * 1e3:.0f} ms, sparse phase {ph['sparse'] * 1e3:.0f} ms, sparse / full "
+                      f"{ph['sparse'] / ph['full']:.2f}."]
     return "\n".join(L) + "\n"
 
 

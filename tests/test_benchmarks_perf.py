@@ -1,5 +1,6 @@
 """benchmarks/perf.py runs on the tiny shape set and reports every figure (so the benchmark cannot rot)."""
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -43,9 +44,18 @@ def test_tiny_tables(tmp_path, capsys):
 def test_whole_language_sft_peak_rss(tmp_path):
     perf = load_perf()
     model = make_tiny_model_dir(tmp_path / "tiny")
-    r = perf.language_sft_rss(str(model), ["--full-steps", "2", "--sparse-steps", "2"])
+    r = perf.language_sft_rss(str(model), ["--full-steps", "6", "--sparse-steps", "6", "--logging-steps", "2"])
     assert 50 * 2 ** 20 < r["max_rss_bytes"] < 8 * 2 ** 30
     assert "vector saved" in r["log"] and r["wall_s"] > 0
+    assert set(r["phase_step_s"]) == {"full", "sparse"} and all(0 < v < 60 for v in r["phase_step_s"].values())
+
+
+def test_phase_step_times_from_a_metrics_log(tmp_path):
+    rows = [("full", 2, 10.0), ("full", 4, 11.0), ("full", 6, 14.0), ("full", 8, 15.0),  # 0.5, 1.5, 0.5 s/step
+            ("sparse", 10, 20.0), ("sparse", 12, 22.0)]  # 1.0 s/step
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"phase": p, "step": s, "time": t, "loss": 1.0}) + "\n"
+                                              for p, s, t in rows))
+    assert load_perf().phase_step_times(tmp_path / "m.jsonl") == {"full": 0.5, "sparse": 1.0}
 
 
 def test_unknown_size_is_refused():
