@@ -42,7 +42,9 @@ Reported (``--out``, default ``<work-dir>/<model>/results.{json,md,html}``): mac
 (sample std) over the seeds, per target and averaged over the targets (mean over seeds of the per-seed average);
 the source-language F1 of the method's task component without a language vector (for ``ties``: the trimmed
 task vector; for ``full-ft``: the dense model); the overlap between each language vector's entries and the
-task vector's (share of the language vector's entries that the task vector also touches, and Jaccard); wall
+task vector's (share of the language vector's entries that the task vector also touches, and Jaccard); for
+methods whose vectors are not LT-SFT's, the share of their task / language mask entries that LT-SFT's mask of
+the same seed (and target) also has -- how much denoising changed what gets trained; wall
 time per method: training time of every vector the method uses (a shared vector counts for each method that
 uses it: "what this method costs alone") plus its evaluation time.
 
@@ -347,6 +349,11 @@ class Evaluator:
             self._vectors[path] = SparseVector.load(path)
         return self._vectors[path]
 
+    def share_in(self, job: Job, ref: Job) -> float:
+        """Share of ``job``'s mask entries that ``ref``'s mask (same kind, seed and target) also has: how
+        far denoising moved the mask away from LT-SFT's plain top-k."""
+        return overlap(self.vector(job).mask(), self.vector(ref).mask())["overall"]["share_of_a"]
+
     def _task_data(self, path: Path, label_names: list[str]):
         """The labelled file, rows sorted by text length: batches pad less (the scores do not depend on
         the order)."""
@@ -558,6 +565,14 @@ def summarize(s: Settings, evals: list[dict], jobs: list[Job]) -> dict:
                                                     for sd in seeds for t in s.targets])
             row["overlap_jaccard"] = _ms([100 * by[(name, sd, t)]["overlap"]["jaccard"]
                                           for sd in seeds for t in s.targets])
+        task_in = [100 * by[(name, sd, "source")]["mask_in_lt_sft"] for sd in seeds
+                   if "mask_in_lt_sft" in by[(name, sd, "source")]]
+        lang_in = [100 * by[(name, sd, t)]["mask_in_lt_sft"] for sd in seeds for t in s.targets
+                   if "mask_in_lt_sft" in by[(name, sd, t)]]
+        if task_in:
+            row["task_mask_in_lt_sft"] = _ms(task_in)
+        if lang_in:
+            row["lang_mask_in_lt_sft"] = _ms(lang_in)
         used = [j for j in jobs if j.seed in seeds and (
             (j.kind in ("task", "full-ft") and j.variant == m.task) or
             (j.kind == "language" and j.variant == m.lang))]
@@ -576,14 +591,16 @@ def markdown(s: Settings, summary: dict, meta: dict) -> str:
     lines = [f"Macro-F1 × 100, mean ± std over {len(s.seeds)} seeds ({', '.join(map(str, s.seeds))}); "
              f"source {s.source}, model `{s.model}`.", "",
              "| method | " + " | ".join(s.targets) + " | avg | source | lang∩task (% of lang) | Jaccard % "
-             "| train s | eval s |",
-             "|---" * (len(s.targets) + 7) + "|"]
+             "| task / lang mask also in LT-SFT's (%) | train s | eval s |",
+             "|---" * (len(s.targets) + 8) + "|"]
     for name, r in summary.items():
         ov = _fmt(r["overlap_share_of_language"]) if "overlap_share_of_language" in r else "–"
         jac = _fmt(r["overlap_jaccard"]) if "overlap_jaccard" in r else "–"
         seeds = "" if r["n_seeds"] == len(s.seeds) else f" ({r['n_seeds']} seeds)"
         lines.append(f"| {name}{seeds} | " + " | ".join(_fmt(r["targets"][t]) for t in s.targets) +
                      f" | **{_fmt(r['average'])}** | {_fmt(r['source'])} | {ov} | {jac} | "
+                     f"{_fmt(r['task_mask_in_lt_sft']) if 'task_mask_in_lt_sft' in r else '–'} / "
+                     f"{_fmt(r['lang_mask_in_lt_sft']) if 'lang_mask_in_lt_sft' in r else '–'} | "
                      f"{r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
     other = meta.get("other_cores_mean")
     lines += ["", f"Wall time of this invocation: {meta['wall_seconds'] / 60:.1f} min "
@@ -756,6 +773,10 @@ def main(argv: list[str] | None = None) -> dict:
             for where in ["source", *s.targets]:
                 lang = by_key[("language", m.lang, seed, where)] if m.lang and where != "source" else None
                 e = evaluator.evaluate(m, seed, where, task, lang)
+                mine, ref = (task, ("task", "lt-sft", seed, None)) if where == "source" else \
+                    (lang, ("language", "lt-sft", seed, where))
+                if mine is not None and mine.kind != "full-ft" and mine.variant != "lt-sft" and ref in by_key:
+                    e["mask_in_lt_sft"] = evaluator.share_in(mine, by_key[ref])
                 evals.append(e)
             print(f"  seed {seed} {name}: " + ", ".join(
                 f"{e['where']} {100 * e['macro_f1']:.1f}" for e in evals[-len(s.targets) - 1:]), flush=True)

@@ -132,6 +132,11 @@ def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, capsys):
         assert set(row["targets"]) == {"javanese"}
         assert ("overlap_jaccard" in row) == (bench.METHODS[name].lang is not None)
         assert row["train_seconds"] > 0
+    # how much of each method's masks LT-SFT's masks also have: not for LT-SFT itself or the dense fine-tune
+    for name in ("deftx", "deftx-drop-residual", "deftx-fixed-rank", "ties"):
+        assert 0 <= summary[name]["task_mask_in_lt_sft"][0] <= 100 and 0 <= summary[name]["lang_mask_in_lt_sft"][0] <= 100
+    assert "task_mask_in_lt_sft" in summary["task-only"] and "lang_mask_in_lt_sft" not in summary["task-only"]
+    assert not {"task_mask_in_lt_sft", "lang_mask_in_lt_sft"} & (set(summary["lt-sft"]) | set(summary["full-ft"]))
     # task-only and deftx share the task vector: same source F1 per seed
     ev = {(e["method"], e["seed"], e["where"]): e["macro_f1"] for e in result["evaluations"]}
     assert ev[("task-only", 1, "source")] == ev[("deftx", 1, "source")]
