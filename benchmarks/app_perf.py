@@ -392,7 +392,7 @@ def main(argv=None) -> int:
         if HEADING in text:
             start = text.index(HEADING)
             nxt = text.find("\n## ", start + len(HEADING))
-            text = text[:start] + section + (text[nxt + 1:] if nxt != -1 else "")
+            text = text[:start] + section.rstrip("\n") + "\n\n" + (text[nxt + 1:] if nxt != -1 else "")
         else:
             text = text.rstrip("\n") + "\n\n" + section
         RESULTS.write_text(text, encoding="utf-8")
