@@ -37,7 +37,8 @@ def test_tiny_run_prints_every_figure(capsys):
                  "| residual top-k: radix threshold (2 histogram passes) |",
                  "| sum of the engine's steps |",
                  "| apply: index_add_ |",
-                 "| revert: write back (flat[idx] = old) |",
+                 "| revert: write back (index_copy_) |",
+                 "| apply: save old entries (index_select on int32 indices) |",
                  "| other processes' CPU use during the timed repeats |"):
         assert line in out, f"missing table line {line!r}"
     assert "| revert restores bit-exactly (asserted, every repeat) | yes | bit-exact | yes |" in out
