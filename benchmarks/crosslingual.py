@@ -181,6 +181,7 @@ class Settings:
     max_length: int
     task_lr: float
     lang_lr: float
+    lang_head_warmup: int
     task_k: float
     lang_k: float
     energy: float
@@ -207,11 +208,18 @@ def task_config(s: Settings, variant: str, seed: int, paths: Paths) -> TrainConf
 def lang_config(s: Settings, variant: str, seed: int, target: str, paths: Paths) -> TrainConfig:
     return TrainConfig(kind="language", data=str(paths.corpus), text_column=target, language=target,
                        k=s.lang_k, full_steps=s.lang_steps, sparse_steps=s.lang_steps, lr=s.lang_lr,
+                       head_warmup_steps=s.lang_head_warmup,
                        **{**_common(s, seed), **variant_overrides(variant, s.fixed_rank)})
 
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _run_key(cfg: TrainConfig) -> dict:
+    """A run's cache key: its settings, without options that are off (so adding an option to the engine
+    does not invalidate runs cached before it existed)."""
+    return {k: v for k, v in cfg.to_dict().items() if not (k == "head_warmup_steps" and v == 0)}
 
 
 def model_tag(model: str) -> str:
@@ -255,11 +263,11 @@ def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
                 cfg = task_config(s, "full-ft", seed, paths)
                 key = ("full-ft", "full-ft", seed, None)
                 jobs.setdefault(key, Job("full-ft", "full-ft", seed, None, cfg,
-                                         work / "full-ft" / f"seed{seed}-{_hash(['full-ft', cfg.to_dict()])}"))
+                                         work / "full-ft" / f"seed{seed}-{_hash(['full-ft', _run_key(cfg)])}"))
             else:
                 cfg = task_config(s, m.task, seed, paths)
                 jobs.setdefault(("task", m.task, seed, None), Job(
-                    "task", m.task, seed, None, cfg, work / "task" / m.task / f"seed{seed}-{_hash(cfg.to_dict())}"))
+                    "task", m.task, seed, None, cfg, work / "task" / m.task / f"seed{seed}-{_hash(_run_key(cfg))}"))
         for target in s.targets:
             for name in s.methods:
                 m = METHODS[name]
@@ -267,7 +275,7 @@ def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
                     cfg = lang_config(s, m.lang, seed, target, paths)
                     jobs.setdefault(("language", m.lang, seed, target), Job(
                         "language", m.lang, seed, target, cfg,
-                        work / "language" / target / m.lang / f"seed{seed}-{_hash(cfg.to_dict())}"))
+                        work / "language" / target / m.lang / f"seed{seed}-{_hash(_run_key(cfg))}"))
     return list(jobs.values())
 
 
@@ -673,6 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=64, help="training tokens per example (truncated)")
     p.add_argument("--task-lr", type=float, default=3e-4, help="task SFT / full-ft learning rate")
     p.add_argument("--lang-lr", type=float, default=3e-4, help="language SFT learning rate")
+    p.add_argument("--lang-head-warmup", type=int, default=0,
+                   help="language SFTs: steps training only the MLM head before phase 1 (TrainConfig.head_warmup_steps)")
     p.add_argument("--task-k", type=float, default=0.052, help="task k (share of maskable parameters or a count)")
     p.add_argument("--lang-k", type=float, default=0.028, help="language k")
     p.add_argument("--energy", type=float, default=0.90, help="energy share for the rank policy 'energy'")
@@ -701,7 +711,8 @@ def main(argv: list[str] | None = None) -> dict:
     s = Settings(model=args.model, source=args.source, targets=list(args.targets),
                  seeds=list(range(1, args.seeds + 1)), methods=list(args.methods), task_steps=args.task_steps,
                  lang_steps=args.lang_steps, batch_size=args.batch_size, max_length=args.max_length,
-                 task_lr=args.task_lr, lang_lr=args.lang_lr, task_k=args.task_k, lang_k=args.lang_k,
+                 task_lr=args.task_lr, lang_lr=args.lang_lr, lang_head_warmup=args.lang_head_warmup,
+                 task_k=args.task_k, lang_k=args.lang_k,
                  energy=args.energy, residual_share=args.residual_share, fixed_rank=args.fixed_rank,
                  ties_density=args.ties_density, ties_lambda=args.ties_lambda,
                  eval_batch_size=args.eval_batch_size)

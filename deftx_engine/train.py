@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class TrainConfig:
     max_bytes: int = MAX_BYTES_DEFAULT  # refuse larger data files
     source_language_vector: str | None = None  # task SFT on top of theta0 + this vector (LT-SFT's setting)
     sparse_phase: bool = True  # False: the vector is the masked (denoised) phase-1 delta (ablation)
+    head_warmup_steps: int = 0  # steps training only the heads (encoder frozen) before phase 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("language", "task"):
@@ -73,7 +75,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")
-        for name in ("full_steps", "sparse_steps", "warmup_steps", "weight_decay", "save_steps", "logging_steps"):
+        for name in ("full_steps", "sparse_steps", "warmup_steps", "weight_decay", "save_steps", "logging_steps",
+                     "head_warmup_steps"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
@@ -218,6 +221,29 @@ def _trainable_setup(model: nn.Module, roles, mask: dict | None) -> None:
             p.requires_grad_(name in mask and mask[name].numel() > 0)
 
 
+def _warm_up_heads(model, cfg: TrainConfig, dataset, tokenizer, run: RunDir, roles, heads: list[str],
+                   stop: StopFlag | None) -> bool:
+    """Train only the heads for ``cfg.head_warmup_steps`` steps, encoder frozen.
+
+    Why: a checkpoint without a pretrained head (an MLM head for MiniLM or multilingual-e5) starts phase 1
+    from a random head, and the early encoder delta then mostly adapts to that head instead of the data. The
+    encoder is untouched here, so theta0 of every maskable parameter stays the pretrained one; the warmed
+    heads become the heads' theta0. Always rerun from the start (no checkpoints): it is short and seeded,
+    so a resumed run gets the same heads back.
+    """
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    for n, p in params.items():
+        p.requires_grad_(n in heads)
+    shutil.rmtree(run.path / "phase0", ignore_errors=True)
+    finished = _run_phase(model, cfg, dataset, _collator(cfg, tokenizer), run.path / "phase0", cfg.head_warmup_steps,
+                          run, "head-warmup", 0, cfg.head_warmup_steps, stop)
+    shutil.rmtree(run.path / "phase0", ignore_errors=True)
+    for n, p in params.items():
+        p.requires_grad_(n in trainable)
+    return finished
+
+
 def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, resume: bool = False,
               overwrite: bool = False) -> Path | None:
     """Run both phases and save the vector to ``run.vector_dir``; returns None if stopped by a signal.
@@ -246,7 +272,9 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
         resume = run.claim(cfg.to_dict(), resume=resume, overwrite=overwrite)
     with run.record_failure(main):  # any error from here on marks the run failed (with its message)
         heads = [n for n in roles.heads if params[n].requires_grad]
-        theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}
+        if cfg.head_warmup_steps and not _warm_up_heads(model, cfg, dataset, tokenizer, run, roles, heads, stop):
+            return None
+        theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}  # warmed heads are theta0's
         full = _steps(cfg, len(dataset), cfg.full_steps, cfg.full_epochs, world)
         sparse = _steps(cfg, len(dataset), cfg.sparse_steps, cfg.sparse_epochs, world) if cfg.sparse_phase else 0
         total = full + sparse

@@ -316,3 +316,33 @@ def test_task_sft_on_top_of_a_source_language_vector(trained, tiny_dir, tmp_path
     for name, idx in vec.indices.items():
         start = dict(base.named_parameters())[name].detach().reshape(-1)[idx.long()]
         assert torch.equal(ckpt[name].reshape(-1)[idx.long()] - start, vec.values[name])
+
+
+def test_head_warmup_trains_only_the_heads_first(tiny_dir, tmp_path, monkeypatch):
+    from deftx_engine import train as T
+    from deftx_engine.params import parameter_roles
+
+    changed: dict[str, set] = {}
+    run_phase = T._run_phase
+
+    def spy(model, cfg, dataset, collator, out, steps, run, phase, *a, **kw):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        finished = run_phase(model, cfg, dataset, collator, out, steps, run, phase, *a, **kw)
+        changed[phase] = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        changed["heads"] = set(parameter_roles(model).heads)
+        return finished
+
+    monkeypatch.setattr(T, "_run_phase", spy)
+    base = ["train-language", "--data", CORPUS, "--base-model", tiny_dir, "--full-steps", "3", "--sparse-steps", "3",
+            "--lr", "1e-3", *FAST]
+    assert main([*base, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert "head-warmup" not in changed
+    assert main([*base, "--head-warmup-steps", "4", "--output-dir", str(tmp_path / "warm")]) == 0
+    assert changed["head-warmup"] and changed["head-warmup"] <= changed["heads"]  # the encoder stayed theta0
+    assert changed["full"] - changed["heads"], "phase 1 trains the encoder again"
+    a, b = SparseVector.load(tmp_path / "plain" / "vector"), SparseVector.load(tmp_path / "warm" / "vector")
+    assert a.nnz == b.nnz and a.heads.keys() == b.heads.keys()
+    assert any(not torch.equal(a.heads[n], b.heads[n]) for n in a.heads)
+    phases = {json.loads(line)["phase"] for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()}
+    assert phases == {"head-warmup", "full", "sparse"}
+    assert not (tmp_path / "warm" / "phase0").exists()
