@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -24,6 +21,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .errors import VectorError
+from .fileio import atomic_dir
 from .params import parameter_roles
 
 CONFIG_FILE = "sft_config.json"
@@ -190,9 +188,7 @@ class SparseVector:
         """Write the folder atomically: a temporary sibling is renamed over the target at the end."""
         self.check(str(folder))
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_dir(folder) as tmp:
             tensors = {}
             for name, idx in self.indices.items():
                 tensors[f"{name}.idx"] = idx.to(torch.int32).contiguous()
@@ -203,16 +199,6 @@ class SparseVector:
             config = {"format": FORMAT, **asdict(self.meta),
                       "shapes": {n: list(s) for n, s in self.shapes.items()}}
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-            old = None
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-                folder.rename(old)
-            tmp.rename(folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @classmethod

@@ -1,0 +1,197 @@
+"""Import composable-sft (Ansell et al., 2022) vectors: ``pytorch_diff.bin`` -> a DeFT-X vector folder.
+
+The file is a torch pickle; it is read with ``torch.load(weights_only=True)`` so that a malicious pickle
+cannot run code. ``hub.pull_vector`` calls ``convert_composable_sft`` when a pulled folder holds one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .errors import VectorError
+from .params import parameter_roles
+from .vectors import SparseVector, VectorMeta, base_fingerprint
+
+logger = logging.getLogger(__name__)
+
+CSFT_FILE = "pytorch_diff.bin"  # composable-sft's weights file (a torch pickle)
+HEAD_PREFIXES = ("lm_head", "cls.", "classifier")  # outside the encoder when no model tells us
+
+
+def _load_csft(path: Path) -> Any:
+    """torch.load with weights_only=True: only tensors and plain containers; never runs pickled code."""
+    if not path.is_file():
+        raise VectorError(f"{path}: file not found (a composable-sft vector holds {CSFT_FILE})")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- UnpicklingError, RuntimeError, EOFError, ... all mean "refused"
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        why = why.split(" In PyTorch 2.6")[0][:300]
+        raise VectorError(f"{path}: cannot be read as a composable-sft vector; only tensors are accepted, so "
+                          f"the file was refused without running it ({type(e).__name__}: {why})") from None
+
+
+def _row_major(coords: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Row-major flat indices of (ndim, nnz) coordinates."""
+    flat = torch.zeros(coords.shape[-1], dtype=torch.long)
+    stride = 1
+    for d in range(len(shape) - 1, -1, -1):
+        flat += coords[d].long() * stride
+        stride *= int(shape[d])
+    return flat
+
+
+def _sparse_entries(name: str, obj: Any, where: Path) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """(sorted row-major flat indices, values, shape) of one composable-sft diff, zeros dropped."""
+    if isinstance(obj, Tensor):
+        shape = tuple(obj.shape)
+        if obj.layout == torch.sparse_coo:
+            sp = obj.coalesce()
+            flat, val = _row_major(sp.indices(), shape), sp.values().reshape(-1)
+        elif obj.layout == torch.strided:
+            dense = obj.reshape(-1)
+            flat = torch.nonzero(dense, as_tuple=False).reshape(-1)
+            val = dense[flat]
+        else:
+            raise VectorError(f"{where}: parameter {name!r} has unsupported tensor layout {obj.layout}")
+    elif isinstance(obj, Mapping) and "size" in obj and "values" in obj and ("indices" in obj or "index_steps" in obj):
+        shape = tuple(int(s) for s in obj["size"])
+        val = torch.as_tensor(obj["values"]).reshape(-1)
+        if "indices" in obj:  # older composable-sft: COO coordinate lists, one per dimension
+            coords = torch.as_tensor(obj["indices"], dtype=torch.long).reshape(len(shape), -1)
+            flat = _row_major(coords, shape)
+        else:  # newer: deltas of column-major flat indices (first dimension fastest)
+            colmajor = torch.cumsum(torch.as_tensor(obj["index_steps"], dtype=torch.long).reshape(-1), 0)
+            coords, rest = [], colmajor
+            for s in shape:
+                coords.append(rest % s)
+                rest = rest // s
+            flat = _row_major(torch.stack(coords) if coords else colmajor[None], shape)
+    else:
+        raise VectorError(f"{where}: parameter {name!r} is a {type(obj).__name__}, not a diff tensor")
+    if flat.numel() != val.numel():
+        raise VectorError(f"{where}: parameter {name!r} has {flat.numel()} indices but {val.numel()} values")
+    numel = int(torch.Size(shape).numel())
+    if numel >= 2 ** 31:
+        raise VectorError(f"{where}: parameter {name!r} has {numel} entries, more than int32 indices can address")
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= numel):
+        raise VectorError(f"{where}: parameter {name!r} has indices outside its shape {shape}")
+    val = val.float()
+    keep = val != 0
+    flat, val = flat[keep], val[keep]
+    order = torch.argsort(flat)
+    flat, val = flat[order], val[order]
+    if flat.numel() > 1 and not bool((flat[1:] > flat[:-1]).all()):
+        raise VectorError(f"{where}: parameter {name!r} has repeated indices")
+    return flat.to(torch.int32), val.contiguous(), shape
+
+
+def guess_from_name(text: str) -> tuple[str | None, str | None]:
+    """(kind, language) from a composable-sft repo name such as 'cambridgeltl/mbert-lang-sft-bxr-small'."""
+    low = text.lower().rsplit("/", 1)[-1]
+    m = re.search(r"lang-sft-([a-z]{2,3}(?:_[a-z]+)?)(?=[-_.]|$)", low)
+    if m:
+        return "language", m.group(1)
+    if "task-sft" in low:
+        return "task", None
+    return None, None
+
+
+def _base_model_from_config(src: Path) -> str:
+    cfg = src / "config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    name = data.get("_name_or_path") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and name and not os.path.isabs(name) else ""
+
+
+def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str = "", kind: str = "language",
+                           language: str = "", model: nn.Module | None = None) -> SparseVector:
+    """Convert a composable-sft vector folder (``pytorch_diff.bin``) into a DeFT-X vector saved at ``dest``.
+
+    Reads ``{param: dense diff}`` (also the later ``{'body': {...}, 'head': {...}}`` layout, sparse COO
+    tensors and the coordinate-list encodings) with ``weights_only=True``. Encoder diffs are kept under
+    their HF names, LayerNorm diffs included (composable-sft trains them by default). Parameters outside
+    the encoder (MLM / classification head diffs) are skipped: decided by ``parameter_roles(model)`` if a
+    model is given, else by the name prefixes lm_head / cls. / classifier. Whole heads from a 'head' section
+    are kept for task vectors only. With ``model`` the vector gets its fingerprint and is validated.
+    """
+    src, dest = Path(src), Path(dest)
+    path = src / CSFT_FILE
+    raw = _load_csft(path)
+    if not isinstance(raw, Mapping):
+        raise VectorError(f"{path}: expected a dict of parameter diffs, found a {type(raw).__name__}")
+    if "body" in raw and isinstance(raw.get("body"), Mapping):
+        body, head = raw["body"], raw.get("head") or {}
+    else:
+        body, head = raw, {}
+    if not isinstance(head, Mapping):
+        raise VectorError(f"{path}: 'head' is a {type(head).__name__}, expected a dict of tensors")
+
+    roles = parameter_roles(model) if model is not None else None
+    encoder = set(roles.maskable + roles.frozen) if roles is not None else None
+
+    def in_encoder(name: str) -> bool:
+        if encoder is None:
+            return not name.startswith(HEAD_PREFIXES)
+        if name in encoder:
+            return True
+        if name in roles.heads or name.startswith(HEAD_PREFIXES):
+            return False
+        raise VectorError(f"{path}: parameter {name!r} is not in the given model (was the vector made for "
+                          f"another model class or base model?)")
+
+    if not base_model and model is not None:
+        base_model = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    meta = VectorMeta(kind=kind, base_model=base_model or _base_model_from_config(src),
+                      base_fingerprint=base_fingerprint(model) if model is not None else "",
+                      language=language, method="lt-sft", denoise=None,
+                      extra={"converted_from": "composable-sft"})
+    vec = SparseVector(meta)
+    skipped: list[str] = []
+    for name, obj in body.items():
+        if not isinstance(name, str):
+            raise VectorError(f"{path}: parameter names must be strings, found {name!r}")
+        if not in_encoder(name):
+            skipped.append(name)
+            continue
+        idx, val, shape = _sparse_entries(name, obj, path)
+        vec.shapes[name] = shape
+        if idx.numel():
+            vec.indices[name], vec.values[name] = idx, val
+    if kind == "task":
+        head_names = set(roles.heads) if roles is not None else None
+        for name, t in head.items():
+            if not isinstance(t, Tensor) or t.layout != torch.strided:
+                raise VectorError(f"{path}: head parameter {name!r} is not a dense tensor")
+            if head_names is not None and name not in head_names:
+                skipped.append(name)
+                continue
+            vec.heads[name] = t.detach().float().cpu().clone()
+            vec.shapes[name] = tuple(t.shape)
+    else:
+        skipped += [str(n) for n in head]
+    vec.shapes = {n: s for n, s in vec.shapes.items() if n in vec.indices or n in vec.heads}
+    if not vec.indices and not vec.heads:
+        raise VectorError(f"{path}: no nonzero encoder diffs found (skipped: {', '.join(skipped) or 'none'})")
+    if skipped:
+        meta.extra["skipped_parameters"] = skipped
+    meta.k = vec.nnz
+    if model is not None:
+        vec.validate(model, where=str(path))
+    vec.save(dest)
+    logger.info("converted %s (%d entries, %d skipped parameters) into %s", path, meta.k, len(skipped), dest)
+    return vec
