@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from .composable_sft import CSFT_FILE, convert_composable_sft, guess_from_name
 from .errors import DeftxError, VectorError
 from .fileio import replace_dir
+from .secrets import scrub
 from .vectors import CONFIG_FILE, FORMAT, WEIGHTS_FILE, SparseVector, VectorMeta
 
 logger = logging.getLogger(__name__)
@@ -41,21 +41,10 @@ def _resolve_token(token: str | None) -> str | None:
     return token or None
 
 
-_TOKEN_PATTERNS = (re.compile(r"hf_[A-Za-z0-9]{8,}"), re.compile(r"(?i)(bearer\s+)\S+"))
-
-
-def _scrub(text: str, token: str | None) -> str:
-    """``text`` without the token (and without anything that looks like a Hub token or bearer header)."""
-    if token:
-        text = text.replace(token, "***")
-    text = _TOKEN_PATTERNS[0].sub("hf_***", text)
-    return _TOKEN_PATTERNS[1].sub(r"\1***", text)
-
-
 def _describe(exc: BaseException, token: str | None) -> str:
     msg = str(exc).strip().splitlines()
     first = msg[0] if msg else ""
-    return _scrub(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, token)
+    return scrub(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, token)
 
 
 # ---- model card -----------------------------------------------------------------------------------
@@ -211,7 +200,7 @@ def push_vector(folder: str | Path, repo_id: str, *, token: str | None = None, p
         except Exception as e:  # noqa: BLE001 -- every Hub failure becomes a user message without the token
             error = _describe(e, token)
     if error is not None:  # raised outside the except block: no chained exception that could hold the token
-        raise DeftxError(f"pushing to Hugging Face repo {_scrub(repo_id, token)!r} failed: {error}")
+        raise DeftxError(f"pushing to Hugging Face repo {scrub(repo_id, token)!r} failed: {error}")
     return str(url) if url else f"https://huggingface.co/{repo_id}"
 
 
@@ -265,7 +254,7 @@ def pull_vector(repo_id_or_path: str, dest: str | Path, *, token: str | None = N
             except Exception as e:  # noqa: BLE001 -- Hub errors become user messages without the token
                 error = _describe(e, token)
             if error is not None:
-                raise DeftxError(f"downloading Hugging Face repo {_scrub(repo_id_or_path, token)!r}"
+                raise DeftxError(f"downloading Hugging Face repo {scrub(repo_id_or_path, token)!r}"
                                  f"{f' at revision {revision!r}' if revision else ''} failed: {error}")
         where = str(local) if is_local else f"Hugging Face repo {repo_id_or_path!r}"
         if _is_ours(snap):
