@@ -21,7 +21,7 @@ Methods (``--methods``, all by default):
 ``task-only``               the deftx task SFT alone on the target language (no language vector)
 ``full-ft``                 a dense fine-tune of the whole model on the source task (HF ``Trainer`` on
                             ``models.load_cls_model``, LayerNorm included), as many steps as one SFT phase
-``ties``                    the deftx task and language vectors merged with TIES (``benchmarks/ties.py``:
+``ties``                    the deftx task and language vectors merged with TIES (``deftx_engine/merge.py``:
                             trim to the top ``--ties-density`` of each vector's entries, elect sign by
                             summed mass, disjoint mean) instead of a sum
 ``deftx-no-retrain``        ablation: the vectors are the masked denoised phase-1 deltas
@@ -86,16 +86,18 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/crosslingual.py` finds deftx
 
 import torch  # noqa: E402
 
+from deftx_engine.constants import DEFAULT_K, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
 from deftx_engine.data import TaskData, load_task_data  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
 from deftx_engine.evaluate import composed_model, evaluate_task_data  # noqa: E402
 from deftx_engine.masks import overlap  # noqa: E402
-from deftx_engine.runs import RunDir, read_json, write_json_atomic  # noqa: E402
+from deftx_engine.fileio import write_json_atomic  # noqa: E402
+from deftx_engine.merge import ties_merge  # noqa: E402
+from deftx_engine.runs import RunDir, read_json  # noqa: E402
 from deftx_engine.train import TrainConfig, train_sft  # noqa: E402
 from deftx_engine.vectors import SparseVector  # noqa: E402
 
 from benchmarks.perf import OtherCpu, wait_quiet  # noqa: E402
-from benchmarks.ties import ties_merge  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "nusax"
 DEFAULT_WORK = ROOT / "benchmarks" / "out" / "crosslingual"
@@ -683,13 +685,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang-lr", type=float, default=3e-4, help="language SFT learning rate")
     p.add_argument("--lang-head-warmup", type=int, default=0,
                    help="language SFTs: steps training only the MLM head before phase 1 (TrainConfig.head_warmup_steps)")
-    p.add_argument("--task-k", type=float, default=0.052, help="task k (share of maskable parameters or a count)")
-    p.add_argument("--lang-k", type=float, default=0.028, help="language k")
+    p.add_argument("--task-k", type=float, default=DEFAULT_K["task"], help="task k (share of maskable parameters or a count)")
+    p.add_argument("--lang-k", type=float, default=DEFAULT_K["language"], help="language k")
     p.add_argument("--energy", type=float, default=0.90, help="energy share for the rank policy 'energy'")
     p.add_argument("--residual-share", type=float, default=0.05, help="rho for deftx (ablation drop-residual: 0)")
     p.add_argument("--fixed-rank", type=int, default=100, help="r for the deftx-fixed-rank ablation")
-    p.add_argument("--ties-density", type=float, default=0.2, help="TIES: share of each vector's entries kept")
-    p.add_argument("--ties-lambda", type=float, default=1.0, help="TIES: scale of the merged vector")
+    p.add_argument("--ties-density", type=float, default=TIES_DENSITY, help="TIES: share of each vector's entries kept")
+    p.add_argument("--ties-lambda", type=float, default=TIES_LAMBDA, help="TIES: scale of the merged vector")
     p.add_argument("--eval-batch-size", type=int, default=32, help="evaluation batch size")
     p.add_argument("--work-dir", default=str(DEFAULT_WORK), help="run cache (re-running reuses finished runs)")
     p.add_argument("--out", help="results prefix (default: <work-dir>/<model>/results)")

@@ -10,11 +10,13 @@ import signal
 import sys
 from pathlib import Path
 
+from .constants import DEFAULT_K, MERGES, METHODS, TIES_DENSITY, TIES_LAMBDA
 from .errors import DeftxError
 
 HELP = {
     "data": "training data: a path (.txt/.csv/.tsv/.jsonl) or hub:org/name[:config][@split][#column]",
-    "base_model": "base model: 'minilm' (offline default), a local folder, or a Hub id such as FacebookAI/xlm-roberta-base",
+    "base_model": "base model: 'minilm' (offline default), a local folder, or a Hub id such as "
+                  "FacebookAI/xlm-roberta-base",
     "language": "language code or name recorded in the vector (e.g. jav)",
     "text_column": "column/key holding the text (default: 'text'; for tasks also premise/hypothesis)",
     "pair_column": "second text column for pair tasks such as NLI",
@@ -24,7 +26,8 @@ HELP = {
     "energy": "share of the spectrum's energy (sigma^2) the low-rank part keeps",
     "rank": "rank r for --rank-policy fixed (clipped to each matrix)",
     "residual_share": "rho: share of each matrix's residual entries kept after the low-rank part (0 drops it)",
-    "k": "entries to train: a share of the maskable parameters (<1) or a count (default: 0.028 language, 0.052 task)",
+    "k": "entries to train: a share of the maskable parameters (<1) or a count "
+         f"(default: {DEFAULT_K['language']} language, {DEFAULT_K['task']} task)",
     "full_steps": "phase-1 (full fine-tuning) steps; 0 = use --full-epochs",
     "full_epochs": "phase-1 epochs when --full-steps is 0",
     "sparse_steps": "phase-2 (sparse fine-tuning) steps; 0 = use --sparse-epochs",
@@ -46,6 +49,13 @@ HELP = {
     "head_warmup_steps": "steps that train only the heads (encoder frozen) before phase 1; for checkpoints "
                          "without a pretrained MLM head (MiniLM, multilingual-e5) so phase 1 adapts the "
                          "encoder to the data, not to a random head",
+    "fit_head": "language SFT of a base without a pretrained MLM head: first fit the head with the encoder "
+                "frozen, until its held-out loss stops falling (cached per base model, layer and text)",
+    "head_corpus": "text the MLM head is fitted on (a path or hub: spec; unset: this run's corpus)",
+    "mlm_layer": "language SFT: the MLM head reads this transformer layer's output (1 = first; unset: the last); "
+                 "the layers above it are left out of the language vector",
+    "heldout_share": "language SFT: share of the corpus held out to score theta0 against theta0 + phi "
+                     "(masked-token loss and top-1)",
 }
 
 
@@ -76,7 +86,7 @@ def _add_train_parser(sub, kind: str):
         elif f.type in ("float", "float | None"):
             kw["type"] = float
         if f.name in ("method",):
-            kw["choices"] = ["deftx", "lt-sft"]
+            kw["choices"] = list(METHODS)
         if f.name in ("rank_policy",):
             kw["choices"] = ["energy", "fixed"]
         p.add_argument(opt, **kw)
@@ -105,14 +115,23 @@ def _train(args, kind: str) -> int:
     return 0
 
 
-def _vectors(args):
-    return [args.task, *(args.language or [])]
+def _composed(args):
+    """The model and tokenizer that ``--task``/``--language``/``--scale``/``--merge`` describe."""
+    from .evaluate import composed_model
+
+    if args.merge == "sum":
+        return composed_model(args.task, args.language or [], args.scale)
+    if args.scale:
+        raise DeftxError("--scale applies to --merge sum; TIES scales the merged vector by --ties-lambda")
+    from .evaluate import load_vectors
+    from .merge import ties_merge
+
+    return composed_model(ties_merge(load_vectors([args.task, *(args.language or [])]), args.ties_density,
+                                     args.ties_lambda))
 
 
 def _compose(args) -> int:
-    from .evaluate import composed_model
-
-    model, tok = composed_model(args.task, args.language or [], args.scale)
+    model, tok = _composed(args)
     out = Path(args.output_dir)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -122,9 +141,9 @@ def _compose(args) -> int:
 
 def _evaluate(args) -> int:
     from .data import load_task_data
-    from .evaluate import composed_model, evaluate_task_data
+    from .evaluate import evaluate_task_data
 
-    model, tok = composed_model(args.task, args.language or [], args.scale)
+    model, tok = _composed(args)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     td = load_task_data(args.data, text_column=args.text_column, pair_column=args.pair_column,
                         label_column=args.label_column, label_names=names)
@@ -139,9 +158,9 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from .data import load_task_data
-    from .evaluate import composed_model, predict_proba
+    from .evaluate import predict_proba
 
-    model, tok = composed_model(args.task, args.language or [], args.scale)
+    model, tok = _composed(args)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if args.data:
         td = load_task_data(args.data, text_column=args.text_column, pair_column=args.pair_column,
@@ -206,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task", required=True, help="task vector folder")
         p.add_argument("--language", action="append", help="language vector folder (repeatable)")
         p.add_argument("--scale", type=float, nargs="+", help="one scale per vector (task first); default 1")
+        p.add_argument("--merge", choices=MERGES, default="sum",
+                       help="sum = theta0 + the vectors; ties = TIES merging (trim each vector to --ties-density "
+                            "of its entries, elect a sign per entry, average the agreeing values) (default: sum)")
+        p.add_argument("--ties-density", type=float, default=TIES_DENSITY,
+                       help=f"--merge ties: share of each vector's entries kept (default: {TIES_DENSITY})")
+        p.add_argument("--ties-lambda", type=float, default=TIES_LAMBDA,
+                       help=f"--merge ties: scale of the merged vector (default: {TIES_LAMBDA})")
 
     def data_args(p, required):
         p.add_argument("--data", required=required, help="labelled or unlabelled file (.csv/.tsv/.jsonl/.txt)")

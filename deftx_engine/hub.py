@@ -120,9 +120,9 @@ def build_model_card(vec: SparseVector, repo_id: str, metrics: Mapping | None = 
             "", "## What it holds", "",
             f"- **kind**: {meta.kind}",
             f"- **method**: {meta.method}" + (" (SVD-denoised sparse fine-tuning, Simon & Jyothi 2025)"
-                                               if meta.method == "deftx" else
-                                               " (lottery-ticket sparse fine-tuning, Ansell et al. 2022)"
-                                               if meta.method == "lt-sft" else ""),
+                                              if meta.method == "deftx" else
+                                              " (lottery-ticket sparse fine-tuning, Ansell et al. 2022)"
+                                              if meta.method == "lt-sft" else ""),
             f"- **base model**: `{base}`" + (f" (parameter fingerprint `{meta.base_fingerprint}`)"
                                              if meta.base_fingerprint else ""),
             ]

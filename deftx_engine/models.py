@@ -18,7 +18,6 @@ from torch import nn
 
 from .errors import ConfigError
 
-ALIASES = {"minilm": None}  # resolved lazily: the package path is only known once it is installed
 
 
 def resolve_model(name: str) -> str:

@@ -7,7 +7,6 @@ never move), updates them and scatters the result back.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch

@@ -1,6 +1,7 @@
 """Named settings for ``deftx train-* --preset``. Explicit options always win over a preset."""
 from __future__ import annotations
 
+from .constants import DEFAULT_K
 from .errors import ConfigError
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -20,8 +21,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "common": dict(base_model="minilm", method="deftx", rank_policy="energy", energy=0.90,
                        residual_share=0.05, seed=42, max_length=64, batch_size=16, save_steps=50,
                        logging_steps=5),
-        "language": dict(k=0.028, lr=1e-4, full_steps=60, sparse_steps=60),
-        "task": dict(k=0.052, lr=2e-4, full_epochs=2, sparse_epochs=2),  # 5e-5 underfits 300 examples in 2 epochs
+        "language": dict(k=DEFAULT_K["language"], lr=1e-4, full_steps=60, sparse_steps=60),
+        "task": dict(k=DEFAULT_K["task"], lr=2e-4, full_epochs=2, sparse_epochs=2),  # 5e-5 underfits 300 examples
     },
 }
 

@@ -15,17 +15,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from .constants import DEFAULT_K, KINDS, METHODS, Kind, Method
 from .data import MAX_BYTES_DEFAULT, load_corpus, load_task_data
 from .denoise import DenoiseConfig, denoise_deltas
 from .errors import ConfigError
+from .fileio import atomic_write_bytes, write_json_atomic
 from .masks import k_from, select_top_k
 from .models import load_cls_model, load_mlm_model, load_tokenizer
 from .optim import SparseAdamW
 from .params import parameter_roles
-from .runs import RunDir, StopFlag, read_json, write_json_atomic
+from .runs import RunDir, StopFlag, read_json
 from .vectors import SparseVector, VectorMeta, base_fingerprint
 
 
@@ -33,19 +35,19 @@ from .vectors import SparseVector, VectorMeta, base_fingerprint
 class TrainConfig:
     """One SFT. Defaults are the paper's where it gives them, and small enough for a CPU otherwise."""
 
-    kind: Literal["language", "task"]
+    kind: Kind
     data: str  # corpus (language) or labelled task file (task): path or hub:org/name[:config][@split][#column]
     base_model: str = "minilm"  # alias, local folder or Hub id
     language: str = ""  # language code/name recorded in the vector
     text_column: str | None = None
     pair_column: str | None = None
     label_column: str = "label"
-    method: Literal["deftx", "lt-sft"] = "deftx"
+    method: Method = "deftx"
     rank_policy: Literal["energy", "fixed"] = "energy"
     energy: float = 0.90
     rank: int = 100
     residual_share: float = 0.05
-    k: float | None = None  # share of maskable parameters (< 1) or a count; None: 2.8 % language, 5.2 % task
+    k: float | None = None  # share of maskable parameters (< 1) or a count; None: DEFAULT_K of the kind
     full_steps: int = 0  # phase 1 steps; 0 = use full_epochs
     full_epochs: float = 1.0
     sparse_steps: int = 0  # phase 2 steps; 0 = use sparse_epochs
@@ -67,10 +69,10 @@ class TrainConfig:
     head_warmup_steps: int = 0  # steps training only the heads (encoder frozen) before phase 1
 
     def __post_init__(self) -> None:
-        if self.kind not in ("language", "task"):
-            raise ConfigError(f"kind must be 'language' or 'task', got {self.kind!r}")
-        if self.method not in ("deftx", "lt-sft"):
-            raise ConfigError(f"method must be 'deftx' or 'lt-sft', got {self.method!r}")
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be {' or '.join(map(repr, KINDS))}, got {self.kind!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be {' or '.join(map(repr, METHODS))}, got {self.method!r}")
         for name in ("lr", "batch_size", "max_length", "grad_accum", "full_epochs", "sparse_epochs", "max_bytes"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -81,7 +83,7 @@ class TrainConfig:
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         if self.k is None:
-            self.k = 0.028 if self.kind == "language" else 0.052
+            self.k = DEFAULT_K[self.kind]
         if self.k <= 0:
             raise ConfigError(f"k must be > 0, got {self.k}")
         self.denoise_config()  # validates rank policy, energy, rank, residual share
@@ -298,7 +300,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
         else:
             _trainable_setup(model, roles, None)
             finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
-                                     total, stop, resume=resume)
+                                  total, stop, resume=resume)
             if not finished:
                 return None
             if main:
@@ -311,8 +313,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
                     write_json_atomic(run.spectra_file, {n: asdict(r) for n, r in records.items()})
             mask = select_top_k(deltas, k)
             if main:
-                save_file({n: i.to(torch.int32).contiguous() for n, i in mask.items()}, str(run.mask_file) + ".tmp")
-                Path(str(run.mask_file) + ".tmp").replace(run.mask_file)
+                atomic_write_bytes(run.mask_file, save({n: i.to(torch.int32).contiguous() for n, i in mask.items()}))
             say(f"mask of {k:,} entries chosen in {time.time() - t:.1f}s")
             if not cfg.sparse_phase:  # ablation: keep the masked phase-1 (denoised) delta, no retraining
                 with torch.no_grad():
@@ -331,7 +332,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             opt = SparseAdamW([(params[n], mask[n]) for n in roles.maskable if params[n].requires_grad] +
                               [(params[n], None) for n in heads], lr=cfg.lr, weight_decay=cfg.weight_decay)
             finished = _run_phase(model, cfg, dataset, collator, run.path / "phase2", sparse, run, "sparse", full,
-                                     total, stop, optimizer=opt, resume=resume)
+                                  total, stop, optimizer=opt, resume=resume)
             if not finished:
                 return None
             say(f"sparse phase optimizer state: {opt.state_bytes():,} bytes")

@@ -1,24 +1,17 @@
-"""Shared fixtures: tiny models built in-process (no downloads), seeded."""
+"""Shared fixtures: tiny models built in-process (no downloads), seeded; helpers live in tiny.py."""
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from tiny import tiny_bert_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 NUSAX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nusax"
-
-
-def tiny_bert_config(**kw):
-    from transformers import BertConfig
-
-    base = dict(vocab_size=120, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=32, max_position_embeddings=64)
-    base.update(kw)
-    return BertConfig(**base)
 
 
 @pytest.fixture

@@ -187,8 +187,7 @@ def _make_vector(home: Path) -> Path:
     import torch
     from transformers import BertForSequenceClassification
 
-    from conftest import tiny_bert_config
-    from test_vectors import make_vector
+    from tiny import make_vector, tiny_bert_config
 
     torch.manual_seed(0)
     vec = make_vector(BertForSequenceClassification(tiny_bert_config(num_labels=3)).eval(), k=50)

@@ -1,8 +1,13 @@
-"""A tiny BERT (random weights, word-level vocab from the example data) saved as a local HF folder."""
+"""Helpers shared by the test folders (importable as ``tiny``: pyproject puts tests/ on the path): tiny BERT
+configurations and model folders (random weights, no downloads) and random sparse vectors."""
 import re
 from pathlib import Path
 
 import torch
+
+from deftx_engine.masks import select_top_k
+from deftx_engine.params import parameter_roles
+from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "examples"
 
@@ -22,3 +27,33 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
                      intermediate_size=64, max_position_embeddings=128)
     BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
     return path
+
+
+def tiny_bert_config(**kw):
+    """A BERT configuration small enough to build in milliseconds; ``kw`` overrides its fields."""
+    from transformers import BertConfig
+
+    base = dict(vocab_size=120, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=32, max_position_embeddings=64)
+    base.update(kw)
+    return BertConfig(**base)
+
+
+def make_vector(model, kind="task", k=200, seed=0, heads=True, base_model="tiny"):
+    """A random sparse vector for ``model``: perturb a copy, select top-k, read the diff back."""
+    torch.manual_seed(seed)
+    roles = parameter_roles(model)
+    params = dict(model.named_parameters())
+    theta0 = {n: params[n].detach().clone() for n in roles.maskable + roles.heads}
+    with torch.no_grad():
+        for n in roles.maskable + roles.heads:
+            params[n].add_(torch.randn_like(params[n]) * 0.01)
+    deltas = {n: params[n].detach() - theta0[n] for n in roles.maskable}
+    mask = select_top_k(deltas, k)
+    meta = VectorMeta(kind=kind, base_model=base_model, base_fingerprint=base_fingerprint(model),
+                      label_names=["neg", "neu", "pos"] if kind == "task" else [], language="xx")
+    vec = SparseVector.from_diff(meta, theta0, model, mask, roles.heads if heads else ())
+    with torch.no_grad():  # back to theta0 for the heads too: a fresh copy of the base
+        for n in roles.maskable + roles.heads:
+            params[n].copy_(theta0[n])
+    return vec

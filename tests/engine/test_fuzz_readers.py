@@ -7,7 +7,6 @@ import json
 import struct
 import time
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

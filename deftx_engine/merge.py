@@ -1,35 +1,34 @@
 """TIES merging (Yadav et al., 2023, "TIES-Merging: Resolving Interference When Merging Models") of sparse
-fine-tuning vectors, for the ``ties`` method of ``benchmarks/crosslingual.py``.
+fine-tuning vectors: ``deftx compose|evaluate|predict --merge ties`` and the ``ties`` method of
+``benchmarks/crosslingual.py``.
 
 TIES replaces the plain sum theta0 + phi_task + phi_language by three steps:
 
-1. **Trim**: each vector keeps only its ``density`` share (default 20 %) of entries with the largest |value|,
-   chosen globally over all of the vector's parameters. Our vectors are already sparse, so the share is
-   taken of the entries each vector *stores* (its nnz), not of the whole model.
+1. **Trim**: each vector keeps only its ``density`` share (default ``TIES_DENSITY``, 20 %) of entries with
+   the largest |value|, chosen globally over all of the vector's parameters. Our vectors are already
+   sparse, so the share is taken of the entries each vector *stores* (its nnz), not of the whole model.
 2. **Elect sign**: per entry, the sign of the summed trimmed values ("total mass") wins.
 3. **Disjoint mean**: per entry, the mean of the trimmed values that agree with the elected sign (entries
    whose values disagree with it are left out of the mean; an entry whose mass is exactly 0 is dropped).
 
-The result is scaled by ``lam`` (TIES' lambda, 1.0 by default). Where the vectors do not overlap, the
-disjoint mean of one value is the value itself, so TIES differs from a sum only by the trimming and on the
-shared entries (a mean instead of a sum). Heads (classification head) are taken whole from the task vector.
+The result is scaled by ``lam`` (TIES' lambda, ``TIES_LAMBDA`` = 1.0 by default). Where the vectors do not
+overlap, the disjoint mean of one value is the value itself, so TIES differs from a sum only by the trimming
+and on the shared entries (a mean instead of a sum). Heads (classification head) are taken whole from the
+task vector.
 
 Pure function on ``SparseVector`` index/value tensors; the exact global top-k is the engine's
 ``masks.select_top_k`` (the same selection the SFT masks use).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from deftx_engine.errors import VectorError  # noqa: E402
-from deftx_engine.masks import select_top_k  # noqa: E402
-from deftx_engine.vectors import SparseVector, VectorMeta  # noqa: E402
+from .constants import TIES_DENSITY, TIES_LAMBDA
+from .errors import VectorError
+from .masks import select_top_k
+from .vectors import SparseVector, VectorMeta
 
 
 def trim(vec: SparseVector, density: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -46,7 +45,8 @@ def trim(vec: SparseVector, density: float) -> dict[str, tuple[torch.Tensor, tor
             for n in names if chosen[n].numel()}
 
 
-def ties_merge(vectors: Sequence[SparseVector], density: float = 0.2, lam: float = 1.0) -> SparseVector:
+def ties_merge(vectors: Sequence[SparseVector], density: float = TIES_DENSITY,
+               lam: float = TIES_LAMBDA) -> SparseVector:
     """One vector: trim each input to ``density`` of its entries, elect a sign per entry by summed mass,
     average the agreeing values (disjoint mean), scale by ``lam``.
 

@@ -16,8 +16,7 @@ from deftx_engine.hub import convert_composable_sft, pull_vector, push_vector
 from deftx_engine.params import parameter_roles
 from deftx_engine.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector, base_fingerprint
 
-from conftest import tiny_bert_config
-from test_vectors import make_vector
+from tiny import make_vector, tiny_bert_config
 
 TOKEN = "hf_SuperSecretToken1234567890abcdef"
 OUR_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}

@@ -1,91 +1,16 @@
-"""benchmarks/crosslingual.py on a tiny model and tiny NusaX-shaped data, and the TIES merge on hand-made vectors."""
+"""benchmarks/crosslingual.py on a tiny model and tiny NusaX-shaped data."""
 import csv
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from deftx_engine.errors import VectorError
-from deftx_engine.vectors import SparseVector, VectorMeta, compose
 from tiny import ASSETS, make_tiny_model_dir
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.ties import ties_merge, trim  # noqa: E402
 
 
 def load_bench():
     return importlib.import_module("benchmarks.crosslingual")
-
-
-# ---- TIES -------------------------------------------------------------------------------------------------
-def vec(kind, entries, shapes=None, heads=None, fp="fp"):
-    """entries: {param: {flat index: value}}"""
-    shapes = shapes or {"w": (2, 5), "b": (5,)}
-    v = SparseVector(VectorMeta(kind=kind, base_model="m", base_fingerprint=fp, language=kind[:4],
-                                label_names=["a", "b"] if kind == "task" else []))
-    for name, d in entries.items():
-        idx = sorted(d)
-        v.indices[name] = torch.tensor(idx, dtype=torch.int32)
-        v.values[name] = torch.tensor([d[i] for i in idx], dtype=torch.float32)
-        v.shapes[name] = shapes[name]
-    for name, t in (heads or {}).items():
-        v.heads[name] = t
-        v.shapes[name] = tuple(t.shape)
-    v.check()
-    return v
-
-
-def as_dict(v):
-    return {n: dict(zip(v.indices[n].tolist(), [round(x, 6) for x in v.values[n].tolist()])) for n in v.indices}
-
-
-def test_trim_keeps_the_top_share_of_each_vector_globally():
-    v = vec("task", {"w": {0: 0.1, 3: -5.0, 7: 0.2, 9: 1.0}, "b": {1: -3.0, 4: 0.05}})
-    kept = trim(v, 0.5)  # 3 of 6 entries: -5, -3, 1
-    assert {n: (i.tolist(), t.tolist()) for n, (i, t) in kept.items()} == {"w": ([3, 9], [-5.0, 1.0]),
-                                                                              "b": ([1], [-3.0])}
-    with pytest.raises(VectorError):
-        trim(v, 0.0)
-
-
-def test_ties_elects_sign_by_mass_and_averages_the_agreeing_values():
-    # entry w[0]: +2 (task) and -1 (lang): mass +1 -> only +2 agrees -> 2.0 (a sum would give 1.0)
-    # entry w[1]: +1 and +3 -> both agree -> mean 2.0 (a sum would give 4.0)
-    # entry w[2]: -4 (task only) -> -4; entry b[0]: +0.5 (lang only) -> 0.5
-    # entry w[3]: +1 and -1: mass exactly 0 -> dropped
-    task = vec("task", {"w": {0: 2.0, 1: 1.0, 2: -4.0, 3: 1.0}}, heads={"classifier.weight": torch.ones(2, 5)})
-    lang = vec("language", {"w": {0: -1.0, 1: 3.0, 3: -1.0}, "b": {0: 0.5}})
-    merged = ties_merge([task, lang], density=1.0)
-    assert as_dict(merged) == {"w": {0: 2.0, 1: 2.0, 2: -4.0}, "b": {0: 0.5}}
-    assert merged.meta.kind == "task" and merged.meta.label_names == ["a", "b"]
-    assert torch.equal(merged.heads["classifier.weight"], torch.ones(2, 5))
-    assert merged.meta.method == "ties" and merged.nnz == merged.meta.k == 4
-    merged.check()
-    # lambda scales everything; trimming happens before the election
-    assert as_dict(ties_merge([task, lang], density=1.0, lam=0.5))["w"] == {0: 1.0, 1: 1.0, 2: -2.0}
-    trimmed = ties_merge([task, lang], density=0.5)  # task keeps -4, 2; lang keeps 3, -1 (first of the ties)
-    assert as_dict(trimmed) == {"w": {0: 2.0, 1: 3.0, 2: -4.0}}
-
-
-def test_ties_on_disjoint_untrimmed_vectors_equals_the_sum():
-    task = vec("task", {"w": {0: 1.0, 5: -2.0}})
-    lang = vec("language", {"w": {1: 0.5}, "b": {2: -0.25}})
-    assert as_dict(ties_merge([task, lang], density=1.0)) == as_dict(compose([task, lang]))
-
-
-def test_ties_refuses_mixed_base_models_and_two_task_vectors():
-    a = vec("task", {"w": {0: 1.0}})
-    with pytest.raises(VectorError):
-        ties_merge([a, vec("language", {"w": {0: 1.0}}, fp="other")])
-    with pytest.raises(VectorError):
-        ties_merge([a, vec("task", {"w": {1: 1.0}})])
-    with pytest.raises(VectorError):
-        ties_merge([])
 
 
 # ---- the benchmark end to end ----------------------------------------------------------------------------

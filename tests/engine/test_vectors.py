@@ -4,31 +4,9 @@ import pytest
 import torch
 
 from deftx_engine.errors import VectorError
-from deftx_engine.masks import select_top_k
-from deftx_engine.params import parameter_roles
-from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose
+from deftx_engine.vectors import SparseVector, compose
 
-from conftest import tiny_bert_config
-
-
-def make_vector(model, kind="task", k=200, seed=0, heads=True):
-    """A random sparse vector for ``model``: perturb a copy, select top-k, read the diff back."""
-    torch.manual_seed(seed)
-    roles = parameter_roles(model)
-    params = dict(model.named_parameters())
-    theta0 = {n: params[n].detach().clone() for n in roles.maskable + roles.heads}
-    with torch.no_grad():
-        for n in roles.maskable + roles.heads:
-            params[n].add_(torch.randn_like(params[n]) * 0.01)
-    deltas = {n: params[n].detach() - theta0[n] for n in roles.maskable}
-    mask = select_top_k(deltas, k)
-    meta = VectorMeta(kind=kind, base_model="tiny", base_fingerprint=base_fingerprint(model),
-                      label_names=["neg", "neu", "pos"] if kind == "task" else [], language="xx")
-    vec = SparseVector.from_diff(meta, theta0, model, mask, roles.heads if heads else ())
-    with torch.no_grad():  # back to theta0 for the heads too: a fresh copy of the base
-        for n in roles.maskable + roles.heads:
-            params[n].copy_(theta0[n])
-    return vec
+from tiny import make_vector, tiny_bert_config
 
 
 def state(model):

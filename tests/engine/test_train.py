@@ -15,7 +15,7 @@ from deftx_engine.cli import main
 from deftx_engine.vectors import SparseVector
 from tiny import ASSETS, make_tiny_model_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = str(ASSETS / "target_corpus_id.txt")
 TASK = str(ASSETS / "source_task_en.csv")
 EVAL = str(ASSETS / "target_eval_id.csv")
@@ -142,7 +142,7 @@ def test_bad_inputs(tiny_dir, tmp_path, capsys, trained):
 
 
 def test_language_vector_for_another_base_model(trained, tmp_path, capsys):
-    from conftest import tiny_bert_config
+    from tiny import tiny_bert_config
     from transformers import BertModel, BertTokenizer
 
     other = tmp_path / "other"

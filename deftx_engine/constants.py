@@ -1,0 +1,22 @@
+"""Names and defaults shared by the trainer, the CLI, the web app and the benchmarks.
+
+Torch-free, so the web app can import it at start-up. The ``Literal`` types are the single source of the
+allowed values; the tuples are derived from them.
+"""
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Kind = Literal["language", "task"]
+Method = Literal["deftx", "lt-sft"]  # deftx: SVD-denoise the phase-1 delta before the top-k; lt-sft: no denoising
+
+KINDS: tuple[str, ...] = get_args(Kind)
+METHODS: tuple[str, ...] = get_args(Method)
+# The paper's k: 2.8 % (language) and 5.2 % (task) of the maskable parameters.
+DEFAULT_K: dict[str, float] = {"language": 0.028, "task": 0.052}
+# How vectors are combined: "sum" adds them (theta0 + phi_task + phi_language); "ties" is TIES merging
+# (merge.ties_merge) with these defaults: each vector keeps TIES_DENSITY of its entries, the result is
+# scaled by TIES_LAMBDA.
+MERGES: tuple[str, ...] = ("sum", "ties")
+TIES_DENSITY = 0.2
+TIES_LAMBDA = 1.0
