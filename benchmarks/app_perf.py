@@ -1,10 +1,10 @@
-"""Web-app benchmark (issue 4): startup, prediction latency, Start -> first training step, newcomer flow.
+"""Web-app benchmark: startup, prediction latency, Start -> first training step, newcomer flow.
 
 Usage::
 
-    python benchmarks/app_perf.py                 # the three figures with targets (about 3-4 minutes on 2 cores)
-    python benchmarks/app_perf.py --flow          # also the newcomer click-through (about 5-10 more minutes)
-    python benchmarks/app_perf.py --no-write      # print only, leave benchmarks/RESULTS.md alone
+    python -m benchmarks.app_perf                 # the three figures with targets (about 3-4 minutes on 2 cores)
+    python -m benchmarks.app_perf --flow          # also the newcomer click-through (about 5-10 more minutes)
+    python -m benchmarks.app_perf --no-write      # print only, leave benchmarks/RESULTS.md alone
 
 What it measures, each time against a fresh ``python app.py`` process on a free port with its own temporary
 DEFTX_HOME (the offline MiniLM, no network):
@@ -22,16 +22,14 @@ DEFTX_HOME (the offline MiniLM, no network):
    language SFT and the cpu-demo task SFT (they queue, one job at a time), wait for both, analyze, predict
    with the composed model, score the example evaluation file (target < 10 minutes on 2 cores).
 
-Prints a Markdown table and, unless ``--no-write``, replaces the ``## Web app (issue 4)`` section of
+Prints a Markdown table and, unless ``--no-write``, replaces the ``## Web app`` section of
 benchmarks/RESULTS.md (other sections are kept) with the command, date, machine and figures.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -43,9 +41,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python benchmarks/app_perf.py` finds deftx_engine and benchmarks
+
+from benchmarks.common import RESULTS, machine_info, other_cores, wait_quiet, write_results_section  # noqa: E402
+
 EXAMPLES = REPO / "assets" / "examples"
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
-HEADING = "## Web app (issue 4)"
+HEADING = "## Web app"
 
 
 def free_port() -> int:
@@ -95,58 +96,23 @@ class App:
         self.log.close()
 
 
-def busy_cores(window: float = 3.0) -> float | None:
-    """Cores the whole machine kept busy over ``window`` seconds (/proc/stat); None off Linux."""
-    def read():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v[:8]) - v[3] - v[4]
-    try:
-        b0 = read()
-        time.sleep(window)
-        return (read() - b0) / os.sysconf("SC_CLK_TCK") / window
-    except (OSError, ValueError):
-        return None
-
-
 QUIET = {"limit": 0.0, "seen": []}
 
 
-def wait_quiet(what: str, threshold: float = 0.3) -> None:
-    """With --wait-quiet S: before a timed section (while none of our processes run), wait at most S seconds
-    until other processes keep less than ``threshold`` cores busy; record what was seen."""
-    t0 = time.perf_counter()
-    cores = busy_cores()
-    while QUIET["limit"] > 0 and cores is not None and cores >= threshold and time.perf_counter() - t0 < QUIET["limit"]:
-        cores = busy_cores()
-    QUIET["seen"].append((what, cores, time.perf_counter() - t0))
+def settle(what: str) -> None:
+    """Before a timed section (while none of our processes run): with --wait-quiet S wait at most S seconds
+    until other processes keep less than 0.3 cores busy; record and print what was seen."""
+    waited, cores = wait_quiet(QUIET["limit"], what, threshold=0.3)
+    if cores is None:
+        cores = other_cores()
+    QUIET["seen"].append((what, cores, waited))
     print(f"  [{what}: other processes busy {cores if cores is None else round(cores, 2)} cores"
-          f"{f', waited {time.perf_counter() - t0:.0f} s' if QUIET['limit'] > 0 else ''}]", flush=True)
+          f"{f', waited {waited:.0f} s' if QUIET['limit'] > 0 else ''}]", flush=True)
 
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = ""
-    try:
-        kb = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")))
-        mem = f"{kb / 2 ** 20:.0f} GB"
-    except (OSError, StopIteration):
-        pass
-    import gradio
-
-    return {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpu": f"{cpu}, {len(os.sched_getaffinity(0))} cores" + (f", {mem} RAM" if mem else ""),
-            "python": platform.python_version(), "gradio": gradio.__version__,
-            "load average (1/5/15 min) at start": " / ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
 # ---- 1. startup ---------------------------------------------------------------------------------------------
@@ -155,7 +121,7 @@ def bench_startup(root: Path, repeats: int) -> list[float]:
     for i in range(repeats):
         home = root / f"startup-{i}" / "home"
         home.mkdir(parents=True)
-        wait_quiet(f"startup {i + 1}")
+        settle(f"startup {i + 1}")
         app = App(home)
         try:
             times.append(app.wait_http_200())
@@ -202,7 +168,7 @@ def bench_predict(root: Path, calls: int) -> dict:
     home = root / "predict" / "home"
     home.mkdir(parents=True)
     vector = make_task_vector(home)
-    wait_quiet("prediction")
+    settle("prediction")
     app = App(home)
     try:
         app.wait_http_200()
@@ -252,7 +218,7 @@ def bench_first_step(root: Path, repeats: int) -> list[float]:
 
     home = root / "first-step" / "home"
     home.mkdir(parents=True)
-    wait_quiet("Start -> first step")
+    settle("Start -> first step")
     app = App(home)
     times = []
     try:
@@ -290,7 +256,7 @@ def bench_flow(root: Path) -> dict:
 
     home = root / "flow" / "home"
     home.mkdir(parents=True)
-    wait_quiet("newcomer flow")
+    settle("newcomer flow")
     app = App(home)
     marks = {}
     try:
@@ -337,7 +303,7 @@ def main(argv=None) -> int:
                     help="before each section wait up to S seconds for other processes to go quiet")
     args = ap.parse_args(argv)
     QUIET["limit"] = args.wait_quiet
-    info = machine()
+    info = machine_info("gradio")
     root = Path(tempfile.mkdtemp(prefix="deftx-app-perf-"))
     rows = []
     try:
@@ -376,26 +342,19 @@ def main(argv=None) -> int:
     print()
     print(table)
     if not args.no_write:
-        cmd = "python benchmarks/app_perf.py" + (" --flow" if args.flow else "") + (
+        cmd = "python -m benchmarks.app_perf" + (" --flow" if args.flow else "") + (
             f" --wait-quiet {args.wait_quiet:g}" if args.wait_quiet else "")
         others = "; ".join(f"{w}: {c:.2f}" for w, c, _ in QUIET["seen"] if c is not None)
-        section = "\n".join([HEADING, "", f"Command: `{cmd}` · {info['date']}", "",
-                             "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items() if k != "date"), "",
-                             f"Other processes' CPU use just before each section (cores): {others}.", "",
-                             table, "",
-                             "The REST figure is what any HTTP client (curl, the JavaScript client) sees; "
-                             "`gradio_client` polls its job every 50 ms, which adds a client-side floor of "
-                             "roughly that to each call. Other jobs on a shared machine inflate all figures. The "
-                             "newcomer flow measures time: the cpu-demo preset is a quick walk-through, and its "
-                             "zero-shot scores on the small demo data are not meaningful.", ""])
-        text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-        if HEADING in text:
-            start = text.index(HEADING)
-            nxt = text.find("\n## ", start + len(HEADING))
-            text = text[:start] + section.rstrip("\n") + "\n\n" + (text[nxt + 1:] if nxt != -1 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        RESULTS.write_text(text, encoding="utf-8")
+        body = "\n".join([f"Command: `{cmd}` · {info['date']}", "",
+                          "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items() if k != "date"), "",
+                          f"Other processes' CPU use just before each section (cores): {others}.", "",
+                          table, "",
+                          "The REST figure is what any HTTP client (curl, the JavaScript client) sees; "
+                          "`gradio_client` polls its job every 50 ms, which adds a client-side floor of "
+                          "roughly that to each call. Other jobs on a shared machine inflate all figures. The "
+                          "newcomer flow measures time: the cpu-demo preset is a quick walk-through, and its "
+                          "zero-shot scores on the small demo data are not meaningful.", ""])
+        write_results_section(HEADING, body)
         print(f"\nwritten to {RESULTS.relative_to(REPO)} ({HEADING})")
     return 0
 

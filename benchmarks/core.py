@@ -1,9 +1,9 @@
-"""Engine-core benchmark (issue 2): denoising, global top-k, sparse vectors and memory at XLM-R scale.
+"""Engine-core benchmark: denoising, global top-k, sparse vectors and memory at XLM-R scale.
 
 Usage::
 
-    python benchmarks/core.py                          # xlm-roberta-base shapes, 3 repeats (a few minutes)
-    python benchmarks/core.py --shapes tiny --repeats 1 # seconds; what tests/test_benchmarks_core.py runs
+    python -m benchmarks.core                          # xlm-roberta-base shapes, 3 repeats (a few minutes)
+    python -m benchmarks.core --shapes tiny --repeats 1 # seconds; what tests/benchmarks/test_core.py runs
 
 What it measures, on random deltas with EXACTLY the shapes of the chosen encoder's maskable parameters
 (``deftx_engine.params.parameter_roles``: every encoder parameter except LayerNorm):
@@ -20,9 +20,10 @@ What it measures, on random deltas with EXACTLY the shapes of the chosen encoder
 
 and, in the same run, the Gram-eigh ``spectrum`` against ``torch.linalg.svd(full_matrices=False)`` on the
 word-embedding delta (svd once, time ratio and max |sigma difference| / sigma_max), plus two time splits
-that show where the time goes: denoising each distinct matrix shape step by step (transpose, Gram, eigh,
-projection, residual threshold, index pass, scatter; rows starting with "alt:" time alternatives that
-are NOT in the engine, for scale) and ``apply`` / ``revert`` step by step. Each section also reports how
+that show where the time goes, taken by the engine's own functions (their ``times=`` argument,
+``deftx_engine.timing``): ``denoise_matrix`` on each distinct matrix shape step by step (transpose, Gram,
+eigh, projection, residual threshold, index pass, scatter; rows starting with "alt:" time alternatives that
+are NOT in the engine, for scale) and ``SparseVector.apply`` / ``revert`` step by step. Each section also reports how
 many cores other processes used meanwhile (from /proc/stat), so a contended run can be recognised.
 
 Shapes come from a config only, never a download: the encoder is instantiated on the ``meta`` device to
@@ -37,11 +38,9 @@ the median over ``--repeats``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -49,7 +48,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -57,8 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 import torch  # noqa: E402
 
-from deftx_engine import masks as _masks  # noqa: E402
-from deftx_engine.denoise import _ROWS, DenoiseConfig, choose_rank, denoise_deltas, spectrum  # noqa: E402
+from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
+from deftx_engine.denoise import CHUNK_ROWS, DenoiseConfig, denoise_deltas, denoise_matrix, spectrum  # noqa: E402
 from deftx_engine.masks import select_top_k  # noqa: E402
 from deftx_engine.params import module_type, parameter_roles  # noqa: E402
 from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
@@ -204,60 +204,16 @@ class PeakRSS:
         return self.peak - self.baseline
 
 
-class OtherCpu:
-    """CPU time that *other* processes used during a block, in cores (0 = the machine was ours).
-
-    From /proc/stat (all busy jiffies) minus /proc/self/stat (this process, all threads); None off Linux
-    and for blocks shorter than MIN_WALL seconds.
-    """
-
-    MIN_WALL = 0.3
-
-    @staticmethod
-    def _counters() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-            with open("/proc/self/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, ValueError, IndexError):
-            return None
-        busy = sum(v[:8]) - v[3] - v[4]  # user nice system [idle iowait] irq softirq steal
-        return busy, int(fields[11]) + int(fields[12])  # utime + stime
-
-    def __enter__(self) -> "OtherCpu":
-        self.cores: float | None = None
-        self._c0, self._t0 = self._counters(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        c1, wall = self._counters(), time.perf_counter() - self._t0
-        if self._c0 and c1 and wall >= self.MIN_WALL:  # jiffy (10 ms) counters say nothing about shorter blocks
-            tick = os.sysconf("SC_CLK_TCK")
-            self.cores = max(0.0, ((c1[0] - self._c0[0]) - (c1[1] - self._c0[1])) / tick / wall)
-
-
+Contention = partial(OtherCpu, min_wall=0.3)  # jiffy (10 ms) counters say nothing about shorter blocks
 _WAIT = {"limit": 0.0, "waited": 0.0, "reruns": 0}  # --wait-quiet
 CONTENDED = 0.25  # cores used by other processes above which a measurement counts as contended
 
 
-def wait_quiet(what: str, threshold: float = 0.15, window: float = 3.0) -> None:
-    """With --wait-quiet S > 0: before a timed section, wait (at most S s in total per call) until other
-    processes use less than ``threshold`` cores over a ``window``-second window. On a shared machine this
-    keeps other people's jobs out of the timings; what is left is still reported per section."""
-    limit = _WAIT["limit"]
-    if limit <= 0:
-        return
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < limit:
-        with OtherCpu() as o:
-            time.sleep(window)
-        if o.cores is None or o.cores < threshold:
-            break
-    waited = time.perf_counter() - t0
-    _WAIT["waited"] += waited
-    if waited > window + 0.5:
-        print(f"  waited {waited:.0f} s for a quiet machine before {what}", file=sys.stderr, flush=True)
+def _quiet(what: str) -> None:
+    """With --wait-quiet S > 0: before a timed section, wait (at most S s) for other processes to go quiet.
+    On a shared machine this keeps other people's jobs out of the timings; what is left is still reported
+    per section."""
+    _WAIT["waited"] += wait_quiet(_WAIT["limit"], what)[0]
 
 
 def _tries() -> int:
@@ -276,8 +232,8 @@ def _clean(other: OtherCpu, what: str, attempt: int) -> bool:
 def measure(what: str, fn: Callable[[], object]) -> tuple[object, float, OtherCpu]:
     """fn() timed, with its contention; with --wait-quiet it waits first and re-runs a contended try."""
     for attempt in range(_tries()):
-        wait_quiet(what)
-        with OtherCpu() as other:
+        _quiet(what)
+        with Contention() as other:
             t0 = time.perf_counter()
             out = fn()
             t = time.perf_counter() - t0
@@ -349,25 +305,6 @@ def _med(xs: list[float], repeats: int) -> str:
     return _s(median(xs)) + (f" (median of {len(xs)}; min {_s(min(xs))}, max {_s(max(xs))})" if len(xs) > 1 else "")
 
 
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import transformers
-
-    return {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "nproc": str(nproc),
-            "cpu": cpu, "torch": torch.__version__, "torch threads": str(torch.get_num_threads()),
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "load average (1/5/15 min) at start": " / ".join(f"{x:.2f}" for x in os.getloadavg())}
-
-
 # ---- the three steps --------------------------------------------------------------------------------------
 def _group(name: str, shape: tuple[int, ...]) -> str:
     if len(shape) != 2:
@@ -387,10 +324,10 @@ def step1(shapes, k, repeats, seed, noise_share, table: Table, results: dict):
             deltas = mask = records = None
             gc.collect()
             deltas = make_deltas(shapes, seed, noise_share)  # untimed
-            wait_quiet(f"step 1, repeat {rep + 1}")
+            _quiet(f"step 1, repeat {rep + 1}")
             marks: list[tuple[str, float]] = []
             progress = lambda i, n, name: marks.append((name, time.perf_counter()))  # noqa: E731
-            with PeakRSS() as mem, OtherCpu() as other:
+            with PeakRSS() as mem, Contention() as other:
                 t0 = time.perf_counter()
                 _, records = denoise_deltas(deltas, cfg, inplace=True, progress=progress)
                 t1 = time.perf_counter()
@@ -487,78 +424,47 @@ def svd_comparison(shapes, seed, noise_share, repeats, table: Table, results: di
                    svd_matrix=name)
 
 
+DENOISE_STEPS = {  # denoise_matrix's step names -> the rows of the time split, in the engine's order
+    "transpose": "transpose in and out (wide matrices)",
+    "gram": "Gram accumulation (float64)",
+    "eigh": "eigh of the n x n Gram (float64)",
+    "project": "projection L = d V_r V_r^T and residual",
+    "threshold": "residual top-k: radix threshold (2 histogram passes)",
+    "index": "residual top-k: index pass",
+    "scatter": "scatter S into L",
+}
+
+
 def _profile_matrix(delta: torch.Tensor, cfg: DenoiseConfig, svd_s: float | None) -> tuple[dict[str, float], int]:
-    """deftx_engine.denoise._denoise_inplace on one matrix, step by step, each step timed (same operations);
-    then, for scale, a few alternatives that are NOT in the engine (rows starting with "alt:")."""
-    t: dict[str, float] = {}
+    """The engine's ``denoise_matrix`` on one matrix with its per-step times; then, for scale, a few
+    alternatives that are NOT in the engine (rows starting with "alt:"). ``delta`` is overwritten."""
+    times: dict[str, float] = {}
+    _, record = denoise_matrix(delta, cfg, times=times)
+    t = {label: times.get(key, 0.0) for key, label in DENOISE_STEPS.items()}
     clock = time.perf_counter
-    wide = delta.shape[0] < delta.shape[1]
-    t0 = clock()
-    tall = delta.T.contiguous() if wide else delta
-    t["transpose in and out (wide matrices)"] = clock() - t0
+    tall = delta.T.contiguous() if delta.shape[0] < delta.shape[1] else delta
     m, n = tall.shape
     t0 = clock()
     gram = torch.zeros(n, n, dtype=torch.float64)
-    for start in range(0, m, _ROWS):
-        c = tall[start:start + _ROWS].to(torch.float64)
-        gram.addmm_(c.T, c)
-    del c
-    t["Gram accumulation (float64)"] = clock() - t0
-    t0 = clock()
-    evals, evecs = torch.linalg.eigh(gram)
-    t["eigh of the n x n Gram (float64)"] = clock() - t0
-    sigma, v = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
-    r = choose_rank(sigma, cfg)
-    vr = v[:, :r].to(tall.dtype)
-    original = tall.clone()  # for the alternatives below (not timed)
-    t0 = clock()
-    residual = torch.empty_like(tall)
-    for start in range(0, m, _ROWS):
-        rows = tall[start:start + _ROWS]
-        low = (rows @ vr) @ vr.T
-        residual[start:start + _ROWS] = rows - low
-        rows.copy_(low)
-    t["projection L = d V_r V_r^T and residual"] = clock() - t0
-    keep = int(round(cfg.residual_share * residual.numel()))
-    t0 = clock()
-    _masks._threshold({"residual": residual}, keep)
-    t_thr = clock() - t0
-    t0 = clock()
-    idx = select_top_k({"residual": residual}, keep)["residual"]
-    t_sel = clock() - t0
-    t["residual top-k: radix threshold (2 histogram passes)"] = t_thr
-    t["residual top-k: index pass"] = max(t_sel - t_thr, 0.0)
-    t0 = clock()
-    tall.view(-1)[idx] += residual.view(-1)[idx]
-    t["scatter S into L"] = clock() - t0
-    del residual, idx
-    if wide:
-        t0 = clock()
-        delta.copy_(tall.T)
-        t["transpose in and out (wide matrices)"] += clock() - t0
-
-    # ---- alternatives, for scale only
-    t0 = clock()
-    g32 = torch.zeros(n, n, dtype=torch.float64)
-    for start in range(0, m, _ROWS):
-        c = original[start:start + _ROWS]
-        g32 += (c.T @ c).double()
+    for start in range(0, m, CHUNK_ROWS):
+        c = tall[start:start + CHUNK_ROWS]
+        gram += (c.T @ c).double()
     t["alt: Gram as float32 chunk products summed in float64"] = clock() - t0
     t0 = clock()
     torch.linalg.eigvalsh(gram)
     t["alt: eigvalsh (values only) of the Gram"] = clock() - t0
     if svd_s is None:
         t0 = clock()
-        torch.linalg.svd(original, full_matrices=False)
+        torch.linalg.svd(tall, full_matrices=False)
         svd_s = clock() - t0
     t["alt: torch.linalg.svd(float32) of the matrix"] = svd_s
-    v100 = v[:, :min(100, n)].to(tall.dtype)
+    v100 = torch.linalg.eigh(gram)[1].flip(1)[:, :min(100, n)].to(tall.dtype)  # not timed
     t0 = clock()
-    for start in range(0, m, _ROWS):
-        rows = original[start:start + _ROWS]
+    for start in range(0, m, CHUNK_ROWS):
+        rows = tall[start:start + CHUNK_ROWS]
         rows.sub_((rows @ v100) @ v100.T)
     t["alt: projection at the fixed policy's r = 100"] = clock() - t0
-    return t, r
+    return t, record.rank
 
 
 def denoise_profile(shapes, seed, noise_share, repeats, measured_s: float, table: Table, results: dict) -> None:
@@ -581,8 +487,8 @@ def denoise_profile(shapes, seed, noise_share, repeats, measured_s: float, table
         for _ in range(runs):
             for attempt in range(_tries()):
                 d = make_delta(shape, gen, noise_share)
-                wait_quiet(f"profiling {shape[0]}x{shape[1]}")
-                with OtherCpu() as other:
+                _quiet(f"profiling {shape[0]}x{shape[1]}")
+                with Contention() as other:
                     split, ranks[shape] = _profile_matrix(d, cfg, svd_s)
                 del d
                 gc.collect()
@@ -607,6 +513,19 @@ def denoise_profile(shapes, seed, noise_share, repeats, measured_s: float, table
                f"other processes' CPU use: {_others(others)}; the timed denoise-all took {_s(measured_s)})",
                header, rows)
     results["denoise_split"] = {f"{s[0]}x{s[1]}": per_shape[s] for s in order}
+
+
+APPLY_STEPS = {  # SparseVector.apply / revert step names -> the rows of the time split
+    "validate": "apply: validate (fingerprint, shapes)",
+    "save": "apply: save old entries (index_select on int32 indices)",
+    "add": "apply: index_add_",
+    "heads": "apply: heads",
+}
+REVERT_STEPS = {
+    "indices": "revert: int32 -> int64 indices (index_copy_ needs int64)",
+    "write back": "revert: write back (index_copy_)",
+    "heads": "revert: heads",
+}
 
 
 def step2(factory, shapes, deltas, mask, k, seed, noise_share, repeats, table: Table, results: dict) -> None:
@@ -643,8 +562,8 @@ def step2(factory, shapes, deltas, mask, k, seed, noise_share, repeats, table: T
     t_apply, t_revert, applied_ok, others = [], [], True, []
     for _ in range(repeats):
         for attempt in range(_tries()):
-            wait_quiet("apply / revert")
-            with OtherCpu() as other:
+            _quiet("apply / revert")
+            with Contention() as other:
                 _, ta = timed(vec.apply, model)
                 for n, idx in vec.indices.items():  # exactness check, outside the two timings
                     i = idx.long()
@@ -658,48 +577,37 @@ def step2(factory, shapes, deltas, mask, k, seed, noise_share, repeats, table: T
         others.append(other)
     revert_ok = True
 
-    # apply / revert, step by step (the same operations as SparseVector.apply / revert)
+    # apply / revert, step by step: the engine's own per-step times
     split: dict[str, list[float]] = {}
 
-    def note(key: str, t0: float) -> None:
-        split.setdefault(key, []).append(time.perf_counter() - t0)
+    def note(key: str, seconds: float) -> None:
+        split.setdefault(key, []).append(seconds)
 
     def split_once() -> None:
+        applied: dict[str, float] = {}
+        reverted: dict[str, float] = {}
+        vec.apply(model, times=applied)
+        vec.revert(model, times=reverted)
+        assert bit_exact()
+        for key, seconds in applied.items():
+            note(APPLY_STEPS[key], seconds)
+        for key, seconds in reverted.items():
+            note(REVERT_STEPS[key], seconds)
+        longs = {n: i.long() for n, i in vec.indices.items()}  # for the alternatives (not timed)
         with torch.no_grad():
             t0 = time.perf_counter()
-            base_fingerprint(model)
-            note("apply: validate -- base_fingerprint", t0)
-            t0 = time.perf_counter()
-            vec.check()
-            note("apply: validate -- check() (sorted, in range, isfinite)", t0)
-            t0 = time.perf_counter()
-            saved = {n: params[n].data.view(-1).index_select(0, i) for n, i in vec.indices.items()}
-            note("apply: save old entries (index_select on int32 indices)", t0)
-            t0 = time.perf_counter()
-            for n, i in vec.indices.items():
-                params[n].data.view(-1).index_add_(0, i, vec.values[n], alpha=1.0)
-            note("apply: index_add_", t0)
-            t0 = time.perf_counter()
-            longs = {n: i.long() for n, i in vec.indices.items()}
-            note("revert: int32 -> int64 indices (index_copy_ needs int64)", t0)
-            t0 = time.perf_counter()
-            for n, i in longs.items():
-                params[n].data.view(-1).index_copy_(0, i, saved[n])
-            note("revert: write back (index_copy_)", t0)
-            assert bit_exact()
-            t0 = time.perf_counter()
             _ = {n: params[n].data.view(-1)[i].clone() for n, i in longs.items()}
-            note("alt: save old entries with fancy indexing (flat[idx].clone())", t0)
+            note("alt: save old entries with fancy indexing (flat[idx].clone())", time.perf_counter() - t0)
             t0 = time.perf_counter()
             _ = all(bool(torch.isfinite(v.sum())) for v in vec.values.values())
-            note("alt: finiteness via isfinite(values.sum())", t0)
-            del longs, saved, _
+            note("alt: finiteness via isfinite(values.sum())", time.perf_counter() - t0)
+        del longs, _
 
     for _ in range(repeats):
         for attempt in range(_tries()):
             before = {k_: len(v_) for k_, v_ in split.items()}
-            wait_quiet("the apply / revert split")
-            with OtherCpu() as other:
+            _quiet("the apply / revert split")
+            with Contention() as other:
                 split_once()
             if _clean(other, "the apply / revert split", attempt):
                 break
@@ -766,7 +674,7 @@ def step2(factory, shapes, deltas, mask, k, seed, noise_share, repeats, table: T
 # ---- entry point ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python benchmarks/core.py",
+        prog="python -m benchmarks.core",
         description="Time DeFT-X engine core steps (denoise + global top-k, sparse vectors, memory) on random "
                     "deltas with an encoder's exact parameter shapes. Prints Markdown table lines.")
     p.add_argument("--shapes", choices=["xlmr-base", "minilm", "tiny"], default="xlmr-base",
@@ -800,12 +708,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = lambda line="": print(line, flush=True)  # noqa: E731
     out(f"# DeFT-X engine core benchmark: {label} shapes, --repeats {args.repeats}, seed {args.seed}")
-    out("command: python benchmarks/core.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    results["machine"] = info = machine_info()
+    out("command: python -m benchmarks.core " + " ".join(argv if argv is not None else sys.argv[1:]))
+    results["machine"] = info = machine_info("torch", "transformers")
     for key, val in info.items():
         out(f"{key}: {val}")
     out(f"deltas: per matrix rank-{LOW_RANK} part with s_i = 1/i + Gaussian noise carrying "
-          f"{args.noise_share:.0%} of the energy, entry rms {DELTA_RMS:g}; generation not timed")
+        f"{args.noise_share:.0%} of the energy, entry rms {DELTA_RMS:g}; generation not timed")
 
     t_start = time.perf_counter()
     deltas, mask, mem = step1(shapes, k, args.repeats, args.seed, args.noise_share, table, results)
@@ -819,7 +727,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out("")
     out(f"wall time of the whole benchmark: {time.perf_counter() - t_start:.0f} s; load average at end: "
-          + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
+        + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.wait_quiet > 0:
         out(f"waited {_WAIT['waited']:.0f} s in total for a quiet machine (--wait-quiet {args.wait_quiet:g}); "
             f"{_WAIT['reruns']} contended measurement(s) re-run")

@@ -3,10 +3,10 @@ paper's ablations, on the same splits and seeds.
 
 Usage::
 
-    python benchmarks/crosslingual.py                     # the default run (MiniLM; see "Default" below)
-    python benchmarks/crosslingual.py --dry-run           # plan and expected time only
-    python benchmarks/crosslingual.py --model ~/.cache/deftx/e5-small --seeds 1   # multilingual encoder
-    python benchmarks/crosslingual.py --help              # every option with its default
+    python -m benchmarks.crosslingual                     # the default run (MiniLM; see "Default" below)
+    python -m benchmarks.crosslingual --dry-run           # plan and expected time only
+    python -m benchmarks.crosslingual --model ~/.cache/deftx/e5-small --seeds 1   # multilingual encoder
+    python -m benchmarks.crosslingual --help              # every option with its default
 
 Task: 3-way sentiment (negative / neutral / positive) of NusaX. A task vector is trained on the source
 language's sentiment train split (500 rows); a language vector per target on the target column of NusaX-MT's
@@ -70,7 +70,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -97,7 +96,7 @@ from deftx_engine.runs import RunDir, read_json  # noqa: E402
 from deftx_engine.train import TrainConfig, train_sft  # noqa: E402
 from deftx_engine.vectors import SparseVector  # noqa: E402
 
-from benchmarks.perf import OtherCpu, wait_quiet  # noqa: E402
+from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "nusax"
 DEFAULT_WORK = ROOT / "benchmarks" / "out" / "crosslingual"
@@ -651,22 +650,6 @@ def html_report(s: Settings, summary: dict, path: Path) -> None:
                     "</title></head><body>" + "\n".join(parts) + "</body></html>", encoding="utf-8")
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return {"nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": cpu,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
-
-
 # ---- the command ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -730,7 +713,7 @@ def main(argv: list[str] | None = None) -> dict:
     expected = 0.0
     cal = None
     if todo and not args.dry_run:
-        t_start += wait_quiet(args.wait_quiet, "starting")  # the wall time excludes the wait
+        t_start += wait_quiet(args.wait_quiet, "starting")[0]  # the wall time excludes the wait
     whole = OtherCpu().__enter__()
     if not args.no_calibrate and (todo or args.dry_run):
         with _captured(work / "calibration.txt", quiet):
@@ -749,7 +732,7 @@ def main(argv: list[str] | None = None) -> dict:
     evals: list[dict] = []
     trained = 0
     meta = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "machine": machine(), "calibration": cal, "expected_seconds": expected}
+            "machine": machine_info("torch", "transformers"), "calibration": cal, "expected_seconds": expected}
 
     def write_results() -> dict:
         whole.__exit__(None, None, None)

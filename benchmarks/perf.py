@@ -1,10 +1,10 @@
-"""Training and scaling benchmark (issue 3's Performance section and issue 5's perf.py).
+"""Training and scaling benchmark: step time of the two phases, optimizer state, vector operations, memory.
 
 Usage::
 
-    python benchmarks/perf.py                         # tiny, MiniLM and xlm-roberta-base shapes (~15 min, 2 cores)
-    python benchmarks/perf.py --sizes minilm          # MiniLM only (issue 3's figures)
-    python benchmarks/perf.py --sizes tiny --repeats 2 --rss-model tiny   # seconds; what the test runs
+    python -m benchmarks.perf                         # tiny, MiniLM and xlm-roberta-base shapes (~15 min, 2 cores)
+    python -m benchmarks.perf --sizes minilm          # MiniLM only
+    python -m benchmarks.perf --sizes tiny --repeats 2 --rss-model tiny   # seconds; what the test runs
 
 Per model size (``tiny``: a 2-layer hidden-16 BERT; ``minilm``: the bundled all-MiniLM-L6-v2;
 ``xlmr-base``: ``XLMRobertaConfig`` with xlm-roberta-base's published sizes, random weights built in
@@ -14,7 +14,7 @@ process, no download) it measures:
    ``load_mlm_model`` / ``load_cls_model``; a full-phase step is what ``train._run_phase`` runs in phase 1
    (forward, backward, ``clip_grad_norm_(1.0)``, the optimizer HF ``Trainer.create_optimizer`` builds with
    the same arguments -- fused AdamW on CPU --, ``zero_grad``); a sparse-phase step is phase 2 (parameters
-   set up by ``train._trainable_setup`` with a real mask, ``optim.SparseAdamW`` built as ``train_sft``
+   set up by ``train.trainable_setup`` with a real mask, ``optim.SparseAdamW`` built as ``train_sft``
    builds it, no Trainer-side clipping). The mask is the engine's: the delta of the warm-up full steps,
    denoised (energy 0.90, rho 0.05) and cut to the global top-k (2.8 % language, 5.2 % task). Full and
    sparse steps are *interleaved* on the same batch, so machine load hits both alike; the table gives the
@@ -45,7 +45,6 @@ import datetime as _dt
 import gc
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -62,61 +61,21 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
+from deftx_engine.constants import DEFAULT_K  # noqa: E402
 from deftx_engine.denoise import DenoiseConfig, denoise_deltas  # noqa: E402
 from deftx_engine.masks import k_from, select_top_k  # noqa: E402
 from deftx_engine.models import load_cls_model, load_mlm_model  # noqa: E402
 from deftx_engine.optim import SparseAdamW  # noqa: E402
 from deftx_engine.params import parameter_roles  # noqa: E402
-from deftx_engine.train import _trainable_setup  # noqa: E402
+from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
+from deftx_engine.train import trainable_setup  # noqa: E402
 from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
 
 SIZES = ("tiny", "minilm", "xlmr-base")
-K_SHARE = {"language": 0.028, "task": 0.052}
 LABELS = ["negative", "neutral", "positive"]
 TARGET_RATIO = 1.10
 QUIET_CORES = 0.2  # a full/sparse pair counts as quiet when other processes used less than this many cores
-
-
-# ---- a shared machine ---------------------------------------------------------------------------------------------
-class OtherCpu:
-    """Cores that *other* processes used during a block (/proc/stat busy time minus this process's); None
-    off Linux. 0 means the machine was ours; 1 means another process took a whole core."""
-
-    @staticmethod
-    def _counters() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-            with open("/proc/self/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            own = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])  # + waited-for children
-        except (OSError, ValueError, IndexError):
-            return None
-        return sum(v[:8]) - v[3] - v[4], own
-
-    def __enter__(self) -> "OtherCpu":
-        self.cores: float | None = None
-        self._c0, self._t0 = self._counters(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        c1, wall = self._counters(), time.perf_counter() - self._t0
-        if self._c0 and c1 and wall > 0:
-            self.cores = max(0.0, ((c1[0] - self._c0[0]) - (c1[1] - self._c0[1])) / os.sysconf("SC_CLK_TCK") / wall)
-
-
-def wait_quiet(limit: float, what: str, threshold: float = 0.15, window: float = 3.0) -> float:
-    """Wait (at most ``limit`` s) until other processes use < ``threshold`` cores over ``window`` s."""
-    t0 = time.perf_counter()
-    while limit > 0 and time.perf_counter() - t0 < limit:
-        with OtherCpu() as o:
-            time.sleep(window)
-        if o.cores is None or o.cores < threshold:
-            break
-    waited = time.perf_counter() - t0
-    if waited > window + 0.5:
-        print(f"  waited {waited:.0f} s for a quiet machine before {what}", flush=True)
-    return waited
 
 
 # ---- models ---------------------------------------------------------------------------------------------------
@@ -199,11 +158,11 @@ class Phases:
     def _full_setup(self):
         for n, p in self.params.items():
             p.requires_grad_(self.loaded_flags[n])
-        _trainable_setup(self.model, self.roles, None)
+        trainable_setup(self.model, self.roles, None)
 
     def _sparse_setup(self):
         self._full_setup()
-        _trainable_setup(self.model, self.roles, self.mask)
+        trainable_setup(self.model, self.roles, self.mask)
 
     def set_mask(self, mask: dict) -> None:
         self.mask = mask
@@ -239,7 +198,7 @@ def engine_mask(ph: Phases, theta0: dict, kind: str) -> dict:
     """The mask train_sft would choose from the current delta: deftx denoise + global top-k."""
     deltas = {n: ph.params[n].detach().float() - theta0[n] for n in ph.roles.maskable}
     deltas, _ = denoise_deltas(deltas, DenoiseConfig(), inplace=True)
-    k = k_from(K_SHARE[kind], sum(d.numel() for d in deltas.values()))
+    k = k_from(DEFAULT_K[kind], sum(d.numel() for d in deltas.values()))
     return select_top_k(deltas, k)
 
 
@@ -361,7 +320,7 @@ def random_vector(model, kind: str, share: float, seed: int) -> SparseVector:
 def vector_ops(source: str, shares: list[float], repeats: int, tmp: Path) -> list[dict]:
     """apply / revert / compose / save / load times and the file size, per k (task vector + a 2.8 % one)."""
     model = load_cls_model(source, LABELS)
-    lang = random_vector(model, "language", K_SHARE["language"], seed=99)
+    lang = random_vector(model, "language", DEFAULT_K["language"], seed=99)
     rows = []
     for share in shares:
         vec = random_vector(model, "task", share, seed=1)
@@ -402,7 +361,7 @@ def denoise_mask_time(source: str, repeats: int) -> dict:
         t = time.perf_counter()
         deltas, _ = denoise_deltas(deltas, DenoiseConfig(), inplace=True)
         t_den = time.perf_counter() - t
-        select_top_k(deltas, k_from(K_SHARE["task"], sum(d.numel() for d in deltas.values())))
+        select_top_k(deltas, k_from(DEFAULT_K["task"], sum(d.numel() for d in deltas.values())))
         times.append((t_den, time.perf_counter() - t - t_den))
         del deltas
     return {"denoise_s": statistics.median(t[0] for t in times), "top_k_s": statistics.median(t[1] for t in times)}
@@ -461,9 +420,9 @@ def _mb(b: float) -> str:
 
 
 def markdown(res: dict) -> str:
-    L = [f"Date {res['date']}; {res['machine']['nproc']} CPUs ({res['machine']['cpu']}), torch "
-         f"{res['machine']['torch']}, {res['machine']['torch_threads']} threads; load average at start "
-         f"{res['machine']['load_avg_at_start'][0]:.2f}.", ""]
+    m = res["machine"]
+    L = [f"Date {res['date']}; {m['nproc']} CPUs ({m['cpu']}), torch {m['torch']}, {m['torch threads']} threads; "
+         f"load average at start {m['load average (1/5/15 min) at start'].split(' / ')[0]}.", ""]
     L += ["### Step time: full phase vs sparse phase (same batches, interleaved)", "",
           "| size | kind | batch × seq | k (share) | full median | sparse median | sparse / full (medians) "
           "| median per-batch ratio | quiet pairs: full / sparse / median ratio | target ≤ 1.10 | other processes "
@@ -516,17 +475,6 @@ def markdown(res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_avg_at_start": os.getloadavg()}
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES, help="model sizes to measure")
@@ -557,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     hf_logging.disable_progress_bar()
     res = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-           "machine": machine(), "sizes": {}}
+           "machine": machine_info("torch"), "sizes": {}}
     tmp = Path(tempfile.mkdtemp(prefix="deftx-perf-"))
     try:
         for size in args.sizes:
@@ -568,10 +516,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[{size}] {kind}: full vs sparse step, {args.warmup} warm-up + {args.repeats} timed ...", flush=True)
                 s = step_times(src, kind, batch, args.seq, args.repeats, args.warmup, args.profile, args.wait_quiet)
                 r["steps"].append(s)
+                quiet = f", their median ratio {s['quiet_median_pair_ratio']:.2f})" if s["quiet_pairs"] else ")"
                 print(f"    full {s['full_median_s'] * 1e3:.0f} ms, sparse {s['sparse_median_s'] * 1e3:.0f} ms, "
                       f"ratio {s['ratio_of_medians']:.2f} (per-batch median {s['median_pair_ratio']:.2f}; "
-                      f"{s['quiet_pairs']} quiet pairs" + (f", their median ratio {s['quiet_median_pair_ratio']:.2f})"
-                                                         if s["quiet_pairs"] else ")"), flush=True)
+                      f"{s['quiet_pairs']} quiet pairs{quiet}", flush=True)
                 if args.profile:
                     print(s["profile"]["full"], s["profile"]["sparse"], sep="\n")
                 r["maskable"] = s["maskable"] if kind == "task" else r.get("maskable", s["maskable"])
@@ -594,9 +542,8 @@ def main(argv: list[str] | None = None) -> dict:
     md = markdown(res)
     print(md)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    write_json_atomic(out.with_suffix(".json"), res, default=str)
+    atomic_write_text(out.with_suffix(".md"), md)
     print(f"results: {out.with_suffix('.md')}, {out.with_suffix('.json')}")
     return res
 

@@ -21,8 +21,9 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .masks import select_top_k
+from .timing import Times, step
 
-_ROWS = 1 << 15  # rows per chunk when streaming over a tall matrix
+CHUNK_ROWS = 1 << 15  # rows per chunk when streaming over a tall matrix
 
 
 @dataclass
@@ -67,20 +68,22 @@ class DenoiseRecord:
     residual_kept: int
 
 
-def spectrum(delta: Tensor) -> tuple[Tensor, Tensor]:
+def spectrum(delta: Tensor, times: Times | None = None) -> tuple[Tensor, Tensor]:
     """Singular values (descending, float64) and the matching right singular vectors of a tall delta.
 
-    Streams over row chunks so a 250k-row matrix never needs a float64 copy.
+    Streams over row chunks so a 250k-row matrix never needs a float64 copy. ``times``: see ``timing``.
     """
     n = delta.shape[1]
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    for start in range(0, delta.shape[0], _ROWS):
-        c = delta[start:start + _ROWS].to(torch.float64)
-        gram.addmm_(c.T, c)
+    with step(times, "gram"):
+        gram = torch.zeros(n, n, dtype=torch.float64)
+        for start in range(0, delta.shape[0], CHUNK_ROWS):
+            c = delta[start:start + CHUNK_ROWS].to(torch.float64)
+            gram.addmm_(c.T, c)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # eigh of an n x n Gram (n <= a few thousand) is fast on one thread, and
     try:  # multi-threaded LAPACK stalls badly when other processes share the cores (0.2 s vs 11 s measured)
-        evals, evecs = torch.linalg.eigh(gram)
+        with step(times, "eigh"):
+            evals, evecs = torch.linalg.eigh(gram)
     finally:
         torch.set_num_threads(threads)
     return evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
@@ -98,42 +101,51 @@ def choose_rank(sigma: Tensor, cfg: DenoiseConfig) -> int:
     return min(int((cum < cfg.energy - 1e-12).sum()) + 1, sigma.numel())
 
 
-def _denoise_tall(delta: Tensor, cfg: DenoiseConfig, name: str) -> DenoiseRecord:
+def _denoise_tall(delta: Tensor, cfg: DenoiseConfig, name: str, times: Times | None) -> DenoiseRecord:
     """Overwrite a contiguous tall (m >= n) ``delta`` with L + S; return the record."""
-    sigma, v = spectrum(delta)
+    sigma, v = spectrum(delta, times)
     r = choose_rank(sigma, cfg)
     power = sigma ** 2
     energy = float(power[:r].sum() / power.sum()) if float(power.sum()) > 0 else 1.0
     vr = v[:, :r].to(delta.dtype)
-    residual = torch.empty_like(delta)
-    for start in range(0, delta.shape[0], _ROWS):
-        rows = delta[start:start + _ROWS]
-        low = (rows @ vr) @ vr.T
-        residual[start:start + _ROWS] = rows - low
-        rows.copy_(low)
+    with step(times, "project"):
+        residual = torch.empty_like(delta)
+        for start in range(0, delta.shape[0], CHUNK_ROWS):
+            rows = delta[start:start + CHUNK_ROWS]
+            low = (rows @ vr) @ vr.T
+            residual[start:start + CHUNK_ROWS] = rows - low
+            rows.copy_(low)
     keep = int(round(cfg.residual_share * residual.numel()))
-    idx = select_top_k({"residual": residual}, keep)["residual"]
-    delta.view(-1)[idx] += residual.view(-1)[idx]
+    idx = select_top_k({"residual": residual}, keep, times=times)["residual"]
+    with step(times, "scatter"):
+        delta.view(-1)[idx] += residual.view(-1)[idx]
     return DenoiseRecord(name, tuple(delta.shape), sigma.float().tolist(), r, energy, keep)
 
 
-def _denoise_inplace(delta: Tensor, cfg: DenoiseConfig, name: str) -> DenoiseRecord:
+def _denoise_inplace(delta: Tensor, cfg: DenoiseConfig, name: str, times: Times | None = None) -> DenoiseRecord:
     """Overwrite a contiguous 2-D ``delta`` with L + S; a wide matrix is denoised as its transpose."""
     if delta.shape[0] >= delta.shape[1]:
-        return _denoise_tall(delta, cfg, name)
-    tall = delta.T.contiguous()
-    record = _denoise_tall(tall, cfg, name)
-    delta.copy_(tall.T)
+        return _denoise_tall(delta, cfg, name, times)
+    with step(times, "transpose"):
+        tall = delta.T.contiguous()
+    record = _denoise_tall(tall, cfg, name, times)
+    with step(times, "transpose"):
+        delta.copy_(tall.T)
     record.shape = tuple(delta.shape)
     return record
 
 
-def denoise_matrix(delta: Tensor, cfg: DenoiseConfig | None = None, name: str = "") -> tuple[Tensor, DenoiseRecord]:
-    """delta' = L + S for one weight-matrix delta (a new tensor; ``delta`` is not changed)."""
+def denoise_matrix(delta: Tensor, cfg: DenoiseConfig | None = None, name: str = "", *,
+                   times: Times | None = None) -> tuple[Tensor, DenoiseRecord]:
+    """delta' = L + S for one weight-matrix delta (a new tensor; ``delta`` is not changed).
+
+    ``times`` (see ``timing``) gets the seconds of each step: transpose (wide matrices), gram, eigh,
+    project (L and the residual), threshold and index (the residual's top-k), scatter (S into L).
+    """
     if delta.dim() != 2:
         raise ConfigError(f"{name or 'delta'}: denoising needs a 2-D matrix, got shape {tuple(delta.shape)}")
     out = delta.detach().clone().contiguous()
-    return out, _denoise_inplace(out, cfg or DenoiseConfig(), name)
+    return out, _denoise_inplace(out, cfg or DenoiseConfig(), name, times)
 
 
 def denoise_deltas(deltas: Mapping[str, Tensor], cfg: DenoiseConfig | None = None, *, inplace: bool = False,

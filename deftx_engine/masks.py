@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 from .params import layer_of, module_type
+from .timing import Times, step
 
 Mask = dict[str, Tensor]
 _CHUNK = 1 << 22  # elements per pass: bounds the temporaries on 250k x 768 embeddings
@@ -55,11 +56,12 @@ def _threshold(scores: Mapping[str, Tensor], k: int) -> tuple[int, int]:
     return (hi << 16) | lo, take_equal
 
 
-def select_top_k(scores: Mapping[str, Tensor], k: int) -> Mask:
+def select_top_k(scores: Mapping[str, Tensor], k: int, *, times: Times | None = None) -> Mask:
     """Exactly ``k`` entries of largest |score| across all tensors.
 
     Ties at the threshold are broken deterministically: earlier tensor (in ``scores`` order), then lower
-    flat index. Scores must be finite (NaN has no order).
+    flat index. Scores must be finite (NaN has no order). ``times`` (see ``timing``) gets the seconds of
+    the radix threshold ("threshold") and of the pass that collects the indices ("index").
     """
     total = sum(t.numel() for t in scores.values())
     if not 0 <= k <= total:
@@ -68,21 +70,23 @@ def select_top_k(scores: Mapping[str, Tensor], k: int) -> Mask:
         return {n: torch.arange(t.numel(), dtype=torch.int64) for n, t in scores.items()}
     if k == 0:
         return {n: torch.empty(0, dtype=torch.int64) for n in scores}
-    thr, take_equal = _threshold(scores, k)
+    with step(times, "threshold"):
+        thr, take_equal = _threshold(scores, k)
     mask: Mask = {}
-    for name, t in scores.items():
-        parts = []
-        for start, c in _chunks(t):
-            b = _bits(c)
-            keep = b > thr
-            if take_equal:
-                eq = (b == thr).nonzero().squeeze(1)
-                if eq.numel():
-                    eq = eq[:take_equal]
-                    take_equal -= eq.numel()
-                    keep[eq] = True
-            parts.append(keep.nonzero().squeeze(1) + start)
-        mask[name] = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+    with step(times, "index"):
+        for name, t in scores.items():
+            parts = []
+            for start, c in _chunks(t):
+                b = _bits(c)
+                keep = b > thr
+                if take_equal:
+                    eq = (b == thr).nonzero().squeeze(1)
+                    if eq.numel():
+                        eq = eq[:take_equal]
+                        take_equal -= eq.numel()
+                        keep[eq] = True
+                parts.append(keep.nonzero().squeeze(1) + start)
+            mask[name] = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
     return mask
 
 

@@ -213,7 +213,7 @@ def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir
     return not stop
 
 
-def _trainable_setup(model: nn.Module, roles, mask: dict | None) -> None:
+def trainable_setup(model: nn.Module, roles, mask: dict | None) -> None:
     """Phase 1: everything but frozen params trains. Phase 2: only masked params and heads."""
     params = dict(model.named_parameters())
     for name, p in params.items():
@@ -298,7 +298,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             mask = {n: t.long() for n, t in load_file(str(run.mask_file)).items()}
             say("resumed: mask found, phase 1 skipped")
         else:
-            _trainable_setup(model, roles, None)
+            trainable_setup(model, roles, None)
             finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
                                   total, stop, resume=resume)
             if not finished:
@@ -328,7 +328,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             with torch.no_grad():
                 for n, t0 in theta0.items():
                     params[n].data.copy_(t0)
-            _trainable_setup(model, roles, mask)
+            trainable_setup(model, roles, mask)
             opt = SparseAdamW([(params[n], mask[n]) for n in roles.maskable if params[n].requires_grad] +
                               [(params[n], None) for n in heads], lr=cfg.lr, weight_decay=cfg.weight_decay)
             finished = _run_phase(model, cfg, dataset, collator, run.path / "phase2", sparse, run, "sparse", full,

@@ -23,6 +23,7 @@ from . import __version__
 from .errors import VectorError
 from .fileio import atomic_dir
 from .params import parameter_roles
+from .timing import Times, step
 
 CONFIG_FILE = "sft_config.json"
 WEIGHTS_FILE = "sft_model.safetensors"
@@ -152,35 +153,50 @@ class SparseVector:
 
     # ---- applying ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply(self, model: nn.Module, *, scale: float = 1.0, heads: bool = True) -> nn.Module:
-        """theta += scale * phi in place (and set heads); remembers the old entries for ``revert``."""
-        self.validate(model, heads=heads)
+    def apply(self, model: nn.Module, *, scale: float = 1.0, heads: bool = True,
+              times: Times | None = None) -> nn.Module:
+        """theta += scale * phi in place (and set heads); remembers the old entries for ``revert``.
+
+        ``times`` (see ``timing``) gets the seconds of validate, save (old entries), add and heads.
+        """
+        with step(times, "validate"):
+            self.validate(model, heads=heads)
         params = dict(model.named_parameters())
         saved: dict[str, Tensor] = {}
         for name, idx in self.indices.items():
             flat = params[name].data.view(-1)
             idx = idx.to(flat.device)  # int32 is accepted here: no int64 copy of 14M indices
-            saved[name] = flat.index_select(0, idx)
-            flat.index_add_(0, idx, self.values[name].to(flat.device, flat.dtype), alpha=scale)
-        if heads:
-            for name, t in self.heads.items():
-                saved[name + ".head"] = params[name].data.clone()
-                params[name].data.copy_(t)
+            with step(times, "save"):
+                saved[name] = flat.index_select(0, idx)
+            with step(times, "add"):
+                flat.index_add_(0, idx, self.values[name].to(flat.device, flat.dtype), alpha=scale)
+        with step(times, "heads"):
+            if heads:
+                for name, t in self.heads.items():
+                    saved[name + ".head"] = params[name].data.clone()
+                    params[name].data.copy_(t)
         self._saved.append(saved)
         return model
 
     @torch.no_grad()
-    def revert(self, model: nn.Module) -> nn.Module:
-        """Undo the last ``apply`` bit-exactly (stored old entries are written back, not subtracted)."""
+    def revert(self, model: nn.Module, *, times: Times | None = None) -> nn.Module:
+        """Undo the last ``apply`` bit-exactly (stored old entries are written back, not subtracted).
+
+        ``times`` (see ``timing``) gets the seconds of indices (int32 -> int64), write back and heads.
+        """
         if not self._saved:
             raise VectorError("revert() without a matching apply()")
         saved = self._saved.pop()
         params = dict(model.named_parameters())
         for name, old in saved.items():
             if name.endswith(".head"):
-                params[name[:-5]].data.copy_(old)
+                with step(times, "heads"):
+                    params[name[:-5]].data.copy_(old)
             else:
-                params[name].data.view(-1).index_copy_(0, self.indices[name].to(old.device, torch.int64), old)
+                with step(times, "indices"):  # index_copy_ needs int64
+                    idx = self.indices[name].to(old.device, torch.int64)
+                with step(times, "write back"):
+                    params[name].data.view(-1).index_copy_(0, idx, old)
         return model
 
     # ---- saving and loading -----------------------------------------------------------------------

@@ -1,18 +1,12 @@
-"""benchmarks/core.py runs end to end on tiny shapes and prints every measured line."""
-import importlib.util
+"""benchmarks/core.py (python -m benchmarks.core) runs end to end on tiny shapes and prints every measured line."""
+import importlib
 import math
-from pathlib import Path
 
 import pytest
 
-CORE = Path(__file__).resolve().parents[1] / "benchmarks" / "core.py"
-
 
 def load_core():
-    spec = importlib.util.spec_from_file_location("benchmarks_core", CORE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("benchmarks.core")
 
 
 def test_tiny_run_prints_every_figure(capsys):

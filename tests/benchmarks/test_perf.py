@@ -1,14 +1,10 @@
 """benchmarks/perf.py runs on the tiny shape set and reports every figure (so the benchmark cannot rot)."""
 import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from tiny import make_tiny_model_dir
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def load_perf():

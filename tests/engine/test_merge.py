@@ -34,8 +34,8 @@ def as_dict(v):
 def test_trim_keeps_the_top_share_of_each_vector_globally():
     v = vec("task", {"w": {0: 0.1, 3: -5.0, 7: 0.2, 9: 1.0}, "b": {1: -3.0, 4: 0.05}})
     kept = trim(v, 0.5)  # 3 of 6 entries: -5, -3, 1
-    assert {n: (i.tolist(), t.tolist()) for n, (i, t) in kept.items()} == {"w": ([3, 9], [-5.0, 1.0]),
-                                                                              "b": ([1], [-3.0])}
+    assert {n: (i.tolist(), t.tolist()) for n, (i, t) in kept.items()} == {
+        "w": ([3, 9], [-5.0, 1.0]), "b": ([1], [-3.0])}
     with pytest.raises(VectorError):
         trim(v, 0.0)
 
