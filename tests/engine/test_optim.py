@@ -1,0 +1,64 @@
+"""SparseAdamW: state for the masked entries only, entries outside the mask never change (bit for bit), and
+on the masked entries it is torch's AdamW."""
+import pytest
+import torch
+
+from deftx_engine.optim import SparseAdamW
+
+HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    idx = torch.tensor([0, 3, 7, 12, 29], dtype=torch.int32)
+    return p, idx, [torch.randn(6, 5) * 3 for _ in range(5)]
+
+
+def test_state_covers_only_the_masked_entries():
+    p, idx, grads = setup()
+    head = torch.nn.Parameter(torch.randn(3))
+    opt = SparseAdamW([(p, idx), (head, None)], **HP)
+    p.grad, head.grad = grads[0].clone(), torch.ones(3)
+    opt.step()
+    assert opt.state[p]["exp_avg"].numel() == opt.state[p]["exp_avg_sq"].numel() == idx.numel()
+    assert opt.state[head]["exp_avg"].numel() == 3  # a head (index None) is trained whole
+    assert opt.state_bytes() == (idx.numel() + 3) * 2 * 4 + 2 * 4  # two float32 moments per entry + step counters
+
+
+def test_entries_outside_the_mask_never_change_bit_for_bit():
+    p, idx, grads = setup()
+    before = p.detach().clone()
+    opt = SparseAdamW([(p, idx)], **HP)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    outside = torch.ones(p.numel(), dtype=torch.bool)
+    outside[idx.long()] = False
+    assert torch.equal(p.detach().view(-1)[outside], before.view(-1)[outside])
+    assert not torch.equal(p.detach().view(-1)[idx.long()], before.view(-1)[idx.long()])
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_masked_entries_follow_torch_adamw(max_grad_norm):
+    p, idx, grads = setup(1)
+    ref = torch.nn.Parameter(p.detach().view(-1)[idx.long()].clone())
+    opt = SparseAdamW([(p, idx)], max_grad_norm=max_grad_norm, **HP)
+    ref_opt = torch.optim.AdamW([ref], foreach=False, **HP)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        masked = g.view(-1)[idx.long()].clone()
+        if max_grad_norm:  # clipped over the masked entries only, as in phase 2
+            masked *= min(1.0, max_grad_norm / (float(masked.norm()) + 1e-6))
+        ref.grad = masked
+        ref_opt.step()
+    torch.testing.assert_close(p.detach().view(-1)[idx.long()], ref.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_parameter_without_gradient_is_left_alone():
+    p, idx, _ = setup()
+    before = p.detach().clone()
+    opt = SparseAdamW([(p, idx)], **HP)
+    opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state[p]

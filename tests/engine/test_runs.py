@@ -1,0 +1,98 @@
+"""RunDir (the run folder: claim, status, metrics, failure marking) and StopFlag (signals -> a flag)."""
+import json
+import os
+import signal
+
+import pytest
+
+from deftx_engine.errors import ConfigError
+from deftx_engine.runs import RunDir, StopFlag, read_json
+
+CONFIG = {"kind": "language", "data": "corpus.txt", "k": 0.028}
+
+
+def test_claim_a_new_folder_writes_the_configuration(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert run.claim(CONFIG, resume=False, overwrite=False) is False
+    assert read_json(run.config_file) == CONFIG
+
+
+def test_claim_refuses_the_same_run_without_resume_and_a_different_run_without_overwrite(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.claim(CONFIG, resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match="already holds this run; pass --resume"):
+        run.claim(CONFIG, resume=False, overwrite=False)
+    assert run.claim(CONFIG, resume=True, overwrite=False) is True
+    other = {**CONFIG, "k": 0.05}
+    with pytest.raises(ConfigError, match="holds a different run"):
+        run.claim(other, resume=True, overwrite=False)
+    assert read_json(run.config_file) == CONFIG  # the refused claim changed nothing
+
+
+def test_overwrite_empties_the_folder_first(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.claim(CONFIG, resume=False, overwrite=False)
+    (run.path / "phase1").mkdir()
+    run.log_file.write_text("old log\n")
+    other = {**CONFIG, "k": 0.05}
+    assert run.claim(other, resume=False, overwrite=True) is False
+    assert sorted(p.name for p in run.path.iterdir()) == ["run.json"]
+    assert read_json(run.config_file) == other
+
+
+def test_status_updates_are_whole_files_and_accumulate(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.claim(CONFIG, resume=False, overwrite=False)
+    run.update(state="running", phase="full", total_steps=10)
+    run.update(step=3, loss=1.5)
+    status = json.loads(run.status_file.read_text())
+    assert {k: status[k] for k in ("state", "phase", "step", "total_steps", "loss")} == \
+        {"state": "running", "phase": "full", "step": 3, "total_steps": 10, "loss": 1.5}
+    assert status["pid"] == os.getpid() and status["updated"] >= status["started"]
+    assert [p.name for p in run.path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+    again = RunDir(run.path)  # a new process (resume) continues from what is on disk
+    again.update(step=4)
+    assert again.status()["phase"] == "full" and again.status()["step"] == 4
+
+
+def test_metrics_lines_and_a_half_written_line(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.claim(CONFIG, resume=False, overwrite=False)
+    assert run.metrics() == []
+    run.log_metrics({"phase": "full", "step": 1, "loss": 2.0})
+    run.log_metrics({"phase": "full", "step": 2, "loss": 1.0})
+    with open(run.metrics_file, "a") as f:
+        f.write('{"phase": "sparse", "st')  # being written right now
+    rows = run.metrics()
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.0), (2, 1.0)] and all("time" in r for r in rows)
+
+
+def test_record_failure_marks_failed_or_cancelled_and_reraises(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.claim(CONFIG, resume=False, overwrite=False)
+    with pytest.raises(ValueError), run.record_failure():
+        raise ValueError("bad value")
+    assert run.status()["state"] == "failed" and run.status()["message"] == "ValueError: bad value"
+    with pytest.raises(KeyboardInterrupt), run.record_failure():
+        raise KeyboardInterrupt
+    assert run.status()["state"] == "cancelled"
+    run.log_file.write_text("".join(f"line {i}\n" for i in range(50)))
+    assert run.log_tail(2) == "line 48\nline 49"
+    assert RunDir(tmp_path / "missing").log_tail() == ""
+
+
+@pytest.fixture
+def restore_signals():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_stop_flag_turns_a_signal_into_a_flag_and_a_second_one_into_an_interrupt(restore_signals):
+    stop = StopFlag().install()
+    assert not stop and stop.signal is None
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop and stop.signal == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
