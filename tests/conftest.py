@@ -23,6 +23,14 @@ def tiny_cls_model():
 
 
 @pytest.fixture
+def mlm_model():
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    return BertForMaskedLM(tiny_bert_config()).eval()
+
+
+@pytest.fixture
 def nusax_dir():
     if not (NUSAX / "sentiment").is_dir():
         pytest.skip(f"NusaX data not found at {NUSAX} (shared/ must sit beside the repository)")

@@ -57,3 +57,26 @@ def make_vector(model, kind="task", k=200, seed=0, heads=True, base_model="tiny"
         for n in roles.maskable + roles.heads:
             params[n].copy_(theta0[n])
     return vec
+
+
+def assert_same_vector(a: SparseVector, b: SparseVector) -> None:
+    assert a.meta == b.meta and a.shapes == b.shapes
+    for d1, d2 in ((a.indices, b.indices), (a.values, b.values), (a.heads, b.heads)):
+        assert d1.keys() == d2.keys() and all(torch.equal(d1[k], d2[k]) for k in d1)
+
+
+def write_composable_sft(model, folder: Path, seed: int = 0) -> dict:
+    """A composable-sft language SFT: {name: dense diff} over the encoder (LayerNorm too) plus MLM-head diffs."""
+    g = torch.Generator().manual_seed(seed)
+    roles = parameter_roles(model)
+    params = dict(model.named_parameters())
+    diffs = {}
+    for name in roles.maskable + roles.frozen + roles.heads:
+        p = params[name]
+        keep = torch.rand(p.shape, generator=g) < 0.1
+        diffs[name] = torch.randn(p.shape, generator=g) * 0.01 * keep
+    assert any(n.startswith("cls.") for n in diffs)  # the head diffs that must be skipped
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(diffs, folder / "pytorch_diff.bin")
+    (folder / "config.json").write_text('{"_name_or_path": "tiny-bert", "model_type": "bert"}')
+    return diffs

@@ -1,8 +1,7 @@
-"""Hub push/pull and composable-sft conversion. Nothing contacts the Hub: HfApi and snapshot_download are fakes."""
+"""Hub push/pull (composable-sft folders are converted on the way). Nothing contacts the Hub: HfApi and
+snapshot_download are fakes."""
 import hashlib
 import logging
-import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -12,11 +11,10 @@ from huggingface_hub import ModelCard
 
 import deftx_engine.hub as hub
 from deftx_engine.errors import DeftxError, VectorError
-from deftx_engine.hub import convert_composable_sft, pull_vector, push_vector
-from deftx_engine.params import parameter_roles
-from deftx_engine.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector, base_fingerprint
+from deftx_engine.hub import pull_vector, push_vector
+from deftx_engine.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector
 
-from tiny import make_vector, tiny_bert_config
+from tiny import assert_same_vector, make_vector, write_composable_sft
 
 TOKEN = "hf_SuperSecretToken1234567890abcdef"
 OUR_FILES = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
@@ -58,12 +56,6 @@ def fake_snapshot(src: Path, local_dir) -> str:
 
 def digest(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-def assert_same_vector(a: SparseVector, b: SparseVector) -> None:
-    assert a.meta == b.meta and a.shapes == b.shapes
-    for d1, d2 in ((a.indices, b.indices), (a.values, b.values), (a.heads, b.heads)):
-        assert d1.keys() == d2.keys() and all(torch.equal(d1[k], d2[k]) for k in d1)
 
 
 @pytest.fixture
@@ -229,35 +221,10 @@ def test_pull_download_error_is_scrubbed_and_leaves_nothing(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-# ---- composable-sft -------------------------------------------------------------------------------
-@pytest.fixture
-def mlm_model():
-    from transformers import BertForMaskedLM
-
-    torch.manual_seed(0)
-    return BertForMaskedLM(tiny_bert_config()).eval()
-
-
-def write_csft(model, folder: Path, seed: int = 0) -> dict:
-    """A composable-sft language SFT: {name: dense diff} over the encoder (LayerNorm too) plus MLM-head diffs."""
-    g = torch.Generator().manual_seed(seed)
-    roles = parameter_roles(model)
-    params = dict(model.named_parameters())
-    diffs = {}
-    for name in roles.maskable + roles.frozen + roles.heads:
-        p = params[name]
-        keep = torch.rand(p.shape, generator=g) < 0.1
-        diffs[name] = torch.randn(p.shape, generator=g) * 0.01 * keep
-    assert any(n.startswith("cls.") for n in diffs)  # the head diffs that must be skipped
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(diffs, folder / "pytorch_diff.bin")
-    (folder / "config.json").write_text('{"_name_or_path": "tiny-bert", "model_type": "bert"}')
-    return diffs
-
-
+# ---- pull: composable-sft (the conversion itself: test_composable_sft.py) ----------------------------
 def test_pull_converts_composable_sft(mlm_model, tmp_path, monkeypatch):
     src = tmp_path / "csft"
-    diffs = write_csft(mlm_model, src)
+    diffs = write_composable_sft(mlm_model, src)
     monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **kw: fake_snapshot(src, kw["local_dir"]))
     dest = pull_vector("cambridgeltl/tiny-lang-sft-sw-small", tmp_path / "v")
 
@@ -277,64 +244,6 @@ def test_pull_converts_composable_sft(mlm_model, tmp_path, monkeypatch):
         else:
             assert torch.equal(p.detach(), theta0[name]), name  # MLM head untouched
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-
-
-def test_convert_with_model_sets_fingerprint_and_uses_roles(mlm_model, tmp_path):
-    src = tmp_path / "csft"
-    diffs = write_csft(mlm_model, src, seed=1)
-    vec = convert_composable_sft(src, tmp_path / "v", base_model="tiny", kind="language", language="yo",
-                                 model=mlm_model)
-    assert vec.meta.base_fingerprint == base_fingerprint(mlm_model)
-    roles = parameter_roles(mlm_model)
-    assert set(vec.indices) == {n for n in roles.maskable + roles.frozen if bool((diffs[n] != 0).any())}
-    assert set(vec.meta.extra["skipped_parameters"]) == set(roles.heads)
-    assert_same_vector(SparseVector.load(tmp_path / "v"), vec)
-
-
-def test_convert_body_head_layout_with_sparse_tensors(tiny_cls_model, tmp_path):
-    """The later composable-sft layout: {'body': {name: sparse COO diff}, 'head': {name: whole tensor}}."""
-    params = dict(tiny_cls_model.named_parameters())
-    name = "bert.encoder.layer.0.attention.self.query.weight"
-    dense = torch.zeros(params[name].shape)
-    dense[3, 5], dense[0, 1], dense[15, 0] = 0.5, -0.25, 1.0
-    head = {n: torch.randn(params[n].shape) for n in ("classifier.weight", "classifier.bias")}
-    (tmp_path / "csft").mkdir()
-    torch.save({"body": {name: dense.to_sparse()}, "head": head}, tmp_path / "csft" / "pytorch_diff.bin")
-    vec = convert_composable_sft(tmp_path / "csft", tmp_path / "v", kind="task", model=tiny_cls_model)
-    assert vec.indices[name].tolist() == sorted([3 * 16 + 5, 0 * 16 + 1, 15 * 16 + 0])
-    assert torch.equal(vec.values[name], dense.reshape(-1)[vec.indices[name].long()])
-    assert set(vec.heads) == set(head) and all(torch.equal(vec.heads[n], head[n]) for n in head)
-
-
-class Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
-def test_malicious_pickle_is_refused_without_running(writer, tmp_path, mlm_model):
-    marker = tmp_path / "pwned"
-    armed = tmp_path / "armed"
-    pickle.loads(pickle.dumps(Evil(armed)))  # the payload is real: plain unpickling runs it
-    assert armed.exists()
-
-    src = tmp_path / "csft"
-    src.mkdir()
-    payload = {"bert.embeddings.word_embeddings.weight": Evil(marker)}
-    if writer == "torch.save":
-        torch.save(payload, src / "pytorch_diff.bin")
-    else:
-        with open(src / "pytorch_diff.bin", "wb") as f:
-            pickle.dump(payload, f)
-    with pytest.raises(VectorError, match="pytorch_diff.bin"):
-        convert_composable_sft(src, tmp_path / "v", model=mlm_model)
-    with pytest.raises(VectorError, match="pytorch_diff.bin"):
-        pull_vector(str(src), tmp_path / "v2")
-    assert not marker.exists()
-    assert not (tmp_path / "v").exists() and not (tmp_path / "v2").exists()
 
 
 BIAS = "bert.encoder.layer.0.output.dense.bias"
@@ -359,15 +268,6 @@ def test_failed_conversion_leaves_no_partial_dest(content, tmp_path, tiny_cls_mo
         pull_vector(str(src), old, model=mlm_model)  # an existing dest stays as it was
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["old"]
     assert digest(old) == before
-
-
-def test_convert_with_model_rejects_parameters_the_model_lacks(tmp_path, mlm_model):
-    (tmp_path / "csft").mkdir()
-    torch.save({"bert.pooler.dense.bias": torch.ones(16), "cls.predictions.bias": torch.ones(120)},
-               tmp_path / "csft" / "pytorch_diff.bin")  # an MLM model has no pooler
-    with pytest.raises(VectorError, match="'bert.pooler.dense.bias' is not in the given model"):
-        convert_composable_sft(tmp_path / "csft", tmp_path / "v", model=mlm_model)
-    assert not (tmp_path / "v").exists()
 
 
 def test_pull_of_unknown_folder_is_a_vector_error(tmp_path, monkeypatch):
