@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
-from deftx_engine.constants import DEFAULT_K  # noqa: E402
+from deftx_engine.constants import DEFAULT_K, KINDS  # noqa: E402
 from deftx_engine.denoise import DenoiseConfig, denoise_deltas  # noqa: E402
 from deftx_engine.masks import k_from, select_top_k  # noqa: E402
 from deftx_engine.models import load_cls_model, load_mlm_model  # noqa: E402
@@ -478,16 +478,16 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES, help="model sizes to measure")
-    p.add_argument("--kinds", nargs="+", default=["language", "task"], choices=["language", "task"],
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
                    help="SFT kinds for the step-time comparison")
     p.add_argument("--repeats", type=int, default=9, help="timed steps (and vector-op repeats)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps before timing (they also make the mask)")
     p.add_argument("--batch", type=int, default=16, help="batch size for tiny and MiniLM")
     p.add_argument("--seq", type=int, default=64, help="tokens per example")
     p.add_argument("--xlmr-batch", type=int, default=8, help="batch size for xlmr-base shapes")
-    p.add_argument("--vector-shares", type=float, nargs="+", default=[0.005, 0.028, 0.052, 0.10],
+    p.add_argument("--vector-shares", type=float, nargs="+", default=[0.005, *DEFAULT_K.values(), 0.10],
                    help="k (share of maskable entries) for the vector-operation table")
-    p.add_argument("--state-shares", type=float, nargs="+", default=[0.028, 0.052],
+    p.add_argument("--state-shares", type=float, nargs="+", default=list(DEFAULT_K.values()),
                    help="two (or more) k for the optimizer-state table")
     p.add_argument("--rss-model", default="minilm", help="base model of the whole language SFT run (an alias "
                    "or a folder with a tokenizer); 'none' skips it")
