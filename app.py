@@ -11,23 +11,23 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("DEFTX_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from deftx_engine.errors import ConfigError
-    from webapp import default_home, env_number
-    from webapp.ui import build_app, launch_kwargs
+    from webapp.settings import launch_kwargs, log_level, server_address
 
-    home = default_home()
-    on_space = bool(os.environ.get("SPACE_ID"))
-    server_name = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1")
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from deftx_engine.errors import ConfigError
+    from webapp.state import Studio
+    from webapp.ui import build_app
+
     try:
-        server_port = env_number("GRADIO_SERVER_PORT", 7860, minimum=1)
-        demo = build_app(home)
+        server_name, server_port = server_address()
+        studio = Studio()  # DEFTX_HOME; a bad DEFTX_* setting stops here
         # launch_kwargs: files served only from DEFTX_HOME/outputs, upload limit, DEFTX_AUTH logins
-        kwargs = launch_kwargs(home)
+        kwargs = launch_kwargs(studio.home)
     except ConfigError as e:  # a bad DEFTX_* setting: one line, no traceback
         raise SystemExit(f"DeFT-X Studio: {e}") from None
-    print(f"DeFT-X Studio: data in {home}" + (" (login required)" if kwargs.get("auth") else ""), flush=True)
+    studio.start()  # reap runs whose process is gone, the scheduler, the background warm-up
+    demo = build_app(studio)
+    print(f"DeFT-X Studio: data in {studio.home}" + (" (login required)" if kwargs.get("auth") else ""), flush=True)
     demo.launch(server_name=server_name, server_port=server_port, **kwargs)
 
 

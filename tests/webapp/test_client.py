@@ -6,7 +6,6 @@ predict, score a file, pull a folder, push without a token, and restart recovery
 """
 import os
 import signal
-import socket
 import sqlite3
 import sys
 import time
@@ -18,22 +17,7 @@ from tiny import ASSETS, make_tiny_model_dir
 
 # gradio's own queue code (queueing.py) triggers pandas 3 deprecation warnings on every Dataframe output
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 FINAL = ("done", "failed", "cancelled", "interrupted")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(home: Path):
-    from webapp.ui import build_app
-
-    demo = build_app(home=home)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    return demo
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +26,13 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, launch_app):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEFTX_WARMUP", "0")  # keep the CPU for the runs
         home = tmp_path_factory.mktemp("home")
-        demo = launch(home)
+        demo, studio = launch_app(home)
         yield demo, home
-        demo.studio.registry.shutdown(cancel_running=True)
+        studio.registry.shutdown(cancel_running=True)
         demo.close()
 
 
@@ -235,7 +219,7 @@ def test_pull_local_folder_and_push_without_token(client, app, trained, monkeypa
     assert "owner/name" in msg and "hf_secret" not in msg
 
 
-def test_restart_recovery(tmp_path):
+def test_restart_recovery(tmp_path, launch_app):
     """A run whose process died while the app was down is `interrupted` after the app restarts."""
     from gradio_client import Client
 
@@ -254,7 +238,7 @@ def test_restart_recovery(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEFTX_WARMUP", "0")
-        demo = launch(tmp_path)
+        demo, studio = launch_app(tmp_path)
     try:
         c = Client(demo.local_url, verbose=False)
         table = c.predict(api_name="/list_runs")
@@ -262,7 +246,7 @@ def test_restart_recovery(tmp_path):
         assert row["state"] == "interrupted"
         assert c.predict(rid, api_name="/run_status")["state"] == "interrupted"
     finally:
-        demo.studio.registry.stop()
+        studio.registry.stop()
         demo.close()
 
 

@@ -8,8 +8,8 @@
 - Tokens never appear in the page, returned values, logs, run folders or the registry, even when the Hub
   error quotes them (fake HfApi / snapshot_download through the app's push and pull).
 - A vector folder cannot execute code on load: the app's pull refuses a pickle payload without running it
-  (the engine-level proof is tests/test_hub.py::test_malicious_pickle_is_refused_without_running; vectors
-  are safetensors + JSON only, tests/test_vectors.py).
+  (the engine-level proof is tests/engine/test_hub.py::test_malicious_pickle_is_refused_without_running;
+  vectors are safetensors + JSON only, tests/engine/test_vectors.py).
 - DEFTX_AUTH: without a login every route is refused; a malformed value stops the app, never runs it open.
 """
 import http.client
@@ -17,7 +17,6 @@ import logging
 import os
 import pickle
 import re
-import socket
 import sqlite3
 import stat
 import urllib.parse
@@ -30,44 +29,35 @@ from tiny import ASSETS
 
 pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 TOKEN = "hf_TopSecretToken0123456789abcdefXYZ"
 PLAIN = "my-plain-secret-4242"  # a token without the hf_ shape: only exact-match scrubbing catches it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def studio(tmp_path, monkeypatch):
     monkeypatch.delenv("DEFTX_MAX_UPLOAD_MB", raising=False)
-    from webapp.ui import Studio
+    from webapp.state import Studio
 
     return Studio(tmp_path / "home")  # no scheduler thread: only the file handling is used
 
 
 @pytest.fixture
-def launched(tmp_path, monkeypatch):
+def launched(tmp_path, monkeypatch, launch_app):
     """A launched app on 127.0.0.1 with the launch() settings app.py uses."""
     monkeypatch.setenv("DEFTX_WARMUP", "0")
-    from webapp.ui import build_app, launch_kwargs
+    from webapp.settings import launch_kwargs
 
     apps = []
 
     def launch(home=None):
         home = home or tmp_path / "home"
-        demo = build_app(home)
-        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                    **launch_kwargs(home))
-        apps.append(demo)
-        return demo, home
+        demo, studio = launch_app(home, **launch_kwargs(home))
+        apps.append((demo, studio))
+        return demo, studio
 
     yield launch
-    for demo in apps:
-        demo.studio.registry.shutdown(cancel_running=True)
+    for demo, studio in apps:
+        studio.registry.shutdown(cancel_running=True)
         demo.close()
 
 
@@ -162,7 +152,8 @@ def test_typed_paths_stay_in_the_allowed_folders(studio, tmp_path, monkeypatch):
 
 # ---- what the running app serves -----------------------------------------------------------------------
 def test_the_app_serves_only_its_outputs_folder(launched):
-    demo, home = launched()
+    demo, studio = launched()
+    home = studio.home
     url = demo.local_url
     outputs = home / "outputs"
     (outputs / "predictions.csv").write_text("text,prediction\nx,positive\n")
@@ -198,12 +189,13 @@ def test_tokens_never_appear_anywhere(launched, caplog, monkeypatch):
     from gradio_client import Client
     from huggingface_hub import HfApi
 
-    from webapp.jobs import JobRegistry
+    from webapp.processes import child_env
 
     caplog.set_level(logging.DEBUG)
-    demo, home = launched()
+    demo, studio = launched()
+    home = studio.home
     vdir = _make_vector(home)
-    run_id = demo.studio.registry.add_vector("seeded", "task", vdir, config={"base_model": "tiny"})
+    run_id = studio.registry.add_vector("seeded", "task", vdir, config={"base_model": "tiny"})
     c = Client(demo.local_url, verbose=False)
     returned = []
 
@@ -240,7 +232,7 @@ def test_tokens_never_appear_anywhere(launched, caplog, monkeypatch):
         assert token_field == ""  # the token field is cleared
     assert "***" in returned[0][0]  # the error was shown, with the token masked
 
-    env = JobRegistry._child_env()  # training processes never get the token
+    env = child_env()  # training processes never get the token
     assert "HF_TOKEN" not in env and TOKEN not in repr(env)
 
     texts = {"returned values": repr(returned), "logs": caplog.text}
@@ -257,6 +249,15 @@ def test_tokens_never_appear_anywhere(launched, caplog, monkeypatch):
             assert secret not in text, f"token found in {where}"
 
 
+def test_scrubbing_hides_secrets_not_words(studio, api, monkeypatch):
+    """A push without a token says how to give one: the word after "token:" is not taken for a secret."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    run_id = studio.registry.add_vector("seeded", "task", _make_vector(studio.home), config={"base_model": "tiny"})
+    msg, token_field = api(studio)["push"](run_id, "me/deftx-x", False, "")
+    assert "needs a Hugging Face token: paste one (write access) in the token field" in msg, msg
+    assert "***" not in msg and token_field == ""
+
+
 # ---- code execution on load ----------------------------------------------------------------------------
 class Evil:
     def __init__(self, marker):
@@ -269,7 +270,8 @@ class Evil:
 def test_pulling_a_pickle_payload_runs_nothing(launched, tmp_path):
     from gradio_client import Client
 
-    demo, home = launched()
+    demo, studio = launched()
+    home = studio.home
     marker = tmp_path / "pwned"
     evil = home / "evil"
     evil.mkdir()
@@ -285,7 +287,7 @@ def test_pulling_a_pickle_payload_runs_nothing(launched, tmp_path):
         assert "dx-err" in msg and says in msg and "unexpected error" not in msg, msg
     assert not marker.exists()
     assert not list((home / "vectors").iterdir())  # nothing half-pulled
-    assert all(r["state"] != "done" for r in demo.studio.registry.list())
+    assert all(r["state"] != "done" for r in studio.registry.list())
 
 
 # ---- login ---------------------------------------------------------------------------------------------
@@ -293,7 +295,8 @@ def test_auth_refuses_requests_without_a_login(launched, monkeypatch, tmp_path):
     from gradio_client import Client
 
     monkeypatch.setenv("DEFTX_AUTH", "alice:pa:ss,bob:other")
-    demo, home = launched()
+    demo, studio = launched()
+    home = studio.home
     url = demo.local_url
     for path in ("/config", "/gradio_api/info", f"/gradio_api/file={home / 'outputs'}/x.csv"):
         status, _ = get(url, path)
@@ -320,14 +323,15 @@ def test_a_malformed_auth_setting_stops_the_app(value, monkeypatch, tmp_path, ca
     import app as app_module
 
     from deftx_engine.errors import ConfigError
-    from webapp.ui import auth_from_env, build_app
+    from webapp.settings import auth_from_env
+    from webapp.state import Studio
 
     monkeypatch.setenv("DEFTX_AUTH", value)
     monkeypatch.setenv("DEFTX_HOME", str(tmp_path / "home"))
     with pytest.raises(ConfigError, match="DEFTX_AUTH"):
         auth_from_env()
     with pytest.raises(ConfigError, match="DEFTX_AUTH"):
-        build_app(tmp_path / "home")
+        Studio(tmp_path / "home")
     with pytest.raises(SystemExit) as e:
         app_module.main()  # one line naming the variable (never the password), nothing launched
     assert "DEFTX_AUTH" in str(e.value) and "pw" not in str(e.value)

@@ -7,7 +7,6 @@ given explicitly and Selenium Manager runs offline.
 """
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from tiny import make_tiny_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 def _need_browser():
@@ -56,21 +55,16 @@ def driver(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def app(tmp_path, monkeypatch):
+def app(tmp_path, monkeypatch, launch_app):
     monkeypatch.setenv("DEFTX_DEFAULT_MODEL", str(make_tiny_model_dir(tmp_path / "tiny")))
     monkeypatch.setenv("DEFTX_WARMUP", "0")
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    from webapp.ui import build_app, launch_kwargs
+    from webapp.settings import launch_kwargs
 
     home = tmp_path / "home"
-    demo = build_app(home)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **launch_kwargs(home))
+    demo, studio = launch_app(home, **launch_kwargs(home))
     yield demo
-    demo.studio.registry.shutdown(cancel_running=True)
+    studio.registry.shutdown(cancel_running=True)
     demo.close()
 
 

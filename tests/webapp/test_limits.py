@@ -3,17 +3,15 @@
 DEFTX_MAX_UPLOAD_MB (Gradio's upload route and the app's own copy), DEFTX_MAX_LINES (Data tab, Start,
 Predict files), DEFTX_MAX_STEPS (explicit steps and epochs turned into steps), DEFTX_MAX_JOBS (runs at once;
 the others wait in order) and DEFTX_MAX_QUEUE (runs waiting); a malformed value is a message too (inline per
-request, and one line at start-up). Through the app's event functions and, for uploads, a launched app.
+request, and one line at start-up). Through the app's handlers (called directly) and, for uploads, a launched
+app.
 """
-import os
-import socket
 import time
 
 import pytest
 
 from tiny import ASSETS
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 LIMITS = ("DEFTX_MAX_UPLOAD_MB", "DEFTX_MAX_LINES", "DEFTX_MAX_STEPS", "DEFTX_MAX_QUEUE", "DEFTX_MAX_JOBS", "DEFTX_AUTH")
@@ -30,15 +28,12 @@ def clean_env(monkeypatch):
 
 @pytest.fixture
 def app(tmp_path, clean_env):
-    from webapp.ui import build_app
+    """A started app's state (its handlers need no page)."""
+    from webapp.state import Studio
 
-    demo = build_app(tmp_path / "home")
-    yield demo
-    demo.studio.registry.shutdown(cancel_running=True)
-
-
-def api(demo) -> dict:
-    return {f.api_name: f.fn for f in demo.fns.values() if f.api_name}
+    studio = Studio(tmp_path / "home").start()
+    yield studio
+    studio.registry.shutdown(cancel_running=True)
 
 
 def train(fns, data=ASSETS / "target_corpus_id.txt", kind="language", base="minilm", full=2, sparse=2, epochs=1.0,
@@ -56,25 +51,24 @@ def refused(msg: str, *words: str) -> None:
         assert w in msg, (w, msg)
 
 
-def test_upload_size(app, clean_env, tmp_path):
+def test_upload_size(app, clean_env, tmp_path, api, free_port):
     from gradio_client import Client, handle_file
 
-    from webapp.ui import launch_kwargs
+    from webapp.settings import launch_kwargs
+    from webapp.ui import build_app
 
     big = tmp_path / "big.txt"
     big.write_text("Saya suka makan nasi goreng.\n" * 2000, encoding="utf-8")  # 58 kB
     clean_env.setenv("DEFTX_MAX_UPLOAD_MB", "0.01")  # 10 kB
     msg, *_ = api(app)["validate_data"]("corpus", str(big), "", "", "", "label")
     refused(msg, "big.txt", "over the upload limit of 0.01 MB", "DEFTX_MAX_UPLOAD_MB")
-    assert not [p for p in app.studio.uploads.iterdir()], "an over-limit upload must not be stored"
+    assert not [p for p in app.uploads.iterdir()], "an over-limit upload must not be stored"
 
-    with socket.socket() as s:  # Gradio's own limit, from the same variable, before the file reaches the app
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               **launch_kwargs(app.studio.home))
+    demo = build_app(app)  # Gradio's own limit, from the same variable, before the file reaches the app
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                **launch_kwargs(app.home))
     try:
-        c = Client(app.local_url, verbose=False)
+        c = Client(demo.local_url, verbose=False)
         with pytest.raises(Exception) as e:
             c.predict("corpus", handle_file(str(big)), "", "", "", "label", api_name="/validate_data")
         assert "413" in str(e.value) or "size" in str(e.value).lower(), str(e.value)[:300]
@@ -83,10 +77,10 @@ def test_upload_size(app, clean_env, tmp_path):
         msg, *_ = c.predict("corpus", handle_file(str(small)), "", "", "", "label", api_name="/validate_data")
         assert "1 lines" in msg  # the app still answers
     finally:
-        app.close()
+        demo.close()
 
 
-def test_max_lines(app, clean_env):
+def test_max_lines(app, clean_env, api):
     fns = api(app)
     clean_env.setenv("DEFTX_MAX_LINES", "100")
     msg, *_ = fns["validate_data"]("corpus", None, str(ASSETS / "target_corpus_id.txt"), "", "", "label")
@@ -95,13 +89,13 @@ def test_max_lines(app, clean_env):
     refused(msg, "300 rows, more than the limit of 100", "DEFTX_MAX_LINES")
     msg, run_id, *_ = train(fns)
     refused(msg, "more than the limit of 100")
-    assert not isinstance(run_id, str) and app.studio.registry.list() == []
+    assert not isinstance(run_id, str) and app.registry.list() == []
     clean_env.setenv("DEFTX_MAX_LINES", "400")  # exactly at the limit is fine
     msg, *_ = fns["validate_data"]("corpus", None, str(ASSETS / "target_corpus_id.txt"), "", "", "label")
     assert "400 lines" in msg and not msg.startswith(ERR)
 
 
-def test_max_steps(app, clean_env):
+def test_max_steps(app, clean_env, api):
     fns = api(app)
     clean_env.setenv("DEFTX_MAX_STEPS", "50")
     msg, *_ = train(fns, full=60, sparse=10)
@@ -111,13 +105,13 @@ def test_max_steps(app, clean_env):
     refused(msg, "phase 1 would take 114 steps", "DEFTX_MAX_STEPS")
     msg, *_ = train(fns, data="hub:org/data", full=0, sparse=10)
     refused(msg, "give the phase-1 and phase-2 steps (not epochs)")
-    assert app.studio.registry.list() == []
+    assert app.registry.list() == []
 
 
-def test_max_jobs_and_queue(tmp_path, clean_env):
+def test_max_jobs_and_queue(tmp_path, clean_env, api):
     """One job at a time (DEFTX_MAX_JOBS=1): the second waits as #1; with DEFTX_MAX_QUEUE=1 a third Start and
     a Resume are refused while one run waits."""
-    from webapp.ui import build_app
+    from webapp.state import Studio
 
     clean_env.setenv("DEFTX_MAX_JOBS", "1")
     clean_env.setenv("DEFTX_MAX_QUEUE", "1")
@@ -127,10 +121,10 @@ def test_max_jobs_and_queue(tmp_path, clean_env):
     fake.write_text("#!/bin/sh\nexec sleep 60\n")
     fake.chmod(0o755)
     clean_env.setattr("sys.executable", str(fake))
-    demo = build_app(tmp_path / "home")
-    reg = demo.studio.registry
+    studio = Studio(tmp_path / "home").start()
+    reg = studio.registry
     try:
-        fns = api(demo)
+        fns = api(studio)
         msg1, first, *_ = train(fns, base=tiny, full=500, sparse=500)
         assert "started" in msg1, msg1
         msg2, second, *_ = train(fns, base=tiny, full=500, sparse=500)
@@ -162,11 +156,11 @@ def test_max_jobs_and_queue(tmp_path, clean_env):
                                             ("DEFTX_MAX_STEPS", "1e3", "a whole number"),
                                             ("DEFTX_MAX_QUEUE", "many", "a whole number"),
                                             ("DEFTX_MAX_JOBS", "x", "a whole number")])
-def test_malformed_limits_are_messages(app, clean_env, tmp_path, var, value, says):
+def test_malformed_limits_are_messages(app, clean_env, tmp_path, api, var, value, says):
     import app as app_module
 
     from deftx_engine.errors import ConfigError
-    from webapp.ui import build_app
+    from webapp.state import Studio
 
     clean_env.setenv(var, value)
     if var != "DEFTX_MAX_JOBS":  # read per request (DEFTX_MAX_JOBS only when the registry starts)
@@ -177,7 +171,7 @@ def test_malformed_limits_are_messages(app, clean_env, tmp_path, var, value, say
                    if var == "DEFTX_MAX_UPLOAD_MB" else train(fns))
         refused(msg, var, says)
     with pytest.raises(ConfigError, match=var):
-        build_app(tmp_path / "other")
+        Studio(tmp_path / "other")
     clean_env.setenv("DEFTX_HOME", str(tmp_path / "other"))
     with pytest.raises(SystemExit) as e:
         app_module.main()

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from webapp.jobs import JobRegistry, is_alive, process_start
+from webapp.jobs import JobRegistry
+from webapp.processes import is_alive, process_start
 
 # argv: run_dir mode seconds. Modes: ok (steps then done), fail (CLI-style error, exit 2), stubborn (ignores
 # SIGTERM), sleep (never writes a final state). Every start appends a line to <run_dir>/starts.txt.

@@ -1,6 +1,6 @@
 """Issue 6, fuzzed uploads through the web app (hypothesis).
 
-The Python entry behind the `validate_data` API (the Data tab's "Check data" and every upload) gets random,
+The handler behind the `validate_data` API (the Data tab's "Check data" and every upload) gets random,
 truncated, wrong-encoding (Latin-1, UTF-16), huge-line (200 kB), wrong-column, binary and empty files under
 random names and suffixes, for every role (corpus / task / eval) and random column settings; typed paths get
 random strings (traversal, `~user`, NUL, 5 kB, FIFOs, `hub:` garbage); `start_training` gets random numbers
@@ -14,13 +14,11 @@ import json
 import os
 import random
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 CASES = {"uploads": 0, "typed paths": 0, "training settings": 0, "http uploads": 0}
@@ -37,21 +35,15 @@ SLOWEST = [0.0, 0.0]  # slowest in-process case, slowest HTTP case (seconds)
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
+    """The app's state, services not started: nothing is trained here, accepted runs just stay queued."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DEFTX_WARMUP", "0")
         for var in ("DEFTX_MAX_LINES", "DEFTX_MAX_STEPS", "DEFTX_MAX_UPLOAD_MB", "DEFTX_MAX_QUEUE"):
             mp.delenv(var, raising=False)
-        from webapp.ui import build_app
+        from webapp.state import Studio
 
-        home = tmp_path_factory.mktemp("home")
-        demo = build_app(home)
-        demo.studio.registry.stop()  # nothing is trained here: accepted runs just stay queued
-        yield demo
-        demo.studio.registry.shutdown()
-
-
-def api(demo) -> dict:
-    return {f.api_name: f.fn for f in demo.fns.values() if f.api_name}
+        studio = Studio(tmp_path_factory.mktemp("home"))
+        yield studio
+        studio.registry.shutdown()
 
 
 def call(fn, *args, **kw):
@@ -136,7 +128,8 @@ def upload(draw):
        text_col=st.sampled_from(["", "", "text", "sentence", "nope", "premise", " ", "x" * 80]),
        pair_col=st.sampled_from(["", "", "hypothesis", "missing"]),
        label_col=st.sampled_from(["label", "label", "", "sentiment", "text"]))
-def test_fuzzed_uploads_give_a_message(app, tmp_path_factory, data, name, suffix, role, text_col, pair_col, label_col):
+def test_fuzzed_uploads_give_a_message(app, api, tmp_path_factory, data, name, suffix, role, text_col, pair_col,
+                                       label_col):
     raw, shape = data
     folder = tmp_path_factory.mktemp("up", numbered=True)
     path = folder / (name + suffix)
@@ -145,12 +138,12 @@ def test_fuzzed_uploads_give_a_message(app, tmp_path_factory, data, name, suffix
                                                 label_col)
     assert secs < 10, f"{shape}: {secs:.1f}s"
     if check_message(msg, "uploads"):
-        assert len(preview) >= 1 and source.startswith(str(app.studio.uploads))
+        assert len(preview) >= 1 and source.startswith(str(app.uploads))
         assert all(len(str(v)) <= 300 for v in preview.to_numpy().ravel())  # long lines are cut in the preview
-    assert str(app.studio.uploads) not in msg and str(app.studio.home) not in msg  # stored paths never shown
-    stored = [p for p in app.studio.uploads.iterdir() if not p.name.startswith(".")]
-    assert all(p.parent == app.studio.uploads and len(p.name) <= 90 for p in stored)
-    assert not list(app.studio.uploads.glob(".upload-*")), "a temporary file was left behind"
+    assert str(app.uploads) not in msg and str(app.home) not in msg  # stored paths never shown
+    stored = [p for p in app.uploads.iterdir() if not p.name.startswith(".")]
+    assert all(p.parent == app.uploads and len(p.name) <= 90 for p in stored)
+    assert not list(app.uploads.glob(".upload-*")), "a temporary file was left behind"
 
 
 specs = st.one_of(
@@ -165,8 +158,8 @@ specs = st.one_of(
 
 @settings(max_examples=120, **FUZZ)
 @given(spec=specs, role=st.sampled_from(["corpus", "task", "eval"]))
-def test_fuzzed_typed_paths_give_a_message(app, spec, role):
-    home = app.studio.home
+def test_fuzzed_typed_paths_give_a_message(app, api, spec, role):
+    home = app.home
     if not (home / "fifo.txt").exists():
         os.mkfifo(home / "fifo.txt")  # a reader would block on it forever
         (home / "link.txt").symlink_to("/etc/passwd")
@@ -202,7 +195,7 @@ def training_settings(draw):
 
 @settings(max_examples=120, **FUZZ)
 @given(v=training_settings())
-def test_fuzzed_training_settings_give_a_message(app, monkeypatch, v):
+def test_fuzzed_training_settings_give_a_message(app, api, monkeypatch, v):
     from tiny import ASSETS
 
     full, sparse, epochs, lr, bs, maxlen, seed, k, energy, rho = (v[n] for n in VALID)
@@ -216,25 +209,22 @@ def test_fuzzed_training_settings_give_a_message(app, monkeypatch, v):
                      text_column="", pair_column="", label_column="label", preset="custom", k_exact_value=None)
     assert secs < 10
     check_message(out[0], "training settings")
-    assert len(app.studio.registry.list(states=["queued"])) <= 1
+    assert len(app.registry.list(states=["queued"])) <= 1
 
 
-def test_http_uploads_through_gradio_client(app, tmp_path):
+def test_http_uploads_through_gradio_client(app, tmp_path, free_port):
     """A smaller number of real uploads through a launched app (Gradio's upload route, then the same
     function): odd names and contents come back as messages."""
-    import socket
-
     from gradio_client import Client, handle_file
 
-    from webapp.ui import launch_kwargs
+    from webapp.settings import launch_kwargs
+    from webapp.ui import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               **launch_kwargs(app.studio.home))
+    demo = build_app(app)
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                **launch_kwargs(app.home))
     try:
-        c = Client(app.local_url, verbose=False, download_files=str(tmp_path / "dl"))
+        c = Client(demo.local_url, verbose=False, download_files=str(tmp_path / "dl"))
         rng = random.Random(6)
         cases = [("..%2F..%2Fetc%2Fpasswd.txt", b"hello\nworld\n"), ("<img src=x onerror=alert(1)>.csv", b"text,label\n"),
                  ("ünï cødé 文字.txt", "Saya suka makan.\n".encode()), ("x" * 200 + ".txt", b"a\nb\n"),
@@ -253,7 +243,7 @@ def test_http_uploads_through_gradio_client(app, tmp_path):
                 assert time.time() - t < 20
                 check_message(msg, "http uploads")  # also: no tag from the name (Gradio drops '<' and '>'; the app escapes)
     finally:
-        app.close()
+        demo.close()
 
 
 def test_report_case_counts():

@@ -1,21 +1,21 @@
 """Issue 6, faults at the app level: SIGKILL a training process the app started, restart the app, resume.
 
-Through the app's own event functions (the Python entries behind the `start_training`, `run_status` and
-`resume_run` API names), on a tiny random BERT (tests/tiny.py), no network:
+Through the app's own handlers (the module-level functions behind the `start_training`, `run_status` and
+`resume_run` API names, called directly), on a tiny random BERT (tests/tiny.py), no network:
 
 1. the app starts a task SFT (the *victim*) and the same settings again (the *reference*, seed 7, run to the
    end undisturbed; DEFTX_MAX_JOBS=2 so both run at once);
 2. kill 1, phase 1: once the victim has written a phase-1 checkpoint, its process group gets SIGKILL while
    the app runs; the app reaps it as `interrupted` (killed from outside, so resumable), and the app restarts
-   (a new registry and Blocks on the same DEFTX_HOME) and still shows `interrupted`;
+   (a new Studio and registry on the same DEFTX_HOME) and still shows `interrupted`;
 3. Resume queues the same run (same id, same folder) with `--resume`: it continues phase 1 from the checkpoint;
    kill 2, phase 2: 2 steps into the sparse phase, the app "crashes" first (its scheduler stops) and then
    the job gets SIGKILL; the next app start finds the process gone and marks the run `interrupted`;
 4. Resume again: the run finishes (phase 1 skipped: the mask was saved), and its vector equals the
    reference's: same indices, values and heads within 1e-6.
 
-Engine-level counterparts (not repeated here): tests/test_train.py (SIGKILL in each phase + --resume, SIGTERM
-cancel, full disk via RLIMIT_FSIZE) and tests/test_vectors.py::test_save_is_atomic.
+Engine-level counterparts (not repeated here): tests/engine/test_train.py (SIGKILL in each phase + --resume,
+SIGTERM cancel, full disk via RLIMIT_FSIZE) and tests/engine/test_vectors.py::test_save_is_atomic.
 """
 import os
 import signal
@@ -27,26 +27,21 @@ import torch
 
 from tiny import ASSETS, make_tiny_model_dir
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 FAULTS = {"sigkill": 0, "app_restarts": 0}
 
 
-def api(demo) -> dict:
-    """The app's event functions by API name (what gradio_client calls reach)."""
-    return {f.api_name: f.fn for f in demo.fns.values() if f.api_name}
-
-
 def build(home):
-    from webapp.ui import build_app
+    """An app starting: its state and services (the page is not needed to call its handlers)."""
+    from webapp.state import Studio
 
-    return build_app(home)
+    return Studio(home).start()
 
 
 def restart(old, home):
     """An app restart: the old app's scheduler goes away (its jobs keep running in their own sessions)."""
-    old.studio.registry.stop()
+    old.registry.stop()
     FAULTS["app_restarts"] += 1
     return build(home)
 
@@ -92,7 +87,7 @@ def tiny(tmp_path_factory):
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
 
 
-def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatch):
+def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatch, api):
     from deftx_engine.runs import RunDir
     from deftx_engine.vectors import SparseVector
 
@@ -104,7 +99,7 @@ def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatc
         fns = api(app)
         victim = start(fns, tiny, "victim")
         reference = start(fns, tiny, "reference")
-        reg = app.studio.registry
+        reg = app.registry
         run_dir = Path(reg.get(victim)["run_dir"])
 
         # ---- kill 1: phase 1, while the app watches
@@ -125,7 +120,7 @@ def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatc
         # ---- resume, then kill 2: phase 2, after the app itself went away
         msg, _ = fns["resume_run"](victim)
         assert "continues from its last checkpoint" in msg, msg
-        reg = app.studio.registry
+        reg = app.registry
         row = reg.get(victim)
         assert row["id"] == victim and row["command"][-1] == "--resume" and row["run_dir"] == str(run_dir)
         wait_for(lambda: (st := RunDir(run_dir).status()).get("phase") == "sparse" and st.get("step", 0) >= 102,
@@ -147,7 +142,7 @@ def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatc
         # ---- resume again: finishes, equal to the uninterrupted reference
         msg, _ = fns["resume_run"](victim)
         assert "continues from its last checkpoint" in msg, msg
-        reg = app.studio.registry
+        reg = app.registry
         for rid in (reference, victim):
             row = reg.wait(rid, timeout=240)
             assert row["state"] == "done", row
@@ -169,4 +164,4 @@ def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatc
               f"down), {FAULTS['app_restarts']} app restarts; resumed vector == reference "
               f"({a.nnz:,} entries, atol 1e-6)")
     finally:
-        app.studio.registry.shutdown(cancel_running=True)
+        app.registry.shutdown(cancel_running=True)

@@ -12,7 +12,6 @@ test-artifacts/reliability-concurrency.json for benchmarks/RESULTS.md.
 import json
 import os
 import random
-import socket
 import statistics
 import threading
 import time
@@ -22,7 +21,6 @@ import pytest
 
 from tiny import ASSETS, make_tiny_model_dir
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 STORM = float(os.environ.get("DEFTX_STORM_SECONDS", "45"))
@@ -30,13 +28,7 @@ SESSIONS = 5
 MAX_STARTS = 5  # per session
 FINAL = ("done", "failed", "cancelled", "interrupted")
 STATES = FINAL + ("queued", "running")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 def percentile(xs, q):
@@ -45,7 +37,7 @@ def percentile(xs, q):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, launch_app):
     from deftx_engine.cli import main
 
     with pytest.MonkeyPatch.context() as mp:
@@ -58,26 +50,25 @@ def app(tmp_path_factory):
         assert main(["train-task", "--data", str(ASSETS / "source_task_en.csv"), "--base-model", tiny,
                      "--full-steps", "2", "--sparse-steps", "2", "--batch-size", "8", "--max-length", "32",
                      "--output-dir", str(home / "seed")]) == 0  # the task vector predictions use
-        from webapp.ui import build_app, launch_kwargs
+        from webapp.settings import launch_kwargs
 
-        demo = build_app(home)
-        demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                    **launch_kwargs(home))
-        yield demo, home, tiny
-        demo.studio.registry.shutdown(cancel_running=True)
+        demo, studio = launch_app(home, **launch_kwargs(home))
+        yield demo, studio, tiny
+        studio.registry.shutdown(cancel_running=True)
         demo.close()
 
 
 def test_five_sessions_start_watch_cancel_while_a_sixth_predicts(app):
     from gradio_client import Client
 
-    demo, home, tiny = app
+    demo, studio, tiny = app
+    home = studio.home
     url = demo.local_url
     assert url.startswith("http://127.0.0.1:")
     c0 = Client(url, verbose=False)
     msg, _ = c0.predict(str(home / "seed" / "vector"), "", "", "", "", api_name="/pull")
     assert "Pulled" in msg, msg
-    task_id = demo.studio.registry.list()[0]["id"]
+    task_id = studio.registry.list()[0]["id"]
 
     lock = threading.Lock()
     started_ids: list[tuple[int, str]] = []  # (session, run id) as returned to the sessions
@@ -175,7 +166,7 @@ def test_five_sessions_start_watch_cancel_while_a_sixth_predicts(app):
     assert not errors, errors
 
     # ---- wind down: cancel what is left, wait until every run is final (bounded)
-    reg = demo.studio.registry
+    reg = studio.registry
     ids = [rid for _, rid in started_ids]
     for row in reg.list(states=["queued", "running"]):
         c0.predict(row["id"], api_name="/cancel_run")

@@ -1,0 +1,57 @@
+"""Shared fixtures of the web-app tests: free ports, the app's API handlers bound to a ``Studio`` (called
+directly, no page needed), and launched apps on 127.0.0.1."""
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from webapp.components import bind
+from webapp.tabs import analyze, data, hub, predict, runs, train
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# the handler behind each API name (webapp/tabs/*.py wire them under these names)
+ENDPOINTS = {"validate_data": data.validate_data, "apply_preset": train.apply_preset,
+             "start_training": train.start_training, "cancel_run": train.cancel_run, "resume_run": train.resume_run,
+             "run_status": runs.run_status, "list_runs": runs.list_runs, "analyze": analyze.analyze,
+             "spectrum": analyze.spectrum, "predict": predict.predict, "predict_file": predict.predict_file,
+             "evaluate": predict.evaluate_file, "push": hub.push, "pull": hub.pull}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """A function returning a free localhost port."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def api() -> Callable:
+    """``api(studio)``: the app's API endpoints by name as plain functions of that Studio, returning what an
+    API call returns (the values in the endpoint's output order)."""
+    def endpoints(studio) -> dict[str, Callable]:
+        return {name: bind(fn, studio) for name, fn in ENDPOINTS.items()}
+
+    return endpoints
+
+
+@pytest.fixture(scope="session")
+def launch_app() -> Callable:
+    """``launch_app(home, **launch kwargs)`` -> (demo, studio): a started Studio on ``home`` and its page on a
+    free 127.0.0.1 port. The caller shuts both down (``studio.registry.shutdown``, ``demo.close``)."""
+    from webapp.state import Studio
+    from webapp.ui import build_app
+
+    def launch(home: Path, **kwargs):
+        studio = Studio(home).start()
+        demo = build_app(studio)
+        demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True, **kwargs)
+        return demo, studio
+
+    return launch

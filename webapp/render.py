@@ -1,0 +1,148 @@
+"""Pure rendering for the page: status messages, the progress card, the runs table, run labels and the
+label-distribution chart. Nothing here reads files or the registry; callers pass what is shown.
+"""
+from __future__ import annotations
+
+import html
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+PHASES = {"full": "phase 1 · full fine-tuning", "denoise": "denoising + choosing the mask",
+          "sparse": "phase 2 · sparse fine-tuning", "save": "saving the vector", "done": "finished"}
+STATE_COLORS = {"queued": "#6b7280", "running": "#2563eb", "done": "#16a34a", "failed": "#dc2626",
+                "cancelled": "#d97706", "interrupted": "#9333ea"}
+RUN_COLUMNS = ["run", "name", "kind", "state", "progress", "settings", "created", "duration", "vector", "message"]
+
+
+def cut(text: Any, n: int = 300) -> str:
+    """A cell of a preview: long texts (a 200 kB line) are shortened, so the page stays light."""
+    text = str(text)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def ok(msg: str) -> str:
+    return f"<span class='dx-ok'>✔</span> {msg}"
+
+
+def err(msg: str) -> str:
+    return f"<span class='dx-err'>✖</span> {msg.replace('<', '&lt;')}"  # no tags from a message
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds < 0 or math.isnan(seconds):
+        return "–"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def fmt_k(k: Any) -> str:
+    try:
+        k = float(k)
+    except (TypeError, ValueError):
+        return "?"
+    return f"{k:.1%}" if 0 < k < 1 else f"{int(k):,}"
+
+
+def run_label(row: dict) -> str:
+    cfg = row["config"]
+    lang = cfg.get("language") or ""
+    bits = [row["name"], row["kind"] + (f" ({lang})" if lang else "")]
+    if row["state"] != "done":
+        bits.append(row["state"])
+    return " · ".join(bits) + f" — {row['id']}"
+
+
+def run_choices(rows: list[dict]) -> list[tuple[str, str]]:
+    """Dropdown choices (label, run id) for registry rows."""
+    return [(run_label(r), r["id"]) for r in rows]
+
+
+def run_settings(row: dict) -> str:
+    """A run's settings in one line (the Runs table's "settings" column)."""
+    c = row["config"]
+    if not c:
+        return ""
+    if c.get("source"):
+        return f"pulled from {c['source']} · {c.get('method', '')} · {c.get('base_model', '')}"
+    parts = [c.get("method", "")]
+    if c.get("method") == "deftx":
+        parts.append(f"τ={c.get('energy')}" if c.get("rank_policy") == "energy" else f"r={c.get('rank')}")
+        parts.append(f"ρ={c.get('residual_share')}")
+    parts.append(f"k={fmt_k(c.get('k'))}")
+    steps = [f"{c.get('full_steps')}+{c.get('sparse_steps')} steps" if c.get("full_steps") else
+             f"{c.get('full_epochs')}+{c.get('sparse_epochs')} epochs"]
+    parts += steps + [f"lr={c.get('lr')}", f"bs={c.get('batch_size')}", str(c.get("base_model", ""))]
+    return " · ".join(str(p) for p in parts if p not in ("", None))
+
+
+def runs_table(rows: list[dict], queue_positions: Mapping[str, int | None]):
+    """The Runs tab's table (a DataFrame) of registry rows, newest first."""
+    import pandas as pd
+
+    now = time.time()
+    out = []
+    for r in rows:
+        end = r["finished"] or (now if r["state"] == "running" else None)
+        progress = f"{r['step']}/{r['total_steps']}" if r["total_steps"] else ""
+        if r["state"] == "queued":
+            pos = queue_positions.get(r["id"])
+            progress = f"#{pos} in queue" if pos else ""
+        out.append({"run": r["id"], "name": r["name"], "kind": r["kind"], "state": r["state"], "progress": progress,
+                    "settings": run_settings(r),
+                    "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
+                    "duration": fmt_duration(end - r["started"]) if r["started"] and end else "",
+                    "vector": r["vector_dir"] if r["state"] == "done" else "", "message": r["message"] or ""})
+    return pd.DataFrame(out, columns=RUN_COLUMNS)
+
+
+def progress_html(row: dict | None, status: Mapping[str, Any], queue_position: int | None, message: str) -> str:
+    """The Train tab's progress card of a run: ``status`` is its status.json, ``message`` its message as
+    shown to the user."""
+    if row is None:
+        return ("<div class='dx-progress dx-empty'>No run selected. Choose settings on the left and press "
+                "<b>Start</b>.</div>")
+    state = row["state"]
+    step = int(status.get("step") or row["step"] or 0)
+    total = int(status.get("total_steps") or row["total_steps"] or 0)
+    pct = 100.0 if state == "done" else (100.0 * step / total if total else 0.0)
+    phase = PHASES.get(status.get("phase") or row["phase"], status.get("phase") or "")
+    color = STATE_COLORS.get(state, "#6b7280")
+    foot = []
+    if state == "queued":
+        foot.append(f"waiting for a free slot (#{queue_position} in the queue)" if queue_position else "waiting")
+    else:
+        if total:
+            foot.append(f"step {step} / {total}")
+        if status.get("loss") is not None:
+            foot.append(f"loss {status['loss']:.3f}")
+        if state == "running":
+            eta = status.get("eta_seconds")
+            foot.append(f"ETA {fmt_duration(eta)}" if eta is not None else "ETA –")
+        if row["started"]:
+            end = row["finished"] or time.time()
+            foot.append(f"elapsed {fmt_duration(end - row['started'])}")
+    return (f"<div class='dx-progress'>"
+            f"<div class='dx-progress-head'><span class='dx-badge' style='background:{color}'>{state}</span>"
+            f" <b>{html.escape(row['name'])}</b> <span class='dx-muted'>{html.escape(row['kind'])} SFT · "
+            f"{html.escape(phase)}</span></div>"
+            f"<div class='dx-bar'><div class='dx-fill' style='width:{pct:.1f}%;background:{color}'></div></div>"
+            f"<div class='dx-progress-foot'>{' · '.join(foot)}</div>"
+            + (f"<div class='dx-progress-msg'>{html.escape(message)}</div>" if message else "")
+            + "</div>")
+
+
+def label_bar(counts: dict[str, int], title: str):
+    """A bar chart (Plotly) of label counts."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Bar(x=list(counts), y=list(counts.values()), text=list(counts.values()),
+                           marker_color="#6366f1"))
+    fig.update_layout(title=title, xaxis_title="label", yaxis_title="examples", height=320,
+                      margin=dict(t=50, l=50, r=20, b=40))
+    return fig

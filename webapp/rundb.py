@@ -1,0 +1,220 @@
+"""The SQLite table of runs: ``<DEFTX_HOME>/registry.sqlite3`` (WAL mode, one short-lived connection per call)
+records every run: queued, running, finished or pulled from the Hub. Several app processes may share the file;
+every state change that must not race is one ``BEGIN IMMEDIATE`` transaction guarded by the current state.
+Starting, watching and stopping the runs' processes is ``webapp.jobs.JobRegistry``'s part.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from deftx_engine.runs import RunDir
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    pid INTEGER,
+    run_dir TEXT NOT NULL,
+    config TEXT NOT NULL DEFAULT '{}',
+    message TEXT NOT NULL DEFAULT '',
+    phase TEXT NOT NULL DEFAULT '',
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    command TEXT,
+    vector_dir TEXT,
+    pid_start TEXT,
+    owner TEXT,
+    cancel_requested REAL,
+    exit_code INTEGER,
+    queued REAL
+);
+CREATE INDEX IF NOT EXISTS runs_state ON runs(state, created);
+"""
+COLUMNS = ("id", "name", "kind", "state", "created", "started", "finished", "pid", "run_dir", "config", "message",
+           "phase", "step", "total_steps", "command", "vector_dir", "pid_start", "owner", "cancel_requested",
+           "exit_code", "queued")
+# columns added after the first release: (name, type) added to an older registry file on open
+MIGRATIONS = (("queued", "REAL"),)
+# queue order: when a run was (re)queued; a resumed run waits behind the runs queued before it
+QUEUE_ORDER = "COALESCE(queued, created), rowid"
+RESUMABLE = ("interrupted", "cancelled", "failed")
+
+
+class QueueFull(Exception):
+    """``submit`` / ``resume`` refused: ``max_queued`` runs are waiting already."""
+
+
+class RunDB:
+    """The runs of one DEFTX_HOME, as dicts (``config`` and ``command`` decoded from JSON)."""
+
+    def __init__(self, home: str | Path, db_name: str = "registry.sqlite3"):
+        self.home = Path(home)
+        self.runs_root = self.home / "runs"
+        self.vectors_root = self.home / "vectors"
+        for d in (self.home, self.runs_root, self.vectors_root):
+            d.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.home / db_name
+        self._wake = threading.Event()  # set when a run is queued, so a scheduler starts it at once
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+            have = {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+            for col, typ in MIGRATIONS:
+                if col not in have:
+                    try:
+                        db.execute(f"ALTER TABLE runs ADD COLUMN {col} {typ}")
+                    except sqlite3.OperationalError as e:  # another app process added it a moment ago
+                        if "duplicate column" not in str(e):
+                            raise
+
+    # ---- SQLite ------------------------------------------------------------------------------------
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA busy_timeout=30000")
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @staticmethod
+    def _row(r: sqlite3.Row | None) -> dict | None:
+        if r is None:
+            return None
+        d = dict(r)
+        d["config"] = json.loads(d["config"] or "{}")
+        d["command"] = json.loads(d["command"]) if d["command"] else None
+        return d
+
+    def get(self, run_id: str) -> dict | None:
+        with self._connect() as db:
+            return self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+
+    def list(self, states: Sequence[str] | None = None, kind: str | None = None) -> list[dict]:
+        """Runs, newest first (optionally only some states / one kind)."""
+        sql, args = "SELECT * FROM runs", []
+        where = []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args += list(states)
+        if kind:
+            where.append("kind=?")
+            args.append(kind)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._connect() as db:
+            return [self._row(r) for r in db.execute(sql + " ORDER BY created DESC, rowid DESC", args)]
+
+    def queue_position(self, run_id: str) -> int | None:
+        """1 for the next run to start, None if ``run_id`` is not queued."""
+        with self._connect() as db:
+            ids = [r[0] for r in db.execute(f"SELECT id FROM runs WHERE state='queued' ORDER BY {QUEUE_ORDER}")]
+        return ids.index(run_id) + 1 if run_id in ids else None
+
+    def _set(self, db: sqlite3.Connection, run_id: str, **changes) -> None:
+        if "config" in changes:
+            changes["config"] = json.dumps(changes["config"])
+        cols = ", ".join(f"{k}=?" for k in changes)
+        db.execute(f"UPDATE runs SET {cols} WHERE id=?", [*changes.values(), run_id])
+
+    # ---- creating runs ------------------------------------------------------------------------------
+    @staticmethod
+    def new_id() -> str:
+        return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+    def submit(self, name: str, kind: str, command: Sequence[str], *, config: dict | None = None,
+               run_id: str | None = None, max_queued: int | None = None) -> str:
+        """Queue a run. ``command`` is the argv of its process; ``{run_dir}`` in it is replaced by the
+        run folder (``<home>/runs/<id>``), which is where the process must write ``status.json``.
+        With ``max_queued``, ``QueueFull`` is raised if that many runs are waiting already (checked in the
+        same transaction as the insert, so concurrent sessions cannot overshoot it)."""
+        run_id = run_id or self.new_id()
+        run_dir = self.runs_root / run_id
+        argv = [str(a).replace("{run_dir}", str(run_dir)) for a in command]
+        with self._transaction() as db:
+            self._check_queue(db, max_queued)
+            now = time.time()
+            db.execute("INSERT INTO runs (id, name, kind, state, created, queued, run_dir, config, command, "
+                       "vector_dir) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                       (run_id, name, kind, now, now, str(run_dir), json.dumps(config or {}), json.dumps(argv),
+                        str(RunDir(run_dir).vector_dir)))
+        self._wake.set()
+        return run_id
+
+    @staticmethod
+    def _check_queue(db: sqlite3.Connection, max_queued: int | None) -> None:
+        if max_queued is not None:
+            waiting = db.execute("SELECT COUNT(*) FROM runs WHERE state='queued'").fetchone()[0]
+            if waiting >= max_queued:
+                raise QueueFull(f"{waiting} runs are waiting already (the limit is {max_queued})")
+
+    def resume(self, run_id: str, *, max_queued: int | None = None) -> dict:
+        """Queue an ``interrupted``, ``cancelled`` or ``failed`` training run again, as the same run (same id,
+        same run folder) with ``--resume`` added to its command: the CLI continues from the newest complete
+        checkpoint (or skips phase 1 if the mask exists). It waits behind the runs queued before it.
+        Returns the updated row; ``ValueError`` if the run cannot be resumed, ``KeyError`` if unknown."""
+        with self._transaction() as db:
+            row = self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+            if row is None:
+                raise KeyError(run_id)
+            if row["state"] not in RESUMABLE:
+                raise ValueError(f"run {row['name']} is {row['state']}; only "
+                                 f"{', '.join(RESUMABLE)} runs can be resumed")
+            if not row["command"] or row["kind"] not in ("language", "task"):
+                raise ValueError(f"{row['name']} was not trained here (pulled vector), so there is nothing to resume")
+            self._check_queue(db, max_queued)
+            argv = list(row["command"])
+            if "--resume" not in argv:
+                argv.append("--resume")
+            db.execute("UPDATE runs SET state='queued', queued=?, started=NULL, finished=NULL, pid=NULL, "
+                       "pid_start=NULL, owner=NULL, cancel_requested=NULL, exit_code=NULL, command=?, message=? "
+                       "WHERE id=?", (time.time(), json.dumps(argv), "queued to resume from its last checkpoint",
+                                      run_id))
+        self._wake.set()
+        return self.get(run_id)
+
+    def add_vector(self, name: str, kind: str, vector_dir: str | Path, *, config: dict | None = None,
+                   run_id: str | None = None, message: str = "") -> str:
+        """Record a vector that exists already (pulled from the Hub or a folder) as a finished run."""
+        run_id = run_id or self.new_id()
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("INSERT INTO runs (id, name, kind, state, created, started, finished, run_dir, config, "
+                       "vector_dir, message, phase) VALUES (?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, 'done')",
+                       (run_id, name, kind, now, now, now, str(vector_dir), json.dumps(config or {}),
+                        str(vector_dir), message))
+        return run_id
+
+    def update_config(self, run_id: str, **changes) -> dict:
+        """Merge ``changes`` into a run's config (e.g. evaluation metrics for its model card)."""
+        with self._transaction() as db:
+            row = self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+            if row is None:
+                raise KeyError(run_id)
+            config = {**row["config"], **changes}
+            self._set(db, run_id, config=config)
+        return config

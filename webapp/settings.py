@@ -1,0 +1,156 @@
+"""Every setting of the web app read from the environment (the ``DEFTX_*`` variables, README "Web app") and the
+launch settings ``app.py`` uses. Limits are read per request, so a bad value is reported inline, and once at
+start (``check_settings``), so it stops the app with one line naming the variable.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from deftx_engine.errors import ConfigError
+
+from . import REPO
+
+CSS_FILE = Path(__file__).with_name("assets.css")
+
+
+def env_number(name: str, default: float | None = None, *, integer: bool = True,
+               minimum: float | None = None) -> float | int | None:
+    """A numeric setting from the environment (empty or unset: ``default``). A value that is not a number,
+    or is below ``minimum``, raises ``ConfigError`` naming the variable, so a typo in a deployment's settings
+    is reported in one line instead of a traceback (or silently ignored)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        what = "a whole number" if integer else "a number"
+        raise ConfigError(f"the environment variable {name} must be {what}, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")) or (minimum is not None and value < minimum):
+        raise ConfigError(f"the environment variable {name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def default_home() -> Path:
+    """``$DEFTX_HOME``; else ``/data/deftx`` on a Hugging Face Space with persistent storage (``/data``);
+    else ``.deftx`` next to app.py."""
+    env = os.environ.get("DEFTX_HOME", "").strip()
+    if env:
+        return Path(env).expanduser().resolve()
+    data = Path("/data")
+    if on_space() and data.is_dir() and os.access(data, os.W_OK):
+        return data / "deftx"
+    return REPO / ".deftx"
+
+
+def on_space() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def oauth_enabled() -> bool:
+    """"Sign in with Hugging Face" only on a Space with hf_oauth (OAUTH_CLIENT_ID set) and gradio[oauth]
+    installed; elsewhere a LoginButton would make Gradio mock OAuth, which needs a logged-in machine."""
+    return on_space() and bool(os.environ.get("OAUTH_CLIENT_ID")) and importlib.util.find_spec("authlib") is not None
+
+
+def default_model() -> str:
+    """DEFTX_DEFAULT_MODEL: the base model preselected in the Train tab (and used for the cpu-demo preset)."""
+    return os.environ.get("DEFTX_DEFAULT_MODEL", "").strip() or "minilm"
+
+
+def max_upload_mb() -> float:
+    """DEFTX_MAX_UPLOAD_MB (default 50): the largest upload, enforced by Gradio and again when it is stored."""
+    return env_number("DEFTX_MAX_UPLOAD_MB", 50.0, integer=False, minimum=1e-6)
+
+
+def max_lines() -> int | None:
+    """DEFTX_MAX_LINES (default: no limit): corpora / task files with more lines (rows) are refused."""
+    return env_number("DEFTX_MAX_LINES", None, minimum=1)
+
+
+def max_steps() -> int | None:
+    """DEFTX_MAX_STEPS (default: no limit): runs with more steps in either phase are refused."""
+    return env_number("DEFTX_MAX_STEPS", None, minimum=1)
+
+
+def max_queue() -> int | None:
+    """DEFTX_MAX_QUEUE (default: no limit): Start (and Resume) are refused while this many runs wait."""
+    return env_number("DEFTX_MAX_QUEUE", None, minimum=1)
+
+
+def max_jobs() -> int:
+    """DEFTX_MAX_JOBS (default 1): training jobs running at once (read when the registry is made)."""
+    return env_number("DEFTX_MAX_JOBS", 1, minimum=1)
+
+
+def model_cache_size() -> int:
+    """DEFTX_MODEL_CACHE (default 2): composed models kept in memory for Predict."""
+    return env_number("DEFTX_MODEL_CACHE", 2, minimum=1)
+
+
+def app_threads() -> int:
+    """DEFTX_APP_THREADS (default 1): torch threads for predictions in the app process."""
+    return env_number("DEFTX_APP_THREADS", 1, minimum=1)
+
+
+def warmup_enabled() -> bool:
+    """DEFTX_WARMUP (default 1): ``0`` skips importing torch/transformers in the background after start."""
+    return os.environ.get("DEFTX_WARMUP", "1") != "0"
+
+
+def data_dirs() -> list[Path]:
+    """DEFTX_DATA_DIRS (``:``-separated): extra folders whose files may be typed as paths."""
+    return [Path(p).expanduser().resolve() for p in os.environ.get("DEFTX_DATA_DIRS", "").split(os.pathsep)
+            if p.strip()]
+
+
+def log_level() -> str:
+    """DEFTX_LOG_LEVEL (default INFO): the app's log level."""
+    return os.environ.get("DEFTX_LOG_LEVEL", "INFO")
+
+
+def auth_from_env() -> list[tuple[str, str]] | None:
+    """DEFTX_AUTH = ``user:password[,user2:password2]`` (a password may contain ':' but not ','): the
+    logins of a shared deployment. A malformed value is an error, never silently "no login"."""
+    raw = os.environ.get("DEFTX_AUTH", "").strip()
+    if not raw:
+        return None
+    pairs = []
+    for i, item in enumerate(raw.split(","), start=1):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user.strip() or not password:
+            raise ConfigError(f"DEFTX_AUTH entry {i} is not user:password (write user:password[,user2:password2])")
+        pairs.append((user.strip(), password))
+    return pairs
+
+
+def check_settings() -> dict:
+    """Read every limit from the environment once at start, so a bad value stops the app with a one-line
+    message naming the variable (requests read them again, and report a bad value inline)."""
+    return {"DEFTX_MAX_UPLOAD_MB": max_upload_mb(), "DEFTX_MAX_LINES": max_lines(), "DEFTX_MAX_STEPS": max_steps(),
+            "DEFTX_MAX_QUEUE": max_queue(), "DEFTX_MAX_JOBS": max_jobs(),
+            "DEFTX_AUTH": "set" if auth_from_env() else None}
+
+
+def server_address() -> tuple[str, int]:
+    """GRADIO_SERVER_NAME (default 127.0.0.1; 0.0.0.0 on a Space) and GRADIO_SERVER_PORT (default 7860)."""
+    name = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space() else "127.0.0.1")
+    return name, env_number("GRADIO_SERVER_PORT", 7860, minimum=1)
+
+
+def launch_kwargs(home: str | Path | None = None) -> dict:
+    """The launch() settings app.py uses: theme, CSS, upload limit, login (DEFTX_AUTH), and the only files
+    served: those the app writes for download (DEFTX_HOME/outputs). Uploads, run folders, vectors and the
+    registry are never served, and Gradio refuses any other path (and symlinks out of outputs/)."""
+    import gradio as gr
+
+    home = Path(home) if home else default_home()
+    outputs = home / "outputs"
+    outputs.mkdir(parents=True, exist_ok=True)
+    return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald", neutral_hue="slate"),
+                css=CSS_FILE.read_text(encoding="utf-8") if CSS_FILE.exists() else None,
+                allowed_paths=[str(outputs.resolve())], max_file_size=max(1, int(max_upload_mb() * 2 ** 20)),
+                show_error=False,
+                auth=auth_from_env())

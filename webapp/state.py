@@ -1,0 +1,170 @@
+"""The state of one app: the home folder, the job registry, and the caches of vectors and composed models.
+
+``Studio(home)`` opens them without starting anything; ``Studio.start()`` starts the services (reaping runs
+whose process is gone, the scheduler thread, the background warm-up). ``app.py`` calls it; tests that only
+read files or call handlers do not have to.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from deftx_engine.errors import DeftxError
+from deftx_engine.runs import RunDir
+from deftx_engine.secrets import scrub
+
+from . import render
+from .files import FilePolicy
+from .jobs import JobRegistry
+from .settings import app_threads, check_settings, default_home, model_cache_size, warmup_enabled
+
+log = logging.getLogger(__name__)
+VECTOR_CACHE = 6  # loaded vectors kept in memory
+_threads_set = False
+
+
+class Studio(FilePolicy):
+    """Shared state of one app: home folder, job registry, caches of vectors and composed models."""
+
+    def __init__(self, home: str | Path | None = None):
+        home = Path(home).expanduser().resolve() if home else default_home()
+        check_settings()  # a bad DEFTX_* value stops here, with a message naming it
+        home.mkdir(parents=True, exist_ok=True)
+        super().__init__(home)
+        self.outputs = home / "outputs"
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self.registry = JobRegistry(home)
+        self._models: OrderedDict[tuple, tuple] = OrderedDict()
+        self._model_lock = threading.Lock()
+        self._vectors: OrderedDict[tuple, Any] = OrderedDict()
+        self._vector_lock = threading.Lock()
+        self.model_cache_size = model_cache_size()
+
+    def start(self) -> Studio:
+        """Start the services: mark runs whose process is gone, run the scheduler, warm up in the background."""
+        changed = self.registry.recover()
+        if changed:
+            log.info("marked %d run(s) whose process is gone: %s", len(changed), ", ".join(changed))
+        self.registry.start()
+        if warmup_enabled():
+            threading.Thread(target=warm_up, name="deftx-warmup", daemon=True).start()
+        return self
+
+    # ---- messages -------------------------------------------------------------------------------------
+    def pretty(self, msg: str) -> str:
+        """A message for the page: stored upload paths replaced by the names the user uploaded, DEFTX_HOME
+        by its name, and anything shaped like a token removed."""
+        uploads = str(self.uploads)
+
+        def shown(m: re.Match) -> str:
+            return self.display_names.get(m.group(0), m.group(1))
+
+        msg = re.sub(re.escape(uploads) + r"/([0-9a-f]{12}-[A-Za-z0-9._-]*)", shown, msg)
+        msg = msg.replace("Raise --max-lines or use a smaller file.",  # the CLI's advice; here it is the server's
+                          "Use a smaller file (this server's limit, DEFTX_MAX_LINES).")
+        msg = msg.replace("Use a smaller file or raise --max-bytes.", "Use a smaller file.")
+        for flag, field in (("--text-column", "the Text column"), ("--pair-column", "the Second text column"),
+                            ("--label-column", "the Label column")):  # the CLI's options are fields here
+            msg = msg.replace(f"pass {flag}", f"set {field}").replace(f"Pass {flag}", f"Set {field}")
+            msg = msg.replace(flag, field)
+        return scrub(msg.replace(str(self.home), "DEFTX_HOME"))
+
+    def progress(self, row: dict | None) -> str:
+        """The progress card of a registry row (or of no run)."""
+        if row is None:
+            return render.progress_html(None, {}, None, "")
+        status = RunDir(row["run_dir"]).status() if row["kind"] in ("language", "task") else {}
+        position = self.registry.queue_position(row["id"]) if row["state"] == "queued" else None
+        return render.progress_html(row, status, position, self.pretty(row["message"] or ""))
+
+    def runs_table(self):
+        """The Runs tab's table of every run."""
+        rows = self.registry.list()
+        positions = {r["id"]: self.registry.queue_position(r["id"]) for r in rows if r["state"] == "queued"}
+        return render.runs_table(rows, positions)
+
+    # ---- vectors and models ---------------------------------------------------------------------------
+    def vector(self, path: str | Path):
+        from deftx_engine.vectors import CONFIG_FILE, SparseVector
+
+        path = Path(path)
+        try:
+            key = (str(path), (path / CONFIG_FILE).stat().st_mtime_ns)
+        except OSError:
+            key = (str(path), 0)
+        with self._vector_lock:
+            if key in self._vectors:
+                self._vectors.move_to_end(key)
+                return self._vectors[key]
+        vec = SparseVector.load(path)
+        with self._vector_lock:
+            self._vectors[key] = vec
+            while len(self._vectors) > VECTOR_CACHE:
+                self._vectors.popitem(last=False)
+        return vec
+
+    def composed(self, task_dir: str, language_dir: str | None):
+        """The composed classifier for (task, language), built once and cached (LRU)."""
+        from deftx_engine.evaluate import composed_model
+
+        key = (task_dir, language_dir or "")
+        torch_threads()
+        with self._model_lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key], True
+            model, tok = composed_model(self.vector(task_dir), [self.vector(language_dir)] if language_dir else [])
+            names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            self._models[key] = (model, tok, names)
+            while len(self._models) > self.model_cache_size:
+                self._models.popitem(last=False)
+            return self._models[key], False
+
+    # ---- runs -----------------------------------------------------------------------------------------
+    def vector_runs(self, kind: str | None = None) -> list[dict]:
+        return [r for r in self.registry.list(states=["done"], kind=kind)
+                if r["vector_dir"] and Path(r["vector_dir"]).is_dir()]
+
+    def run_vector_dir(self, run_id: str | None, what: str = "run") -> str:
+        if not run_id:
+            raise DeftxError(f"choose a {what} first (train one in the Train tab or pull one in the Hub tab)")
+        row = self.registry.get(run_id)
+        if row is None:
+            raise DeftxError(f"unknown run {run_id!r}; refresh the page")
+        if row["state"] != "done" or not row["vector_dir"] or not Path(row["vector_dir"]).is_dir():
+            raise DeftxError(f"run {row['name']} ({row['state']}) has no vector yet")
+        return row["vector_dir"]
+
+
+def torch_threads() -> None:
+    """Inference in the app uses few intra-op threads (DEFTX_APP_THREADS, default 1): training jobs run in
+    their own processes on the same cores, and a one-sentence forward pass is slower, not faster, when its
+    threads wait for busy cores (measured: 46 ms with 2 threads vs 1.7 ms with 1 on a loaded 2-core box)."""
+    global _threads_set
+    if not _threads_set:
+        import torch
+
+        torch.set_num_threads(app_threads())
+        _threads_set = True
+
+
+def warm_up() -> None:
+    """Import torch/transformers and build one Plotly figure of each kind in the background, so the first
+    Start, prediction and chart do not pay for it (the first Plotly figure alone takes ~0.3 s)."""
+    time.sleep(2)
+    try:
+        import deftx_engine.evaluate  # noqa: F401 -- torch + transformers
+        import deftx_engine.train  # noqa: F401
+        from deftx_engine import plots
+
+        torch_threads()
+        plots.probabilities_figure(["a", "b"], [0.5, 0.5]).to_json()
+        plots.loss_figure([{"phase": "full", "step": 1, "loss": 1.0}]).to_json()
+        render.label_bar({"a": 1}, "warm-up").to_json()
+    except Exception:  # noqa: BLE001
+        log.exception("warm-up failed")

@@ -1,0 +1,338 @@
+"""Train tab: the settings of a run (filled by presets and by the Data tab), Start / Cancel / Resume. The
+progress of the shown run is polled by ``tabs.runs``."""
+from __future__ import annotations
+
+import html
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from deftx_engine import presets as engine_presets
+from deftx_engine.data import load_corpus, load_task_data
+from deftx_engine.errors import DeftxError
+
+from .. import EXAMPLE, EXAMPLE_LANG
+from ..components import UI, Updates, handler
+from ..render import cut, ok, run_choices
+from ..rundb import QueueFull
+from ..settings import default_model, max_lines, max_queue, max_steps
+from ..state import Studio
+
+BASE_MODELS = ["minilm", "FacebookAI/xlm-roberta-base", "FacebookAI/xlm-roberta-large"]
+PRESETS = list(engine_presets.PRESETS)  # cpu-demo, paper-xlmr-base
+CUSTOM = "custom"
+METHODS = [("DeFT-X (SVD-denoised)", "deftx"), ("LT-SFT (no denoising)", "lt-sft")]
+# xlm-roberta-base's maskable entries (every encoder parameter but LayerNorm; benchmarks/core.py). Only used
+# to show the paper preset's k, which is a count, as a share on the k slider.
+XLMR_BASE_MASKABLE = 277_414_656
+# the controls a preset fills, in the order of apply_preset's values
+PRESET_FIELDS = ["base", "method", "policy", "energy", "rank", "rho", "k", "full", "sparse", "epochs", "lr", "bs",
+                 "maxlen", "seed"]
+START_INPUTS = ["train.kind", "train.base", "train.data", "train.lang", "train.name", "train.method", "train.policy",
+                "train.energy", "train.rank", "train.rho", "train.k", "train.full", "train.sparse", "train.epochs",
+                "train.lr", "train.bs", "train.maxlen", "train.seed", "train.textcol", "train.paircol",
+                "train.labelcol", "train.preset", "train.k_exact"]
+
+
+def layout(ui: UI) -> None:
+    init = engine_presets.preset("cpu-demo", "language")
+    model0 = default_model()
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, elem_classes="dx-panel"):
+            with gr.Row():
+                preset = gr.Dropdown(PRESETS + [CUSTOM], value="cpu-demo", label="Preset",
+                                     info="fills the settings below", scale=1)
+                kind = gr.Radio([("Language SFT", "language"), ("Task SFT", "task")], value="language",
+                                label="Kind", scale=1, elem_id="dx-kind")
+            base = gr.Dropdown(list(dict.fromkeys([model0] + BASE_MODELS)), value=model0,
+                               allow_custom_value=True, label="Base model",
+                               info="minilm works offline; or any Hub id / local model folder")
+            with gr.Row():
+                data = gr.Textbox(str(EXAMPLE["corpus"]), label="Training data", scale=3, elem_id="dx-data",
+                                  info="set from the Data tab (or type a path / hub: spec)")
+                lang = gr.Textbox(EXAMPLE_LANG["language"], label="Language", scale=1,
+                                  info="code stored in the vector")
+            name = gr.Textbox("", label="Run name (optional)", placeholder="e.g. id-language-demo")
+            method = gr.Radio(METHODS, value="deftx", label="Method")
+            with gr.Group(visible=True) as denoise:
+                with gr.Row():
+                    policy = gr.Radio([("energy τ", "energy"), ("fixed rank r", "fixed")],
+                                      value="energy", label="Rank policy", scale=1)
+                    energy = gr.Slider(0.5, 1.0, value=init["energy"], step=0.01,
+                                       label="τ — share of σ² energy kept", scale=2)
+                    rank = gr.Slider(1, 768, value=100, step=1, label="r — rank kept", visible=False, scale=2)
+                rho = gr.Slider(0.0, 0.2, value=init["residual_share"], step=0.005,
+                                label="ρ — share of each matrix's residual kept")
+            k = gr.Slider(0.1, 20.0, value=round(init["k"] * 100, 2), step=0.1,
+                          label="k — % of the maskable parameters trained")
+            with gr.Accordion("Training length and optimiser", open=False):
+                with gr.Row():
+                    full = gr.Number(init.get("full_steps", 0), precision=0, minimum=0, label="Phase-1 steps",
+                                     info="0 = use epochs", elem_id="dx-full-steps")
+                    sparse = gr.Number(init.get("sparse_steps", 0), precision=0, minimum=0, label="Phase-2 steps",
+                                       info="0 = use epochs", elem_id="dx-sparse-steps")
+                    epochs = gr.Number(1.0, minimum=0.01, label="Epochs per phase", info="when steps are 0")
+                with gr.Row():
+                    lr = gr.Number(init["lr"], label="Learning rate", minimum=0)
+                    bs = gr.Number(init["batch_size"], precision=0, minimum=1, label="Batch size")
+                    maxlen = gr.Number(init["max_length"], precision=0, minimum=8, label="Max tokens")
+                    seed = gr.Number(init["seed"], precision=0, label="Seed")
+            with gr.Accordion("Data columns", open=False):
+                with gr.Row():
+                    textcol = gr.Textbox("", label="Text column", placeholder="auto")
+                    paircol = gr.Textbox("", label="Second text column", placeholder="auto")
+                    labelcol = gr.Textbox("label", label="Label column")
+        with gr.Column(scale=6):
+            with gr.Row():
+                start = gr.Button("▶ Start training", variant="primary", elem_id="dx-start", scale=3)
+                cancel = gr.Button("■ Cancel", variant="stop", elem_id="dx-cancel", scale=1)
+                resume = gr.Button("↻ Resume", elem_id="dx-resume", scale=1)
+            status = gr.Markdown(elem_classes="dx-status", elem_id="dx-train-status")
+            watch = gr.Dropdown([], value=None, label="Run shown", allow_custom_value=True)
+            progress = gr.HTML(ui.studio.progress(None), elem_id="dx-progress", js_on_load=None)
+            loss = gr.Plot(label="Loss", show_label=False)
+            log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_classes="dx-log",
+                             autoscroll=True)
+            with gr.Accordion("Status details", open=False):
+                details = gr.JSON(label="status", elem_id="dx-details")
+    ui.add("train", preset=preset, kind=kind, base=base, data=data, lang=lang, name=name, method=method,
+           denoise=denoise, policy=policy, energy=energy, rank=rank, rho=rho, k=k, full=full, sparse=sparse,
+           epochs=epochs, lr=lr, bs=bs, maxlen=maxlen, seed=seed, textcol=textcol, paircol=paircol,
+           labelcol=labelcol, start=start, cancel=cancel, resume=resume, status=status, watch=watch,
+           progress=progress, loss=loss, log=log, details=details, timer=gr.Timer(2.0),
+           run_id=gr.Textbox(visible=False), status_button=gr.Button(visible=False),
+           k_exact=gr.State(None))  # (shown %, exact count) when a preset's k is a count
+
+
+def preset_values(name: str, kind: str) -> dict[str, Any]:
+    """Control values for a preset (explicit engine defaults for what the preset leaves out)."""
+    import dataclasses
+
+    from deftx_engine.train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    v = {**defaults, **engine_presets.preset(name, kind)}
+    if v["base_model"] == "minilm":
+        v["base_model"] = default_model()
+    return v
+
+
+@handler(*(f"train.{f}" for f in PRESET_FIELDS), "train.k_exact", "train.data", "train.lang", "train.textcol",
+         "train.paircol", "train.labelcol", "train.status", status=-1)
+def apply_preset(studio: Studio, name, kind, corpus, task) -> Updates:
+    """Fill the controls from a preset (and the data checked in the Data tab for this kind)."""
+    src = corpus if kind == "language" else task
+    example = str(EXAMPLE["corpus" if kind == "language" else "task"])
+    out = {"train.data": src["data"], "train.textcol": src["text"], "train.paircol": src["pair"],
+           "train.labelcol": src["label"], "train.status": ""}
+    if src["data"] == example:
+        out["train.lang"] = EXAMPLE_LANG[kind]
+    if name == CUSTOM or not name:
+        return {**out, "train.k_exact": None}
+    v = preset_values(name, kind)
+    k = v["k"]
+    if 0 < k < 1:
+        k_pct, exact = round(k * 100, 2), None
+    else:
+        k_pct = round(100 * k / XLMR_BASE_MASKABLE, 2)
+        exact = [k_pct, int(k)]
+    epochs = v["full_epochs"] if not v["full_steps"] else v.get("sparse_epochs", 1.0)
+    values = [gr.update(value=v["base_model"]), v["method"], v["rank_policy"], v["energy"], v["rank"],
+              v["residual_share"], k_pct, v["full_steps"], v["sparse_steps"], epochs, v["lr"], v["batch_size"],
+              v["max_length"], v["seed"]]
+    return {**out, **{f"train.{f}": x for f, x in zip(PRESET_FIELDS, values, strict=True)}, "train.k_exact": exact}
+
+
+@handler("train.denoise", status=None)
+def method_changed(studio: Studio, method) -> Updates:
+    return {"train.denoise": gr.update(visible=method == "deftx")}
+
+
+@handler("train.energy", "train.rank", status=None)
+def policy_changed(studio: Studio, policy) -> Updates:
+    return {"train.energy": gr.update(visible=policy == "energy"), "train.rank": gr.update(visible=policy == "fixed")}
+
+
+@handler("train.preset", status=None)
+def mark_custom(studio: Studio) -> Updates:
+    """A control changed by hand: the settings are no longer a preset's."""
+    return {"train.preset": CUSTOM}
+
+
+def number(value: Any, what: str, *, integer: bool = False, minimum: float | None = None,
+           default: float | None = None) -> float | int:
+    """A number from a form field or an API call; empty, NaN, infinite or out-of-range values are refused
+    with a message naming the field (never a ValueError from int())."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if default is None:
+            raise DeftxError(f"{what}: give a number")
+        value = default
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise DeftxError(f"{what} must be a number, got {cut(value, 40)!r}") from None
+    if math.isnan(x) or math.isinf(x):
+        raise DeftxError(f"{what} must be a finite number, got {value}")
+    if integer:
+        if x != int(x):
+            raise DeftxError(f"{what} must be a whole number, got {value}")
+        x = int(x)
+    if minimum is not None and x < minimum:
+        raise DeftxError(f"{what} must be at least {minimum:g}, got {value}")
+    return x
+
+
+@handler("train.status", "train.run_id", "train.progress", "train.watch")
+def start_training(studio: Studio, kind, base_model, data, language, name, method, rank_policy, energy, rank,
+                   residual_share, k_percent, full_steps, sparse_steps, epochs, lr, batch_size, max_length, seed,
+                   text_column, pair_column, label_column, preset, k_exact_value) -> Updates:
+    """Validate the settings and the data, then queue a CLI training process. Returns
+    (message, run id, progress, shown-run dropdown)."""
+    from deftx_engine.train import TrainConfig
+
+    if kind not in ("language", "task"):
+        raise DeftxError("choose the kind of SFT: language or task")
+    data = (data or "").strip()
+    if not data:
+        raise DeftxError("no training data: check a file in the Data tab first")
+    if not data.startswith("hub:"):
+        data = str(studio.check_path(data))
+    k_percent = number(k_percent, "k")
+    if k_exact_value and abs(k_percent - float(k_exact_value[0])) < 1e-9:
+        k = int(k_exact_value[1])
+    else:
+        k = k_percent / 100.0
+        if not 0 < k < 1:
+            raise DeftxError(f"k must be between 0 and 100 %, got {k_percent}")
+    full_steps = number(full_steps, "phase-1 steps", integer=True, minimum=0, default=0)
+    sparse_steps = number(sparse_steps, "phase-2 steps", integer=True, minimum=0, default=0)
+    epochs = number(epochs, "epochs per phase", default=1.0)
+    lines_limit, steps_limit = max_lines(), max_steps()
+    values = dict(data=data, base_model=(base_model or "").strip() or "minilm",
+                  language=(language or "").strip(), method=method, rank_policy=rank_policy,
+                  energy=number(energy, "τ"), rank=number(rank, "r", integer=True),
+                  residual_share=number(residual_share, "ρ"), k=k,
+                  full_steps=full_steps, sparse_steps=sparse_steps, lr=number(lr, "learning rate"),
+                  batch_size=number(batch_size, "batch size", integer=True, minimum=1),
+                  max_length=number(max_length, "max tokens", integer=True, minimum=1),
+                  seed=number(seed, "seed", integer=True, minimum=0, default=0),
+                  text_column=(text_column or "").strip() or None,
+                  pair_column=(pair_column or "").strip() or None,
+                  label_column=(label_column or "").strip() or "label", max_lines=lines_limit)
+    if not full_steps or not sparse_steps:
+        if epochs <= 0:
+            raise DeftxError(f"epochs per phase must be > 0 when the steps are 0, got {epochs:g}")
+    if not full_steps:
+        values["full_epochs"] = epochs
+    if not sparse_steps:
+        values["sparse_epochs"] = epochs
+    if preset and preset != CUSTOM:
+        p = engine_presets.preset(preset, kind)
+        values.update({k_: p[k_] for k_ in ("save_steps", "logging_steps") if k_ in p})
+    cfg = TrainConfig(kind=kind, **values)  # ConfigError -> inline message
+    if steps_limit and (full_steps > steps_limit or sparse_steps > steps_limit):
+        raise DeftxError(f"at most {steps_limit:,} steps per phase on this server (DEFTX_MAX_STEPS)")
+    if steps_limit and (not full_steps or not sparse_steps) and data.startswith("hub:"):
+        raise DeftxError(f"this server allows at most {steps_limit:,} steps per phase (DEFTX_MAX_STEPS): "
+                         "give the phase-1 and phase-2 steps (not epochs) for a Hub dataset")
+    n_examples = None
+    if not data.startswith("hub:"):  # fail now, with line and field, rather than in the job
+        if kind == "language":
+            n_examples = len(load_corpus(data, cfg.text_column, max_lines=lines_limit))
+        else:
+            n_examples = len(load_task_data(data, text_column=cfg.text_column, pair_column=cfg.pair_column,
+                                            label_column=cfg.label_column, max_rows=lines_limit))
+    if steps_limit and n_examples:
+        per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
+        for what, steps, ep in (("phase 1", full_steps, cfg.full_epochs), ("phase 2", sparse_steps, cfg.sparse_epochs)):
+            need = steps or max(1, math.ceil(per_epoch * ep))
+            if need > steps_limit:
+                raise DeftxError(f"{what} would take {need:,} steps ({ep:g} epochs of {per_epoch:,}); this "
+                                 f"server allows at most {steps_limit:,} per phase (DEFTX_MAX_STEPS)")
+    argv = [sys.executable, "-m", "deftx_engine.cli", f"train-{kind}", "--output-dir", "{run_dir}"]
+    for key, val in cfg.to_dict().items():
+        if key == "kind" or val is None:
+            continue
+        argv += ["--" + key.replace("_", "-"), str(val)]
+    name = (name or "").strip() or f"{cfg.language or kind}-{kind}-{cfg.method}"
+    config = {**cfg.to_dict(), "preset": preset if preset != CUSTOM else None,
+              "data_shown": studio.display_names.get(data, Path(data).name if not data.startswith("hub:") else data)}
+    try:
+        run_id = studio.registry.submit(name, kind, argv, config=config, max_queued=max_queue())
+    except QueueFull as e:
+        raise DeftxError(f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again when a run has "
+                         "finished, or cancel one of yours") from None
+    row = wait_until_started(studio, run_id)
+    pos = studio.registry.queue_position(run_id)
+    what = "started" if row["state"] == "running" else (f"queued (#{pos})" if pos else "queued")
+    return {"train.status": ok(f"Run **{html.escape(name)}** {what}. Progress appears on the right."),
+            "train.run_id": run_id, "train.progress": studio.progress(row),
+            "train.watch": gr.update(choices=run_choices(studio.registry.list()), value=run_id)}
+
+
+def wait_until_started(studio: Studio, run_id: str) -> dict:
+    """The run's row once the scheduler thread started it (within a poll if a slot is free; 1 s at most)."""
+    row = studio.registry.get(run_id)
+    for _ in range(20):
+        if row["state"] != "queued":
+            break
+        time.sleep(0.05)
+        row = studio.registry.get(run_id)
+    return row
+
+
+@handler("train.status", "train.progress")
+def cancel_run(studio: Studio, run_id) -> Updates:
+    """Cancel a queued or running run; returns (message, progress)."""
+    if not run_id:
+        raise DeftxError("no run selected")
+    row = studio.registry.get(run_id)
+    if row is None:
+        raise DeftxError(f"unknown run {run_id!r}")
+    state = studio.registry.cancel(run_id)
+    row = studio.registry.get(run_id)
+    if state == "cancelled":
+        msg = ok(f"Run **{html.escape(row['name'])}** cancelled before it started.")
+    elif state == "running":
+        msg = ok(f"Stopping **{html.escape(row['name'])}**: it saves a checkpoint and stops within seconds.")
+    else:
+        msg = f"Run **{html.escape(row['name'])}** is already {state}."
+    return {"train.status": msg, "train.progress": studio.progress(row)}
+
+
+@handler("train.status", "train.progress")
+def resume_run(studio: Studio, run_id) -> Updates:
+    """Continue an interrupted, cancelled or failed run from its last checkpoint: the same run (id and
+    folder) is queued again with ``--resume``. Returns (message, progress)."""
+    if not run_id:
+        raise DeftxError("no run selected")
+    try:
+        studio.registry.resume(run_id, max_queued=max_queue())
+    except KeyError:
+        raise DeftxError(f"unknown run {run_id!r}") from None
+    except ValueError as e:
+        raise DeftxError(str(e)) from None
+    except QueueFull as e:
+        raise DeftxError(f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again later") from None
+    row = wait_until_started(studio, run_id)
+    pos = studio.registry.queue_position(run_id)
+    what = "resumed" if row["state"] == "running" else (f"queued to resume (#{pos})" if pos else "queued")
+    return {"train.status": ok(f"Run **{html.escape(row['name'])}** {what}: it continues from its last checkpoint."),
+            "train.progress": studio.progress(row)}
+
+
+def wire(ui: UI) -> None:
+    preset_inputs = ["train.preset", "train.kind", "data.corpus", "data.task"]
+    ui.on(ui["train.preset"].input, apply_preset, preset_inputs, api_name="apply_preset")
+    ui.on(ui["train.kind"].input, apply_preset, preset_inputs, api_visibility="private")
+    ui.on(ui["train.method"].change, method_changed, ["train.method"], api_visibility="private")
+    ui.on(ui["train.policy"].change, policy_changed, ["train.policy"], api_visibility="private")
+    for field in PRESET_FIELDS[1:]:
+        ui.on(ui[f"train.{field}"].input, mark_custom, api_visibility="private")
+    ui.on(ui["train.start"].click, start_training, START_INPUTS, api_name="start_training", concurrency_limit=2)
+    ui.on(ui["train.cancel"].click, cancel_run, ["train.watch"], api_name="cancel_run")
+    ui.on(ui["train.resume"].click, resume_run, ["train.watch"], api_name="resume_run")
