@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from deftx_engine.constants import KINDS
 from deftx_engine.runs import RunDir
 
 SCHEMA = """
@@ -184,7 +185,7 @@ class RunDB:
             if row["state"] not in RESUMABLE:
                 raise ValueError(f"run {row['name']} is {row['state']}; only "
                                  f"{', '.join(RESUMABLE)} runs can be resumed")
-            if not row["command"] or row["kind"] not in ("language", "task"):
+            if not row["command"] or row["kind"] not in KINDS:
                 raise ValueError(f"{row['name']} was not trained here (pulled vector), so there is nothing to resume")
             self._check_queue(db, max_queued)
             argv = list(row["command"])

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from deftx_engine.constants import KINDS
 from deftx_engine.errors import DeftxError
 from deftx_engine.runs import RunDir
 from deftx_engine.secrets import scrub
@@ -78,7 +79,7 @@ class Studio(FilePolicy):
         """The progress card of a registry row (or of no run)."""
         if row is None:
             return render.progress_html(None, {}, None, "")
-        status = RunDir(row["run_dir"]).status() if row["kind"] in ("language", "task") else {}
+        status = RunDir(row["run_dir"]).status() if row["kind"] in KINDS else {}
         position = self.registry.queue_position(row["id"]) if row["state"] == "queued" else None
         return render.progress_html(row, status, position, self.pretty(row["message"] or ""))
 

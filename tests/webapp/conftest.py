@@ -7,16 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from webapp.components import bind
-from webapp.tabs import analyze, data, hub, predict, runs, train
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# the handler behind each API name (webapp/tabs/*.py wire them under these names)
-ENDPOINTS = {"validate_data": data.validate_data, "apply_preset": train.apply_preset,
-             "start_training": train.start_training, "cancel_run": train.cancel_run, "resume_run": train.resume_run,
-             "run_status": runs.run_status, "list_runs": runs.list_runs, "analyze": analyze.analyze,
-             "spectrum": analyze.spectrum, "predict": predict.predict, "predict_file": predict.predict_file,
-             "evaluate": predict.evaluate_file, "push": hub.push, "pull": hub.pull}
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before Gradio is imported (by the fixtures)
 
 
 def _free_port() -> int:
@@ -35,8 +26,18 @@ def free_port() -> Callable[[], int]:
 def api() -> Callable:
     """``api(studio)``: the app's API endpoints by name as plain functions of that Studio, returning what an
     API call returns (the values in the endpoint's output order)."""
+    from webapp.components import bind
+    from webapp.tabs import analyze, data, hub, predict, runs, train
+
+    handlers = {"validate_data": data.validate_data, "apply_preset": train.apply_preset,  # as webapp/tabs wire them
+                "start_training": train.start_training, "cancel_run": train.cancel_run,
+                "resume_run": train.resume_run, "run_status": runs.run_status, "list_runs": runs.list_runs,
+                "analyze": analyze.analyze, "spectrum": analyze.spectrum, "predict": predict.predict,
+                "predict_file": predict.predict_file, "evaluate": predict.evaluate_file, "push": hub.push,
+                "pull": hub.pull}
+
     def endpoints(studio) -> dict[str, Callable]:
-        return {name: bind(fn, studio) for name, fn in ENDPOINTS.items()}
+        return {name: bind(fn, studio) for name, fn in handlers.items()}
 
     return endpoints
 

@@ -72,7 +72,8 @@ def test_five_sessions_start_watch_cancel_while_a_sixth_predicts(app):
 
     lock = threading.Lock()
     started_ids: list[tuple[int, str]] = []  # (session, run id) as returned to the sessions
-    counts = {"starts": 0, "cancels": 0, "cancels_running": 0, "resumes": 0, "status_polls": 0, "list_runs": 0, "predictions": 0}
+    counts = {"starts": 0, "cancels": 0, "cancels_running": 0, "resumes": 0, "status_polls": 0, "list_runs": 0,
+              "predictions": 0}
     resumed: dict[str, int] = {}
     errors: list[str] = []
     latencies: list[float] = []

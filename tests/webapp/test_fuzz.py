@@ -25,7 +25,8 @@ CASES = {"uploads": 0, "typed paths": 0, "training settings": 0, "http uploads":
 ACCEPTED = dict.fromkeys(CASES, 0)
 SEEN: dict[str, set] = {}  # kinds of refusal seen, to show the variety
 REFUSALS = ("queue is full", "binary", "utf-8", "empty", "no column", "no text", "no data rows", "cannot tell which",
-            "extension", "fields", "json", "label", "only reads", "limit", "must be", "give a number", "usable path", "too long", "does not exist", "not a regular", "nul", "steps", "hub", "k must")
+            "extension", "fields", "json", "label", "only reads", "limit", "must be", "give a number", "usable path",
+            "too long", "does not exist", "not a regular", "nul", "steps", "hub", "k must")
 OK, ERR = "<span class='dx-ok'>", "<span class='dx-err'>"
 FUZZ = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1)
@@ -226,9 +227,11 @@ def test_http_uploads_through_gradio_client(app, tmp_path, free_port):
     try:
         c = Client(demo.local_url, verbose=False, download_files=str(tmp_path / "dl"))
         rng = random.Random(6)
-        cases = [("..%2F..%2Fetc%2Fpasswd.txt", b"hello\nworld\n"), ("<img src=x onerror=alert(1)>.csv", b"text,label\n"),
+        cases = [("..%2F..%2Fetc%2Fpasswd.txt", b"hello\nworld\n"),
+                 ("<img src=x onerror=alert(1)>.csv", b"text,label\n"),
                  ("ünï cødé 文字.txt", "Saya suka makan.\n".encode()), ("x" * 200 + ".txt", b"a\nb\n"),
-                 ("blob.txt", bytes(rng.randrange(256) for _ in range(4000))), ("latin.csv", "text,label\ncafé,x\n".encode("latin-1")),
+                 ("blob.txt", bytes(rng.randrange(256) for _ in range(4000))),
+                 ("latin.csv", "text,label\ncafé,x\n".encode("latin-1")),
                  ("utf16.txt", "hello\n".encode("utf-16")), ("huge.txt", b"w" * 300_000 + b"\nok\n"),
                  ("cols.csv", b"sentence,sentiment\nGood.,positive\n"), ("empty.jsonl", b""),
                  ("bad.jsonl", b'{"text": "a", "label": "x"}\n{"text": \n'), ("-rf .txt", b"ok\n")]
@@ -241,7 +244,8 @@ def test_http_uploads_through_gradio_client(app, tmp_path, free_port):
                 msg, *_ = c.predict(role, handle_file(str(p)), "", "", "", "label", api_name="/validate_data")
                 SLOWEST[1] = max(SLOWEST[1], time.time() - t)
                 assert time.time() - t < 20
-                check_message(msg, "http uploads")  # also: no tag from the name (Gradio drops '<' and '>'; the app escapes)
+                # also: no tag from the name (Gradio drops '<' and '>'; the app escapes)
+                check_message(msg, "http uploads")
     finally:
         demo.close()
 

@@ -14,7 +14,8 @@ from tiny import ASSETS
 
 pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
-LIMITS = ("DEFTX_MAX_UPLOAD_MB", "DEFTX_MAX_LINES", "DEFTX_MAX_STEPS", "DEFTX_MAX_QUEUE", "DEFTX_MAX_JOBS", "DEFTX_AUTH")
+LIMITS = ("DEFTX_MAX_UPLOAD_MB", "DEFTX_MAX_LINES", "DEFTX_MAX_STEPS", "DEFTX_MAX_QUEUE", "DEFTX_MAX_JOBS",
+          "DEFTX_AUTH")
 ERR = "<span class='dx-err'>"
 
 

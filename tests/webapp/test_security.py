@@ -162,7 +162,8 @@ def test_the_app_serves_only_its_outputs_folder(launched):
     q = urllib.parse.quote
     status, body = get(url, f"/gradio_api/file={q(str(outputs / 'predictions.csv'))}")
     assert status == 200 and body.startswith(b"text,prediction")
-    refused = ["/etc/passwd", "/proc/self/environ", str(home / "registry.sqlite3"), str(home / "uploads/someone-else.csv"),
+    refused = ["/etc/passwd", "/proc/self/environ", str(home / "registry.sqlite3"),
+               str(home / "uploads/someone-else.csv"),
                str(home / "runs"), str(outputs / "leak.txt"), str(outputs) + "/../registry.sqlite3",
                str(outputs) + "/%2e%2e/registry.sqlite3", str(ASSETS / "target_corpus_id.txt"),
                str(Path(__file__).resolve()), "file:///etc/passwd", "//etc/passwd"]
@@ -305,7 +306,8 @@ def test_auth_refuses_requests_without_a_login(launched, monkeypatch, tmp_path):
     status, _ = get(url, f"/gradio_api/file={home / 'outputs'}/x.csv")
     assert status in (401, 403)
     conn = http.client.HTTPConnection("127.0.0.1", urllib.parse.urlsplit(url).port, timeout=30)
-    conn.request("POST", "/gradio_api/call/list_runs", body="{\"data\": []}", headers={"Content-Type": "application/json"})
+    conn.request("POST", "/gradio_api/call/list_runs", body="{\"data\": []}",
+                 headers={"Content-Type": "application/json"})
     assert conn.getresponse().status in (401, 403)
     conn.close()
     with pytest.raises(Exception):

@@ -6,6 +6,7 @@ import html
 
 import gradio as gr
 
+from deftx_engine.constants import KINDS
 from deftx_engine.errors import DeftxError
 from deftx_engine.runs import RunDir, read_json
 
@@ -39,7 +40,7 @@ def layout(ui: UI) -> None:
 def spectra(studio: Studio, run_id: str | None) -> dict:
     """The per-matrix SVD records of a trained run (none for pulled vectors)."""
     row = studio.registry.get(run_id) if run_id else None
-    if row is None or row["kind"] not in ("language", "task") or row["config"].get("source"):
+    if row is None or row["kind"] not in KINDS or row["config"].get("source"):
         return {}
     return read_json(RunDir(row["run_dir"]).spectra_file, {}) or {}
 

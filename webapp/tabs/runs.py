@@ -7,6 +7,7 @@ import time
 
 import gradio as gr
 
+from deftx_engine.constants import KINDS
 from deftx_engine.runs import RunDir
 
 from ..components import UI, Updates, handler
@@ -38,7 +39,7 @@ def status_of(studio: Studio, run_id, sig) -> Updates:
         return {"train.progress": studio.progress(None), "train.loss": None, "train.log": "", "train.details": {},
                 "runs.watch_sig": "none"}
     rd = RunDir(row["run_dir"])
-    st = rd.status() if row["kind"] in ("language", "task") else {}
+    st = rd.status() if row["kind"] in KINDS else {}
     try:
         msize = rd.metrics_file.stat().st_size
     except OSError:

@@ -12,6 +12,8 @@ from typing import Any
 import gradio as gr
 
 from deftx_engine import presets as engine_presets
+from deftx_engine.constants import KINDS
+from deftx_engine.constants import METHODS as METHOD_NAMES
 from deftx_engine.data import load_corpus, load_task_data
 from deftx_engine.errors import DeftxError
 
@@ -25,7 +27,8 @@ from ..state import Studio
 BASE_MODELS = ["minilm", "FacebookAI/xlm-roberta-base", "FacebookAI/xlm-roberta-large"]
 PRESETS = list(engine_presets.PRESETS)  # cpu-demo, paper-xlmr-base
 CUSTOM = "custom"
-METHODS = [("DeFT-X (SVD-denoised)", "deftx"), ("LT-SFT (no denoising)", "lt-sft")]
+METHOD_LABELS = {"deftx": "DeFT-X (SVD-denoised)", "lt-sft": "LT-SFT (no denoising)"}
+METHODS = [(METHOD_LABELS[m], m) for m in METHOD_NAMES]  # the engine's list, labelled
 # xlm-roberta-base's maskable entries (every encoder parameter but LayerNorm; benchmarks/core.py). Only used
 # to show the paper preset's k, which is a count, as a share on the k slider.
 XLMR_BASE_MASKABLE = 277_414_656
@@ -194,7 +197,7 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
     (message, run id, progress, shown-run dropdown)."""
     from deftx_engine.train import TrainConfig
 
-    if kind not in ("language", "task"):
+    if kind not in KINDS:
         raise DeftxError("choose the kind of SFT: language or task")
     data = (data or "").strip()
     if not data:
