@@ -6,8 +6,8 @@ Every component a handler reads or updates is registered under a stable id ``<ta
 Handlers are module-level functions ``fn(studio, *inputs) -> {id: value}``: they take the app state
 explicitly and return updates keyed by component id; ids they leave out are left unchanged. ``@handler``
 declares which ids a handler may update (the order is the order of the values an API call returns) and, for
-handlers with a status field, turns errors into an inline message and a toast instead of a
-traceback. ``bind`` makes such a handler an event function of one app.
+handlers with a status field, turns errors into an inline message and a toast instead of a traceback. ``bind``
+makes such a handler an event function of one app.
 """
 from __future__ import annotations
 

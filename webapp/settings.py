@@ -106,6 +106,11 @@ def data_dirs() -> list[Path]:
             if p.strip()]
 
 
+def has_env_token() -> bool:
+    """HF_TOKEN is set: the Hub calls fall back to it when no token is typed (and no Space login)."""
+    return bool(os.environ.get("HF_TOKEN", "").strip())
+
+
 def log_level() -> str:
     """DEFTX_LOG_LEVEL (default INFO): the app's log level."""
     return os.environ.get("DEFTX_LOG_LEVEL", "INFO")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 import re
 import traceback
 from pathlib import Path
@@ -17,7 +16,7 @@ from deftx_engine.secrets import scrub
 
 from ..components import UI, Updates, handler
 from ..render import ok
-from ..settings import oauth_enabled
+from ..settings import has_env_token, oauth_enabled
 from ..state import Studio
 from .pickers import refresh_on_open
 
@@ -83,7 +82,7 @@ def push(studio: Studio, run_id, repo_id, private, token, oauth_token: gr.OAuthT
     if not REPO_ID.fullmatch(repo_id):
         raise DeftxError("give the repository as owner/name, e.g. your-name/deftx-id-language")
     tok = call_token(token, oauth_token)
-    if tok is None and not os.environ.get("HF_TOKEN", "").strip():
+    if tok is None and not has_env_token():
         raise DeftxError("pushing needs a Hugging Face token: paste one (write access) in the token field"
                          + (", sign in," if oauth_enabled() else "") + " or set the HF_TOKEN environment variable")
     row = studio.registry.get(run_id)
