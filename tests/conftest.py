@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models built in-process (no downloads), seeded; helpers live in tiny.py."""
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from tiny import tiny_bert_config
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# fitted MLM heads and built models go to a per-session cache, never the user's (inherited by subprocesses)
+os.environ["DEFTX_CACHE"] = tempfile.mkdtemp(prefix="deftx-test-cache-")
 
 NUSAX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nusax"
 

@@ -44,7 +44,10 @@ def test_run_folder_contents(trained):
     status = json.loads((lang / "status.json").read_text())
     assert status["state"] == "done" and status["step"] == status["total_steps"] == 16
     metrics = [json.loads(l) for l in (lang / "metrics.jsonl").read_text().splitlines()]
-    assert {m["phase"] for m in metrics} == {"full", "sparse"} and all(m["loss"] > 0 for m in metrics)
+    assert {m["phase"] for m in metrics} == {"full", "sparse", "heldout"}
+    assert all(m["loss"] > 0 for m in metrics if m["phase"] != "heldout")
+    held = next(m for m in metrics if m["phase"] == "heldout")  # every 10th corpus line, never trained on
+    assert held["lines"] == 40 and held["theta0"]["n"] == held["theta0+phi"]["n"] > 0
     spectra = json.loads((lang / "spectra.json").read_text())
     rec = spectra["bert.encoder.layer.0.attention.self.query.weight"]
     assert 1 <= rec["rank"] <= 32 and rec["energy_retained"] >= 0.9 and len(rec["singular_values"]) == 32
@@ -318,31 +321,19 @@ def test_task_sft_on_top_of_a_source_language_vector(trained, tiny_dir, tmp_path
         assert torch.equal(ckpt[name].reshape(-1)[idx.long()] - start, vec.values[name])
 
 
-def test_head_warmup_trains_only_the_heads_first(tiny_dir, tmp_path, monkeypatch):
-    from deftx_engine import train as T
-    from deftx_engine.params import parameter_roles
-
-    changed: dict[str, set] = {}
-    run_phase = T._run_phase
-
-    def spy(model, cfg, dataset, collator, out, steps, run, phase, *a, **kw):
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        finished = run_phase(model, cfg, dataset, collator, out, steps, run, phase, *a, **kw)
-        changed[phase] = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-        changed["heads"] = set(parameter_roles(model).heads)
-        return finished
-
-    monkeypatch.setattr(T, "_run_phase", spy)
+def test_fitted_mlm_head_is_cached_and_layers_above_mlm_layer_stay_out(tiny_dir, tmp_path):
+    """A base without an MLM head gets a fitted one (encoder frozen, cached); --mlm-layer 1 reads the first
+    layer, so the language vector touches nothing above it."""
     base = ["train-language", "--data", CORPUS, "--base-model", tiny_dir, "--full-steps", "3", "--sparse-steps", "3",
-            "--lr", "1e-3", *FAST]
-    assert main([*base, "--output-dir", str(tmp_path / "plain")]) == 0
-    assert "head-warmup" not in changed
-    assert main([*base, "--head-warmup-steps", "4", "--output-dir", str(tmp_path / "warm")]) == 0
-    assert changed["head-warmup"] and changed["head-warmup"] <= changed["heads"]  # the encoder stayed theta0
-    assert changed["full"] - changed["heads"], "phase 1 trains the encoder again"
-    a, b = SparseVector.load(tmp_path / "plain" / "vector"), SparseVector.load(tmp_path / "warm" / "vector")
-    assert a.nnz == b.nnz and a.heads.keys() == b.heads.keys()
-    assert any(not torch.equal(a.heads[n], b.heads[n]) for n in a.heads)
-    phases = {json.loads(line)["phase"] for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()}
-    assert phases == {"head-warmup", "full", "sparse"}
-    assert not (tmp_path / "warm" / "phase0").exists()
+            "--lr", "1e-3", "--k", "0.05", *FAST]
+    assert main([*base, "--mlm-layer", "1", "--output-dir", str(tmp_path / "a")]) == 0
+    assert main([*base, "--mlm-layer", "1", "--seed", "7", "--output-dir", str(tmp_path / "b")]) == 0
+    log_a, log_b = ((tmp_path / x / "log.txt").read_text() for x in "ab")
+    assert "MLM head fitted" in log_a and "MLM head loaded from the cache" in log_b
+    vec = SparseVector.load(tmp_path / "a" / "vector")
+    fit = vec.meta.extra["mlm_head"]
+    assert fit["layer"] == 1 and fit["heldout"]["n"] > 0 and fit["steps"] >= 1
+    assert any(".layer.0." in n for n in vec.indices) and not any(".layer.1." in n for n in vec.indices)
+    held = vec.meta.extra["heldout_mlm"]
+    assert set(held) >= {"theta0", "theta0+phi", "encoder_only"} and held["lines"] == 40
+    assert main([*base, "--mlm-layer", "3", "--output-dir", str(tmp_path / "c")]) == 2  # the model has 2 layers

@@ -1,0 +1,216 @@
+"""A fitted masked-LM head for encoders that ship none, and masked-token scores on held-out text.
+
+Why: a language SFT learns a language through an MLM head. Checkpoints such as multilingual-e5-small or
+MiniLM ship no head, and a random one (masked-token loss ln 250002 = 12.4) makes phase 1 spend the encoder
+delta on adapting to the head rather than to the language. So before a language SFT of such a base, the
+head alone is fitted with the encoder frozen: its decoder is the (frozen) input embedding matrix, and only
+the transform and the output bias train. It starts from an informed point -- identity transform, bias =
+log unigram frequency of the fitting text -- and trains until the held-out loss stops falling. The fitted
+head is cached by everything it depends on (base model, layer, text, settings), so every language SFT with
+the same inputs starts from the same head, and the fit is paid once.
+
+``layer``: the head may read the hidden states after layer ``layer`` instead of the last one. Contrastively
+trained sentence encoders (e5) keep little token identity in their top layers (measured in
+benchmarks/RESULTS.md); reading the MLM loss lower leaves the upper layers, which carry the sentence
+representation a task vector uses, outside the language SFT.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .e5_small import cache_root
+
+
+@dataclass
+class HeadFitConfig:
+    """How a head is fitted; part of the cache key."""
+
+    max_steps: int = field(default=400, metadata={"help": "most steps of head fitting"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the head fit"})
+    batch_size: int = field(default=32, metadata={"help": "sentences per head-fit step"})
+    max_length: int = field(default=64, metadata={"help": "tokens per sentence (truncated)"})
+    eval_every: int = field(default=50, metadata={"help": "held-out check every N steps"})
+    min_gain: float = field(default=0.01, metadata={"help": "stop when the held-out loss falls by less "
+                                                            "than this share over one check"})
+    seed: int = 0
+
+
+# ---- masking and scoring ---------------------------------------------------------------------------------
+def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int | torch.Tensor,
+                gen: torch.Generator | None, probability: float = 0.15,
+                replace: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking with an explicit generator (reproducible): ``probability`` of the non-special tokens
+    become targets; of those 80 % <mask>, 10 % a random token (from ``range(vocab)``, or from ``vocab`` when
+    it is a tensor of ids), 10 % unchanged (``replace=False``: all <mask>, for scoring). Returns (inputs,
+    labels with -100 where no target)."""
+    ids = input_ids.clone()
+    chosen = (torch.rand(ids.shape, generator=gen) < probability) & ~special
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    if not replace:
+        ids[chosen] = mask_id
+        return ids, labels
+    r = torch.rand(ids.shape, generator=gen)
+    ids[chosen & (r < 0.8)] = mask_id
+    rand = chosen & (r >= 0.8) & (r < 0.9)
+    if isinstance(vocab, torch.Tensor):  # (an empty set of ids: the token stays as it is)
+        if len(vocab):
+            ids[rand] = vocab[torch.randint(len(vocab), (int(rand.sum()),), generator=gen)]
+    else:
+        ids[rand] = torch.randint(vocab, (int(rand.sum()),), generator=gen)
+    return ids, labels
+
+
+def _batches(tokenizer, lines: Sequence[str], batch_size: int, max_length: int):
+    for i in range(0, len(lines), batch_size):
+        enc = tokenizer(list(lines[i:i + batch_size]), truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt", return_special_tokens_mask=True)
+        special = enc.pop("special_tokens_mask").bool() | (enc["attention_mask"] == 0)
+        yield enc, special
+
+
+@torch.no_grad()
+def masked_lm_scores(model, tokenizer, lines: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
+                     seed: int = 0) -> dict:
+    """Masked-token loss and top-1 accuracy of ``model`` (a ``models.MaskedLMForSFT``) on ``lines``, with
+    the same masked positions for every model given the same seed (so models compare entry for entry)."""
+    gen = torch.Generator().manual_seed(seed)
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    loss_sum, correct, n = 0.0, 0, 0
+    for enc, special in _batches(tokenizer, lines, batch_size, max_length):
+        ids, labels = mask_tokens(enc["input_ids"], special, tokenizer.mask_token_id, len(tokenizer), gen,
+                                  replace=False)
+        enc = {k: v.to(dev) for k, v in enc.items()}
+        out = model(**{**enc, "input_ids": ids.to(dev)}, labels=labels.to(dev))
+        picked = labels[labels != -100].to(dev)
+        if picked.numel():
+            loss_sum += float(F.cross_entropy(out["logits"].float(), picked, reduction="sum"))
+            correct += int((out["logits"].argmax(-1) == picked).sum())
+            n += picked.numel()
+    model.train(was)
+    return {"loss": loss_sum / n if n else float("nan"), "accuracy": correct / n if n else float("nan"), "n": n}
+
+
+# ---- the head ------------------------------------------------------------------------------------------------
+def head_parameters(model) -> dict[str, nn.Parameter]:
+    """The trainable parameters of the MLM head: not the decoder weight (the frozen input embedding), and
+    not its LayerNorm (frozen everywhere, as in LT-SFT)."""
+    from .params import parameter_roles
+
+    return {n: p for n, p in model.named_parameters() if n in parameter_roles(model).heads and p.requires_grad}
+
+
+def _informed_start(model, tokenizer, lines: Sequence[str], max_length: int) -> None:
+    """Identity transform and bias = log unigram frequency (add-one smoothed) of the fitting text."""
+    head = getattr(model, model._head_name)
+    hidden = model.config.hidden_size
+    counts = torch.ones(len(tokenizer), dtype=torch.float64)
+    for i in range(0, len(lines), 256):
+        for ids in tokenizer(list(lines[i:i + 256]), truncation=True, max_length=max_length)["input_ids"]:
+            counts += torch.bincount(torch.tensor(ids), minlength=len(tokenizer)).double()
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, nn.Linear) and module.weight.shape == (hidden, hidden):
+                module.weight.copy_(torch.eye(hidden))
+                module.bias.zero_()
+        for p in head_parameters(model).values():
+            if p.ndim == 1 and p.shape[0] == len(tokenizer):
+                p.copy_((counts / counts.sum()).log().to(p.dtype))
+
+
+def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg: HeadFitConfig,
+             progress: Callable[[str], None] | None = None) -> dict:
+    """Fit the head of ``model`` in place (encoder frozen); returns the fit's record (steps, losses)."""
+    params = head_parameters(model)
+    enc_params = [p for n, p in model.named_parameters() if n not in params]
+    frozen = [p.requires_grad for p in enc_params]
+    for p in enc_params:
+        p.requires_grad_(False)
+    _informed_start(model, tokenizer, train, cfg.max_length)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dev = next(model.parameters()).device
+    score = lambda: masked_lm_scores(model, tokenizer, heldout, max_length=cfg.max_length, seed=cfg.seed)  # noqa: E731
+    history = [{"step": 0, **score()}]
+    t0, step, best = time.time(), 0, history[0]["loss"]
+    model.train()
+    while step < cfg.max_steps:
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for i in range(0, len(order) - cfg.batch_size + 1 or 1, cfg.batch_size):
+            batch = [train[j] for j in order[i:i + cfg.batch_size]]
+            enc, special = next(_batches(tokenizer, batch, cfg.batch_size, cfg.max_length))
+            ids, labels = mask_tokens(enc["input_ids"], special, tokenizer.mask_token_id, len(tokenizer), gen)
+            enc = {k: v.to(dev) for k, v in enc.items()}
+            loss = model(**{**enc, "input_ids": ids.to(dev)}, labels=labels.to(dev))["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                history.append({"step": step, **score()})
+                if progress:
+                    progress(f"MLM head fit: step {step}, held-out loss {history[-1]['loss']:.3f}, "
+                             f"top-1 {history[-1]['accuracy']:.1%}")
+                gain = (best - history[-1]["loss"]) / best
+                best = min(best, history[-1]["loss"])
+                if gain < cfg.min_gain:
+                    step = cfg.max_steps
+            if step >= cfg.max_steps:
+                break
+    for p, was in zip(enc_params, frozen):
+        p.requires_grad_(was)
+    return {"steps": history[-1]["step"], "seconds": time.time() - t0, "history": history,
+            "heldout": history[-1], "config": asdict(cfg)}
+
+
+def split_heldout(lines: Sequence[str], share: float) -> tuple[list[str], list[str]]:
+    """Every ``round(1/share)``-th line is held out (deterministic, spread over the corpus)."""
+    if share <= 0 or len(lines) < 20:
+        return list(lines), []
+    every = max(2, round(1 / share))
+    return ([l for i, l in enumerate(lines) if i % every != every - 1],
+            [l for i, l in enumerate(lines) if i % every == every - 1])
+
+
+def cached_fit(model, tokenizer, base_key: str, lines: Sequence[str], cfg: HeadFitConfig,
+               progress: Callable[[str], None] | None = None) -> dict:
+    """Load the head fitted for these inputs from the cache, or fit and cache it. Returns its record."""
+    from safetensors.torch import load_file, save_file
+
+    from .fileio import atomic_write_bytes
+
+    text_hash = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([base_key, getattr(model, "mlm_layer", None), text_hash, asdict(cfg)],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_root() / "heads"
+    weights, record_file = folder / f"{key}.safetensors", folder / f"{key}.json"
+    params = head_parameters(model)
+    if weights.is_file() and record_file.is_file():
+        state = load_file(str(weights))
+        if set(state) == set(params):
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(state[n])
+            return {**json.loads(record_file.read_text(encoding="utf-8")), "cached": True}
+    train, heldout = split_heldout(lines, 0.1)
+    record = fit_head(model, tokenizer, train, heldout or train[: cfg.batch_size], cfg, progress)
+    record.update(layer=getattr(model, "mlm_layer", None), text_sha256=text_hash, n_lines=len(lines))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.{time.time_ns()}.safetensors"
+        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp))
+        tmp.replace(weights)
+        atomic_write_bytes(record_file, json.dumps(record).encode())
+    except OSError as e:  # a read-only cache costs a refit next time, never the run
+        if progress:
+            progress(f"could not cache the fitted head in {folder} ({e.strerror}); set DEFTX_CACHE")
+    return {**record, "cached": False}
