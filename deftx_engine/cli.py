@@ -186,14 +186,13 @@ def _read_texts(path: str, column: str | None) -> list[str]:
 
 
 def _inspect(args) -> int:
-    from .report import inspect_report
+    from .report import inspect_report, text_summary
 
     report = inspect_report(args.vectors, run=args.run, html=args.html)
     text = json.dumps(report, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")
-    else:
-        print(text)
+    print(text if args.json else text_summary(report))
     return 0
 
 
@@ -260,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vectors", nargs="+", help="one or more vector folders (overlap is reported for each pair)")
     p.add_argument("--run", help="a run folder whose spectra.json to include")
     p.add_argument("--html", help="write a standalone Plotly report here")
-    p.add_argument("--output", help="write the JSON here instead of stdout")
+    p.add_argument("--output", help="also write the whole report as JSON here")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a summary")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("push", help="upload a vector folder with a model card to the Hugging Face Hub")

@@ -136,6 +136,10 @@ def build_model_card(vec: SparseVector, repo_id: str, metrics: Mapping | None = 
         body.append("- **heads stored whole**: " + ", ".join(f"`{n}`" for n in vec.heads))
     if extra.get("converted_from"):
         body.append(f"- **converted from**: {_fmt(extra['converted_from'])}")
+    from .report import heldout_line
+
+    if heldout_line(extra.get("heldout_mlm")):
+        body.append(f"- **did it learn its language?** {_fmt(heldout_line(extra['heldout_mlm']))}")
 
     metrics = metrics if metrics is not None else extra.get("metrics")
     if isinstance(metrics, Mapping) and metrics:

@@ -19,8 +19,49 @@ def vector_summary(vec: SparseVector) -> dict:
             "base_model": vec.meta.base_model, "nnz": vec.nnz, "labels": vec.meta.label_names,
             "density_of_maskable": vec.nnz / n_maskable if n_maskable else None,
             "heads": sorted(vec.heads), "denoise": vec.meta.denoise,
+            "heldout_mlm": vec.meta.extra.get("heldout_mlm"), "mlm_head": vec.meta.extra.get("mlm_head"),
             "density_per_layer": densities(mask, shapes, layer_of),
             "density_per_module": densities(mask, shapes, module_type)}
+
+
+def heldout_line(held: dict | None) -> str | None:
+    """One sentence on whether a language vector learned its language (masked-token loss on held-out text)."""
+    try:
+        a, b, e = held["theta0"], held["theta0+phi"], held["encoder_only"]
+        float(a["loss"]), float(b["loss"]), float(e["loss"]), float(a["accuracy"]), float(b["accuracy"])
+    except (TypeError, KeyError, ValueError):  # absent (task vectors, older vectors) or not numbers
+        return None
+    verdict = "lower: it learned its language" if e["loss"] < a["loss"] else "NOT lower: it did not learn its language"
+    return (f"held-out masked-token loss ({held['lines']} lines): theta0 {a['loss']:.3f} (top-1 {a['accuracy']:.1%}), "
+            f"theta0 + phi {b['loss']:.3f} (top-1 {b['accuracy']:.1%}); with theta0's head {e['loss']:.3f} -- "
+            f"{verdict}")
+
+
+def text_summary(report: dict) -> str:
+    """What ``deftx inspect`` prints: a few readable lines per vector and per pair (``--json`` for all)."""
+    out = []
+    for path, v in report["vectors"].items():
+        density = f", {v['density_of_maskable']:.2%} of the maskable parameters" if v["density_of_maskable"] else ""
+        out.append(f"{path}: {v['kind']} vector ({v['language'] or 'no language'}), method {v['method']}, "
+                   f"base {v['base_model']}, {v['nnz']:,} entries{density}")
+        order = sorted(v["density_per_layer"], key=lambda k: (k.startswith("layer."), int(k[6:]) if
+                                                            k.startswith("layer.") and k[6:].isdigit() else 0, k))
+        layers = ", ".join(f"{k} {v['density_per_layer'][k]:.1%}" for k in order)
+        out.append(f"  density per layer: {layers}")
+        if v["labels"]:
+            out.append(f"  labels: {', '.join(v['labels'])}")
+        if v["mlm_head"]:
+            h = v["mlm_head"]["heldout"]
+            out.append(f"  fitted MLM head (layer {v['mlm_head']['layer'] or 'last'}): held-out loss {h['loss']:.3f}, "
+                       f"top-1 {h['accuracy']:.1%}")
+        if heldout_line(v["heldout_mlm"]):
+            out.append("  " + heldout_line(v["heldout_mlm"]))
+    for key, o in report["overlap"].items():
+        out.append(f"overlap {key}: {o['overall']['shared']:,} shared entries, Jaccard {o['overall']['jaccard']:.3f}")
+    if "spectra" in report:
+        ranks = [r["rank"] for r in report["spectra"].values()]
+        out.append(f"spectra: {len(ranks)} matrices, rank median {sorted(ranks)[len(ranks) // 2] if ranks else 0}")
+    return "\n".join(out)
 
 
 def spectra_summary(run: str | Path) -> dict:

@@ -103,7 +103,10 @@ def test_compose_evaluate_predict_inspect(trained, tmp_path, capsys):
     assert pred["label"] == rows[1].split(",")[1] and abs(pred["score"] - max(probs)) < 1e-3
     assert main(["inspect", lang, task, "--run", str(trained / "lang"), "--html", str(tmp_path / "r.html"),
                  "--output", str(tmp_path / "r.json")]) == 0
+    summary = capsys.readouterr().out  # a readable summary; the whole report with --json or --output
+    assert "language vector (id)" in summary and "held-out masked-token loss (40 lines)" in summary
     report = json.loads((tmp_path / "r.json").read_text())
+    assert report["vectors"][lang]["heldout_mlm"]["theta0"]["n"] > 0
     (key,) = report["overlap"]
     assert 0 <= report["overlap"][key]["overall"]["jaccard"] <= 1
     assert report["spectra"] and "plotly" in (tmp_path / "r.html").read_text()[:200000].lower()
