@@ -137,9 +137,10 @@ def load_corpus(
         lines = [text for where, record in table.rows if (text := _cell_text(where, record, text_name))]
         if not lines:
             raise DataError(
-                f"{table.name} has no text in column '{text_name}' (every row is blank). Fill it in or pass --text-column."
+                f"{table.name} has no text in column '{text_name}' (every row is blank).", field="text_column",
+                hint="Fill it in or {set} {text_column}.",
             )
-    _check_limit(str(src), len(lines), max_lines, "lines", "--max-lines")
+    _check_limit(str(src), len(lines), max_lines, "lines")
     return lines
 
 
@@ -163,9 +164,9 @@ def load_task_data(
     table = _load_table(src, _TASK_SUFFIXES, max_bytes)
     if not table.rows:
         raise DataError(f"{table.name} has no data rows. Add examples below the header.")
-    _check_limit(table.name, len(table.rows), max_rows, "rows", "--max-lines")
+    _check_limit(table.name, len(table.rows), max_rows, "rows")
     text_name, pair_name = _task_columns(table, _default_column(src, text_column), pair_column)
-    _require_column(table, label_column, "--label-column")
+    _require_column(table, label_column, "label_column")
     texts = [_required_text(where, record, text_name) for where, record in table.rows]
     pairs = [_required_text(where, record, pair_name) for where, record in table.rows] if pair_name else None
     raw_labels = [(where, _raw_label(where, record, label_column)) for where, record in table.rows]
@@ -215,8 +216,8 @@ def _read_text(path: Path, supported: tuple[str, ...], max_bytes: int) -> str:
     size = path.stat().st_size
     if size > max_bytes:
         raise DataError(
-            f"{path} is {_format_bytes(size)}, over the limit of {_format_bytes(max_bytes)}. "
-            "Use a smaller file or raise --max-bytes."
+            f"{path} is {_format_bytes(size)}, over the limit of {_format_bytes(max_bytes)}.", field="max_bytes",
+            hint="Use a smaller file or raise {max_bytes}.",
         )
     raw = path.read_bytes()
     nul = raw.find(b"\0", 0, _BINARY_SNIFF_BYTES)
@@ -253,10 +254,11 @@ def _format_bytes(n: int) -> str:
     return f"{n:,} bytes ({n / 2**20:.1f} MB)" if n >= 2**20 else f"{n:,} bytes"
 
 
-def _check_limit(name: str, count: int, limit: int | None, unit: str, flag: str) -> None:
+def _check_limit(name: str, count: int, limit: int | None, unit: str) -> None:
     """Refuse rather than truncate: a silently shortened dataset skews training and evaluation."""
     if limit is not None and count > limit:
-        raise DataError(f"{name} has {count} {unit}, more than the limit of {limit}. Raise {flag} or use a smaller file.")
+        raise DataError(f"{name} has {count} {unit}, more than the limit of {limit}.", field="max_lines",
+                        hint="Raise {max_lines} or use a smaller file.")
 
 
 def _load_table(src: Path | HubSource, supported: tuple[str, ...], max_bytes: int) -> _Table:
@@ -355,9 +357,10 @@ def _json_type(value: object) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _require_column(table: _Table, column: str, flag: str) -> None:
+def _require_column(table: _Table, column: str, field: str) -> None:
     if column not in table.columns:
-        raise DataError(f"{table.header} has no column '{column}'; columns are: {', '.join(table.columns)}. Pass {flag}.")
+        raise DataError(f"{table.header} has no column '{column}'; columns are: {', '.join(table.columns)}.",
+                        field=field, hint=f"{{Set}} {{{field}}}.")
 
 
 def _corpus_column(table: _Table, column: str | None) -> str:
@@ -365,7 +368,7 @@ def _corpus_column(table: _Table, column: str | None) -> str:
     if column is None and "text" not in table.columns and len(table.columns) == 1:
         return table.columns[0]
     name = column or "text"
-    _require_column(table, name, "--text-column")
+    _require_column(table, name, "text_column")
     return name
 
 
@@ -373,9 +376,9 @@ def _task_columns(table: _Table, text_column: str | None, pair_column: str | Non
     if text_column is None:
         text_column, detected_pair = _detect_text_columns(table)
         pair_column = pair_column if pair_column is not None else detected_pair
-    _require_column(table, text_column, "--text-column")
+    _require_column(table, text_column, "text_column")
     if pair_column is not None:
-        _require_column(table, pair_column, "--pair-column")
+        _require_column(table, pair_column, "pair_column")
     return text_column, pair_column
 
 
@@ -385,8 +388,8 @@ def _detect_text_columns(table: _Table) -> tuple[str, str | None]:
             return text, pair
     raise DataError(
         f"{table.header}: cannot tell which column holds the text; expected 'text', 'premise'+'hypothesis' or "
-        f"'sentence1'+'sentence2', but columns are: {', '.join(table.columns)}. "
-        "Pass --text-column (and --pair-column for sentence pairs)."
+        f"'sentence1'+'sentence2', but columns are: {', '.join(table.columns)}.", field="text_column",
+        hint="{Set} {text_column} (and {pair_column} for sentence pairs).",
     )
 
 
