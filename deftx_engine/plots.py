@@ -9,8 +9,7 @@ from .masks import densities
 from .params import layer_of, module_type
 
 
-def spectrum_figure(record: Mapping, title: str = "") -> go.Figure:
-    """Singular values (log scale), the chosen rank, and cumulative energy on a second axis."""
+def _spectrum_traces(record: Mapping, visible: bool = True) -> list[go.Scatter]:
     sigma = list(record["singular_values"])
     power = [s * s for s in sigma]
     total = sum(power) or 1.0
@@ -19,16 +18,50 @@ def spectrum_figure(record: Mapping, title: str = "") -> go.Figure:
         acc += p
         cum.append(acc / total)
     x = list(range(1, len(sigma) + 1))
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=x, y=sigma, name="singular value σ", mode="lines"))
-    fig.add_trace(go.Scatter(x=x, y=cum, name="cumulative energy (σ²)", mode="lines", yaxis="y2"))
-    fig.add_vline(x=max(record["rank"], 1), line_dash="dash",
-                  annotation_text=f"rank {record['rank']} ({record['energy_retained']:.0%} energy)")
-    fig.update_layout(title=title or record.get("name", ""), xaxis_title="index", yaxis_type="log",
-                      yaxis_title="σ", yaxis2=dict(overlaying="y", side="right", range=[0, 1.02],
-                                                   title="cumulative energy"),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
-                      margin=dict(t=70, l=50, r=50, b=40))
+    return [go.Scatter(x=x, y=sigma, name="singular value σ", mode="lines", visible=visible),
+            go.Scatter(x=x, y=cum, name="cumulative energy (σ²)", mode="lines", yaxis="y2", visible=visible)]
+
+
+def _rank_marker(record: Mapping) -> tuple[list[dict], list[dict]]:
+    """The chosen rank as a dashed line with a label (layout shapes and annotations)."""
+    r = max(record["rank"], 1)
+    return ([dict(type="line", x0=r, x1=r, yref="paper", y0=0, y1=1, line=dict(dash="dash", width=1))],
+            [dict(x=r, yref="paper", y=1.0, text=f"rank {record['rank']} ({record['energy_retained']:.0%} energy)",
+                  showarrow=False, xanchor="left", yanchor="bottom")])
+
+
+_SPECTRUM_AXES = dict(xaxis_title="index", yaxis=dict(type="log", title="σ", exponentformat="power"),
+                      yaxis2=dict(type="linear", overlaying="y", side="right", range=[0, 1.02], tickformat=".0%",
+                                  tickmode="linear", tick0=0, dtick=0.2,  # own ticks, not synced to the log axis
+                                  title="cumulative energy", showgrid=False),
+                      legend=dict(orientation="h", yanchor="top", y=-0.15, xanchor="right", x=1.0),
+                      margin=dict(t=80, l=60, r=60, b=60))
+
+
+def spectrum_figure(record: Mapping, title: str = "") -> go.Figure:
+    """Singular values (log scale), the chosen rank, and cumulative energy on a second (linear) axis."""
+    fig = go.Figure(_spectrum_traces(record))
+    shapes, notes = _rank_marker(record)
+    fig.update_layout(title=title or record.get("name", ""), shapes=shapes, annotations=notes, **_SPECTRUM_AXES)
+    return fig
+
+
+def spectra_picker_figure(records: Mapping[str, Mapping]) -> go.Figure:
+    """Every matrix's spectrum in one figure, with a menu to pick the matrix (the standalone report)."""
+    names = list(records)
+    fig = go.Figure([t for i, n in enumerate(names) for t in _spectrum_traces(records[n], visible=i == 0)])
+    buttons = []
+    for i, n in enumerate(names):
+        shapes, notes = _rank_marker(records[n])
+        buttons.append(dict(label=n, method="update",
+                            args=[{"visible": [j // 2 == i for j in range(2 * len(names))]},
+                                  {"title.text": f"Spectrum of the phase-1 delta: {n}", "shapes": shapes,
+                                   "annotations": notes}]))
+    shapes, notes = _rank_marker(records[names[0]]) if names else ([], [])
+    fig.update_layout(title=f"Spectrum of the phase-1 delta: {names[0]}" if names else "No spectra",
+                      shapes=shapes, annotations=notes,
+                      updatemenus=[dict(buttons=buttons, x=0.0, xanchor="left", y=1.22, yanchor="top")],
+                      **{**_SPECTRUM_AXES, "margin": dict(t=130, l=60, r=60, b=60)})
     return fig
 
 
@@ -37,9 +70,10 @@ def density_heatmap(mask: Mapping, shapes: Mapping[str, Sequence[int]], title: s
     shapes = {n: s for n, s in shapes.items() if n in mask}
     per = densities(mask, shapes, lambda n: f"{layer_of(n)}|{module_type(n)}")
     layers = sorted({k.split("|")[0] for k in per}, key=_layer_key)
-    mods = sorted({k.split("|")[1] for k in per})
+    mods = sorted({k.split("|")[1] for k in per}, key=_module_key)
     z = [[per.get(f"{l}|{m}") for m in mods] for l in layers]
-    fig = go.Figure(go.Heatmap(z=z, x=mods, y=layers, colorscale="Viridis", colorbar=dict(title="density"),
+    fig = go.Figure(go.Heatmap(z=z, x=mods, y=layers, colorscale="Viridis",
+                               colorbar=dict(title="density", tickformat=".0%"),
                                hovertemplate="%{y} %{x}: %{z:.2%}<extra></extra>"))
     fig.update_layout(title=title, margin=dict(t=50, l=90, r=20, b=40))
     return fig
@@ -49,7 +83,7 @@ def overlap_heatmap(report: Mapping, title: str = "Overlap") -> go.Figure:
     """Jaccard overlap of two masks per layer (rows) and module type (columns), overall figures in the title."""
     cells = report["per_layer_module"]
     layers = sorted({k.split("|")[0] for k in cells}, key=_layer_key)
-    mods = sorted({k.split("|")[1] for k in cells})
+    mods = sorted({k.split("|")[1] for k in cells}, key=_module_key)
     z = [[cells[f"{l}|{m}"]["jaccard"] if f"{l}|{m}" in cells else None for m in mods] for l in layers]
     o = report["overall"]
     fig = go.Figure(go.Heatmap(z=z, x=mods, y=layers, colorscale="Magma", colorbar=dict(title="Jaccard"),
@@ -86,6 +120,14 @@ def confusion_figure(metrics: Mapping) -> go.Figure:
                       xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",
                       margin=dict(t=50, l=90, r=20, b=40))
     return fig
+
+
+_MODULE_ORDER = ("embeddings", "attn.Q", "attn.K", "attn.V", "attn.O", "ffn")
+
+
+def _module_key(name: str) -> tuple:
+    """Module types in model order (embeddings, Q, K, V, O, FFN), anything else after them."""
+    return (_MODULE_ORDER.index(name) if name in _MODULE_ORDER else len(_MODULE_ORDER), name)
 
 
 def _layer_key(name: str):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import itertools
+from html import escape as html_escape
 from pathlib import Path
 from typing import Sequence
 
+from .fileio import atomic_write_text
 from .masks import densities, overlap
 from .params import layer_of, module_type
 from .runs import RunDir, read_json
@@ -17,7 +19,8 @@ def vector_summary(vec: SparseVector) -> dict:
     n_maskable = vec.meta.extra.get("n_maskable")
     return {"kind": vec.meta.kind, "language": vec.meta.language, "method": vec.meta.method,
             "base_model": vec.meta.base_model, "nnz": vec.nnz, "labels": vec.meta.label_names,
-            "density_of_maskable": vec.nnz / n_maskable if n_maskable else None,
+            "density_of_maskable": (vec.nnz / n_maskable if isinstance(n_maskable, (int, float))
+                                    and not isinstance(n_maskable, bool) and n_maskable > 0 else None),
             "heads": sorted(vec.heads), "denoise": vec.meta.denoise,
             "heldout_mlm": vec.meta.extra.get("heldout_mlm"), "mlm_head": vec.meta.extra.get("mlm_head"),
             "density_per_layer": densities(mask, shapes, layer_of),
@@ -88,9 +91,13 @@ def inspect_report(paths: Sequence[str | Path], run: str | Path | None = None, h
             figs.append(plots.overlap_heatmap(o, f"Overlap {key}"))
         if run:
             records = read_json(RunDir(run).spectra_file, {}) or {}
-            for name in list(records)[:12]:
-                figs.append(plots.spectrum_figure(records[name], f"Spectrum: {name}"))
-        parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
-        Path(html).write_text("<!doctype html><html><head><meta charset='utf-8'><title>DeFT-X report</title>"
-                              "</head><body>" + "\n".join(parts) + "</body></html>", encoding="utf-8")
+            if records:
+                figs.append(plots.spectra_picker_figure(records))
+        parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displayModeBar": False})
+                 for i, f in enumerate(figs)]
+        head = ("<h1>DeFT-X report</h1><pre style='white-space:pre-wrap'>" + html_escape(text_summary(report)) +
+                "</pre>")
+        atomic_write_text(html, "<!doctype html><html><head><meta charset='utf-8'><title>DeFT-X report</title>"
+                                "</head><body style='font-family:sans-serif;max-width:1100px;margin:auto'>" + head +
+                          "\n".join(parts) + "</body></html>")
     return report

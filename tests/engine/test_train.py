@@ -109,7 +109,10 @@ def test_compose_evaluate_predict_inspect(trained, tmp_path, capsys):
     assert report["vectors"][lang]["heldout_mlm"]["theta0"]["n"] > 0
     (key,) = report["overlap"]
     assert 0 <= report["overlap"][key]["overall"]["jaccard"] <= 1
-    assert report["spectra"] and "plotly" in (tmp_path / "r.html").read_text()[:200000].lower()
+    page = (tmp_path / "r.html").read_text()
+    assert report["spectra"] and "plotly" in page[:200000].lower()
+    assert "<h1>DeFT-X report</h1>" in page and "held-out masked-token loss" in page
+    assert all(name in page for name in report["spectra"])  # every matrix can be picked, not the first 12
 
 
 def test_lt_sft_has_no_spectra(tiny_dir, tmp_path):
@@ -340,3 +343,17 @@ def test_fitted_mlm_head_is_cached_and_layers_above_mlm_layer_stay_out(tiny_dir,
     held = vec.meta.extra["heldout_mlm"]
     assert set(held) >= {"theta0", "theta0+phi", "encoder_only"} and held["lines"] == 40
     assert main([*base, "--mlm-layer", "3", "--output-dir", str(tmp_path / "c")]) == 2  # the model has 2 layers
+
+
+def test_train_task_from_a_config_file(tiny_dir, tmp_path):
+    """deftx train-task --config run.json (how the web app starts jobs); an explicit option wins over the file."""
+    from deftx_engine.config import TrainConfig
+
+    cfg = TrainConfig(kind="task", data=TASK, base_model=tiny_dir, full_steps=2, sparse_steps=2, batch_size=8,
+                      max_length=32, lr=1e-3)
+    (tmp_path / "run.json").write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "r"
+    assert main(["train-task", "--config", str(tmp_path / "run.json"), "--sparse-steps", "1",
+                 "--output-dir", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text()) == {**cfg.to_dict(), "sparse_steps": 1}
+    assert json.loads((out / "status.json").read_text())["total_steps"] == 3
