@@ -6,12 +6,12 @@ pay for torch, transformers or huggingface_hub.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DenoiseConfig": "denoise", "DenoiseRecord": "denoise", "denoise_deltas": "denoise", "denoise_matrix": "denoise",
+    "DenoiseConfig": "config", "DenoiseRecord": "denoise", "denoise_deltas": "denoise", "denoise_matrix": "denoise",
     "ConfigError": "errors", "DataError": "errors", "DeftxError": "errors", "VectorError": "errors",
     "densities": "masks", "overlap": "masks", "select_top_k": "masks", "parameter_roles": "params",
     "SparseVector": "vectors", "VectorMeta": "vectors", "base_fingerprint": "vectors", "compose": "vectors",
     "ties_merge": "merge",
-    "TrainConfig": "train", "train_sft": "train", "composed_model": "evaluate", "predict_proba": "evaluate",
+    "TrainConfig": "config", "train_sft": "train", "composed_model": "evaluate", "predict_proba": "evaluate",
     "classification_metrics": "evaluate", "push_vector": "hub", "pull_vector": "hub",
     "load_corpus": "data", "load_task_data": "data", "RunDir": "runs",
 }

@@ -8,98 +8,70 @@ import json
 import os
 import signal
 import sys
+import typing
 from pathlib import Path
+from typing import Any, Literal
 
-from .constants import DEFAULT_K, MERGES, METHODS, TIES_DENSITY, TIES_LAMBDA
-from .errors import DeftxError
+from .constants import MERGES, TIES_DENSITY, TIES_LAMBDA
+from .errors import DeftxError, option
 
-HELP = {
-    "data": "training data: a path (.txt/.csv/.tsv/.jsonl) or hub:org/name[:config][@split][#column]",
-    "base_model": "base model: 'minilm' (offline default), a local folder, or a Hub id such as "
-                  "FacebookAI/xlm-roberta-base",
-    "language": "language code or name recorded in the vector (e.g. jav)",
-    "text_column": "column/key holding the text (default: 'text'; for tasks also premise/hypothesis)",
-    "pair_column": "second text column for pair tasks such as NLI",
-    "label_column": "column/key holding the label",
-    "method": "deftx = SVD-denoise the phase-1 delta before masking; lt-sft = plain magnitude mask",
-    "rank_policy": "energy = smallest rank keeping --energy of sum(sigma^2); fixed = --rank",
-    "energy": "share of the spectrum's energy (sigma^2) the low-rank part keeps",
-    "rank": "rank r for --rank-policy fixed (clipped to each matrix)",
-    "residual_share": "rho: share of each matrix's residual entries kept after the low-rank part (0 drops it)",
-    "k": "entries to train: a share of the maskable parameters (<1) or a count "
-         f"(default: {DEFAULT_K['language']} language, {DEFAULT_K['task']} task)",
-    "full_steps": "phase-1 (full fine-tuning) steps; 0 = use --full-epochs",
-    "full_epochs": "phase-1 epochs when --full-steps is 0",
-    "sparse_steps": "phase-2 (sparse fine-tuning) steps; 0 = use --sparse-epochs",
-    "sparse_epochs": "phase-2 epochs when --sparse-steps is 0",
-    "lr": "peak learning rate (linear decay)",
-    "batch_size": "examples per device per step",
-    "grad_accum": "gradient accumulation steps",
-    "max_length": "tokens per example (longer ones are truncated)",
-    "mlm_probability": "share of tokens masked for the masked-LM objective",
-    "weight_decay": "AdamW weight decay",
-    "warmup_steps": "warm-up steps, or a share of each phase's steps when < 1",
-    "seed": "random seed (data order, masking, head initialisation)",
-    "save_steps": "checkpoint every N steps (and when stopped by a signal)",
-    "logging_steps": "log the loss every N steps",
-    "max_lines": "refuse data with more lines/rows than this (unset: no limit)",
-    "max_bytes": "refuse data files larger than this many bytes",
-    "source_language_vector": "task SFT only: train on top of theta0 + this source-language vector (LT-SFT's setting)",
-    "sparse_phase": "run phase 2 (false: keep the masked phase-1 delta; an ablation)",
-    "fit_head": "language SFT of a base without a pretrained MLM head: first fit the head with the encoder "
-                "frozen, until its held-out loss stops falling (cached per base model, layer and text)",
-    "head_corpus": "text the MLM head is fitted on (a path or hub: spec; unset: this run's corpus)",
-    "mlm_layer": "language SFT: the MLM head reads this transformer layer's output (1 = first; unset: the last); "
-                 "the layers above it are left out of the language vector",
-    "heldout_share": "language SFT: share of the corpus held out to score theta0 against theta0 + phi "
-                     "(masked-token loss and top-1)",
-}
+def _parse_bool(text: str) -> bool:
+    """``--fit-head false``: a bool option takes a word, so a preset's or config file's True can be turned off."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _option_kwargs(typ: Any) -> dict[str, Any]:
+    """argparse settings for a ``TrainConfig`` field from its type object: ``X | None`` takes an X, ``Literal``
+    its values as choices, ``bool`` a true/false word."""
+    if typing.get_origin(typ) is Literal:
+        return {"choices": list(typing.get_args(typ))}
+    typ = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # X | None: X
+    if typ is bool:
+        return {"type": _parse_bool, "metavar": "{true,false}"}
+    return {"type": typ} if typ in (int, float) else {}
 
 
 def _add_train_parser(sub, kind: str):
-    from .train import TrainConfig
+    from .config import FIELDS, field_types
+    from .presets import PRESETS
 
     p = sub.add_parser(f"train-{kind}", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help=f"train a {kind} SFT (full FT -> denoise -> mask -> sparse FT)",
                        description=f"Train a {kind} sparse fine-tuning. Writes status.json, metrics.jsonl, "
-                                   "log.txt and vector/ to --output-dir.")
+                                   "log.txt and vector/ to --output-dir. Settings: explicit options win over "
+                                   "--config, --config over --preset, --preset over the defaults.")
     p.add_argument("--output-dir", required=True, help="run folder (refused if it holds a different run)")
-    p.add_argument("--preset", help="named settings: cpu-demo or paper-xlmr-base; explicit options win")
+    p.add_argument("--preset", help=f"named settings: {' or '.join(PRESETS)}; explicit options win")
+    p.add_argument("--config", help="a JSON file of settings (the keys are these options' names with _, e.g. "
+                                    "full_steps; a web-app run's config.json); explicit options win")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run in --output-dir")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "kind":
+    types = field_types()
+    for name, f in FIELDS.items():
+        if name == "kind":
             continue
-        opt = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kw = dict(help=HELP[f.name] + (f" (default: {default})" if default is not None else ""),
-                  default=argparse.SUPPRESS)
-        if f.name == "data":
-            kw["required"] = True
-        elif f.type in ("bool",):
-            kw["type"] = lambda s: s.lower() in ("1", "true", "yes")
-        elif f.type in ("int", "int | None"):
-            kw["type"] = int
-        elif f.type in ("float", "float | None"):
-            kw["type"] = float
-        if f.name in ("method",):
-            kw["choices"] = list(METHODS)
-        if f.name in ("rank_policy",):
-            kw["choices"] = ["energy", "fixed"]
-        p.add_argument(opt, **kw)
+        if f.default is dataclasses.MISSING:
+            note = " (required unless --config gives it)"
+        else:
+            note = f" (default: {f.default})" if f.default is not None else ""
+        p.add_argument(option(name), help=f.metadata["help"] + note, default=argparse.SUPPRESS,
+                       **_option_kwargs(types[name]))
     p.set_defaults(func=lambda a: _train(a, kind))
     return p
 
 
 def _train(args, kind: str) -> int:
-    from .presets import preset
+    from .config import FIELDS, resolve
     from .runs import RunDir, StopFlag
-    from .train import TrainConfig, train_sft
+    from .train import train_sft
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = preset(args.preset, kind) if args.preset else {}
-    values.update({k: v for k, v in vars(args).items() if k in fields})
-    cfg = TrainConfig(kind=kind, **values)
+    given = {k: v for k, v in vars(args).items() if k in FIELDS}
+    cfg = resolve(kind, preset_name=args.preset, file=args.config, values=given)
     print("configuration:", json.dumps(cfg.to_dict(), indent=2), file=sys.stderr)
     stop = StopFlag().install()
     run = RunDir(args.output_dir)

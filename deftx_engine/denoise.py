@@ -13,47 +13,18 @@ energy rule looks at.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
 
+from .config import DenoiseConfig
 from .errors import ConfigError
 from .masks import select_top_k
 from .timing import Times, step
 
 CHUNK_ROWS = 1 << 15  # rows per chunk when streaming over a tall matrix
-
-
-@dataclass
-class DenoiseConfig:
-    """How each weight-matrix delta is split into a low-rank part and a sparse residual.
-
-    rank_policy: "energy" -- smallest r whose cumulative sigma^2 reaches ``energy`` (the paper's choice);
-                 "fixed"  -- r = ``rank``, clipped to min(m, n).
-    energy: share of sum(sigma^2) that L must keep (0.90 as in the paper).
-    rank: r for the fixed policy (100 as in the paper's fixed-rank ablation).
-    residual_share: rho, share of the residual entries of each matrix kept in S (0.05; 0 drops S).
-    """
-
-    rank_policy: Literal["energy", "fixed"] = "energy"
-    energy: float = 0.90
-    rank: int = 100
-    residual_share: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.rank_policy not in ("energy", "fixed"):
-            raise ConfigError(f"rank_policy must be 'energy' or 'fixed', got {self.rank_policy!r}")
-        if not 0.0 < self.energy <= 1.0:
-            raise ConfigError(f"energy must be in (0, 1], got {self.energy}")
-        if self.rank < 0:
-            raise ConfigError(f"rank must be >= 0, got {self.rank}")
-        if not 0.0 <= self.residual_share <= 1.0:
-            raise ConfigError(f"residual_share must be in [0, 1], got {self.residual_share}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

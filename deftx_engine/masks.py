@@ -95,7 +95,7 @@ def k_from(k: int | float, total: int) -> int:
     if isinstance(k, float) and 0 < k < 1:
         return int(round(k * total))
     if float(k) != int(k) or k < 0:
-        raise ConfigError(f"k must be a count or a fraction in (0, 1); got {k}")
+        raise ConfigError(f"k must be a count or a fraction in (0, 1); got {k}", field="k")
     return int(k)
 
 

@@ -2,7 +2,8 @@
 
 ``status.json`` (state, phase, step, total steps, loss, ETA) is rewritten atomically as training goes;
 ``metrics.jsonl`` gets one line per logged step; ``run.json`` holds the resolved configuration. The CLI
-writes them, the web app only reads them (and sends SIGTERM to cancel).
+writes them, the web app only reads them (and sends SIGTERM to cancel). The one file a front end writes is
+``config.json``, the settings it submits (``deftx train-* --config``), before the process starts.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .errors import ConfigError
 from .fileio import write_json_atomic
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+SUBMITTED_CONFIG = "config.json"
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 
 
@@ -51,6 +53,7 @@ class RunDir:
         self.status_file = self.path / "status.json"
         self.metrics_file = self.path / "metrics.jsonl"
         self.config_file = self.path / "run.json"
+        self.submitted_file = self.path / SUBMITTED_CONFIG
         self.log_file = self.path / "log.txt"
         self.vector_dir = self.path / "vector"
         self.mask_file = self.path / "mask.safetensors"

@@ -7,24 +7,21 @@ Progress goes to the run folder (``runs.RunDir``), which is all the web app read
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .constants import DEFAULT_K, KINDS, METHODS, Kind, Method
-from .data import MAX_BYTES_DEFAULT, load_corpus, load_task_data
-from .denoise import DenoiseConfig, denoise_deltas
+from .config import TrainConfig
+from .data import load_corpus, load_task_data
+from .denoise import denoise_deltas
+from .embedding_rows import MLMCollator, train_rows_only, used_rows
 from .errors import ConfigError
 from .fileio import atomic_write_bytes, write_json_atomic
-from .embedding_rows import MLMCollator, train_rows_only, used_rows
 from .masks import k_from, select_top_k
 from .mlm_head import HeadFitConfig, cached_fit, masked_lm_scores, split_heldout
 from .models import load_cls_model, load_mlm_model, load_tokenizer
@@ -32,76 +29,6 @@ from .optim import SparseAdamW
 from .params import parameter_roles
 from .runs import RunDir, StopFlag, read_json
 from .vectors import SparseVector, VectorMeta, base_fingerprint
-
-
-@dataclass
-class TrainConfig:
-    """One SFT. Defaults are the paper's where it gives them, and small enough for a CPU otherwise."""
-
-    kind: Kind
-    data: str  # corpus (language) or labelled task file (task): path or hub:org/name[:config][@split][#column]
-    base_model: str = "minilm"  # alias, local folder or Hub id
-    language: str = ""  # language code/name recorded in the vector
-    text_column: str | None = None
-    pair_column: str | None = None
-    label_column: str = "label"
-    method: Method = "deftx"
-    rank_policy: Literal["energy", "fixed"] = "energy"
-    energy: float = 0.90
-    rank: int = 100
-    residual_share: float = 0.05
-    k: float | None = None  # share of maskable parameters (< 1) or a count; None: DEFAULT_K of the kind
-    full_steps: int = 0  # phase 1 steps; 0 = use full_epochs
-    full_epochs: float = 1.0
-    sparse_steps: int = 0  # phase 2 steps; 0 = use sparse_epochs
-    sparse_epochs: float = 1.0
-    lr: float = 5e-5
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_length: int = 128
-    mlm_probability: float = 0.15
-    weight_decay: float = 0.0
-    warmup_steps: float = 0.0  # count, or a share of the phase's steps when < 1
-    seed: int = 42
-    save_steps: int = 200
-    logging_steps: int = 5
-    max_lines: int | None = None  # refuse larger corpora/task files (protects shared deployments)
-    max_bytes: int = MAX_BYTES_DEFAULT  # refuse larger data files
-    source_language_vector: str | None = None  # task SFT on top of theta0 + this vector (LT-SFT's setting)
-    sparse_phase: bool = True  # False: the vector is the masked (denoised) phase-1 delta (ablation)
-    fit_head: bool = True  # language SFT of a base without an MLM head: fit one first (mlm_head.py; cached)
-    head_corpus: str | None = None  # text the head is fitted on; None: this run's corpus (held-out lines excluded)
-    mlm_layer: int | None = None  # language SFT: the MLM head reads this layer's output (None: the last)
-    heldout_share: float = 0.1  # language SFT: corpus share held out to score theta0 vs theta0 + phi
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"kind must be {' or '.join(map(repr, KINDS))}, got {self.kind!r}")
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be {' or '.join(map(repr, METHODS))}, got {self.method!r}")
-        for name in ("lr", "batch_size", "max_length", "grad_accum", "full_epochs", "sparse_epochs", "max_bytes"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
-        for name in ("full_steps", "sparse_steps", "warmup_steps", "weight_decay", "save_steps", "logging_steps"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
-        if not 0 <= self.heldout_share <= 0.5:
-            raise ConfigError(f"heldout_share must be between 0 and 0.5, got {self.heldout_share}")
-        if self.mlm_layer is not None and self.mlm_layer < 1:
-            raise ConfigError(f"mlm_layer must be >= 1 (the first transformer layer), got {self.mlm_layer}")
-        if self.k is None:
-            self.k = DEFAULT_K[self.kind]
-        if self.k <= 0:
-            raise ConfigError(f"k must be > 0, got {self.k}")
-        self.denoise_config()  # validates rank policy, energy, rank, residual share
-
-    def denoise_config(self) -> DenoiseConfig:
-        return DenoiseConfig(self.rank_policy, self.energy, self.rank, self.residual_share)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -193,13 +120,6 @@ def _progress_callback(run: RunDir, phase: str, offset: int, total: int, stop: S
 
 
 # ---- phases ------------------------------------------------------------------------------------------
-def _steps(cfg: TrainConfig, n_examples: int, steps: int, epochs: float, world: int) -> int:
-    if steps > 0:
-        return steps
-    per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum * world))
-    return max(1, math.ceil(per_epoch * epochs))
-
-
 def _last_checkpoint(folder: Path) -> str | None:
     """Newest *complete* checkpoint: Trainer writes trainer_state.json last, so a process killed while
     saving leaves a folder without a readable one, which is skipped."""
@@ -302,7 +222,8 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
     n_maskable = sum(params[n].numel() for n in roles.maskable)
     k = k_from(cfg.k, n_maskable)
     if k > n_maskable:
-        raise ConfigError(f"k = {k:,} is larger than the {n_maskable:,} maskable parameters of {cfg.base_model}")
+        raise ConfigError(f"k = {k:,} is larger than the {n_maskable:,} maskable parameters of {cfg.base_model}",
+                          field="k")
     if main:  # everything is checked: only now is the output folder claimed
         resume = run.claim(cfg.to_dict(), resume=resume, overwrite=overwrite)
     with run.record_failure(main):  # any error from here on marks the run failed (with its message)
@@ -326,8 +247,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
                 f"{head_fit['heldout']['loss']:.3f}, top-1 {head_fit['heldout']['accuracy']:.1%}")
         theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}  # a fitted head is theta0's
         heldout = _heldout_scores(model, tokenizer, dataset.heldout, cfg) if cfg.kind == "language" else None
-        full = _steps(cfg, len(dataset), cfg.full_steps, cfg.full_epochs, world)
-        sparse = _steps(cfg, len(dataset), cfg.sparse_steps, cfg.sparse_epochs, world) if cfg.sparse_phase else 0
+        full, sparse = cfg.planned_steps(len(dataset), world)
         total = full + sparse
         rows = used_rows(dataset.rows, tokenizer)
         collator = _collator(cfg, tokenizer, rows)

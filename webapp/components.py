@@ -28,6 +28,20 @@ from .state import Studio
 
 log = logging.getLogger(__name__)
 Updates = dict[str, Any]
+# The labels of the controls that set TrainConfig fields: the layouts use them, and engine errors name a
+# setting by them ("Set the Text column.") where the CLI names its option (--text-column).
+FIELD_LABELS = {"data": "Training data", "base_model": "Base model", "language": "Language",
+                "text_column": "Text column", "pair_column": "Second text column", "label_column": "Label column"}
+# Settings that are this server's (DEFTX_*), not the user's: the advice is what the user can do instead.
+SERVER_HINTS = {"max_lines": "Use a smaller file (this server's limit, DEFTX_MAX_LINES).",
+                "max_bytes": "Use a smaller file."}
+
+
+def error_text(e: DeftxError) -> str:
+    """An engine error in the app's words: the setting it concerns named by its control's label."""
+    if e.field in SERVER_HINTS:
+        return f"{e.message} {SERVER_HINTS[e.field]}"
+    return e.render(lambda field: f"the {FIELD_LABELS.get(field, field.replace('_', ' ') + ' setting')}", "set")
 
 
 def handler(*outputs: str, status: int | None = 0, on_error: Updates | None = None) -> Callable:
@@ -45,7 +59,7 @@ def handler(*outputs: str, status: int | None = 0, on_error: Updates | None = No
             try:
                 return fn(studio, *args, **kwargs)
             except DeftxError as e:
-                msg = studio.pretty(str(e))
+                msg = studio.pretty(error_text(e))
             except Exception as e:  # noqa: BLE001 -- the user sees one line, the server log the traceback
                 # the traceback is logged scrubbed: an exception text may quote a token or a header
                 log.error("%s failed:\n%s", fn.__name__, scrub(traceback.format_exc()))

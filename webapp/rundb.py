@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from deftx_engine.constants import KINDS
+from deftx_engine.fileio import write_json_atomic
 from deftx_engine.runs import RunDir
 
 SCHEMA = """
@@ -150,7 +151,9 @@ class RunDB:
     def submit(self, name: str, kind: str, command: Sequence[str], *, config: dict | None = None,
                run_id: str | None = None, max_queued: int | None = None) -> str:
         """Queue a run. ``command`` is the argv of its process; ``{run_dir}`` in it is replaced by the
-        run folder (``<home>/runs/<id>``), which is where the process must write ``status.json``.
+        run folder (``<home>/runs/<id>``), which is where the process must write ``status.json``. ``config`` is
+        the row's and is written to the run folder as ``config.json`` (``RunDir.submitted_file``), which a
+        training command reads (``--config``): the registry and the run hold one configuration.
         With ``max_queued``, ``QueueFull`` is raised if that many runs are waiting already (checked in the
         same transaction as the insert, so concurrent sessions cannot overshoot it)."""
         run_id = run_id or self.new_id()
@@ -158,6 +161,7 @@ class RunDB:
         argv = [str(a).replace("{run_dir}", str(run_dir)) for a in command]
         with self._transaction() as db:
             self._check_queue(db, max_queued)
+            write_json_atomic(RunDir(run_dir).submitted_file, config or {})
             now = time.time()
             db.execute("INSERT INTO runs (id, name, kind, state, created, queued, run_dir, config, command, "
                        "vector_dir) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",

@@ -59,20 +59,14 @@ class Studio(FilePolicy):
     # ---- messages -------------------------------------------------------------------------------------
     def pretty(self, msg: str) -> str:
         """A message for the page: stored upload paths replaced by the names the user uploaded, DEFTX_HOME
-        by its name, and anything shaped like a token removed."""
+        by its name, and anything shaped like a token removed. (Engine errors name settings in the app's words
+        already: ``components.error_text``.)"""
         uploads = str(self.uploads)
 
         def shown(m: re.Match) -> str:
             return self.display_names.get(m.group(0), m.group(1))
 
         msg = re.sub(re.escape(uploads) + r"/([0-9a-f]{12}-[A-Za-z0-9._-]*)", shown, msg)
-        msg = msg.replace("Raise --max-lines or use a smaller file.",  # the CLI's advice; here it is the server's
-                          "Use a smaller file (this server's limit, DEFTX_MAX_LINES).")
-        msg = msg.replace("Use a smaller file or raise --max-bytes.", "Use a smaller file.")
-        for flag, field in (("--text-column", "the Text column"), ("--pair-column", "the Second text column"),
-                            ("--label-column", "the Label column")):  # the CLI's options are fields here
-            msg = msg.replace(f"pass {flag}", f"set {field}").replace(f"Pass {flag}", f"Set {field}")
-            msg = msg.replace(flag, field)
         return scrub(msg.replace(str(self.home), "DEFTX_HOME"))
 
     def progress(self, row: dict | None) -> str:

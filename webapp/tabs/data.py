@@ -9,7 +9,7 @@ import gradio as gr
 from deftx_engine.data import describe_corpus, describe_task, load_corpus, load_task_data
 
 from .. import DATA_SUFFIXES, EXAMPLE
-from ..components import UI, Updates, handler
+from ..components import FIELD_LABELS, UI, Updates, handler
 from ..render import cut, label_bar, ok
 from ..settings import max_lines
 from ..state import Studio
@@ -32,9 +32,9 @@ def layout(ui: UI) -> None:
                               info=".txt, .csv, .tsv or .jsonl; hub:org/name[:config][@split][#column] "
                                    "loads a Hub split")
             with gr.Accordion("Columns", open=False):
-                text = gr.Textbox("", label="Text column", placeholder="auto: text / premise+hypothesis")
-                pair = gr.Textbox("", label="Second text column (pair tasks)", placeholder="auto")
-                label = gr.Textbox("label", label="Label column")
+                text = gr.Textbox("", label=FIELD_LABELS["text_column"], placeholder="auto: text / premise+hypothesis")
+                pair = gr.Textbox("", label=f"{FIELD_LABELS['pair_column']} (pair tasks)", placeholder="auto")
+                label = gr.Textbox("label", label=FIELD_LABELS["label_column"])
             check = gr.Button("Check data", variant="primary")
         with gr.Column(scale=3):
             status = gr.Markdown(elem_classes="dx-status")

@@ -6,19 +6,20 @@ import html
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from deftx_engine import presets as engine_presets
+from deftx_engine.config import TrainConfig, defaults
 from deftx_engine.constants import KINDS
 from deftx_engine.constants import METHODS as METHOD_NAMES
 from deftx_engine.data import load_corpus, load_task_data
 from deftx_engine.errors import DeftxError
+from deftx_engine.runs import SUBMITTED_CONFIG
 
 from .. import EXAMPLE, EXAMPLE_LANG
-from ..components import UI, Updates, handler
+from ..components import FIELD_LABELS, UI, Updates, handler
 from ..render import cut, ok, run_choices
 from ..rundb import QueueFull
 from ..settings import default_model, max_lines, max_queue, max_steps
@@ -52,12 +53,12 @@ def layout(ui: UI) -> None:
                 kind = gr.Radio([("Language SFT", "language"), ("Task SFT", "task")], value="language",
                                 label="Kind", scale=1, elem_id="dx-kind")
             base = gr.Dropdown(list(dict.fromkeys([model0] + BASE_MODELS)), value=model0,
-                               allow_custom_value=True, label="Base model",
+                               allow_custom_value=True, label=FIELD_LABELS["base_model"],
                                info="minilm works offline; or any Hub id / local model folder")
             with gr.Row():
-                data = gr.Textbox(str(EXAMPLE["corpus"]), label="Training data", scale=3, elem_id="dx-data",
+                data = gr.Textbox(str(EXAMPLE["corpus"]), label=FIELD_LABELS["data"], scale=3, elem_id="dx-data",
                                   info="set from the Data tab (or type a path / hub: spec)")
-                lang = gr.Textbox(EXAMPLE_LANG["language"], label="Language", scale=1,
+                lang = gr.Textbox(EXAMPLE_LANG["language"], label=FIELD_LABELS["language"], scale=1,
                                   info="code stored in the vector")
             name = gr.Textbox("", label="Run name (optional)", placeholder="e.g. id-language-demo")
             method = gr.Radio(METHODS, value="deftx", label="Method")
@@ -86,9 +87,9 @@ def layout(ui: UI) -> None:
                     seed = gr.Number(init["seed"], precision=0, label="Seed")
             with gr.Accordion("Data columns", open=False):
                 with gr.Row():
-                    textcol = gr.Textbox("", label="Text column", placeholder="auto")
-                    paircol = gr.Textbox("", label="Second text column", placeholder="auto")
-                    labelcol = gr.Textbox("label", label="Label column")
+                    textcol = gr.Textbox("", label=FIELD_LABELS["text_column"], placeholder="auto")
+                    paircol = gr.Textbox("", label=FIELD_LABELS["pair_column"], placeholder="auto")
+                    labelcol = gr.Textbox("label", label=FIELD_LABELS["label_column"])
         with gr.Column(scale=6):
             with gr.Row():
                 start = gr.Button("▶ Start training", variant="primary", elem_id="dx-start", scale=3)
@@ -113,12 +114,7 @@ def layout(ui: UI) -> None:
 
 def preset_values(name: str, kind: str) -> dict[str, Any]:
     """Control values for a preset (explicit engine defaults for what the preset leaves out)."""
-    import dataclasses
-
-    from deftx_engine.train import TrainConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    v = {**defaults, **engine_presets.preset(name, kind)}
+    v = {**defaults(), **engine_presets.preset(name, kind)}
     if v["base_model"] == "minilm":
         v["base_model"] = default_model()
     return v
@@ -194,9 +190,8 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
                    residual_share, k_percent, full_steps, sparse_steps, epochs, lr, batch_size, max_length, seed,
                    text_column, pair_column, label_column, preset, k_exact_value) -> Updates:
     """Validate the settings and the data, then queue a CLI training process. Returns
-    (message, run id, progress, shown-run dropdown)."""
-    from deftx_engine.train import TrainConfig
-
+    (message, run id, progress, shown-run dropdown). The job is ``deftx train-<kind> --config`` on the config
+    that the registry row holds too."""
     if kind not in KINDS:
         raise DeftxError("choose the kind of SFT: language or task")
     data = (data or "").strip()
@@ -250,22 +245,17 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
             n_examples = len(load_task_data(data, text_column=cfg.text_column, pair_column=cfg.pair_column,
                                             label_column=cfg.label_column, max_rows=lines_limit))
     if steps_limit and n_examples:
-        per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
-        for what, steps, ep in (("phase 1", full_steps, cfg.full_epochs), ("phase 2", sparse_steps, cfg.sparse_epochs)):
-            need = steps or max(1, math.ceil(per_epoch * ep))
+        per_epoch = cfg.steps_per_epoch(n_examples)
+        planned = zip(("phase 1", "phase 2"), cfg.planned_steps(n_examples), (cfg.full_epochs, cfg.sparse_epochs))
+        for what, need, ep in planned:
             if need > steps_limit:
                 raise DeftxError(f"{what} would take {need:,} steps ({ep:g} epochs of {per_epoch:,}); this "
                                  f"server allows at most {steps_limit:,} per phase (DEFTX_MAX_STEPS)")
-    argv = [sys.executable, "-m", "deftx_engine.cli", f"train-{kind}", "--output-dir", "{run_dir}"]
-    for key, val in cfg.to_dict().items():
-        if key == "kind" or val is None:
-            continue
-        argv += ["--" + key.replace("_", "-"), str(val)]
+    argv = [sys.executable, "-m", "deftx_engine.cli", f"train-{kind}", "--config", f"{{run_dir}}/{SUBMITTED_CONFIG}",
+            "--output-dir", "{run_dir}"]
     name = (name or "").strip() or f"{cfg.language or kind}-{kind}-{cfg.method}"
-    config = {**cfg.to_dict(), "preset": preset if preset != CUSTOM else None,
-              "data_shown": studio.display_names.get(data, Path(data).name if not data.startswith("hub:") else data)}
     try:
-        run_id = studio.registry.submit(name, kind, argv, config=config, max_queued=max_queue())
+        run_id = studio.registry.submit(name, kind, argv, config=cfg.to_dict(), max_queued=max_queue())
     except QueueFull as e:
         raise DeftxError(f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again when a run has "
                          "finished, or cancel one of yours") from None

@@ -1,0 +1,100 @@
+"""The config contract: help in the field metadata, the CLI generated from the types, preset < --config < flags,
+one planned-steps count, and errors that carry their setting as data."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deftx_engine.cli import build_parser
+from deftx_engine.config import FIELDS, TrainConfig, read_config_file, resolve
+from deftx_engine.errors import ConfigError, DataError, option
+from deftx_engine.presets import preset
+
+
+def test_config_module_loads_no_torch():
+    code = "import sys, deftx_engine.config; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_field_has_help_and_the_cli_shows_it(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # no line breaks inside a help text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train-task", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, f in FIELDS.items():
+        assert f.metadata["help"], name
+        if name != "kind":
+            assert option(name) in text and " ".join(f.metadata["help"].split()) in text, name
+
+
+def test_options_have_the_fields_types():
+    p = build_parser()
+    args = p.parse_args(["train-language", "--output-dir", "o", "--k", "0.1", "--batch-size", "4", "--fit-head", "false",
+                         "--sparse-phase", "yes", "--mlm-layer", "2", "--method", "lt-sft"])
+    assert (args.k, args.batch_size, args.fit_head, args.sparse_phase, args.mlm_layer, args.method) == \
+        (0.1, 4, False, True, 2, "lt-sft")
+    assert not hasattr(args, "lr")  # not given: the preset, config file or default decides
+    for bad in (["--fit-head", "maybe"], ["--method", "svd"], ["--batch-size", "1.5"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(["train-task", "--output-dir", "o", *bad])
+
+
+def test_flags_win_over_the_file_and_the_file_over_the_preset(tmp_path):
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps({"kind": "task", "data": "d.csv", "lr": 1e-3, "full_steps": 7, "fit_head": False}))
+    cfg = resolve("task", preset_name="cpu-demo", file=file, values={"full_steps": 3})
+    assert (cfg.lr, cfg.full_steps, cfg.fit_head) == (1e-3, 3, False)
+    assert cfg.max_length == preset("cpu-demo", "task")["max_length"]  # what the file leaves out
+    assert resolve("task", file=file).to_dict() == TrainConfig(**json.loads(file.read_text())).to_dict()
+
+
+@pytest.mark.parametrize("content,says,field", [
+    ({"lr": "fast"}, "lr must be float or int, got 'fast'", "lr"),
+    ({"batch_size": 2.5}, "batch_size must be int", "batch_size"),
+    ({"fit_head": 1}, "fit_head must be bool", "fit_head"),
+    ({"method": "svd"}, "method must be one of 'deftx', 'lt-sft'", "method"),
+    ({"epochs": 3}, "unknown settings: epochs", "epochs"),
+    ({"kind": "language"}, "is for a language SFT, not a task SFT", "kind"),
+    ([1, 2], "must hold a JSON object", "config"),
+])
+def test_bad_config_files_name_the_setting(tmp_path, content, says, field):
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps(content))
+    with pytest.raises(ConfigError, match=says) as e:
+        resolve("task", file=file, values={"data": "d.csv"})
+    assert e.value.field == field
+
+
+def test_no_data_and_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"no training data\. Pass --data\.") as e:
+        resolve("task")
+    assert e.value.field == "data"
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="is not JSON"):
+        read_config_file(tmp_path / "x.json")
+
+
+def test_validation_errors_carry_their_field():
+    with pytest.raises(ConfigError, match="lr must be a finite number > 0") as e:
+        TrainConfig(kind="task", data="d.csv", lr=0)
+    assert e.value.field == "lr"
+    with pytest.raises(ConfigError, match="energy must be in") as e:
+        TrainConfig(kind="task", data="d.csv", energy=2.0)
+    assert e.value.field == "energy"
+
+
+def test_planned_steps():
+    cfg = TrainConfig(kind="task", data="d.csv", batch_size=8, full_epochs=3, sparse_steps=5)
+    assert cfg.steps_per_epoch(300) == 38 and cfg.planned_steps(300) == (114, 5)
+    assert cfg.planned_steps(300, world=2) == (57, 5)
+    assert dataclasses.replace(cfg, sparse_phase=False).planned_steps(300) == (114, 0)
+    assert TrainConfig(kind="task", data="d.csv", full_epochs=0.01).planned_steps(10)[0] == 1  # at least one step
+
+
+def test_errors_render_a_setting_in_each_front_ends_words():
+    e = DataError("t.csv has no column 'x'.", field="text_column", hint="{Set} {text_column} (and {pair_column}).")
+    assert str(e) == "t.csv has no column 'x'. Pass --text-column (and --pair-column)."
+    assert e.render(lambda f: f"the {f.upper()}", "set") == "t.csv has no column 'x'. Set the TEXT_COLUMN (and the PAIR_COLUMN)."
+    assert str(ConfigError("plain")) == "plain" and ConfigError("plain").field is None
