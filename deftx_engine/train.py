@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -80,6 +81,9 @@ def _rows_only(model, roles, cfg: TrainConfig, rows: torch.Tensor):
 
 
 # ---- progress ----------------------------------------------------------------------------------------
+PHASE_NAMES = {"full": "phase 1/2: full fine-tuning", "sparse": "phase 2/2: sparse fine-tuning"}
+
+
 def _progress_callback(run: RunDir, phase: str, offset: int, total: int, stop: StopFlag | None):
     from transformers import TrainerCallback
 
@@ -91,6 +95,18 @@ def _progress_callback(run: RunDir, phase: str, offset: int, total: int, stop: S
             self.first = None
             self.last_write = 0.0
             self.loss = None
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:  # a terminal gets a bar per phase; a log file (the app's jobs) none
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=PHASE_NAMES.get(phase, phase),
+                                unit="step", disable=None, dynamic_ncols=True)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
 
         def on_step_end(self, args, state, control, **kw):
             if stop:
@@ -98,6 +114,8 @@ def _progress_callback(run: RunDir, phase: str, offset: int, total: int, stop: S
                 control.should_save = True
             if not state.is_world_process_zero:
                 return
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
             now = time.time()
             if self.first is None:
                 self.first = (now, state.global_step)
@@ -113,6 +131,9 @@ def _progress_callback(run: RunDir, phase: str, offset: int, total: int, stop: S
         def on_log(self, args, state, control, logs=None, **kw):
             if state.is_world_process_zero and logs and "loss" in logs:
                 self.loss = float(logs["loss"])
+                run.update(loss=self.loss)  # on_step_end ran before this step's log: keep status current
+                if self.bar is not None:
+                    self.bar.set_postfix(loss=f"{self.loss:.3f}", refresh=False)
                 run.log_metrics({"phase": phase, "step": offset + state.global_step, "loss": self.loss,
                                  "lr": logs.get("learning_rate")})
 
@@ -143,13 +164,16 @@ def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to="none",
         seed=cfg.seed, use_cpu=not cuda, fp16=cuda and not torch.cuda.is_bf16_supported(),
         bf16=cuda and torch.cuda.is_bf16_supported(), remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, disable_tqdm=True,  # our own bar names the phase (_progress_callback)
         ddp_find_unused_parameters=cfg.kind == "language",  # MLM heads carry a bias the loss may not use
         max_grad_norm=0.0 if optimizer is not None else 1.0,  # the sparse optimizer clips masked grads itself
     )
+    from transformers.trainer_callback import PrinterCallback
+
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       optimizers=(optimizer, None),
                       callbacks=[_progress_callback(run, phase, offset, total, stop)])
+    trainer.remove_callback(PrinterCallback)  # raw loss dicts: the bar and metrics.jsonl carry them
     trainer.train(resume_from_checkpoint=_last_checkpoint(out) if resume else None)
     return not stop
 
@@ -206,6 +230,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
     """
     from transformers import set_seed
 
+    started = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     main = int(os.environ.get("RANK", "0")) == 0  # only rank 0 writes the run folder
     tokenizer = load_tokenizer(cfg.base_model)
@@ -233,6 +258,8 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             if log:
                 log.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
                 log.flush()
+                if sys.stderr.isatty():  # a person at a terminal reads the same story as log.txt
+                    print(msg, file=sys.stderr, flush=True)
 
         heads = [n for n in roles.heads if params[n].requires_grad]
         head_fit = None
@@ -320,5 +347,6 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
         vec = SparseVector.from_diff(meta, theta0, model, mask, heads)
         vec.save(run.vector_dir)
         run.update(state="done", phase="done", step=total, eta_seconds=0, message=f"vector saved ({vec.nnz:,} entries)")
-        say(f"vector saved to {run.vector_dir}")
+        say(f"done in {time.time() - started:.0f} s: {cfg.kind} vector ({cfg.language or 'no language'}) saved to "
+            f"{run.vector_dir}, {vec.nnz:,} entries ({vec.nnz / n_maskable:.2%} of the maskable parameters)")
         return run.vector_dir
