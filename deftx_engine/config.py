@@ -65,7 +65,8 @@ class TrainConfig:
     data: str = field(metadata=_help("training data: a path (.txt/.csv/.tsv/.jsonl) or "
                                      "hub:org/name[:config][@split][#column]"))
     base_model: str = field(default="minilm", metadata=_help(
-        "base model: 'minilm' (offline default), a local folder, or a Hub id such as FacebookAI/xlm-roberta-base"))
+        "base model: 'multilingual-e5-small' or 'minilm' (offline, built from PyPI packages; minilm is English-only), "
+        "a local folder, or a Hub id such as FacebookAI/xlm-roberta-base"))
     language: str = field(default="", metadata=_help("language code or name recorded in the vector (e.g. jav)"))
     text_column: str | None = field(default=None, metadata=_help(
         "column/key holding the text (default: 'text'; for tasks also premise/hypothesis)"))

@@ -16,9 +16,10 @@ PRESETS: dict[str, dict[str, dict]] = {
                          max_length=256),
         "task": dict(k=14_155_776, lr=2e-5, full_epochs=5, sparse_epochs=5, batch_size=32, max_length=128),
     },
-    # A MiniLM language + task SFT on a few hundred sentences in a few minutes on 2 CPU cores.
+    # A language + task SFT of the offline multilingual default on a few hundred sentences in a few minutes on
+    # 2 CPU cores (English task data -> Indonesian: macro-F1 0.93 on assets/examples/target_eval_id.csv).
     "cpu-demo": {
-        "common": dict(base_model="minilm", method="deftx", rank_policy="energy", energy=0.90,
+        "common": dict(base_model="multilingual-e5-small", method="deftx", rank_policy="energy", energy=0.90,
                        residual_share=0.05, seed=42, max_length=64, batch_size=16, save_steps=50,
                        logging_steps=5),
         "language": dict(k=DEFAULT_K["language"], lr=1e-4, full_steps=60, sparse_steps=60),
