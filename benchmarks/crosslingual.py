@@ -85,18 +85,17 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/crosslingual.py` finds deftx
 
 import torch  # noqa: E402
 
+from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
 from deftx_engine.data import TaskData, load_task_data  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
 from deftx_engine.evaluate import composed_model, evaluate_task_data  # noqa: E402
-from deftx_engine.masks import overlap  # noqa: E402
 from deftx_engine.fileio import write_json_atomic  # noqa: E402
+from deftx_engine.masks import overlap  # noqa: E402
 from deftx_engine.merge import ties_merge  # noqa: E402
 from deftx_engine.runs import RunDir, read_json  # noqa: E402
 from deftx_engine.train import TrainConfig, train_sft  # noqa: E402
 from deftx_engine.vectors import SparseVector  # noqa: E402
-
-from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "nusax"
 DEFAULT_WORK = ROOT / "benchmarks" / "out" / "crosslingual"
@@ -336,11 +335,8 @@ def run_sft(job: Job, keep_checkpoints: bool, quiet: bool) -> float:
     """Train (or continue) one SFT with the engine; returns its wall time."""
     t = time.perf_counter()
     with _captured(job.folder / "console.txt", quiet), OtherCpu() as other:
-        train_sft(job.cfg, RunDir(job.folder), resume=True)
+        train_sft(job.cfg, RunDir(job.folder), resume=True, keep_checkpoints=keep_checkpoints)
     secs = time.perf_counter() - t
-    if not keep_checkpoints:
-        for phase in ("phase1", "phase2"):
-            shutil.rmtree(job.folder / phase, ignore_errors=True)
     write_json_atomic(job.folder / "bench.json", {"train_seconds": secs, "finished": time.time(),
                                                   "other_cores": other.cores})
     return secs
@@ -444,8 +440,9 @@ class Evaluator:
                 else:
                     model, tok = composed_model(tvec, lvecs, [1.0] + [self.s.lang_scale] * len(lvecs))
             metrics = self._score(model, tok, test)
-        result = {"method": method.name, "seed": seed, "where": where, "key": cache.stem, "macro_f1": metrics["macro_f1"],
-                  "accuracy": metrics["accuracy"], "n": metrics["n"], "confusion": metrics["confusion"],
+        result = {"method": method.name, "seed": seed, "where": where, "key": cache.stem,
+                  "macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"], "n": metrics["n"],
+                  "confusion": metrics["confusion"],
                   "eval_seconds": time.perf_counter() - t}
         if lang is not None:
             held = self.vector(lang).meta.extra.get("heldout_mlm")
@@ -529,7 +526,8 @@ def calibrate(s: Settings, paths: Paths, probe_steps: int = 3) -> dict:
     mlm = load_mlm_model(s.model)
     collate = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
     enc = tok(lines[:b * (probe_steps + 1)], truncation=True, max_length=s.max_length)
-    batches = [collate([{k: enc[k][j] for k in enc} for j in range(i * b, (i + 1) * b)]) for i in range(probe_steps + 1)]
+    batches = [collate([{k: enc[k][j] for k in enc} for j in range(i * b, (i + 1) * b)])
+               for i in range(probe_steps + 1)]
     mroles = parameter_roles(mlm)
     for n, p in mlm.named_parameters():
         if n in mroles.frozen:
@@ -662,10 +660,11 @@ def markdown(s: Settings, summary: dict, meta: dict) -> str:
                   + ("n/a" if other is None else f"{other:.2f}") + " cores on average meanwhile."]
     q = meta.get("quiet_projection")
     if q and q["contended_runs"]:
-        lines += ["", f"On a machine of our own (projection): {q['total_seconds'] / 60:.1f} min -- {q['contended_runs']} "
-                      f"runs during which other processes used >= 0.25 cores (measured {q['contended_runs_measured_seconds'] / 60:.1f}"
-                      f" min) costed at the median of the {q['quiet_runs']} quiet runs of the same kind and variant, "
-                      f"plus training runs and evaluations as measured."]
+        measured = q["contended_runs_measured_seconds"] / 60
+        lines += ["", f"On a machine of our own (projection): {q['total_seconds'] / 60:.1f} min -- "
+                      f"{q['contended_runs']} runs during which other processes used >= 0.25 cores "
+                      f"(measured {measured:.1f} min) costed at the median of the {q['quiet_runs']} quiet runs of "
+                      "the same kind and variant, plus training runs and evaluations as measured."]
     return "\n".join(lines) + "\n"
 
 
@@ -719,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "lines the language SFTs hold out (one head for every target); 'own' = each run's "
                         "corpus; or a path")
     p.add_argument("--lang-scale", type=float, default=1.0, help="scale of the language vector in composition")
-    p.add_argument("--task-k", type=float, default=DEFAULT_K["task"], help="task k (share of maskable parameters or a count)")
+    p.add_argument("--task-k", type=float, default=DEFAULT_K["task"],
+                   help="task k (share of maskable parameters or a count)")
     p.add_argument("--lang-k", type=float, default=DEFAULT_K["language"], help="language k")
     p.add_argument("--energy", type=float, default=0.90, help="energy share for the rank policy 'energy'")
     p.add_argument("--residual-share", type=float, default=0.05, help="rho for deftx (ablation drop-residual: 0)")

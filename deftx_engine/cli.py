@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from .constants import MERGES, TIES_DENSITY, TIES_LAMBDA
 from .errors import DeftxError, option
+from .fileio import check_output_file
+
 
 def _parse_bool(text: str) -> bool:
     """``--fit-head false``: a bool option takes a word, so a preset's or config file's True can be turned off."""
@@ -51,6 +53,8 @@ def _add_train_parser(sub, kind: str):
                                     "full_steps; a web-app run's config.json); explicit options win")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a different run in --output-dir")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the phase checkpoints after the vector is saved (deleted by default: hundreds of MB)")
     types = field_types()
     for name, f in FIELDS.items():
         if name == "kind":
@@ -75,7 +79,8 @@ def _train(args, kind: str) -> int:
     print("configuration:", json.dumps(cfg.to_dict(), indent=2), file=sys.stderr)
     stop = StopFlag().install()
     run = RunDir(args.output_dir)
-    out = train_sft(cfg, run, stop=stop, resume=args.resume, overwrite=args.overwrite)
+    out = train_sft(cfg, run, stop=stop, resume=args.resume, overwrite=args.overwrite,
+                    keep_checkpoints=args.keep_checkpoints)
     if out is None:
         run.update(state="cancelled", message="stopped by a signal; resume with --resume")
         print(f"cancelled; the last checkpoint is in {args.output_dir}", file=sys.stderr)
@@ -99,11 +104,20 @@ def _composed(args):
                                      args.ties_lambda))
 
 
+COMPOSED_MARKER = "deftx_composed.json"  # written into compose's output: the one folder compose may replace
+
+
 def _compose(args) -> int:
-    model, tok = _composed(args)
+    from .fileio import atomic_dir, check_replaceable
+
     out = Path(args.output_dir)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    check_replaceable(out, COMPOSED_MARKER)  # before the model is built
+    model, tok = _composed(args)
+    with atomic_dir(out, COMPOSED_MARKER) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / COMPOSED_MARKER).write_text(json.dumps({"task": args.task, "language": args.language or [],
+                                                       "merge": args.merge}, indent=2), encoding="utf-8")
     print(out)
     return 0
 
@@ -112,6 +126,8 @@ def _evaluate(args) -> int:
     from .data import load_task_data
     from .evaluate import evaluate_task_data
 
+    if args.output:
+        check_output_file(args.output, "--output")
     model, tok = _composed(args)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     td = load_task_data(args.data, text_column=args.text_column, pair_column=args.pair_column,
@@ -129,6 +145,8 @@ def _predict(args) -> int:
     from .data import load_task_data
     from .evaluate import predict_proba
 
+    if args.output:
+        check_output_file(args.output, "--output")
     model, tok = _composed(args)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if args.data:
@@ -160,6 +178,9 @@ def _read_texts(path: str, column: str | None) -> list[str]:
 def _inspect(args) -> int:
     from .report import inspect_report, text_summary
 
+    for flag, path in (("--html", args.html), ("--output", args.output)):
+        if path:
+            check_output_file(path, flag)
     report = inspect_report(args.vectors, run=args.run, html=args.html)
     text = json.dumps(report, indent=2)
     if args.output:
@@ -189,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub, "language")
     _add_train_parser(sub, "task")
 
+    def command(name: str, func, summary: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary)
+        p.set_defaults(func=func)
+        return p
+
     def model_args(p):
         p.add_argument("--task", required=True, help="task vector folder")
         p.add_argument("--language", action="append", help="language vector folder (repeatable)")
@@ -207,47 +233,41 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pair-column", help="second text column for pair tasks")
         p.add_argument("--label-column", default="label", help="label column (default: label)")
 
-    p = sub.add_parser("compose", help="theta0 + task + language vectors -> a standard HF model folder")
+    p = command("compose", _compose, "theta0 + task + language vectors -> a standard HF model folder")
     model_args(p)
     p.add_argument("--output-dir", required=True, help="where to write the model (loads with transformers.pipeline)")
-    p.set_defaults(func=_compose)
 
-    p = sub.add_parser("evaluate", help="macro-F1, accuracy and confusion matrix of a composed model (JSON)")
+    p = command("evaluate", _evaluate, "macro-F1, accuracy and confusion matrix of a composed model (JSON)")
     model_args(p)
     data_args(p, True)
     p.add_argument("--output", help="also write the JSON to this file")
-    p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("predict", help="label probabilities for --text or every line of --data (CSV)")
+    p = command("predict", _predict, "label probabilities for --text or every line of --data (CSV)")
     model_args(p)
     data_args(p, False)
     p.add_argument("--text", help="one input text")
     p.add_argument("--text-pair", help="its pair (NLI hypothesis)")
     p.add_argument("--labelled", action="store_true", help="--data is a labelled task file (read its text columns)")
     p.add_argument("--output", help="write the CSV here instead of stdout")
-    p.set_defaults(func=_predict)
 
-    p = sub.add_parser("inspect", help="spectra, mask densities and overlap -> JSON and a Plotly HTML report")
+    p = command("inspect", _inspect, "spectra, mask densities and overlap -> JSON and a Plotly HTML report")
     p.add_argument("vectors", nargs="+", help="one or more vector folders (overlap is reported for each pair)")
     p.add_argument("--run", help="a run folder whose spectra.json to include")
     p.add_argument("--html", help="write a standalone Plotly report here")
     p.add_argument("--output", help="also write the whole report as JSON here")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a summary")
-    p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("push", help="upload a vector folder with a model card to the Hugging Face Hub")
+    p = command("push", _push, "upload a vector folder with a model card to the Hugging Face Hub")
     p.add_argument("vector", help="vector folder")
     p.add_argument("repo_id", help="e.g. user/deftx-jav-language")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--token", help="Hugging Face token (default: $HF_TOKEN); never printed or stored")
-    p.set_defaults(func=_push)
 
-    p = sub.add_parser("pull", help="download a vector (ours or composable-sft's pytorch_diff.bin) from the Hub")
+    p = command("pull", _pull, "download a vector (ours or composable-sft's pytorch_diff.bin) from the Hub")
     p.add_argument("repo_id", help="Hub repo id or a local folder")
     p.add_argument("--output-dir", required=True, help="where to put the vector folder")
     p.add_argument("--revision", help="branch, tag or commit")
     p.add_argument("--token", help="Hugging Face token for private repos (default: $HF_TOKEN)")
-    p.set_defaults(func=_pull)
     return parser
 
 
@@ -261,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except DeftxError as e:
         print(f"deftx: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder that cannot be read or written: one line naming it
+        where = e.filename if e.filename is not None else ""
+        print(f"deftx: error: {where}{': ' if where else ''}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

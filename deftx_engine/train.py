@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -223,8 +224,10 @@ def _heldout_report(model, tokenizer, lines, cfg: TrainConfig, before: dict, the
 
 
 def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, resume: bool = False,
-              overwrite: bool = False) -> Path | None:
+              overwrite: bool = False, keep_checkpoints: bool = False) -> Path | None:
     """Run both phases and save the vector to ``run.vector_dir``; returns None if stopped by a signal.
+
+    Once the vector is saved the phase checkpoints (hundreds of MB) are deleted unless ``keep_checkpoints``.
 
     Data, settings and the output folder are all checked before the folder is claimed or a model loaded.
     """
@@ -346,6 +349,9 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
                                     if head_fit else {})})
         vec = SparseVector.from_diff(meta, theta0, model, mask, heads)
         vec.save(run.vector_dir)
+        if not keep_checkpoints:
+            for phase in ("phase1", "phase2"):
+                shutil.rmtree(run.path / phase, ignore_errors=True)
         run.update(state="done", phase="done", step=total, eta_seconds=0, message=f"vector saved ({vec.nnz:,} entries)")
         say(f"done in {time.time() - started:.0f} s: {cfg.kind} vector ({cfg.language or 'no language'}) saved to "
             f"{run.vector_dir}, {vec.nnz:,} entries ({vec.nnz / n_maskable:.2%} of the maskable parameters)")

@@ -33,7 +33,7 @@ def trained(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     assert main(["train-language", "--data", CORPUS, "--base-model", tiny_dir, "--language", "id",
                  "--full-steps", "8", "--sparse-steps", "8", "--k", "0.05", "--save-steps", "4",
-                 "--output-dir", str(out / "lang"), *FAST]) == 0
+                 "--output-dir", str(out / "lang"), "--keep-checkpoints", *FAST]) == 0
     assert main(["train-task", "--data", TASK, "--base-model", tiny_dir, "--language", "en", "--lr", "1e-3",
                  "--full-steps", "8", "--sparse-steps", "8", "--output-dir", str(out / "task"), *FAST]) == 0
     return out
@@ -43,6 +43,7 @@ def test_run_folder_contents(trained):
     lang = trained / "lang"
     status = json.loads((lang / "status.json").read_text())
     assert status["state"] == "done" and status["step"] == status["total_steps"] == 16
+    assert (lang / "phase2").is_dir() and not (trained / "task" / "phase2").exists()  # kept only when asked
     metrics = [json.loads(l) for l in (lang / "metrics.jsonl").read_text().splitlines()]
     assert {m["phase"] for m in metrics} == {"full", "sparse", "heldout"}
     assert all(m["loss"] > 0 for m in metrics if m["phase"] != "heldout")
@@ -151,12 +152,14 @@ def test_bad_inputs(tiny_dir, tmp_path, capsys, trained):
 
 
 def test_language_vector_for_another_base_model(trained, tmp_path, capsys):
-    from tiny import tiny_bert_config
     from transformers import BertModel, BertTokenizer
+
+    from tiny import tiny_bert_config
 
     other = tmp_path / "other"
     BertModel(tiny_bert_config(hidden_size=8, intermediate_size=16, vocab_size=50)).save_pretrained(other)
-    BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}).save_pretrained(other)
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}
+    BertTokenizer(vocab=vocab).save_pretrained(other)
     assert main(["train-language", "--data", CORPUS, "--base-model", str(other), "--full-steps", "1",
                  "--sparse-steps", "1", "--output-dir", str(tmp_path / "olang"), *FAST]) == 0
     msg = _err(capsys, ["evaluate", "--task", str(trained / "task" / "vector"), "--language",
