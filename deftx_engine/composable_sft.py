@@ -52,13 +52,45 @@ def _row_major(coords: Tensor, shape: tuple[int, ...]) -> Tensor:
     return flat
 
 
+def _size(name: str, size: Any, where: Path) -> tuple[int, ...]:
+    """A diff's 'size': at most 8 whole numbers >= 0 (a float or negative size is refused, not rounded)."""
+    items = size.tolist() if isinstance(size, Tensor) else size
+    if not (isinstance(items, (list, tuple, torch.Size)) and len(items) <= 8
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in items)):
+        raise VectorError(f"{where}: parameter {name!r}: 'size' must be a list of at most 8 whole numbers >= 0")
+    return tuple(items)
+
+
+def _numbers(name: str, what: str, obj: Any, where: Path, *, integer: bool) -> Tensor:
+    """A field of a diff as a tensor of whole numbers (``integer``) or real numbers; complex, boolean or
+    (for indices) fractional values are refused, never truncated."""
+    try:
+        t = obj if isinstance(obj, Tensor) else torch.as_tensor(obj)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise VectorError(f"{where}: parameter {name!r}: {what!r} is not a list of numbers ({e})") from None
+    if t.layout != torch.strided or t.dtype == torch.bool or t.is_complex() or (integer and t.is_floating_point()):
+        kind = "whole numbers" if integer else "real numbers"
+        raise VectorError(f"{where}: parameter {name!r}: {what!r} must hold {kind}, found {t.dtype}")
+    return t
+
+
+def _within(name: str, coords: Tensor, shape: tuple[int, ...], where: Path) -> Tensor:
+    """Coordinates each within its dimension: one past a row's end would alias an entry of the next row."""
+    for d, s in enumerate(shape):
+        if coords.shape[1] and (int(coords[d].min()) < 0 or int(coords[d].max()) >= s):
+            raise VectorError(f"{where}: parameter {name!r} has coordinates outside its shape {shape}")
+    return coords
+
+
 def _sparse_entries(name: str, obj: Any, where: Path) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     """(sorted row-major flat indices, values, shape) of one composable-sft diff, zeros dropped."""
     if isinstance(obj, Tensor):
+        if obj.is_complex() or obj.dtype == torch.bool:
+            raise VectorError(f"{where}: parameter {name!r} must hold real numbers, found {obj.dtype}")
         shape = tuple(obj.shape)
         if obj.layout == torch.sparse_coo:
             sp = obj.coalesce()
-            flat, val = _row_major(sp.indices(), shape), sp.values().reshape(-1)
+            flat, val = _row_major(_within(name, sp.indices(), shape, where), shape), sp.values().reshape(-1)
         elif obj.layout == torch.strided:
             dense = obj.reshape(-1)
             flat = torch.nonzero(dense, as_tuple=False).reshape(-1)
@@ -66,13 +98,22 @@ def _sparse_entries(name: str, obj: Any, where: Path) -> tuple[Tensor, Tensor, t
         else:
             raise VectorError(f"{where}: parameter {name!r} has unsupported tensor layout {obj.layout}")
     elif isinstance(obj, Mapping) and "size" in obj and "values" in obj and ("indices" in obj or "index_steps" in obj):
-        shape = tuple(int(s) for s in obj["size"])
-        val = torch.as_tensor(obj["values"]).reshape(-1)
+        shape = _size(name, obj["size"], where)
+        val = _numbers(name, "values", obj["values"], where, integer=False).reshape(-1)
+        numel = int(torch.Size(shape).numel())
         if "indices" in obj:  # older composable-sft: COO coordinate lists, one per dimension
-            coords = torch.as_tensor(obj["indices"], dtype=torch.long).reshape(len(shape), -1)
-            flat = _row_major(coords, shape)
+            coords = _numbers(name, "indices", obj["indices"], where, integer=True)
+            if coords.dim() != 2 or coords.shape[0] != len(shape):
+                raise VectorError(f"{where}: parameter {name!r}: 'indices' must be {len(shape)} rows of coordinates "
+                                  f"(one per dimension of {shape}), found shape {tuple(coords.shape)}")
+            flat = _row_major(_within(name, coords, shape, where), shape)
         else:  # newer: deltas of column-major flat indices (first dimension fastest)
-            colmajor = torch.cumsum(torch.as_tensor(obj["index_steps"], dtype=torch.long).reshape(-1), 0)
+            steps = _numbers(name, "index_steps", obj["index_steps"], where, integer=True)
+            if steps.dim() != 1 or (steps.numel() and int(steps.min()) < 0):
+                raise VectorError(f"{where}: parameter {name!r}: 'index_steps' must be a 1-D list of steps >= 0")
+            colmajor = torch.cumsum(steps.long(), 0)
+            if colmajor.numel() and int(colmajor[-1]) >= numel:  # would wrap around silently below
+                raise VectorError(f"{where}: parameter {name!r} has indices outside its shape {shape}")
             coords, rest = [], colmajor
             for s in shape:
                 coords.append(rest % s)
@@ -175,8 +216,8 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
     if kind == "task":
         head_names = set(roles.heads) if roles is not None else None
         for name, t in head.items():
-            if not isinstance(t, Tensor) or t.layout != torch.strided:
-                raise VectorError(f"{path}: head parameter {name!r} is not a dense tensor")
+            if not isinstance(t, Tensor) or t.layout != torch.strided or t.is_complex() or t.dtype == torch.bool:
+                raise VectorError(f"{path}: head parameter {name!r} is not a dense tensor of real numbers")
             if head_names is not None and name not in head_names:
                 skipped.append(name)
                 continue

@@ -1,13 +1,14 @@
 """Composing a model for a target language, predicting with it, and scoring it (macro-F1, accuracy)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .data import TaskData
-from .errors import VectorError
+from .errors import DeftxError, VectorError
 from .models import device, load_cls_model, load_tokenizer
 from .vectors import SparseVector, compose
 
@@ -54,22 +55,40 @@ def composed_model(task: str | Path | SparseVector, languages: Sequence[str | Pa
     return model.to(device()).eval(), load_tokenizer(base)
 
 
+CHARS_PER_TOKEN = 32  # texts are cut to max_length * this many characters before tokenizing
+
+
+def _cut(texts: Sequence[str], n: int) -> list[str]:
+    return [t if len(t) <= n else t[:n] for t in texts]
+
+
 @torch.no_grad()
 def predict_proba(model, tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None,
-                  batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-    """Label probabilities, one row per input (pairs for NLI-style tasks)."""
+                  batch_size: int = 32, max_length: int = 128,
+                  stop: Callable[[], str | None] | None = None) -> torch.Tensor:
+    """Label probabilities, one row per input (pairs for NLI-style tasks).
+
+    The model reads ``max_length`` tokens, so each text is first cut to ``max_length * CHARS_PER_TOKEN``
+    characters: a tokenizer truncating a pair needs memory growing with the square of its length (a 1 MB pair
+    took 19 GB). ``stop`` is asked before each batch; a reason it returns ends the scoring with a
+    ``DeftxError`` saying it (cancelled, or over a time limit)."""
     out = []
     dev = next(model.parameters()).device
+    chars = max_length * CHARS_PER_TOKEN
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i:i + batch_size]), list(pairs[i:i + batch_size]) if pairs else None,
+        why = stop() if stop is not None else None
+        if why:
+            raise DeftxError(f"stopped after {i:,} of {len(texts):,} rows: {why}")
+        enc = tokenizer(_cut(texts[i:i + batch_size], chars), _cut(pairs[i:i + batch_size], chars) if pairs else None,
                         truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(dev)
         out.append(model(**enc).logits.float().softmax(-1).cpu())
     return torch.cat(out) if out else torch.empty(0, model.config.num_labels)
 
 
-def evaluate_task_data(model, tokenizer, td: TaskData, batch_size: int = 32) -> dict:
+def evaluate_task_data(model, tokenizer, td: TaskData, batch_size: int = 32,
+                       stop: Callable[[], str | None] | None = None) -> dict:
     """Scores ``model`` on labelled data whose labels were checked against the model's labels."""
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    probs = predict_proba(model, tokenizer, td.texts, td.text_pairs, batch_size)
+    probs = predict_proba(model, tokenizer, td.texts, td.text_pairs, batch_size, stop=stop)
     lid = {l: i for i, l in enumerate(names)}
     return classification_metrics([lid[l] for l in td.labels], probs.argmax(-1).tolist(), names)

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import DeftxError
+
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "w", *, encoding: str | None = "utf-8",
@@ -49,15 +51,43 @@ def write_json_atomic(path: str | Path, data: Any, *, default: Any = None) -> No
         json.dump(data, f, indent=2, default=default)
 
 
-def replace_dir(new: Path, dest: Path) -> None:
-    """Rename the folder ``new`` onto ``dest`` (same parent), replacing an existing ``dest``: the old folder
-    is renamed aside first and put back if the second rename fails, then removed."""
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """``path`` as a file the command may write (``flag`` names its option), checked before any work: not a
+    folder, in a folder that exists."""
+    path = Path(path)
+    if path.is_dir():
+        raise DeftxError(f"{flag} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise DeftxError(f"{flag} {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def check_replaceable(dest: Path, marker: str) -> None:
+    """Raise ``DeftxError`` unless ``dest`` is absent, an empty folder, or a folder holding ``marker`` (a file
+    only DeFT-X writes there, e.g. a vector's ``sft_config.json``): an output folder is only ever replaced
+    when it holds what the project wrote, never a folder of other files, a file or a symlink."""
+    if not os.path.lexists(dest):
+        return
+    if dest.is_symlink() or not dest.is_dir():
+        raise DeftxError(f"{dest} exists and is not a folder; choose another output folder")
+    try:
+        empty = next(dest.iterdir(), None) is None
+    except OSError as e:
+        raise DeftxError(f"{dest}: cannot be read ({e.strerror or e}); choose another output folder") from None
+    if not empty and not ((dest / marker).is_file() and not (dest / marker).is_symlink()):
+        raise DeftxError(f"{dest} holds files DeFT-X did not write (no {marker}); it is left untouched: choose "
+                         "another output folder, or empty it")
+
+
+def replace_dir(new: Path, dest: Path, marker: str) -> None:
+    """Rename the folder ``new`` onto ``dest`` (same parent), replacing an existing ``dest`` only if
+    ``check_replaceable`` allows it: the old folder is renamed aside first (to a fresh hidden name) and put
+    back if the second rename fails, then removed."""
+    check_replaceable(dest, marker)
     old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        dest.rename(old)
+    if os.path.lexists(dest):
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        dest.rename(old)  # onto the empty folder just made: atomic on POSIX
     try:
         new.rename(dest)
     except BaseException:
@@ -69,15 +99,20 @@ def replace_dir(new: Path, dest: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(dest: str | Path) -> Iterator[Path]:
-    """Yield an empty hidden sibling folder of ``dest`` to fill; it replaces ``dest`` when the block ends
-    without an exception and is removed otherwise, so ``dest`` is either complete or untouched."""
+def atomic_dir(dest: str | Path, marker: str) -> Iterator[Path]:
+    """Yield an empty hidden sibling folder of ``dest`` to fill (it must hold ``marker``); it replaces ``dest``
+    (see ``replace_dir``) when the block ends without an exception and is removed otherwise, so ``dest`` is
+    either complete or untouched. A ``dest`` that may not be replaced is refused before anything is written."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    check_replaceable(dest, marker)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as e:
+        raise DeftxError(f"{dest}: the folder cannot be written ({e.strerror or e})") from None
     try:
         yield tmp
-        replace_dir(tmp, dest)
+        replace_dir(tmp, dest, marker)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,12 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, DeftxError
 from .fileio import write_json_atomic
 
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 SUBMITTED_CONFIG = "config.json"
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+# what a run folder may hold before its run.json exists (the app writes process.log and config.json first)
+RUN_ENTRIES = frozenset({"run.json", "status.json", "metrics.jsonl", "log.txt", "process.log", "config.json", "vector",
+                         "mask.safetensors", "spectra.json", "phase1", "phase2"})
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -76,20 +79,48 @@ class RunDir:
                 raise ConfigError(f"{self.path} already holds this run; pass --resume to continue it "
                                   "or --overwrite to start again")
             return True
+        if old is None:
+            self._check_new_folder()
         if overwrite and self.path.exists():
             import shutil
 
             for child in self.path.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.config_file, config)
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.config_file, config)
+        except OSError as e:  # e.g. under /proc or /sys, or read-only
+            raise ConfigError(f"{self.path}: the run folder cannot be written ({e.strerror or e}); "
+                              "choose another --output-dir") from None
         return False
+
+    def _check_new_folder(self) -> None:
+        """A folder without run.json becomes a run folder only if it is absent, empty, or holds nothing but
+        what a run (or the app, before the run starts) writes: a folder of other files (or ``/``) is never
+        written into, nor emptied by --overwrite."""
+        if not os.path.lexists(self.path):
+            return
+        if self.path.is_symlink() or not self.path.is_dir():
+            raise ConfigError(f"{self.path} exists and is not a folder; choose another --output-dir")
+        try:
+            others = sorted(p.name for p in self.path.iterdir() if p.name not in RUN_ENTRIES)
+        except OSError as e:
+            raise ConfigError(f"{self.path}: cannot be read ({e.strerror or e}); choose another --output-dir") from None
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise ConfigError(f"{self.path} holds files that are not a DeFT-X run ({shown}); it is left untouched: "
+                              "choose another --output-dir (a new or empty folder)")
 
     # ---- status and metrics ------------------------------------------------------------------------
     def status(self) -> dict:
         return read_json(self.status_file, {}) or {}
 
     def update(self, **changes) -> None:
+        """Rewrite status.json with ``changes``. A run folder deleted (or emptied) while the run goes is an
+        error, never silently made again: the run must not end "done" without its run.json, log and mask."""
+        if not self.config_file.is_file():
+            raise DeftxError(f"{self.path}: the run folder (its run.json) was deleted while the run was going; "
+                             "the run is stopped")
         if self._status is None:
             self._status = Status(**{k: v for k, v in self.status().items() if k in Status.__dataclass_fields__})
             self._status.pid = os.getpid()
@@ -108,7 +139,7 @@ class RunDir:
                 state = "cancelled" if isinstance(e, KeyboardInterrupt) else "failed"
                 try:
                     self.update(state=state, message=f"{type(e).__name__}: {e}")
-                except OSError:  # e.g. the disk is full: the exception itself is what matters
+                except (OSError, DeftxError):  # e.g. the disk is full: the exception itself is what matters
                     pass
             raise
 

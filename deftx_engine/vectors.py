@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -204,7 +204,7 @@ class SparseVector:
         """Write the folder atomically: a temporary sibling is renamed over the target at the end."""
         self.check(str(folder))
         folder = Path(folder)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, CONFIG_FILE) as tmp:
             tensors = {}
             for name, idx in self.indices.items():
                 tensors[f"{name}.idx"] = idx.to(torch.int32).contiguous()
@@ -225,18 +225,16 @@ class SparseVector:
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise VectorError(f"{p}: file not found (a vector folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+        if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise VectorError(f"{cfg_path}: {cfg_path.stat().st_size:,} bytes, more than a vector config can hold "
+                              f"({MAX_CONFIG_BYTES:,})")
         try:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise VectorError(f"{cfg_path}: not valid JSON ({e})") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise VectorError(f"{cfg_path}: not a DeFT-X vector config (expected format {FORMAT!r})")
-        try:
-            shapes = {n: tuple(int(x) for x in s) for n, s in config.pop("shapes").items()}
-            config.pop("format")
-            meta = VectorMeta(**config)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise VectorError(f"{cfg_path}: missing or malformed field ({e})") from None
+        except RecursionError:
+            raise VectorError(f"{cfg_path}: nested too deeply to be a vector config") from None
+        meta, shapes = meta_from_config(config, cfg_path)
         try:
             tensors = load_file(str(w_path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -246,12 +244,89 @@ class SparseVector:
             name, _, part = key.rpartition(".")
             if part not in ("idx", "val", "head") or name not in shapes:
                 raise VectorError(f"{w_path}: unexpected tensor {key!r} (not listed in {CONFIG_FILE})")
+            _check_tensor(w_path, key, part, t)
             {"idx": vec.indices, "val": vec.values, "head": vec.heads}[part][name] = t
+        for name in vec.values.keys() - vec.indices.keys():
+            raise VectorError(f"{w_path}: tensor {name + '.val'!r} has no {name + '.idx'!r}")
         for name, t in vec.heads.items():
             if tuple(t.shape) != shapes[name]:
                 raise VectorError(f"{w_path}: head {name!r} has shape {tuple(t.shape)}, config says {shapes[name]}")
         vec.check(str(folder))
         return vec
+
+
+MAX_CONFIG_BYTES = 64 * 2 ** 20
+KINDS_OF_VECTORS = ("language", "task", "composed")
+INDEX_DTYPES = (torch.int32, torch.int64)
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_scalar(x) -> bool:
+    return x is None or isinstance(x, (str, bool, int, float))
+
+
+def meta_from_config(config, where: Path) -> tuple[VectorMeta, dict[str, tuple[int, ...]]]:
+    """The metadata and shapes of a vector config, every field checked for its type once, here: any error
+    names the file and the field, so a mistyped vector never half-loads or fails later in Analyze or Predict."""
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise VectorError(f"{where}: not a DeFT-X vector config (expected format {FORMAT!r})")
+
+    def bad(name: str, expected: str) -> VectorError:
+        value = config.get(name)
+        got = "nothing" if name not in config else repr(value)[:40] if _is_scalar(value) else type(value).__name__
+        return VectorError(f"{where}: field {name!r} must be {expected}, found {got}")
+
+    known = {f.name for f in fields(VectorMeta)} | {"format", "shapes"}
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:
+        raise VectorError(f"{where}: unknown field {str(unknown[0])[:80]!r} (a vector config holds "
+                          f"{', '.join(sorted(known))})")
+    if config.get("kind") not in KINDS_OF_VECTORS:
+        raise bad("kind", " or ".join(repr(k) for k in KINDS_OF_VECTORS))
+    for name in ("base_model", "base_fingerprint"):
+        if not isinstance(config.get(name), str):
+            raise bad(name, "a string")
+    for name in ("language", "method", "engine_version"):
+        if name in config and not isinstance(config[name], str):
+            raise bad(name, "a string")
+    labels = config.get("label_names", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise bad("label_names", "a list of strings")
+    if "k" in config and not (_is_int(config["k"]) and config["k"] >= 0):
+        raise bad("k", "a whole number >= 0")
+    denoise = config.get("denoise")
+    if denoise is not None and not (isinstance(denoise, dict) and all(_is_scalar(v) for v in denoise.values())):
+        raise bad("denoise", "null or an object of numbers and strings")
+    if "extra" in config and not isinstance(config["extra"], dict):
+        raise bad("extra", "an object")
+    raw = config.get("shapes")
+    if not isinstance(raw, dict):
+        raise bad("shapes", "an object of parameter shapes")
+    shapes = {}
+    for name, shape in raw.items():
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_int(x) and x >= 0 for x in shape)):
+            raise VectorError(f"{where}: field 'shapes' of {name[:120]!r} must be a list of at most 8 whole "
+                              "numbers >= 0")
+        if int(torch.Size(shape).numel()) >= 2 ** 31:
+            raise VectorError(f"{where}: field 'shapes' of {name[:120]!r} has more entries than int32 indices "
+                              "can address")
+        shapes[name] = tuple(shape)
+    meta = VectorMeta(**{k: v for k, v in config.items() if k not in ("format", "shapes")})
+    return meta, shapes
+
+
+def _check_tensor(where: Path, key: str, part: str, t: Tensor) -> None:
+    """Indices: 1-D int32/int64; values: 1-D real floats; heads: real floats (never complex or integer)."""
+    if part == "idx" and (t.dtype not in INDEX_DTYPES or t.dim() != 1):
+        raise VectorError(f"{where}: tensor {key!r} must be 1-D int32 indices, found {t.dim()}-D {t.dtype}")
+    if part == "val" and (t.dtype not in VALUE_DTYPES or t.dim() != 1):
+        raise VectorError(f"{where}: tensor {key!r} must be 1-D real floats, found {t.dim()}-D {t.dtype}")
+    if part == "head" and t.dtype not in VALUE_DTYPES:
+        raise VectorError(f"{where}: tensor {key!r} must hold real floats, found {t.dtype}")
 
 
 def compose(vectors: Sequence[SparseVector], scales: Sequence[float] | None = None) -> SparseVector:

@@ -96,3 +96,38 @@ def test_stop_flag_turns_a_signal_into_a_flag_and_a_second_one_into_an_interrupt
     assert stop and stop.signal == signal.SIGTERM
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_of_other_files_is_never_claimed(tmp_path, overwrite):
+    """Issue 11 #6: --output-dir naming a folder of unrelated files (or a file) is refused, with or without
+    --overwrite, and nothing in it is touched; a folder holding only what a run writes is taken."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    with pytest.raises(ConfigError, match="not a DeFT-X run .*thesis.tex"):
+        RunDir(folder).claim(CONFIG, resume=False, overwrite=overwrite)
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.tex"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        RunDir(a_file).claim(CONFIG, resume=False, overwrite=overwrite)
+    started = tmp_path / "queued"  # the app writes these before the run's process claims the folder
+    started.mkdir()
+    (started / "process.log").write_text("")
+    assert RunDir(started).claim(CONFIG, resume=False, overwrite=overwrite) is False
+
+
+def test_a_run_folder_deleted_mid_run_is_an_error_not_recreated(tmp_path):
+    """Issue 11 #15: status updates after the run folder vanished raise instead of making it again."""
+    import shutil
+
+    from deftx_engine.errors import DeftxError
+
+    run = RunDir(tmp_path / "run")
+    run.claim(CONFIG, resume=False, overwrite=False)
+    run.update(state="running", step=1)
+    shutil.rmtree(run.path)
+    with pytest.raises(DeftxError, match="deleted while the run was going"):
+        run.update(state="done")
+    assert not run.path.exists()
