@@ -47,9 +47,9 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -318,7 +318,7 @@ def step1(shapes, k, repeats, seed, noise_share, table: Table, results: dict):
     """Denoise all deltas in place, then global top-k; returns the last repeat's deltas and mask."""
     cfg = DenoiseConfig()
     t_den, t_topk, t_tot, extras, others, group_times = [], [], [], [], [], {}
-    deltas = mask = records = mem = None
+    deltas = mask = records = None
     for rep in range(repeats):
         for attempt in range(_tries()):
             deltas = mask = records = None
@@ -404,12 +404,12 @@ def svd_comparison(shapes, seed, noise_share, repeats, table: Table, results: di
     m, n = delta.shape
     t_gram, others = [], []
     for _ in range(repeats):
-        (sig_g, _v), t, other = measure("spectrum()", lambda: spectrum(delta))
+        (sig_g, _v), t, other = measure("spectrum()", lambda d=delta: spectrum(d))
         t_gram.append(t)
         others.append(other)
     del _v
     (_u, sig_s, _vh), t_svd, other = measure("torch.linalg.svd",  # once (unless contended): it is slow
-                                             lambda: torch.linalg.svd(delta, full_matrices=False))
+                                             lambda d=delta: torch.linalg.svd(d, full_matrices=False))
     others.append(other)
     del _u, _vh, delta
     gc.collect()

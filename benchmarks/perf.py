@@ -64,11 +64,11 @@ import torch  # noqa: E402
 from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, KINDS  # noqa: E402
 from deftx_engine.denoise import DenoiseConfig, denoise_deltas  # noqa: E402
+from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
 from deftx_engine.masks import k_from, select_top_k  # noqa: E402
 from deftx_engine.models import load_cls_model, load_mlm_model  # noqa: E402
 from deftx_engine.optim import SparseAdamW  # noqa: E402
 from deftx_engine.params import parameter_roles  # noqa: E402
-from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
 from deftx_engine.train import trainable_setup  # noqa: E402
 from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
 
@@ -419,43 +419,45 @@ def _mb(b: float) -> str:
     return f"{b / 2 ** 20:,.1f} MiB"
 
 
+def _table(header: list[str], rows: list[list[object]]) -> list[str]:
+    """A Markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     L = [f"Date {res['date']}; {m['nproc']} CPUs ({m['cpu']}), torch {m['torch']}, {m['torch threads']} threads; "
          f"load average at start {m['load average (1/5/15 min) at start'].split(' / ')[0]}.", ""]
+    steps = [(size, s) for size, r in res["sizes"].items() for s in r.get("steps", [])]
+    rows = []
+    for size, s in steps:
+        best = s["quiet_median_pair_ratio"] if s.get("quiet_pairs", 0) >= 3 else s["median_pair_ratio"]
+        q = (f"{s['quiet_pairs']}: {s['quiet_full_median_s'] * 1e3:.0f} ms / {s['quiet_sparse_median_s'] * 1e3:.0f} "
+             f"ms / {s['quiet_median_pair_ratio']:.2f}") if s.get("quiet_pairs") else "0"
+        rows.append([size, s["kind"], f"{s['batch']} × {s['seq']}", f"{s['k']:,} ({s['k'] / s['maskable']:.1%})",
+                     f"{s['full_median_s'] * 1e3:.0f} ms", f"{s['sparse_median_s'] * 1e3:.0f} ms",
+                     f"{s['ratio_of_medians']:.2f}", f"{s['median_pair_ratio']:.2f}", q,
+                     "yes" if best <= TARGET_RATIO else "**no**", _cores(s.get("other_cores"))])
     L += ["### Step time: full phase vs sparse phase (same batches, interleaved)", "",
-          "| size | kind | batch × seq | k (share) | full median | sparse median | sparse / full (medians) "
-          "| median per-batch ratio | quiet pairs: full / sparse / median ratio | target ≤ 1.10 | other processes "
-          "(cores) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for size, r in res["sizes"].items():
-        for s in r.get("steps", []):
-            best = s["quiet_median_pair_ratio"] if s.get("quiet_pairs", 0) >= 3 else s["median_pair_ratio"]
-            ok = "yes" if best <= TARGET_RATIO else "**no**"
-            q = (f"{s['quiet_pairs']}: {s['quiet_full_median_s'] * 1e3:.0f} ms / {s['quiet_sparse_median_s'] * 1e3:.0f} ms"
-                 f" / {s['quiet_median_pair_ratio']:.2f}") if s.get("quiet_pairs") else "0"
-            L.append(f"| {size} | {s['kind']} | {s['batch']} × {s['seq']} | {s['k']:,} ({s['k'] / s['maskable']:.1%}) | "
-                     f"{s['full_median_s'] * 1e3:.0f} ms | {s['sparse_median_s'] * 1e3:.0f} ms | "
-                     f"{s['ratio_of_medians']:.2f} | {s['median_pair_ratio']:.2f} | {q} | {ok} | {_cores(s.get('other_cores'))} |")
+          *_table(["size", "kind", "batch × seq", "k (share)", "full median", "sparse median",
+                   "sparse / full (medians)", "median per-batch ratio", "quiet pairs: full / sparse / median ratio",
+                   "target ≤ 1.10", "other processes (cores)"], rows)]
     L += ["", "### Optimizer state", "",
-          "| size | kind | dense AdamW (phase 1) | SparseAdamW (phase 2, same k) | sparse / dense |",
-          "|---|---|---|---|---|"]
-    for size, r in res["sizes"].items():
-        for s in r.get("steps", []):
-            L.append(f"| {size} | {s['kind']} | {_mb(s['dense_adamw_state_bytes'])} | "
-                     f"{_mb(s['sparse_adamw_state_bytes'])} | {s['sparse_adamw_state_bytes'] / s['dense_adamw_state_bytes']:.3f} |")
-    L += ["", "| size | kind | k | SparseAdamW state | of which dense heads | (state − heads) / k |", "|---|---|---|---|---|---|"]
-    for size, r in res["sizes"].items():
-        for o in r.get("optimizer_vs_k", []):
-            L.append(f"| {size} | {o['kind']} | {o['k']:,} ({o['share']:.1%}) | {o['state_bytes']:,} B | "
-                     f"{o['head_state_bytes']:,} B | {o['masked_state_bytes_per_k']:.2f} B |")
+          *_table(["size", "kind", "dense AdamW (phase 1)", "SparseAdamW (phase 2, same k)", "sparse / dense"],
+                  [[size, s["kind"], _mb(s["dense_adamw_state_bytes"]), _mb(s["sparse_adamw_state_bytes"]),
+                    f"{s['sparse_adamw_state_bytes'] / s['dense_adamw_state_bytes']:.3f}"] for size, s in steps])]
+    L += ["", *_table(["size", "kind", "k", "SparseAdamW state", "of which dense heads", "(state − heads) / k"],
+                      [[size, o["kind"], f"{o['k']:,} ({o['share']:.1%})", f"{o['state_bytes']:,} B",
+                        f"{o['head_state_bytes']:,} B", f"{o['masked_state_bytes_per_k']:.2f} B"]
+                       for size, r in res["sizes"].items() for o in r.get("optimizer_vs_k", [])])]
     L += ["", "### Sparse vectors: apply / revert / compose / save / load, file size vs k", "",
-          "| size | k (share) | apply | revert | compose with a 2.8 % vector | save | load | file | bytes / entry (heads excluded) |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for size, r in res["sizes"].items():
-        for v in r.get("vectors", []):
-            L.append(f"| {size} | {v['k']:,} ({v['share']:.1%}) | {v['apply_s'] * 1e3:.1f} ms | {v['revert_s'] * 1e3:.1f} ms | "
-                     f"{v['compose_with_language_s'] * 1e3:.1f} ms | {v['save_s'] * 1e3:.0f} ms | {v['load_s'] * 1e3:.0f} ms | "
-                     f"{_mb(v['file_bytes'])} | {v['bytes_per_entry']:.2f} |")
+          *_table(["size", "k (share)", "apply", "revert", "compose with a 2.8 % vector", "save", "load", "file",
+                   "bytes / entry (heads excluded)"],
+                  [[size, f"{v['k']:,} ({v['share']:.1%})", f"{v['apply_s'] * 1e3:.1f} ms",
+                    f"{v['revert_s'] * 1e3:.1f} ms", f"{v['compose_with_language_s'] * 1e3:.1f} ms",
+                    f"{v['save_s'] * 1e3:.0f} ms", f"{v['load_s'] * 1e3:.0f} ms", _mb(v["file_bytes"]),
+                    f"{v['bytes_per_entry']:.2f}"] for size, r in res["sizes"].items() for v in r.get("vectors", [])])]
     L += ["", "### Denoise + mask of a whole-model delta, and model size", "",
           "| size | maskable entries | denoise (energy 0.90, ρ 0.05) | global top-k (5.2 %) |", "|---|---|---|---|"]
     for size, r in res["sizes"].items():
@@ -476,7 +478,8 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=SIZES, help="model sizes to measure")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
                    help="SFT kinds for the step-time comparison")
@@ -513,7 +516,8 @@ def main(argv: list[str] | None = None) -> dict:
             r: dict = {"source": src, "steps": [], "optimizer_vs_k": []}
             batch = args.xlmr_batch if size == "xlmr-base" else args.batch
             for kind in args.kinds:
-                print(f"[{size}] {kind}: full vs sparse step, {args.warmup} warm-up + {args.repeats} timed ...", flush=True)
+                print(f"[{size}] {kind}: full vs sparse step, {args.warmup} warm-up + {args.repeats} timed ...",
+                      flush=True)
                 s = step_times(src, kind, batch, args.seq, args.repeats, args.warmup, args.profile, args.wait_quiet)
                 r["steps"].append(s)
                 quiet = f", their median ratio {s['quiet_median_pair_ratio']:.2f})" if s["quiet_pairs"] else ")"
@@ -526,7 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for o in optimizer_state_vs_k(src, kind, args.state_shares):
                     r["optimizer_vs_k"].append({"kind": kind, **o})
             print(f"[{size}] vector operations ...", flush=True)
-            r["vectors"] = vector_ops(src, args.vector_shares, max(1, min(args.repeats, 3 if size == "xlmr-base" else 5)), tmp)
+            repeats = max(1, min(args.repeats, 3 if size == "xlmr-base" else 5))
+            r["vectors"] = vector_ops(src, args.vector_shares, repeats, tmp)
             print(f"[{size}] denoise + mask ...", flush=True)
             r["denoise"] = denoise_mask_time(src, 1 if size == "xlmr-base" else max(1, min(args.repeats, 3)))
             res["sizes"][size] = r

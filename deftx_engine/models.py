@@ -21,7 +21,6 @@ from . import e5_small
 from .errors import ConfigError
 
 
-
 def resolve_model(name: str) -> str:
     """Alias, local folder or Hub id -> something ``from_pretrained`` accepts."""
     if name == e5_small.ALIAS:

@@ -47,8 +47,8 @@ def text_summary(report: dict) -> str:
         density = f", {v['density_of_maskable']:.2%} of the maskable parameters" if v["density_of_maskable"] else ""
         out.append(f"{path}: {v['kind']} vector ({v['language'] or 'no language'}), method {v['method']}, "
                    f"base {v['base_model']}, {v['nnz']:,} entries{density}")
-        order = sorted(v["density_per_layer"], key=lambda k: (k.startswith("layer."), int(k[6:]) if
-                                                            k.startswith("layer.") and k[6:].isdigit() else 0, k))
+        order = sorted(v["density_per_layer"], key=lambda k: (
+            k.startswith("layer."), int(k[6:]) if k.startswith("layer.") and k[6:].isdigit() else 0, k))
         layers = ", ".join(f"{k} {v['density_per_layer'][k]:.1%}" for k in order)
         out.append(f"  density per layer: {layers}")
         if v["labels"]:
@@ -70,7 +70,8 @@ def text_summary(report: dict) -> str:
 def spectra_summary(run: str | Path) -> dict:
     records = read_json(RunDir(run).spectra_file, {}) or {}
     return {n: {"shape": r["shape"], "rank": r["rank"], "energy_retained": r["energy_retained"],
-                "residual_kept": r["residual_kept"], "sigma_max": r["singular_values"][0] if r["singular_values"] else 0}
+                "residual_kept": r["residual_kept"],
+                "sigma_max": r["singular_values"][0] if r["singular_values"] else 0}
             for n, r in records.items()}
 
 

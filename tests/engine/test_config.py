@@ -31,8 +31,8 @@ def test_every_field_has_help_and_the_cli_shows_it(capsys, monkeypatch):
 
 def test_options_have_the_fields_types():
     p = build_parser()
-    args = p.parse_args(["train-language", "--output-dir", "o", "--k", "0.1", "--batch-size", "4", "--fit-head", "false",
-                         "--sparse-phase", "yes", "--mlm-layer", "2", "--method", "lt-sft"])
+    args = p.parse_args(["train-language", "--output-dir", "o", "--k", "0.1", "--batch-size", "4",
+                         "--fit-head", "false", "--sparse-phase", "yes", "--mlm-layer", "2", "--method", "lt-sft"])
     assert (args.k, args.batch_size, args.fit_head, args.sparse_phase, args.mlm_layer, args.method) == \
         (0.1, 4, False, True, 2, "lt-sft")
     assert not hasattr(args, "lr")  # not given: the preset, config file or default decides
@@ -96,5 +96,6 @@ def test_planned_steps():
 def test_errors_render_a_setting_in_each_front_ends_words():
     e = DataError("t.csv has no column 'x'.", field="text_column", hint="{Set} {text_column} (and {pair_column}).")
     assert str(e) == "t.csv has no column 'x'. Pass --text-column (and --pair-column)."
-    assert e.render(lambda f: f"the {f.upper()}", "set") == "t.csv has no column 'x'. Set the TEXT_COLUMN (and the PAIR_COLUMN)."
+    rendered = e.render(lambda f: f"the {f.upper()}", "set")
+    assert rendered == "t.csv has no column 'x'. Set the TEXT_COLUMN (and the PAIR_COLUMN)."
     assert str(ConfigError("plain")) == "plain" and ConfigError("plain").field is None

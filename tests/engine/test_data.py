@@ -164,7 +164,8 @@ def test_directory_is_not_a_file(tmp_path, loader):
 
 def test_unsupported_extension_lists_supported(tmp_path):
     path = write(tmp_path, "c.xlsx", "text\nx\n")
-    with pytest.raises(DataError, match=r"c\.xlsx has unsupported extension '\.xlsx'; supported: \.txt, \.csv, \.tsv, \.jsonl"):
+    match = r"c\.xlsx has unsupported extension '\.xlsx'; supported: \.txt, \.csv, \.tsv, \.jsonl"
+    with pytest.raises(DataError, match=match):
         load_corpus(path)
     with pytest.raises(DataError, match=r"supported: \.csv, \.tsv, \.jsonl\."):
         load_task_data(write(tmp_path, "t.txt", "x\n"))
@@ -185,7 +186,8 @@ def test_binary_file(tmp_path, loader):
 
 def test_invalid_utf8_reports_line_column_and_byte(tmp_path, loader):
     path = write(tmp_path, "l1.csv", "text,label\r\nok,a\r\n".encode() + "caf\xe9,b\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"l1\.csv line 3, column 4: invalid UTF-8 byte 0xe9 \(byte offset 21\)\. Re-save"):
+    match = r"l1\.csv line 3, column 4: invalid UTF-8 byte 0xe9 \(byte offset 21\)\. Re-save"
+    with pytest.raises(DataError, match=match):
         loader(path)
 
 
@@ -207,7 +209,8 @@ def test_empty_or_whitespace_only(tmp_path, loader, content):
 
 def test_csv_ragged_row_names_line(tmp_path):
     path = write(tmp_path, "r.csv", "text,label\nsatu,a\n\ndua,b,extra\n")
-    with pytest.raises(DataError, match=r"r\.csv line 4 has 3 fields but the header has 2\. .*quote fields that contain commas"):
+    match = r"r\.csv line 4 has 3 fields but the header has 2\. .*quote fields that contain commas"
+    with pytest.raises(DataError, match=match):
         load_task_data(path)
 
 
@@ -312,7 +315,8 @@ def test_task_missing_named_column(tmp_path, kwargs, field, flag):
 
 
 def test_task_int_labels_sort_numerically(tmp_path):
-    path = write(tmp_path, "t.jsonl", jsonl({"text": "a", "label": 10}, {"text": "b", "label": 2}, {"text": "c", "label": 1}))
+    rows = jsonl({"text": "a", "label": 10}, {"text": "b", "label": 2}, {"text": "c", "label": 1})
+    path = write(tmp_path, "t.jsonl", rows)
     td = load_task_data(path)
     assert td.labels == ["10", "2", "1"]
     assert td.label_names == ["1", "2", "10"]
@@ -365,7 +369,8 @@ def test_task_jsonl_missing_label_and_bad_label_type(tmp_path):
     with pytest.raises(DataError, match=r"m\.jsonl line 2 has no field 'label'; fields on this line: text"):
         load_task_data(missing)
     floats = write(tmp_path, "f.jsonl", jsonl({"text": "a", "label": 0.5}))
-    with pytest.raises(DataError, match=r"f\.jsonl line 1: field 'label' is a number; a label must be a string or an integer"):
+    match = r"f\.jsonl line 1: field 'label' is a number; a label must be a string or an integer"
+    with pytest.raises(DataError, match=match):
         load_task_data(floats)
     nulls = write(tmp_path, "n.jsonl", jsonl({"text": "a", "label": None}))
     with pytest.raises(DataError, match=r"n\.jsonl line 1: field 'label' is empty"):

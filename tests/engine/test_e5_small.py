@@ -27,7 +27,8 @@ def test_built_model_retrieves_indonesian_translations_of_english_sentences():
           "My sister is studying medicine in the city.", "It is raining heavily this afternoon.",
           "Please close the window, it is cold."]
     ind = ["Keretanya datang terlambat dua jam.", "Tolong tutup jendelanya, dingin sekali.",
-           "Makanannya enak dan murah.", "Sore ini hujan deras sekali.", "Adik perempuan saya kuliah kedokteran di kota."]
+           "Makanannya enak dan murah.", "Sore ini hujan deras sekali.",
+           "Adik perempuan saya kuliah kedokteran di kota."]
 
     def embed(texts):
         enc = tok([f"query: {t}" for t in texts], padding=True, return_tensors="pt")

@@ -13,7 +13,6 @@ import deftx_engine.hub as hub
 from deftx_engine.errors import DeftxError, VectorError
 from deftx_engine.hub import pull_vector, push_vector
 from deftx_engine.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector
-
 from tiny import assert_same_vector, make_vector, write_composable_sft
 
 TOKEN = "hf_SuperSecretToken1234567890abcdef"

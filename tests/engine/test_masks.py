@@ -35,7 +35,8 @@ def test_values_sharing_high_bits():
     base = torch.tensor([1.0]).view(torch.int32)
     vals = (base + torch.arange(100, dtype=torch.int32)).view(torch.float32)
     m = select_top_k({"x": vals[torch.randperm(100, generator=torch.Generator().manual_seed(1))]}, 7)
-    assert sorted(vals[torch.randperm(100, generator=torch.Generator().manual_seed(1))][m["x"]].tolist()) == sorted(vals[-7:].tolist())
+    shuffled = vals[torch.randperm(100, generator=torch.Generator().manual_seed(1))]
+    assert sorted(shuffled[m["x"]].tolist()) == sorted(vals[-7:].tolist())
 
 
 def test_k_bounds():

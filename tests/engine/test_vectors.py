@@ -5,7 +5,6 @@ import torch
 
 from deftx_engine.errors import VectorError
 from deftx_engine.vectors import SparseVector, compose
-
 from tiny import make_vector, tiny_bert_config
 
 

@@ -159,7 +159,6 @@ def test_max_jobs_and_queue(tmp_path, clean_env, api):
                                             ("DEFTX_MAX_JOBS", "x", "a whole number")])
 def test_malformed_limits_are_messages(app, clean_env, tmp_path, api, var, value, says):
     import app as app_module
-
     from deftx_engine.errors import ConfigError
     from webapp.state import Studio
 

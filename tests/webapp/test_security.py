@@ -323,7 +323,6 @@ def test_auth_refuses_requests_without_a_login(launched, monkeypatch, tmp_path):
 @pytest.mark.parametrize("value", ["alice", "alice:", ":pw", "alice:pw,", "alice:pw,bob"])
 def test_a_malformed_auth_setting_stops_the_app(value, monkeypatch, tmp_path, capsys):
     import app as app_module
-
     from deftx_engine.errors import ConfigError
     from webapp.settings import auth_from_env
     from webapp.state import Studio
