@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -104,6 +103,15 @@ def _composed(args):
                                      args.ties_lambda))
 
 
+def _classifier(args):
+    """The composed classifier, its tokenizer and label names for evaluate / predict; an ``--output`` that could
+    not be written is refused before the model is built."""
+    if args.output:
+        check_output_file(args.output, "--output")
+    model, tok = _composed(args)
+    return model, tok, [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
 COMPOSED_MARKER = "deftx_composed.json"  # written into compose's output: the one folder compose may replace
 
 
@@ -126,10 +134,7 @@ def _evaluate(args) -> int:
     from .data import load_task_data
     from .evaluate import evaluate_task_data
 
-    if args.output:
-        check_output_file(args.output, "--output")
-    model, tok = _composed(args)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    model, tok, names = _classifier(args)
     td = load_task_data(args.data, text_column=args.text_column, pair_column=args.pair_column,
                         label_column=args.label_column, label_names=names)
     result = {"data": args.data, "task": args.task, "language": args.language or [],
@@ -142,37 +147,24 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from .data import load_task_data
-    from .evaluate import predict_proba
+    from .evaluate import predict_proba, prediction_inputs, write_predictions
 
-    if args.output:
-        check_output_file(args.output, "--output")
-    model, tok = _composed(args)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    model, tok, names = _classifier(args)
+    gold = None
     if args.data:
-        td = load_task_data(args.data, text_column=args.text_column, pair_column=args.pair_column,
-                            label_column=args.label_column, label_names=names) if args.labelled else None
-        texts = td.texts if td else _read_texts(args.data, args.text_column)
-        pairs = td.text_pairs if td else None
+        texts, pairs, gold = prediction_inputs(args.data, args.text_column, args.pair_column, args.label_column,
+                                               labelled=args.labelled, label_names=names)
     else:
         if not args.text:
             raise DeftxError("give --text (and --text-pair for pair tasks) or --data FILE")
         texts, pairs = [args.text], [args.text_pair] if args.text_pair else None
-    probs = predict_proba(model, tok, texts, pairs)
-    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
-    w = csv.writer(out)
-    w.writerow(["text", "prediction", *[f"p_{n}" for n in names]])
-    for t, row in zip(texts, probs.tolist()):
-        w.writerow([t, names[max(range(len(row)), key=row.__getitem__)], *[f"{p:.4f}" for p in row]])
-    if args.output:
-        out.close()
+    probs = predict_proba(model, tok, texts, pairs).tolist()
+    if not args.output:
+        write_predictions(sys.stdout, names, probs, texts, pairs, gold)
+        return 0
+    with open(args.output, "w", newline="", encoding="utf-8") as out:
+        write_predictions(out, names, probs, texts, pairs, gold)
     return 0
-
-
-def _read_texts(path: str, column: str | None) -> list[str]:
-    from .data import load_corpus
-
-    return load_corpus(path, column)
 
 
 def _inspect(args) -> int:
@@ -247,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p, False)
     p.add_argument("--text", help="one input text")
     p.add_argument("--text-pair", help="its pair (NLI hypothesis)")
-    p.add_argument("--labelled", action="store_true", help="--data is a labelled task file (read its text columns)")
+    p.add_argument("--labelled", action="store_true",
+                   help="--data must be a labelled task file (without it, one is detected: its labels go to the CSV)")
     p.add_argument("--output", help="write the CSV here instead of stdout")
 
     p = command("inspect", _inspect, "spectra, mask densities and overlap -> JSON and a Plotly HTML report")

@@ -1,21 +1,25 @@
 """Composing a model for a target language, predicting with it, and scoring it (macro-F1, accuracy)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import csv
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
 import torch
 
-from .data import TaskData
+from .data import TaskData, load_corpus, load_task_data
 from .errors import DeftxError, VectorError
 from .models import device, load_cls_model, load_tokenizer
 from .vectors import SparseVector, compose
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], label_names: Sequence[str]) -> dict:
-    """Accuracy, macro-F1 (mean over the labels that occur in truth or prediction, as scikit-learn does),
-    per-label F1 and the confusion matrix (rows: true label, columns: predicted)."""
+    """Accuracy, macro-F1 (mean over the labels that occur in truth or prediction, as scikit-learn does; those
+    labels are ``macro_labels``, so a front end can show the others' F1 as undefined rather than 0), per-label F1
+    and the confusion matrix (rows: true label, columns: predicted)."""
     n = len(label_names)
     conf = torch.zeros(n, n, dtype=torch.int64)
     for t, p in zip(y_true, y_pred):
@@ -29,6 +33,7 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], label_n
     return {"n": total, "accuracy": float(tp.sum() / total) if total else 0.0,
             "macro_f1": float(f1[present].mean()) if bool(present.any()) else 0.0,
             "f1": {label_names[i]: float(f1[i]) for i in range(n)},
+            "macro_labels": [label_names[i] for i in range(n) if bool(present[i])],
             "labels": list(label_names), "confusion": conf.tolist()}
 
 
@@ -49,10 +54,28 @@ def composed_model(task: str | Path | SparseVector, languages: Sequence[str | Pa
         if v.meta.kind != "language":
             raise VectorError(f"expected a language vector, got kind {v.meta.kind!r}")
     base = base_model or vecs[0].meta.base_model
-    model = load_cls_model(base, vecs[0].meta.label_names)
+    with _no_load_report():
+        model = load_cls_model(base, vecs[0].meta.label_names)
     combined = compose(vecs, scales)
     combined.apply(model)
     return model.to(device()).eval(), load_tokenizer(base)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def _no_load_report() -> Iterator[None]:
+    """Without transformers' "LOAD REPORT ... classifier.bias MISSING" warning: a composed model's classifier
+    comes from the task vector (applied next), so the missing head is expected, not a problem to report."""
+    logger, drop = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 CHARS_PER_TOKEN = 32  # texts are cut to max_length * this many characters before tokenizing
@@ -92,3 +115,32 @@ def evaluate_task_data(model, tokenizer, td: TaskData, batch_size: int = 32,
     probs = predict_proba(model, tokenizer, td.texts, td.text_pairs, batch_size, stop=stop)
     lid = {l: i for i, l in enumerate(names)}
     return classification_metrics([lid[l] for l in td.labels], probs.argmax(-1).tolist(), names)
+
+
+def prediction_inputs(source, text_column: str | None = None, pair_column: str | None = None,
+                      label_column: str = "label", max_rows: int | None = None, labelled: bool = False,
+                      label_names: Sequence[str] | None = None) -> tuple[list[str], list[str] | None, list[str] | None]:
+    """(texts, second texts or None, gold labels or None) of a file to predict: a labelled file (or one with
+    premise/hypothesis columns) keeps its layout and its labels, anything else is read as one text per line.
+    ``labelled`` refuses a file that is not a task file (with the reason) instead of falling back."""
+    try:
+        td = load_task_data(source, text_column=text_column, pair_column=pair_column, label_column=label_column,
+                            label_names=label_names if labelled else None, max_rows=max_rows)
+    except DeftxError:
+        if labelled:
+            raise
+        return load_corpus(source, text_column, max_lines=max_rows), None, None
+    return td.texts, td.text_pairs, td.labels
+
+
+def write_predictions(out: IO[str], names: Sequence[str], probs: Sequence[Sequence[float]], texts: Sequence[str],
+                      pairs: Sequence[str] | None = None, gold: Sequence[str] | None = None) -> None:
+    """The predictions CSV of the CLI and the app: text, second text (pair tasks), the gold label when the input
+    has one, the predicted label and each label's probability."""
+    w = csv.writer(out)
+    w.writerow(["text"] + (["second_text"] if pairs else []) + (["label"] if gold else []) + ["prediction"]
+               + [f"p_{n}" for n in names])
+    for i, row in enumerate(probs):
+        best = max(range(len(row)), key=row.__getitem__)
+        w.writerow([texts[i]] + ([pairs[i]] if pairs else []) + ([gold[i]] if gold else []) + [names[best]]
+                   + [f"{p:.4f}" for p in row])

@@ -1,6 +1,7 @@
 """classification_metrics against hand-computed accuracy, per-label and macro F1, and confusion matrix."""
 import pytest
 
+from deftx_engine.errors import DeftxError
 from deftx_engine.evaluate import classification_metrics
 
 # true a a b b c c / predicted a b b b a c
@@ -29,3 +30,49 @@ def test_perfect_and_empty():
     assert classification_metrics([0, 1, 1], [0, 1, 1], ["a", "b"])["macro_f1"] == 1.0
     empty = classification_metrics([], [], ["a", "b"])
     assert empty["n"] == 0 and empty["accuracy"] == 0.0 and empty["macro_f1"] == 0.0
+
+
+def test_macro_labels_name_the_labels_the_average_covers():
+    m = classification_metrics([0, 1], [0, 1], ["positive", "negative", "neutral"])
+    assert m["macro_f1"] == 1.0 and m["macro_labels"] == ["positive", "negative"]  # neutral: neither true nor predicted
+
+
+def test_predictions_csv_has_the_gold_label_when_the_input_has_one(tmp_path):
+    import csv
+    import io
+
+    from deftx_engine.evaluate import prediction_inputs, write_predictions
+
+    labelled = tmp_path / "l.csv"
+    labelled.write_text("text,label\nenak,positive\nburuk,negative\n", encoding="utf-8")
+    plain = tmp_path / "p.txt"
+    plain.write_text("enak\nburuk\n", encoding="utf-8")
+    texts, pairs, gold = prediction_inputs(labelled)
+    assert (texts, pairs, gold) == (["enak", "buruk"], None, ["positive", "negative"])
+    assert prediction_inputs(plain) == (["enak", "buruk"], None, None)
+    with pytest.raises(DeftxError, match="unsupported extension"):  # --labelled: no fallback to plain lines
+        prediction_inputs(plain, labelled=True)
+    out = io.StringIO()
+    write_predictions(out, ["negative", "positive"], [[0.2, 0.8], [0.9, 0.1]], texts, pairs, gold)
+    rows = list(csv.reader(io.StringIO(out.getvalue())))
+    assert rows == [["text", "label", "prediction", "p_negative", "p_positive"],
+                    ["enak", "positive", "positive", "0.2000", "0.8000"],
+                    ["buruk", "negative", "negative", "0.9000", "0.1000"]]
+    out = io.StringIO()
+    write_predictions(out, ["negative", "positive"], [[0.2, 0.8]], ["enak"])
+    assert out.getvalue().splitlines()[0] == "text,prediction,p_negative,p_positive"
+
+
+def test_composing_prints_no_load_report(tmp_path, capfd):
+    """The composed model's classifier comes from the task vector: transformers' MISSING report is noise."""
+    from deftx_engine.evaluate import composed_model
+    from deftx_engine.models import load_cls_model
+    from tiny import make_tiny_model_dir, make_vector
+
+    base = str(make_tiny_model_dir(tmp_path / "m"))
+    vec = make_vector(load_cls_model(base, ["neg", "neu", "pos"]), base_model=base)
+    capfd.readouterr()
+    composed_model(vec)
+    assert "LOAD REPORT" not in capfd.readouterr().err
+    load_cls_model(base, ["neg", "neu", "pos"])  # the filter is gone afterwards: other loads still report
+    assert "LOAD REPORT" in capfd.readouterr().err
