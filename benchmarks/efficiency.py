@@ -1,0 +1,263 @@
+"""How close a training step comes to what this CPU can do, where the rest goes, the embedding fast path,
+scoring throughput, and a whole SFT against what a user would do instead (a plain dense fine-tune).
+
+Usage::
+
+    python -m benchmarks.efficiency                          # MiniLM and multilingual-e5-small (~15 min, 2 cores)
+    python -m benchmarks.efficiency --models tiny --repeats 2 --skip-whole   # seconds; what the test runs
+
+1. **Matmul rate**: ``torch.mm`` in float32 on all threads at the shapes of the models' dense layers
+   (tokens x hidden x 4 hidden); the median GFLOP/s is the machine's practical peak for this work.
+2. **Step FLOP rate**: per model and kind, a full-phase step and a sparse-phase step (``perf.Phases``: what
+   ``train_sft`` runs) on ``--batch`` x ``--seq`` tokens. FLOPs are counted analytically: forward = 2 x the
+   encoder's weight-matrix entries x tokens + attention scores and mixing (4 x layers x batch x seq² x
+   hidden); the MLM head on masked positions only (transform 2·H², decoder 2·H·V; the decoder is frozen, so
+   its backward needs the input gradient only); backward = 2 x forward for trained matrices. Achieved
+   GFLOP/s = FLOPs / median step time, reported as a share of the matmul rate; a ``torch.profiler`` table
+   of one full step says where the rest goes (matmuls, optimizer, embedding backward, elementwise).
+3. **Embedding fast path** (``deftx_engine/embedding_rows.py``): the full-phase step with the whole
+   embedding matrix trained densely (the old path), with only the rows the batch uses trained (the engine's
+   path), and with the embedding frozen; the goal is rows <= 1.3 x frozen.
+4. **Scoring throughput**: sentences per second of ``evaluate.predict_proba`` (length-sorted batches,
+   ``inference_mode``) against ``transformers.pipeline("text-classification")`` on the same model and
+   sentences, in the same run (goal >= 2x).
+5. **A whole SFT vs a dense fine-tune**: ``train_sft`` (both phases, denoise, mask, save) of a task SFT
+   against HF ``Trainer`` fine-tuning every parameter for the same total steps on the same data; the ratio
+   and the share of the SFT's wall time spent outside training steps (goal <= 5 %).
+
+Results: Markdown on stdout and ``--out`` (default ``benchmarks/out/efficiency/results.{md,json}``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import OtherCpu, machine_info
+from benchmarks.perf import Phases, engine_mask, load, make_batches, model_source
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "assets" / "examples"
+NUSAX_TEST = ROOT.parent / "shared" / "data" / "nusax" / "sentiment" / "indonesian" / "test.csv"
+
+
+def matmul_rate(hidden: int, tokens: int, repeats: int) -> float:
+    """Median GFLOP/s of float32 ``torch.mm`` at a dense layer's shapes (tokens x H @ H x 4H and back)."""
+    a, w1, w2 = torch.randn(tokens, hidden), torch.randn(hidden, 4 * hidden), torch.randn(4 * hidden, hidden)
+    flops = 2 * tokens * hidden * 4 * hidden * 2
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        torch.mm(torch.mm(a, w1), w2)
+        if i:  # the first call warms the allocator and the kernels up
+            times.append(time.perf_counter() - t)
+    return flops / statistics.median(times) / 1e9
+
+
+def step_flops(model, kind: str, batch: dict, trained: str = "all") -> float:
+    """Analytic FLOPs of one training step (forward + backward) on ``batch`` (see the module docstring)."""
+    cfg = model.config
+    b, t = batch["input_ids"].shape
+    tokens, hidden, layers = b * t, cfg.hidden_size, cfg.num_hidden_layers
+    prefix = model.base_model_prefix + "."
+    matrices = sum(p.numel() for n, p in model.named_parameters()
+                   if n.startswith(prefix) and p.ndim == 2 and "embeddings" not in n)
+    forward = 2 * matrices * tokens + 4 * layers * b * t * t * hidden
+    total = 3 * forward  # backward: gradients for inputs and weights, 2 x forward
+    if kind == "language":
+        masked = int((batch["labels"] != -100).sum())
+        total += 3 * 2 * masked * hidden * hidden + 2 * 2 * masked * hidden * cfg.vocab_size
+    return float(total)
+
+
+@contextlib.contextmanager
+def _embedding(ph: Phases, mode: str, batches: list[dict]):
+    """``dense``: the whole matrix trains; ``rows``: the engine's fast path; ``frozen``: it does not train."""
+    from deftx_engine.embedding_rows import train_rows_only
+
+    emb = getattr(ph.model, ph.model.base_model_prefix).get_input_embeddings()
+    if mode == "dense":
+        yield
+    elif mode == "frozen":
+        name = next(n for n, p in ph.params.items() if p is emb.weight)
+        was = ph.loaded_flags[name]
+        ph.loaded_flags[name] = False
+        try:
+            yield
+        finally:
+            ph.loaded_flags[name] = was
+    else:
+        rows = torch.unique(torch.cat([b["input_ids"].reshape(-1) for b in batches]))
+        with train_rows_only(emb, rows):
+            ph.full_opt = None  # the optimizer must hold the row delta, not the matrix
+            yield
+        ph.full_opt = None
+
+
+def profile_groups(ph: Phases, batch: dict) -> dict[str, float]:
+    """Self CPU time of one full step by kind of work (share of the step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ph.full_step(batch)
+    groups = {"matmul": ("addmm", "mm", "bmm", "matmul", "linear", "baddbmm"), "optimizer": ("adam", "_foreach"),
+              "embedding backward": ("embedding_dense_backward", "index_add", "embedding_backward"),
+              "softmax / cross-entropy": ("softmax", "nll", "cross_entropy"),
+              "attention kernel": ("scaled_dot_product", "_flash", "attention")}
+    out = {g: 0.0 for g in groups} | {"other": 0.0}
+    for ev in prof.key_averages():
+        name = ev.key.lower()
+        group = next((g for g, keys in groups.items() if any(k in name for k in keys)), "other")
+        out[group] += ev.self_cpu_time_total
+    total = sum(out.values()) or 1.0
+    return {g: v / total for g, v in out.items()}
+
+
+def step_rates(source: str, kind: str, batch: int, seq: int, repeats: int, peak: float) -> list[dict]:
+    model = load(kind, source)
+    ph = Phases(model, kind)
+    batches = make_batches(model, kind, repeats + 1, batch, seq)
+    theta0 = {n: ph.params[n].detach().float().clone() for n in ph.roles.maskable}
+    ph.full_step(batches[0])
+    ph.set_mask(engine_mask(ph, theta0, kind))
+    del theta0
+    rows = []
+    flops = step_flops(model, kind, batches[1])
+    for label, step, mode in (("full, embedding rows only (engine)", ph.full_step, "rows"),
+                              ("full, whole embedding (dense)", ph.full_step, "dense"),
+                              ("full, embedding frozen", ph.full_step, "frozen"),
+                              ("sparse (engine)", ph.sparse_step, "dense")):
+        with _embedding(ph, mode, batches), OtherCpu() as other:
+            step(batches[0])  # warm-up (and the optimizer's state)
+            times = [step(b) for b in batches[1:]]
+        med = statistics.median(times)
+        rows.append({"kind": kind, "step": label, "median_s": med, "gflops": flops / med / 1e9,
+                     "share_of_matmul": flops / med / 1e9 / peak, "other_cores": other.cores})
+    rows[0]["profile"] = profile_groups(ph, batches[1])
+    return rows
+
+
+def scoring(source: str, repeats: int) -> dict:
+    """Sentences per second: the engine's predict_proba vs a plain text-classification pipeline."""
+    from transformers import pipeline
+
+    from deftx_engine.data import load_task_data
+    from deftx_engine.evaluate import predict_proba
+    from deftx_engine.models import load_cls_model, load_tokenizer
+
+    data = load_task_data(NUSAX_TEST if NUSAX_TEST.is_file() else EXAMPLES / "target_eval_id.csv")
+    texts = data.texts
+    model, tok = load_cls_model(source, data.label_names).eval(), load_tokenizer(source)
+    pipe = pipeline("text-classification", model=model, tokenizer=tok, device="cpu")
+    length = min(128, model.config.max_position_embeddings)
+    ours, plain = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        predict_proba(model, tok, texts, max_length=length)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pipe(texts, batch_size=32, truncation=True, max_length=length)
+        plain.append(time.perf_counter() - t)
+    n = len(texts)
+    return {"sentences": n, "engine_per_s": n / statistics.median(ours), "pipeline_per_s": n / statistics.median(plain),
+            "speedup": statistics.median(plain) / statistics.median(ours)}
+
+
+def whole_sft(source: str, steps: int) -> dict:
+    """A task SFT through ``train_sft`` vs HF Trainer fine-tuning everything for the same total steps."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+    from deftx_engine.config import TrainConfig
+    from deftx_engine.models import load_cls_model, load_tokenizer
+    from deftx_engine.runs import RunDir
+    from deftx_engine.train import load_examples, train_sft
+
+    data = str(EXAMPLES / "source_task_en.csv")
+    cfg = TrainConfig(kind="task", data=data, base_model=source, full_steps=steps, sparse_steps=steps, lr=2e-4,
+                      batch_size=16, max_length=64, save_steps=10 ** 6, logging_steps=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        train_sft(cfg, RunDir(Path(tmp) / "sft"))
+        sft = time.perf_counter() - t
+        logged = [json.loads(line) for line in (Path(tmp) / "sft" / "metrics.jsonl").read_text().splitlines()]
+        tok = load_tokenizer(source)
+        dataset, labels = load_examples(cfg, tok)
+        set_seed(cfg.seed)
+        model = load_cls_model(source, labels)
+        args = TrainingArguments(output_dir=str(Path(tmp) / "dense"), max_steps=2 * steps, learning_rate=cfg.lr,
+                                 per_device_train_batch_size=cfg.batch_size, save_strategy="no", report_to="none",
+                                 use_cpu=True, disable_tqdm=True, logging_steps=10 ** 6)
+        t = time.perf_counter()
+        Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithPadding(tok)).train()
+        dense = time.perf_counter() - t
+    times = [m["time"] for m in logged if m.get("phase") in ("full", "sparse")]
+    in_steps = sum(b - a for a, b in zip(times, times[1:]))  # between the first and the last logged step
+    return {"steps": 2 * steps, "sft_s": sft, "dense_trainer_s": dense, "ratio": sft / dense,
+            "outside_steps_share": max(0.0, 1 - in_steps / sft)}
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Machine: {res['machine']}; matmul rate {res['matmul_gflops']:.1f} GFLOP/s (float32, all threads).", "",
+             "| model | kind | step | median s | GFLOP/s | share of matmul rate | other cores |", "|---" * 7 + "|"]
+    for m, rows in res["steps"].items():
+        for r in rows:
+            other = "n/a" if r["other_cores"] is None else f"{r['other_cores']:.2f}"
+            lines.append(f"| {m} | {r['kind']} | {r['step']} | {r['median_s']:.3f} | {r['gflops']:.1f} | "
+                         f"{r['share_of_matmul']:.0%} | {other} |")
+    lines += ["", "Where a full step's time goes (share of self CPU time, one profiled step):", "",
+              "| model | kind | " + " | ".join(next(iter(res["steps"].values()))[0]["profile"]) + " |",
+              "|---" * (2 + len(next(iter(res["steps"].values()))[0]["profile"])) + "|"]
+    for m, rows in res["steps"].items():
+        for r in rows:
+            if "profile" in r:
+                lines.append(f"| {m} | {r['kind']} | " + " | ".join(f"{v:.0%}" for v in r["profile"].values()) + " |")
+    for m, s in res.get("scoring", {}).items():
+        lines.append(f"\nScoring ({m}, {s['sentences']} sentences): engine {s['engine_per_s']:.1f}/s, pipeline "
+                     f"{s['pipeline_per_s']:.1f}/s: {s['speedup']:.2f}x")
+    for m, w in res.get("whole", {}).items():
+        lines.append(f"\nWhole task SFT ({m}, {w['steps']} steps): {w['sft_s']:.1f} s vs dense Trainer "
+                     f"{w['dense_trainer_s']:.1f} s ({w['ratio']:.2f}x); outside training steps "
+                     f"{w['outside_steps_share']:.1%} of the SFT")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["minilm", "multilingual-e5-small"],
+                   help="minilm, multilingual-e5-small, tiny (random 2-layer BERT) or a model folder")
+    p.add_argument("--kinds", nargs="+", default=["language", "task"], help="language and/or task steps")
+    p.add_argument("--batch", type=int, default=16, help="examples per step")
+    p.add_argument("--seq", type=int, default=128, help="tokens per example")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps (and scoring runs) per measurement")
+    p.add_argument("--whole-steps", type=int, default=20, help="steps per phase of the whole-SFT comparison")
+    p.add_argument("--skip-whole", action="store_true", help="skip the scoring and whole-SFT comparisons")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "efficiency" / "results"))
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {m: model_source(m, Path(tmp)) if m == "tiny" else m for m in args.models}
+        res = {"machine": machine_info("torch", "transformers"), "settings": vars(args),
+               "matmul_gflops": statistics.median(matmul_rate(384, args.batch * args.seq, args.repeats)
+                                                  for _ in range(3)), "steps": {}, "scoring": {}, "whole": {}}
+        for m, src in sources.items():
+            res["steps"][m] = [r for kind in args.kinds for r in step_rates(src, kind, args.batch, args.seq,
+                                                                            args.repeats, res["matmul_gflops"])]
+            if not args.skip_whole:
+                res["scoring"][m] = scoring(src, args.repeats)
+                res["whole"][m] = whole_sft(src, args.whole_steps)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()
