@@ -95,17 +95,22 @@ def predict_proba(model, tokenizer, texts: Sequence[str], pairs: Sequence[str] |
     characters: a tokenizer truncating a pair needs memory growing with the square of its length (a 1 MB pair
     took 19 GB). ``stop`` is asked before each batch; a reason it returns ends the scoring with a
     ``DeftxError`` saying it (cancelled, or over a time limit)."""
-    out = []
     dev = next(model.parameters()).device
     chars = max_length * CHARS_PER_TOKEN
-    for i in range(0, len(texts), batch_size):
-        why = stop() if stop is not None else None
-        if why:
-            raise DeftxError(f"stopped after {i:,} of {len(texts):,} rows: {why}")
-        enc = tokenizer(_cut(texts[i:i + batch_size], chars), _cut(pairs[i:i + batch_size], chars) if pairs else None,
-                        truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(dev)
-        out.append(model(**enc).logits.float().softmax(-1).cpu())
-    return torch.cat(out) if out else torch.empty(0, model.config.num_labels)
+    enc = tokenizer(_cut(texts, chars), _cut(pairs, chars) if pairs else None, truncation=True,
+                    max_length=max_length)
+    # longest first, so batches hold texts of similar length (little padding) and memory peaks at once
+    order = sorted(range(len(texts)), key=lambda i: -len(enc["input_ids"][i]))
+    out = torch.empty(len(texts), model.config.num_labels)
+    with torch.inference_mode():
+        for i in range(0, len(order), batch_size):
+            why = stop() if stop is not None else None
+            if why:
+                raise DeftxError(f"stopped after {i:,} of {len(texts):,} rows: {why}")
+            rows = order[i:i + batch_size]
+            batch = tokenizer.pad({k: [enc[k][j] for j in rows] for k in enc.keys()}, return_tensors="pt").to(dev)
+            out[rows] = model(**batch).logits.float().softmax(-1).cpu()
+    return out
 
 
 def evaluate_task_data(model, tokenizer, td: TaskData, batch_size: int = 32,
