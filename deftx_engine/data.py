@@ -26,6 +26,9 @@ _CORPUS_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl")
 _TASK_SUFFIXES = (".csv", ".tsv", ".jsonl")
 _HUB_PREFIX = "hub:"
 _HUB_SYNTAX = "hub:org/name[:config][@split][#column]"
+# A Hub dataset id: "name" or "org/name". Anything else (a path, "..", a third "/") could make the datasets
+# library read a local folder, so a hub: spec would read what a typed path may not.
+_HUB_DATASET = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 # Tried in order when no text column is given: single-text tasks, then the two common sentence-pair layouts.
 _TEXT_COLUMN_CANDIDATES: tuple[tuple[str, str | None], ...] = (
     ("text", None),
@@ -114,6 +117,9 @@ def parse_source(spec: str) -> Path | HubSource:
         if present and not value.strip():
             raise DataError(f"'{spec}' has an empty {what}; write it as {_HUB_SYNTAX}, "
                             "e.g. hub:facebook/xnli:sw@test#premise.")
+    if not _HUB_DATASET.fullmatch(dataset) or ".." in dataset or Path(dataset).expanduser().exists():
+        raise DataError(f"'{spec[:120]}': {dataset[:80]!r} is not a Hub dataset id (owner/name); hub: specs never "
+                        "name local folders")
     return HubSource(dataset, config or None, split or "train", column or None)
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .composable_sft import CSFT_FILE, convert_composable_sft, guess_from_name
 from .errors import DeftxError, VectorError
-from .fileio import replace_dir
+from .fileio import check_replaceable, replace_dir
 from .secrets import scrub
 from .vectors import CONFIG_FILE, FORMAT, WEIGHTS_FILE, SparseVector, VectorMeta
 
@@ -169,6 +169,30 @@ def build_model_card(vec: SparseVector, repo_id: str, metrics: Mapping | None = 
 
 
 # ---- push -----------------------------------------------------------------------------------------
+def _public(value: Any, depth: int = 0) -> Any:
+    """``value`` with every local path (absolute, ``~``, ``./``, ``../``) cut to its last part: what is pushed
+    says which file a vector was trained on, not where it lies on the machine that trained it."""
+    if depth > 100:
+        raise VectorError(f"{CONFIG_FILE}: nested too deeply to be a vector config")
+    if isinstance(value, dict):
+        return {k: _public(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v, depth + 1) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith(("~", "./", "../", "\\"))
+                                   or (len(value) > 2 and value[1:3] in (":\\", ":/"))):
+        return Path(value.replace("\\", "/")).name or "."
+    return value
+
+
+def _strip_local_paths(config_file: Path) -> None:
+    """Rewrite a staged sft_config.json without local paths (see ``_public``)."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):
+        return  # SparseVector.load reports it, naming the field
+    config_file.write_text(json.dumps(_public(config), indent=2), encoding="utf-8")
+
+
 def push_vector(folder: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
                 metrics: dict | None = None, api=None) -> str:
     """Upload the vector in ``folder`` (plus a generated README.md) to the model repo ``repo_id``.
@@ -191,6 +215,7 @@ def push_vector(folder: str | Path, repo_id: str, *, token: str | None = None, p
                 raise VectorError(f"{folder / fname}: file not found "
                                   f"(a vector folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
             shutil.copy2(folder / fname, stage / fname)
+        _strip_local_paths(stage / CONFIG_FILE)
         vec = SparseVector.load(stage)  # validates exactly the bytes that will be uploaded
         build_model_card(vec, repo_id, metrics).save(stage / README_FILE)
 
@@ -239,8 +264,17 @@ def pull_vector(repo_id_or_path: str, dest: str | Path, *, token: str | None = N
     if not is_local and (local.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
                          or "\\" in text):
         raise VectorError(f"{local}: not a folder (give a vector folder or a Hub repo id such as 'user/name')")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+    check_replaceable(dest, CONFIG_FILE)  # before anything is downloaded
+    if is_local:
+        links = [f for f in PULL_PATTERNS if (local / f).is_symlink()]
+        if links:
+            raise VectorError(f"{local}: {', '.join(links)} is a symbolic link; links are not followed, copy the "
+                              "file itself into the folder")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+    except OSError as e:
+        raise DeftxError(f"{dest}: the folder cannot be written ({e.strerror or e})") from None
     try:
         if is_local:
             snap = local
@@ -270,7 +304,7 @@ def pull_vector(repo_id_or_path: str, dest: str | Path, *, token: str | None = N
             for fname in (CONFIG_FILE, WEIGHTS_FILE, README_FILE):
                 if (snap / fname).is_file():
                     (shutil.copy2 if is_local else shutil.move)(str(snap / fname), str(out / fname))
-            replace_dir(out, dest)
+            replace_dir(out, dest, CONFIG_FILE)
         elif (snap / CSFT_FILE).is_file():
             g_kind, g_lang = guess_from_name(str(repo_id_or_path) if not is_local else local.name)
             convert_composable_sft(snap, dest, base_model=base_model, kind=kind or g_kind or "language",
