@@ -16,7 +16,40 @@ from pathlib import Path
 from deftx_engine.errors import DeftxError
 
 from . import EXAMPLES
-from .settings import data_dirs, max_upload_mb
+from .settings import data_dirs, default_model, max_upload_mb
+
+OFFLINE_MODELS = ("minilm", "multilingual-e5-small")  # aliases built from PyPI packages (deftx_engine.models)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}|[A-Za-z0-9][\w.-]{0,95}")
+
+
+def bounded(value: object, what: str, limit: int) -> str:
+    """``value`` as a stripped string of at most ``limit`` characters without NUL bytes, else a ``DeftxError``
+    naming the field: no field (run name, pull source, repository id) is echoed, logged or stored unbounded."""
+    text = "" if value is None else str(value).strip()
+    if len(text) > limit:
+        raise DeftxError(f"the {what} is {len(text):,} characters long; at most {limit:,} are allowed")
+    if "\0" in text:
+        raise DeftxError(f"the {what} contains a NUL byte")
+    return text
+
+
+def hub_model_available(repo_id: str) -> str | None:
+    """None if the Hub model ``repo_id`` is in the local cache or the Hub answers for it, else why not (one
+    line): the app says so at Start instead of queueing a job that fails to download it."""
+    import huggingface_hub
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "it is not in this server's model cache and the Hub is switched off (HF_HUB_OFFLINE)"
+    try:
+        huggingface_hub.model_info(repo_id, timeout=10)
+    except RepositoryNotFoundError:
+        return "the Hugging Face Hub has no such model (or it is private)"
+    except Exception:  # noqa: BLE001 -- DNS, proxy, timeout, HTTP 5xx: all mean "cannot be reached"
+        return "the Hugging Face Hub cannot be reached from this server, and the model is not in its cache"
+    return None
 
 
 class FilePolicy:
@@ -145,6 +178,51 @@ class FilePolicy:
                 raise DeftxError("that is not a Hub dataset spec: write hub:org/name[:config][@split][#column]")
             return spec, spec
         return str(self.check_path(spec)), self._short(Path(spec).name)
+
+    def shown_path(self, path: str | Path) -> str:
+        """A server path as the page shows it: relative to DEFTX_HOME, the examples or a DEFTX_DATA_DIRS folder
+        (named by the variable), never absolute; other text (a Hub id, a hub: spec) is returned as is."""
+        text = str(path)
+        if not text.startswith("/"):
+            return text
+        names = [(self.home.resolve(), "DEFTX_HOME"), (EXAMPLES.resolve(), "examples"),
+                 *((d, "DEFTX_DATA_DIRS") for d in self.read_roots[2:])]
+        for root, name in names:
+            try:
+                rel = Path(text).relative_to(root)
+            except ValueError:
+                continue
+            return f"{name}/{rel}" if str(rel) != "." else name
+        return Path(text).name
+
+    def check_base_model(self, name: str | None, where: str = "base model", *, local: bool = True,
+                         reachable: bool = True) -> str:
+        """A base model the app may load: an offline alias (``minilm``, ``multilingual-e5-small``), the
+        operator's DEFTX_DEFAULT_MODEL, a Hub id the Hub (or the model cache) has (checked if ``reachable``;
+        a pulled vector's is checked when it is used), or (``local``) a model folder inside the folders typed
+        paths may name (a vector pulled from the Hub may name none). Errors never say what a refused path
+        holds."""
+        name = bounded(name, where, 300) or "minilm"
+        if name in OFFLINE_MODELS or name == default_model():
+            return name
+        looks_local = name.startswith(("/", ".", "~", "\\")) or ".." in name or name.count("/") > 1
+        if not looks_local and HUB_ID.fullmatch(name) and not Path(name).exists():
+            why = hub_model_available(name) if reachable else None
+            if why:
+                raise DeftxError(f"{where} {name!r} cannot be used: {why}. Use {' or '.join(OFFLINE_MODELS)}, or "
+                                 "a model folder under DEFTX_DATA_DIRS")
+            return name
+        if not local:
+            raise DeftxError(f"{where} {self._short(name)!r} is not a Hub id: a pulled vector must name "
+                             f"{' or '.join(OFFLINE_MODELS)} or a Hub id (owner/name), never a local folder")
+        try:
+            real = self.check_path(name)
+        except DeftxError:
+            raise DeftxError(f"{where} {self._short(name)!r}: the app loads only {', '.join(OFFLINE_MODELS)}, Hub "
+                             "ids (owner/name) and model folders under DEFTX_DATA_DIRS") from None
+        if not (real / "config.json").is_file():
+            raise DeftxError(f"{where} {self._short(name)!r} is not a model folder (no config.json)")
+        return str(real)
 
     def check_path(self, spec: str) -> Path:
         """A typed local path must lie in DEFTX_HOME, the bundled examples, or a DEFTX_DATA_DIRS folder

@@ -33,7 +33,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from deftx_engine.runs import FINAL_STATES, RunDir
@@ -104,9 +105,24 @@ class JobRegistry(RunDB):
                 continue
             if owner_alive(row["owner"]):
                 continue  # its starter is alive and will reap it
-            if self._finalise(row, exit_code=None, reaped=False):
-                changed.append(row["id"])
+            with self._row_guard(row):
+                if self._finalise(row, exit_code=None, reaped=False):
+                    changed.append(row["id"])
         return changed
+
+    @contextmanager
+    def _row_guard(self, row: dict) -> Iterator[None]:
+        """One run whose handling fails (e.g. a status.json with a step too large for SQLite) is marked failed
+        and the scheduler or the recovery goes on with the others, instead of failing every round or stopping
+        the app from starting."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 -- logged with its traceback; the run gets a one-line message
+            log.exception("run %s could not be handled; marking it failed", row["id"])
+            with self._transaction() as db:
+                self._set(db, row["id"], state="failed", finished=time.time(), cancel_requested=None,
+                          message=f"the app could not record this run's progress ({type(e).__name__}); "
+                                  "it is marked failed")
 
     # ---- the scheduler ------------------------------------------------------------------------------
     def start(self) -> JobRegistry:
@@ -150,7 +166,8 @@ class JobRegistry(RunDB):
                 continue
             row = self.get(run_id)
             if row is not None and row["state"] == "running":
-                self._finalise(row, exit_code=code, reaped=True)
+                with self._row_guard(row):
+                    self._finalise(row, exit_code=code, reaped=True)
             self._procs.pop(run_id, None)
 
     def _watch_running(self) -> None:
@@ -161,9 +178,11 @@ class JobRegistry(RunDB):
                 if not owner_alive(row["owner"]):
                     # its starter is gone (app restarted or crashed) and so is the process: nobody else
                     # will reap it
-                    self._finalise(row, exit_code=None, reaped=False)
+                    with self._row_guard(row):
+                        self._finalise(row, exit_code=None, reaped=False)
                 continue  # else its starter reaps it (or is starting it right now)
-            self._mirror(row)
+            with self._row_guard(row):
+                self._mirror(row)
             if alive and row["cancel_requested"] and now - row["cancel_requested"] > self.grace:
                 log.warning("run %s did not stop within %.0fs of SIGTERM: SIGKILL", row["id"], self.grace)
                 signal_group(row["pid"], signal.SIGKILL)
@@ -239,10 +258,10 @@ class JobRegistry(RunDB):
                 proc = subprocess.Popen(row["command"], stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=os.getcwd(),
                                         env=child_env())
-        except OSError as e:
+        except (OSError, TypeError, ValueError) as e:  # also a registry row whose command is unusable
             with self._transaction() as db:
                 self._set(db, row["id"], state="failed", finished=time.time(),
-                          message=f"could not start the process: {e.strerror or e}")
+                          message=f"could not start the process: {getattr(e, 'strerror', None) or e}")
             return True
         self._procs[row["id"]] = proc
         with self._transaction() as db:

@@ -22,6 +22,17 @@ def cut(text: Any, n: int = 300) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+MARKUP = str.maketrans({c: f"&#{ord(c)};" for c in "\\`*_{}[]()<>#+!|~&\"'"})
+
+
+def text(value: Any, n: int = 300) -> str:
+    """A value from a file or a user (a vector's metadata, a label, a file name), safe anywhere in Markdown or
+    HTML: every markup character becomes an entity (so ``<img src=…>``, ``![x](url)`` and backticks show as
+    typed, and fetch nothing), line breaks become spaces, and it is cut to ``n`` characters. Not for code spans,
+    which show entities literally: use ``<code>`` around it instead."""
+    return cut(" ".join(str(value).split()), n).translate(MARKUP)
+
+
 def ok(msg: str) -> str:
     return f"<span class='dx-ok'>✔</span> {msg}"
 

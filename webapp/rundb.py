@@ -108,8 +108,13 @@ class RunDB:
         if r is None:
             return None
         d = dict(r)
-        d["config"] = json.loads(d["config"] or "{}")
-        d["command"] = json.loads(d["command"]) if d["command"] else None
+        try:  # a row written by hand or by a broken version must not make every listing fail
+            d["config"] = json.loads(d["config"] or "{}")
+            d["command"] = json.loads(d["command"]) if d["command"] else None
+        except (TypeError, ValueError):
+            d["config"], d["command"] = {}, None
+        if not isinstance(d["config"], dict):
+            d["config"] = {}
         return d
 
     def get(self, run_id: str) -> dict | None:
@@ -213,6 +218,18 @@ class RunDB:
                        (run_id, name, kind, now, now, now, str(vector_dir), json.dumps(config or {}),
                         str(vector_dir), message))
         return run_id
+
+    def add_metrics(self, run_id: str, key: str, value: dict) -> dict:
+        """Add one evaluation's metrics under ``key`` to a run's config (for its model card), read and written in
+        one transaction: concurrent evaluations of one vector all keep their metrics."""
+        with self._transaction() as db:
+            row = self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+            if row is None:
+                raise KeyError(run_id)
+            metrics = row["config"].get("metrics")
+            config = {**row["config"], "metrics": {**(metrics if isinstance(metrics, dict) else {}), key: value}}
+            self._set(db, run_id, config=config)
+        return config
 
     def update_config(self, run_id: str, **changes) -> dict:
         """Merge ``changes`` into a run's config (e.g. evaluation metrics for its model card)."""

@@ -4,8 +4,12 @@ start (``check_settings``), so it stops the app with one line naming the variabl
 """
 from __future__ import annotations
 
+import asyncio
+import hmac
 import importlib.util
 import os
+import threading
+import time
 from pathlib import Path
 
 from deftx_engine.errors import ConfigError
@@ -16,10 +20,10 @@ CSS_FILE = Path(__file__).with_name("assets.css")
 
 
 def env_number(name: str, default: float | None = None, *, integer: bool = True,
-               minimum: float | None = None) -> float | int | None:
+               minimum: float | None = None, maximum: float | None = None) -> float | int | None:
     """A numeric setting from the environment (empty or unset: ``default``). A value that is not a number,
-    or is below ``minimum``, raises ``ConfigError`` naming the variable, so a typo in a deployment's settings
-    is reported in one line instead of a traceback (or silently ignored)."""
+    or is outside [``minimum``, ``maximum``], raises ``ConfigError`` naming the variable, so a typo in a
+    deployment's settings is reported in one line instead of a traceback (or silently ignored)."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -30,6 +34,8 @@ def env_number(name: str, default: float | None = None, *, integer: bool = True,
         raise ConfigError(f"the environment variable {name} must be {what}, got {raw!r}") from None
     if value != value or value in (float("inf"), float("-inf")) or (minimum is not None and value < minimum):
         raise ConfigError(f"the environment variable {name} must be at least {minimum:g}, got {raw!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"the environment variable {name} must be at most {maximum:g}, got {raw!r}")
     return value
 
 
@@ -65,9 +71,32 @@ def max_upload_mb() -> float:
     return env_number("DEFTX_MAX_UPLOAD_MB", 50.0, integer=False, minimum=1e-6)
 
 
+SHARED_MAX_LINES = 20_000  # DEFTX_MAX_LINES on a shared deployment: ~2 min of CPU to score such a file
+
+
+def shared_deployment() -> bool:
+    """A deployment others reach: a Space, a login (DEFTX_AUTH), or a server listening beyond this machine."""
+    name = os.environ.get("GRADIO_SERVER_NAME", "").strip()
+    return on_space() or bool(os.environ.get("DEFTX_AUTH", "").strip()) or name not in ("", "127.0.0.1", "localhost",
+                                                                                          "::1")
+
+
 def max_lines() -> int | None:
-    """DEFTX_MAX_LINES (default: no limit): corpora / task files with more lines (rows) are refused."""
-    return env_number("DEFTX_MAX_LINES", None, minimum=1)
+    """DEFTX_MAX_LINES (default: no limit; 20,000 on a shared deployment): corpora / task files with more lines
+    (rows) are refused, also when predicting or scoring a file."""
+    return env_number("DEFTX_MAX_LINES", SHARED_MAX_LINES if shared_deployment() else None, minimum=1)
+
+
+def max_text_chars() -> int:
+    """DEFTX_MAX_TEXT_CHARS (default 10,000): the longest text (and second text) Predict accepts. The model
+    reads 128 tokens at most, but the tokenizer's memory grows with the square of a pair's length (a 1 MB
+    pair took 19 GB), so longer texts are refused before tokenizing."""
+    return env_number("DEFTX_MAX_TEXT_CHARS", 10_000, minimum=1)
+
+
+def max_score_seconds() -> float:
+    """DEFTX_MAX_SCORE_SECONDS (default 600): predicting or scoring a file stops (with a message) after this."""
+    return env_number("DEFTX_MAX_SCORE_SECONDS", 600.0, integer=False, minimum=1)
 
 
 def max_steps() -> int | None:
@@ -135,14 +164,15 @@ def check_settings() -> dict:
     """Read every limit from the environment once at start, so a bad value stops the app with a one-line
     message naming the variable (requests read them again, and report a bad value inline)."""
     return {"DEFTX_MAX_UPLOAD_MB": max_upload_mb(), "DEFTX_MAX_LINES": max_lines(), "DEFTX_MAX_STEPS": max_steps(),
-            "DEFTX_MAX_QUEUE": max_queue(), "DEFTX_MAX_JOBS": max_jobs(),
+            "DEFTX_MAX_QUEUE": max_queue(), "DEFTX_MAX_JOBS": max_jobs(), "DEFTX_MAX_TEXT_CHARS": max_text_chars(),
+            "DEFTX_MAX_SCORE_SECONDS": max_score_seconds(),
             "DEFTX_AUTH": "set" if auth_from_env() else None}
 
 
 def server_address() -> tuple[str, int]:
     """GRADIO_SERVER_NAME (default 127.0.0.1; 0.0.0.0 on a Space) and GRADIO_SERVER_PORT (default 7860)."""
     name = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space() else "127.0.0.1")
-    return name, env_number("GRADIO_SERVER_PORT", 7860, minimum=1)
+    return name, env_number("GRADIO_SERVER_PORT", 7860, minimum=1, maximum=65535)
 
 
 def launch_kwargs(home: str | Path | None = None) -> dict:
@@ -158,4 +188,52 @@ def launch_kwargs(home: str | Path | None = None) -> dict:
                 css=CSS_FILE.read_text(encoding="utf-8") if CSS_FILE.exists() else None,
                 allowed_paths=[str(outputs.resolve())], max_file_size=max(1, int(max_upload_mb() * 2 ** 20)),
                 show_error=False,
-                auth=auth_from_env())
+                auth=LoginThrottle(pairs).login if (pairs := auth_from_env()) else None)
+
+
+class LoginThrottle:
+    """Gradio's login check for DEFTX_AUTH, throttled: after ``FAILURES`` wrong passwords for a user within
+    ``WINDOW`` seconds, every attempt for that user (even the right password) is refused for ``LOCK`` seconds,
+    doubling with each lock up to ``MAX_LOCK``; each wrong password also waits ``DELAY`` seconds (without
+    blocking the server). So 300 guesses in a second get 5 answers, not 300."""
+
+    FAILURES, WINDOW, LOCK, MAX_LOCK, DELAY = 5, 300.0, 30.0, 900.0, 0.5
+
+    def __init__(self, pairs: list[tuple[str, str]], clock=time.monotonic):
+        self.passwords = dict(pairs)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._failures: dict[str, list[float]] = {}  # user -> times of recent failures
+        self._locked: dict[str, tuple[float, float]] = {}  # user -> (locked until, length of that lock)
+
+    def check(self, username: str, password: str) -> bool:
+        """True for a right password of a user who is not locked out; records a failure otherwise."""
+        user = str(username)[:200]
+        now = self.clock()
+        with self._lock:
+            until, _ = self._locked.get(user, (0.0, 0.0))
+            if now < until:
+                return False
+            right = user in self.passwords and hmac.compare_digest(str(password).encode(),
+                                                                   self.passwords[user].encode())
+            if right:
+                self._failures.pop(user, None)
+                return True
+            recent = [t for t in self._failures.get(user, []) if now - t < self.WINDOW] + [now]
+            self._failures[user] = recent
+            if len(recent) >= self.FAILURES:
+                length = min(self.MAX_LOCK, 2 * self._locked.get(user, (0.0, self.LOCK / 2))[1])
+                self._locked[user] = (now + length, length)
+                self._failures.pop(user, None)
+            while len(self._failures) > 10_000:  # guessed user names cannot grow the tables without bound
+                self._failures.pop(next(iter(self._failures)))
+            if len(self._locked) > 10_000:
+                self._locked = {u: v for u, v in self._locked.items() if v[0] > now}
+            return False
+
+    async def login(self, username: str, password: str) -> bool:
+        """Gradio's ``auth`` callable (a coroutine function, so Gradio awaits it)."""
+        ok = self.check(username, password)
+        if not ok:
+            await asyncio.sleep(self.DELAY)
+        return ok

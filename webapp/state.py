@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deftx_engine.constants import KINDS
-from deftx_engine.errors import DeftxError
+from deftx_engine.errors import ConfigError, DeftxError
 from deftx_engine.runs import RunDir
 from deftx_engine.secrets import scrub
 
@@ -35,11 +36,16 @@ class Studio(FilePolicy):
     def __init__(self, home: str | Path | None = None):
         home = Path(home).expanduser().resolve() if home else default_home()
         check_settings()  # a bad DEFTX_* value stops here, with a message naming it
-        home.mkdir(parents=True, exist_ok=True)
-        super().__init__(home)
-        self.outputs = home / "outputs"
-        self.outputs.mkdir(parents=True, exist_ok=True)
-        self.registry = JobRegistry(home)
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+            super().__init__(home)
+            self.outputs = home / "outputs"
+            self.outputs.mkdir(parents=True, exist_ok=True)
+            self.registry = JobRegistry(home)
+        except (OSError, sqlite3.Error) as e:  # e.g. DEFTX_HOME=/proc/x: one line at start, not a traceback
+            raise ConfigError(f"DEFTX_HOME {home} cannot hold the app's data "
+                              f"({getattr(e, 'strerror', None) or e}); set DEFTX_HOME to a writable folder") from None
+        self.scoring: dict[str, threading.Event] = {}  # browser session -> its file scoring's stop flag
         self._models: OrderedDict[tuple, tuple] = OrderedDict()
         self._model_lock = threading.Lock()
         self._vectors: OrderedDict[tuple, Any] = OrderedDict()
@@ -81,7 +87,10 @@ class Studio(FilePolicy):
         """The Runs tab's table of every run."""
         rows = self.registry.list()
         positions = {r["id"]: self.registry.queue_position(r["id"]) for r in rows if r["state"] == "queued"}
-        return render.runs_table(rows, positions)
+        shown = [{**r, "vector_dir": self.shown_path(r["vector_dir"] or ""), "message": self.pretty(r["message"] or ""),
+                  "config": {k: self.shown_path(v) if isinstance(v, str) else v for k, v in r["config"].items()}}
+                 for r in rows]
+        return render.runs_table(shown, positions)  # no absolute server path in the table
 
     # ---- vectors and models ---------------------------------------------------------------------------
     def vector(self, path: str | Path):
@@ -113,7 +122,17 @@ class Studio(FilePolicy):
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key], True
-            model, tok = composed_model(self.vector(task_dir), [self.vector(language_dir)] if language_dir else [])
+            vectors = [self.vector(task_dir)] + ([self.vector(language_dir)] if language_dir else [])
+            for vec in vectors:
+                if not vec.meta.base_model:
+                    raise DeftxError(f"the {vec.meta.kind} vector names no base model; pull it again with the "
+                                     "Base model field filled in")
+                self.check_base_model(vec.meta.base_model, f"the {vec.meta.kind} vector's base model")
+            try:
+                model, tok = composed_model(vectors[0], vectors[1:])
+            except OSError as e:  # a Hub model that cannot be downloaded: one line, no server path
+                raise DeftxError(f"base model {vectors[0].meta.base_model!r} could not be loaded "
+                                 f"({type(e).__name__}); is the Hugging Face Hub reachable from this server?") from None
             names = [model.config.id2label[i] for i in range(model.config.num_labels)]
             self._models[key] = (model, tok, names)
             while len(self._models) > self.model_cache_size:

@@ -26,9 +26,10 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, launch_app):
+def app(tmp_path_factory, launch_app, tiny_model):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEFTX_WARMUP", "0")  # keep the CPU for the runs
+        mp.setenv("DEFTX_DATA_DIRS", str(Path(tiny_model).parent))  # local base models only from allowed folders
         home = tmp_path_factory.mktemp("home")
         demo, studio = launch_app(home)
         yield demo, home

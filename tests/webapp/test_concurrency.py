@@ -46,6 +46,7 @@ def app(tmp_path_factory, launch_app):
         for var in ("DEFTX_MAX_QUEUE", "DEFTX_MAX_STEPS", "DEFTX_MAX_LINES", "DEFTX_AUTH"):
             mp.delenv(var, raising=False)
         tiny = str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model"))
+        mp.setenv("DEFTX_DATA_DIRS", str(Path(tiny).parent))  # a local base model must lie in an allowed folder
         home = tmp_path_factory.mktemp("home")
         assert main(["train-task", "--data", str(ASSETS / "source_task_en.csv"), "--base-model", tiny,
                      "--full-steps", "2", "--sparse-steps", "2", "--batch-size", "8", "--max-length", "32",

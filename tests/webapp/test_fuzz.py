@@ -29,6 +29,7 @@ REFUSALS = ("queue is full", "binary", "utf-8", "empty", "no column", "no text",
             "too long", "does not exist", "not a regular", "nul", "steps", "hub", "k must")
 OK, ERR = "<span class='dx-ok'>", "<span class='dx-err'>"
 FUZZ = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+SCALE = float(os.environ.get("DEFTX_FUZZ_SCALE", "1"))  # e.g. 25 for a long run (~11,500 cases)
 POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 HANG = 15.0  # seconds before a case counts as a hang
 SLOWEST = [0.0, 0.0]  # slowest in-process case, slowest HTTP case (seconds)
@@ -124,7 +125,7 @@ def upload(draw):
     return raw, f"{shape}/{enc}"
 
 
-@settings(max_examples=220, **FUZZ)
+@settings(max_examples=int(220 * SCALE), **FUZZ)
 @given(data=upload(), name=names, suffix=suffixes, role=st.sampled_from(["corpus", "task", "eval"]),
        text_col=st.sampled_from(["", "", "text", "sentence", "nope", "premise", " ", "x" * 80]),
        pair_col=st.sampled_from(["", "", "hypothesis", "missing"]),
@@ -157,7 +158,7 @@ specs = st.one_of(
               st.text(alphabet="./~abc\\%", max_size=30)))
 
 
-@settings(max_examples=120, **FUZZ)
+@settings(max_examples=int(120 * SCALE), **FUZZ)
 @given(spec=specs, role=st.sampled_from(["corpus", "task", "eval"]))
 def test_fuzzed_typed_paths_give_a_message(app, api, spec, role):
     home = app.home
@@ -194,7 +195,7 @@ def training_settings(draw):
     return {k: draw(numbers) for k in VALID}
 
 
-@settings(max_examples=120, **FUZZ)
+@settings(max_examples=int(120 * SCALE), **FUZZ)
 @given(v=training_settings())
 def test_fuzzed_training_settings_give_a_message(app, api, monkeypatch, v):
     from tiny import ASSETS

@@ -2,8 +2,6 @@
 layer and module type, overlap with another vector, and the per-matrix denoising table."""
 from __future__ import annotations
 
-import html
-
 import gradio as gr
 
 from deftx_engine.constants import KINDS
@@ -11,6 +9,7 @@ from deftx_engine.errors import DeftxError
 from deftx_engine.runs import RunDir, read_json
 
 from ..components import UI, Updates, handler
+from ..render import text
 from ..state import Studio
 from .pickers import refresh_on_open
 
@@ -79,16 +78,17 @@ def analyze(studio: Studio, run_id, matrix, other_id) -> Updates:
     vec = studio.vector(vdir)
     s = vector_summary(vec)
     row = studio.registry.get(run_id)
-    lines = [f"**{html.escape(row['name'])}** — {s['kind']} vector"
-             + (f" ({html.escape(s['language'])})" if s["language"] else "")
-             + f", method {s['method']}, base model `{s['base_model']}`",
+    lines = [f"**{text(row['name'])}** — {text(s['kind'])} vector"  # every value from the vector is escaped
+             + (f" ({text(s['language'])})" if s["language"] else "")
+             + f", method {text(s['method'])}, base model <code>{text(studio.shown_path(s['base_model']))}</code>",
              f"- entries: **{s['nnz']:,}**"
              + (f" ({s['density_of_maskable']:.2%} of the maskable parameters)" if s["density_of_maskable"] else ""),
              f"- heads stored whole: {len(s['heads'])} tensors"]
     if s["denoise"]:
         d = s["denoise"]
-        pol = f"energy τ = {d['energy']}" if d["rank_policy"] == "energy" else f"fixed rank r = {d['rank']}"
-        lines.append(f"- denoising: {pol}, residual share ρ = {d['residual_share']}")
+        pol = (f"energy τ = {text(d.get('energy'))}" if d.get("rank_policy") == "energy" else
+               f"fixed rank r = {text(d.get('rank'))}")
+        lines.append(f"- denoising: {pol}, residual share ρ = {text(d.get('residual_share'))}")
     records = spectra(studio, run_id)
     table = None
     spec_fig = None
@@ -112,11 +112,12 @@ def analyze(studio: Studio, run_id, matrix, other_id) -> Updates:
         orow = studio.registry.get(other_id)
         if other.meta.base_fingerprint != vec.meta.base_fingerprint:
             raise DeftxError(f"{row['name']} and {orow['name']} were made for different base models "
-                             f"({vec.meta.base_model} vs {other.meta.base_model}); their masks cannot be compared")
+                             f"({studio.shown_path(vec.meta.base_model)} vs {studio.shown_path(other.meta.base_model)}"
+                             "); their masks cannot be compared")
         o = overlap(vec.mask(), other.mask())
         ov_fig = overlap_heatmap(o, f"{row['name']} (A) vs {orow['name']} (B)")
         ov = o["overall"]
-        lines.append(f"- overlap with **{html.escape(orow['name'])}**: {ov['shared']:,} shared entries, "
+        lines.append(f"- overlap with **{text(orow['name'])}**: {ov['shared']:,} shared entries, "
                      f"Jaccard {ov['jaccard']:.3f} ({ov['share_of_a']:.1%} of A, {ov['share_of_b']:.1%} of B)")
     return dict(zip(ANALYZE_OUTPUTS, ("", "\n".join(lines), mat_update, spec_fig, density, ov_fig, table),
                     strict=True))

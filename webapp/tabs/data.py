@@ -2,8 +2,6 @@
 evaluation data, to the Predict tab)."""
 from __future__ import annotations
 
-import html
-
 import gradio as gr
 
 from deftx_engine.data import describe_corpus, describe_task, load_corpus, load_task_data
@@ -11,6 +9,7 @@ from deftx_engine.data import describe_corpus, describe_task, load_corpus, load_
 from .. import DATA_SUFFIXES, EXAMPLE
 from ..components import FIELD_LABELS, UI, Updates, handler
 from ..render import cut, label_bar, ok
+from ..render import text as shown_text
 from ..settings import max_lines
 from ..state import Studio
 
@@ -61,7 +60,7 @@ def validate_data(studio: Studio, role, file, spec, text_column, pair_column, la
         lines = load_corpus(source, text_column, max_lines=limit)
         d = describe_corpus(lines)
         df = pd.DataFrame({"line": range(1, min(len(lines), 20) + 1), "text": [cut(t) for t in lines[:20]]})
-        msg = ok(f"**{html.escape(shown)}**: {d['n_lines']:,} lines, {d['n_chars']:,} characters, "
+        msg = ok(f"**{shown_text(shown)}**: {d['n_lines']:,} lines, {d['n_chars']:,} characters, "
                  f"{d['mean_words']} words per line on average. Used for language SFTs.")
         return {"data.status": msg, "data.preview": df, "data.chart": gr.update(value=None, visible=False),
                 "data.source": source}
@@ -74,8 +73,8 @@ def validate_data(studio: Studio, role, file, spec, text_column, pair_column, la
     cols["label"] = [cut(t) for t in td.labels[:20]]
     counts = d["label_counts"]
     use = "task SFTs" if role == "task" else "scoring in the Predict tab"
-    names = [html.escape(cut(k, 40)) for k in list(counts)[:30]] + (["…"] if len(counts) > 30 else [])
-    msg = ok(f"**{html.escape(shown)}**: {d['n_rows']:,} {'sentence pairs' if td.is_pair else 'texts'}, "
+    names = [shown_text(cut(k, 40)) for k in list(counts)[:30]] + (["…"] if len(counts) > 30 else [])
+    msg = ok(f"**{shown_text(shown)}**: {d['n_rows']:,} {'sentence pairs' if td.is_pair else 'texts'}, "
              f"{len(counts)} labels ({', '.join(names)}). Used for {use}.")
     return {"data.status": msg, "data.preview": pd.DataFrame(cols),
             "data.chart": gr.update(value=label_bar(counts, "Label distribution"), visible=True), "data.source": source}

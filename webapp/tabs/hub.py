@@ -3,9 +3,9 @@ vectors converted) into the runs list. A token is used for one call only: never 
 the field is cleared after each push or pull."""
 from __future__ import annotations
 
-import html
 import logging
 import re
+import shutil
 import traceback
 from pathlib import Path
 
@@ -15,13 +15,14 @@ from deftx_engine.errors import DeftxError
 from deftx_engine.secrets import scrub
 
 from ..components import UI, Updates, handler
-from ..render import ok
+from ..files import bounded
+from ..render import ok, text
 from ..settings import has_env_token, oauth_enabled
 from ..state import Studio
 from .pickers import refresh_on_open
 
 log = logging.getLogger(__name__)
-REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+REPO_ID = re.compile(r"[\w.-]{1,96}/[\w.-]{1,96}")
 
 
 def layout(ui: UI) -> None:
@@ -78,7 +79,7 @@ def push(studio: Studio, run_id, repo_id, private, token, oauth_token: gr.OAuthT
     from deftx_engine.hub import push_vector
 
     vdir = studio.run_vector_dir(run_id, "vector")
-    repo_id = (repo_id or "").strip()
+    repo_id = bounded(repo_id, "repository id", 200)
     if not REPO_ID.fullmatch(repo_id):
         raise DeftxError("give the repository as owner/name, e.g. your-name/deftx-id-language")
     tok = call_token(token, oauth_token)
@@ -91,7 +92,7 @@ def push(studio: Studio, run_id, repo_id, private, token, oauth_token: gr.OAuthT
         url = push_vector(vdir, repo_id, token=tok, private=bool(private), metrics=metrics)
     except Exception as e:  # noqa: BLE001 -- whatever it says, without the token (even a non-hf_ one)
         raise scrubbed(e, tok) from None
-    return {"hub.push_status": ok(f"Pushed to [{html.escape(repo_id)}]({html.escape(scrub(str(url), tok))})."),
+    return {"hub.push_status": ok(f"Pushed to {text(repo_id)}: {text(scrub(str(url), tok))}"),
             "hub.token": ""}
 
 
@@ -102,35 +103,46 @@ def pull(studio: Studio, source, base_model, kind, language, token="",
     needs a token (the token field, the Space login or HF_TOKEN). Returns (message, cleared token field)."""
     from deftx_engine.hub import pull_vector
 
-    source = (source or "").strip()
+    source = bounded(source, "repository id or folder", 500)
     if not source:
         raise DeftxError("give a Hub repository id (owner/name) or a folder")
     local = Path(source).expanduser()
     if local.is_absolute() or source.startswith((".", "~")) or local.exists():
         source = str(studio.check_path(source))
     elif not REPO_ID.fullmatch(source):
-        raise DeftxError(f"{source!r} is neither an existing folder nor a Hub repository id (owner/name)")
+        raise DeftxError(f"{source[:100]!r} is neither an existing folder nor a Hub repository id (owner/name)")
+    base_model = bounded(base_model, "base model", 300)
+    if base_model:
+        studio.check_base_model(base_model, local=False, reachable=False)
+    language = bounded(language, "language", 50)
     run_id = studio.registry.new_id()
     dest = studio.registry.vectors_root / run_id
     tok = call_token(token, oauth_token)
     try:
-        pull_vector(source, dest, token=tok, base_model=(base_model or "").strip(),
-                    kind=kind or None, language=(language or "").strip() or None)
+        pull_vector(source, dest, token=tok, base_model=base_model, kind=kind or None, language=language or None)
     except Exception as e:  # noqa: BLE001 -- whatever it says, without the token (even a non-hf_ one)
         raise scrubbed(e, tok) from None
-    m = studio.vector(dest).meta
+    try:  # a vector naming a base model the app may not load is not kept, nor listed; one from the Hub names none
+        m = studio.vector(dest).meta  # of this machine's folders
+        if m.base_model:
+            studio.check_base_model(m.base_model, "the vector's base model", local=Path(source).is_dir(),
+                                    reachable=False)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     if Path(source).is_dir():
         folder = Path(source)
         name = folder.parent.name if folder.name == "vector" else folder.name  # a run folder's vector/
     else:
         name = source.split("/")[-1]
-    cfg = {"source": source, "base_model": m.base_model, "language": m.language, "method": m.method,
+    shown = studio.shown_path(source)
+    cfg = {"source": shown, "base_model": m.base_model, "language": m.language, "method": m.method,
            "k": m.k, "denoise": m.denoise, **({"metrics": m.extra["metrics"]} if "metrics" in m.extra else {})}
-    studio.registry.add_vector(name, m.kind, dest, config=cfg, run_id=run_id, message=f"pulled from {source}")
-    return {"hub.pull_status": ok(f"Pulled **{html.escape(name)}**: a {m.kind} vector"
-                                  + (f" ({html.escape(m.language)})" if m.language else "")
-                                  + f" for `{html.escape(m.base_model)}`, {m.k:,} entries. It is listed in the Runs "
-                                    "tab."),
+    studio.registry.add_vector(name, m.kind, dest, config=cfg, run_id=run_id, message=f"pulled from {shown}")
+    return {"hub.pull_status": ok(f"Pulled **{text(name)}**: a {text(m.kind)} vector"
+                                  + (f" ({text(m.language)})" if m.language else "")
+                                  + f" for <code>{text(m.base_model)}</code>, {m.k:,} entries. It is listed in the "
+                                    "Runs tab."),
             "hub.token": ""}
 
 

@@ -4,8 +4,12 @@ accuracy and confusion matrix (recorded for the model card)."""
 from __future__ import annotations
 
 import csv
-import html
+import re
+import secrets
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -17,7 +21,8 @@ from deftx_engine.fileio import atomic_open
 from .. import DATA_SUFFIXES, EXAMPLE
 from ..components import UI, Updates, handler
 from ..render import ok
-from ..settings import max_lines
+from ..render import text as shown_text
+from ..settings import max_lines, max_score_seconds, max_text_chars
 from ..state import Studio
 from .pickers import refresh_on_open
 
@@ -43,12 +48,13 @@ def layout(ui: UI) -> None:
             with gr.Row():
                 batch = gr.Button("Predict every row → CSV")
                 score = gr.Button("Score a labelled file", variant="primary")
+                stop = gr.Button("Stop", variant="stop", scale=0, min_width=80)
             file_status = gr.Markdown(elem_classes="dx-status")
             csv_file = gr.File(label="Predictions (CSV)", interactive=False, visible=False)
         with gr.Column(scale=1):
             confusion = gr.Plot(label="Confusion matrix", show_label=False)
     ui.add("predict", task=task, lang=lang, text=text, pair=pair, button=button, status=status, plot=plot,
-           file=file, spec=spec, batch=batch, score=score, file_status=file_status, csv=csv_file,
+           file=file, spec=spec, batch=batch, score=score, stop=stop, file_status=file_status, csv=csv_file,
            confusion=confusion, lang_touched=gr.State(False))  # the user picked a language vector (or none)
 
 
@@ -58,29 +64,78 @@ def composed(studio: Studio, task_run: str | None, language_run: str | None):
                            studio.run_vector_dir(language_run, "language vector") if language_run else None)
 
 
+def check_length(text: str, what: str) -> str:
+    """Refuse a text longer than DEFTX_MAX_TEXT_CHARS before it reaches the tokenizer."""
+    limit = max_text_chars()
+    if len(text) > limit:
+        raise DeftxError(f"the {what} is {len(text):,} characters long; this server accepts at most {limit:,} "
+                         "(DEFTX_MAX_TEXT_CHARS), and the model reads only the first 128 tokens")
+    return text
+
+
+@contextmanager
+def scoring(studio: Studio, request: gr.Request | None) -> Iterator[Callable[[], str | None]]:
+    """The stop check of one file scoring: the session's Stop button, or DEFTX_MAX_SCORE_SECONDS passed."""
+    limit = max_score_seconds()
+    deadline = time.monotonic() + limit
+    key = getattr(request, "session_hash", None) or secrets.token_hex(8)
+    flag = studio.scoring[key] = threading.Event()
+
+    def stop() -> str | None:
+        if flag.is_set():
+            return "stopped with the Stop button"
+        if time.monotonic() > deadline:
+            return f"over this server's limit of {limit:g} s (DEFTX_MAX_SCORE_SECONDS); use a smaller file"
+        return None
+
+    try:
+        yield stop
+    finally:
+        if studio.scoring.get(key) is flag:
+            del studio.scoring[key]
+
+
+@handler("predict.file_status")
+def stop_scoring(studio: Studio, request: gr.Request | None = None) -> Updates:
+    """Stop this session's file prediction or scoring after its current batch."""
+    flag = studio.scoring.get(getattr(request, "session_hash", None) or "")
+    if flag is None:
+        return {"predict.file_status": "Nothing is being scored."}
+    flag.set()
+    return {"predict.file_status": "Stopping…"}
+
+
+def output_path(studio: Studio, shown: str) -> Path:
+    """An unguessable, unique CSV name per request (128 random bits), so sessions never share or guess one."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(shown).stem)[:40].strip("._-") or "file"
+    return studio.outputs / f"predictions-{secrets.token_hex(16)}-{stem}.csv"
+
+
 @handler("predict.status", "predict.plot")
 def predict(studio: Studio, task_run, language_run, text, pair) -> Updates:
     """Label probabilities of one text (pair) under θ0 + task (+ language); returns (message, figure)."""
     from deftx_engine.evaluate import predict_proba
     from deftx_engine.plots import probabilities_figure
 
-    text = (text or "").strip()
+    text = check_length((text or "").strip(), "text")
+    pair = check_length((pair or "").strip(), "second text")
     if not text:
         raise DeftxError("type a text to classify")
     t0 = time.perf_counter()
     (model, tok, names), cached = composed(studio, task_run, language_run)
-    pair = (pair or "").strip()
     probs = predict_proba(model, tok, [text], [pair] if pair else None)[0].tolist()
     best = max(range(len(probs)), key=probs.__getitem__)
     ms = (time.perf_counter() - t0) * 1000
     note = "" if cached else " (composed model built and cached)"
-    return {"predict.status": f"**{html.escape(names[best])}** ({probs[best]:.1%}) · {ms:.0f} ms{note}",
+    return {"predict.status": f"**{shown_text(names[best])}** ({probs[best]:.1%}) · {ms:.0f} ms{note}",
             "predict.plot": probabilities_figure(names, probs)}
 
 
 @handler("predict.file_status", "predict.csv")
-def predict_file(studio: Studio, task_run, language_run, file, spec, text_column, pair_column) -> Updates:
-    """Predict every row of a file; returns (message, CSV path)."""
+def predict_file(studio: Studio, task_run, language_run, file, spec, text_column, pair_column,
+                 request: gr.Request | None = None) -> Updates:
+    """Predict every row of a file (at most DEFTX_MAX_LINES rows, stopped by Stop or after
+    DEFTX_MAX_SCORE_SECONDS); returns (message, CSV path)."""
     from deftx_engine.evaluate import predict_proba
 
     source, shown = studio.resolve_source(file, spec)
@@ -93,22 +148,23 @@ def predict_file(studio: Studio, task_run, language_run, file, spec, text_column
         texts, pairs = td.texts, td.text_pairs
     except DeftxError:
         texts = load_corpus(source, text_column, max_lines=max_lines())
-    probs = predict_proba(model, tok, texts, pairs).tolist()
-    out = studio.outputs / f"predictions-{time.strftime('%Y%m%d-%H%M%S')}-{Path(shown).stem[:40]}.csv"
-    with atomic_open(out, "w", newline="") as f:
+    with scoring(studio, request) as stop:
+        probs = predict_proba(model, tok, texts, pairs, stop=stop).tolist()
+    out = output_path(studio, shown)
+    with atomic_open(out, "w", newline="") as f:  # written aside, renamed when complete
         w = csv.writer(f)
         w.writerow(["text"] + (["second_text"] if pairs else []) + ["prediction"] + [f"p_{n}" for n in names])
         for i, row in enumerate(probs):
             best = max(range(len(row)), key=row.__getitem__)
             w.writerow([texts[i]] + ([pairs[i]] if pairs else []) + [names[best]] + [f"{p:.4f}" for p in row])
-    return {"predict.file_status": ok(f"{len(texts):,} rows of **{html.escape(shown)}** predicted: download the CSV "
+    return {"predict.file_status": ok(f"{len(texts):,} rows of **{shown_text(shown)}** predicted: download the CSV "
                                       "below."),
             "predict.csv": gr.update(value=str(out), visible=True)}
 
 
 @handler("predict.file_status", "predict.confusion")
 def evaluate_file(studio: Studio, task_run, language_run, file, spec, text_column, pair_column,
-                  label_column) -> Updates:
+                  label_column, request: gr.Request | None = None) -> Updates:
     """Macro-F1, accuracy and confusion matrix on a labelled file; returns (message, figure)."""
     from deftx_engine.evaluate import evaluate_task_data
     from deftx_engine.plots import confusion_figure
@@ -118,14 +174,14 @@ def evaluate_file(studio: Studio, task_run, language_run, file, spec, text_colum
     td = load_task_data(source, text_column=(text_column or "").strip() or None,
                         pair_column=(pair_column or "").strip() or None,
                         label_column=(label_column or "").strip() or "label", label_names=names, max_rows=max_lines())
-    m = evaluate_task_data(model, tok, td)
+    with scoring(studio, request) as stop:
+        m = evaluate_task_data(model, tok, td, stop=stop)
     key = Path(shown).name + (" (task + language vector)" if language_run else " (task vector alone)")
     summary = {"macro_f1": round(m["macro_f1"], 4), "accuracy": round(m["accuracy"], 4), "n": m["n"]}
     for rid in filter(None, (task_run, language_run)):  # shown in the model card when pushed
-        row = studio.registry.get(rid)
-        studio.registry.update_config(rid, metrics={**(row["config"].get("metrics") or {}), key: summary})
-    f1 = ", ".join(f"{html.escape(k)} {v:.3f}" for k, v in m["f1"].items())
-    return {"predict.file_status": ok(f"**{html.escape(shown)}** ({m['n']:,} examples): macro-F1 "
+        studio.registry.add_metrics(rid, key, summary)
+    f1 = ", ".join(f"{shown_text(k)} {v:.3f}" for k, v in m["f1"].items())
+    return {"predict.file_status": ok(f"**{shown_text(shown)}** ({m['n']:,} examples): macro-F1 "
                                       f"**{m['macro_f1']:.3f}**, accuracy **{m['accuracy']:.3f}** · "
                                       f"F1 per label: {f1}"),
             "predict.confusion": confusion_figure(m)}
@@ -141,7 +197,8 @@ def wire(ui: UI) -> None:
     ui.on(ui["predict.button"].click, predict, one, api_name="predict")
     ui.on(ui["predict.text"].submit, predict, one, api_visibility="private")
     whole = ["predict.task", "predict.lang", "predict.file", "predict.spec", "data.text", "data.pair"]
-    ui.on(ui["predict.batch"].click, predict_file, whole, api_name="predict_file")
-    ui.on(ui["predict.score"].click, evaluate_file, whole + ["data.label"], api_name="evaluate")
+    batch = ui.on(ui["predict.batch"].click, predict_file, whole, api_name="predict_file")
+    score = ui.on(ui["predict.score"].click, evaluate_file, whole + ["data.label"], api_name="evaluate")
+    ui.on(ui["predict.stop"].click, stop_scoring, api_name="stop_scoring", cancels=[batch, score], queue=False)
     ui.on(ui["predict.lang"].input, language_touched, api_visibility="private")
     refresh_on_open(ui, "predict")

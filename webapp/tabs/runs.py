@@ -66,7 +66,7 @@ def status_of(studio: Studio, run_id, sig) -> Updates:
                "phase": st.get("phase") or row["phase"], "step": st.get("step", row["step"]),
                "total_steps": st.get("total_steps", row["total_steps"]), "loss": st.get("loss"),
                "eta_seconds": st.get("eta_seconds"), "message": studio.pretty(row["message"] or ""),
-               "vector": row["vector_dir"] if row["state"] == "done" else None,
+               "vector": studio.shown_path(row["vector_dir"]) if row["state"] == "done" else None,
                "queue_position": studio.registry.queue_position(row["id"])}
     return {**out, "train.progress": studio.progress(row), "train.log": studio.pretty(log_text),
             "train.details": details, "runs.watch_sig": new_sig}

@@ -2,7 +2,6 @@
 progress of the shown run is polled by ``tabs.runs``."""
 from __future__ import annotations
 
-import html
 import math
 import sys
 import time
@@ -20,7 +19,9 @@ from deftx_engine.runs import SUBMITTED_CONFIG
 
 from .. import EXAMPLE, EXAMPLE_LANG
 from ..components import FIELD_LABELS, UI, Updates, handler
+from ..files import bounded
 from ..render import cut, ok, run_choices
+from ..render import text as shown_text
 from ..rundb import QueueFull
 from ..settings import default_model, max_lines, max_queue, max_steps
 from ..state import Studio
@@ -210,7 +211,7 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
     sparse_steps = number(sparse_steps, "phase-2 steps", integer=True, minimum=0, default=0)
     epochs = number(epochs, "epochs per phase", default=1.0)
     lines_limit, steps_limit = max_lines(), max_steps()
-    values = dict(data=data, base_model=(base_model or "").strip() or "minilm",
+    values = dict(data=data, base_model=studio.check_base_model(base_model),
                   language=(language or "").strip(), method=method, rank_policy=rank_policy,
                   energy=number(energy, "τ"), rank=number(rank, "r", integer=True),
                   residual_share=number(residual_share, "ρ"), k=k,
@@ -253,7 +254,7 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
                                  f"server allows at most {steps_limit:,} per phase (DEFTX_MAX_STEPS)")
     argv = [sys.executable, "-m", "deftx_engine.cli", f"train-{kind}", "--config", f"{{run_dir}}/{SUBMITTED_CONFIG}",
             "--output-dir", "{run_dir}"]
-    name = (name or "").strip() or f"{cfg.language or kind}-{kind}-{cfg.method}"
+    name = bounded(name, "run name", 100) or f"{cfg.language or kind}-{kind}-{cfg.method}"
     try:
         run_id = studio.registry.submit(name, kind, argv, config=cfg.to_dict(), max_queued=max_queue())
     except QueueFull as e:
@@ -262,7 +263,7 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
     row = wait_until_started(studio, run_id)
     pos = studio.registry.queue_position(run_id)
     what = "started" if row["state"] == "running" else (f"queued (#{pos})" if pos else "queued")
-    return {"train.status": ok(f"Run **{html.escape(name)}** {what}. Progress appears on the right."),
+    return {"train.status": ok(f"Run **{shown_text(name)}** {what}. Progress appears on the right."),
             "train.run_id": run_id, "train.progress": studio.progress(row),
             "train.watch": gr.update(choices=run_choices(studio.registry.list()), value=run_id)}
 
@@ -289,11 +290,11 @@ def cancel_run(studio: Studio, run_id) -> Updates:
     state = studio.registry.cancel(run_id)
     row = studio.registry.get(run_id)
     if state == "cancelled":
-        msg = ok(f"Run **{html.escape(row['name'])}** cancelled before it started.")
+        msg = ok(f"Run **{shown_text(row['name'])}** cancelled before it started.")
     elif state == "running":
-        msg = ok(f"Stopping **{html.escape(row['name'])}**: it saves a checkpoint and stops within seconds.")
+        msg = ok(f"Stopping **{shown_text(row['name'])}**: it saves a checkpoint and stops within seconds.")
     else:
-        msg = f"Run **{html.escape(row['name'])}** is already {state}."
+        msg = f"Run **{shown_text(row['name'])}** is already {state}."
     return {"train.status": msg, "train.progress": studio.progress(row)}
 
 
@@ -314,7 +315,7 @@ def resume_run(studio: Studio, run_id) -> Updates:
     row = wait_until_started(studio, run_id)
     pos = studio.registry.queue_position(run_id)
     what = "resumed" if row["state"] == "running" else (f"queued to resume (#{pos})" if pos else "queued")
-    return {"train.status": ok(f"Run **{html.escape(row['name'])}** {what}: it continues from its last checkpoint."),
+    return {"train.status": ok(f"Run **{shown_text(row['name'])}** {what}: it continues from its last checkpoint."),
             "train.progress": studio.progress(row)}
 
 
