@@ -8,6 +8,16 @@ import plotly.graph_objects as go
 from .masks import densities
 from .params import layer_of, module_type
 
+TOOLBAR_PX = 34  # the height of Plotly's toolbar, which shows on hover at the top right of a figure
+
+
+def titled(fig: go.Figure, title: str, top: int = 80) -> go.Figure:
+    """``fig`` with ``title`` at its top left, below the band of the hover toolbar (which would cover a title in
+    that band), and a top margin of ``top`` px that leaves room for both."""
+    fig.update_layout(title=dict(text=title, x=0.01, xanchor="left", xref="container", y=1, yref="container",
+                                 yanchor="top", pad=dict(t=TOOLBAR_PX)), margin_t=top)
+    return fig
+
 
 def _spectrum_traces(record: Mapping, visible: bool = True) -> list[go.Scatter]:
     sigma = list(record["singular_values"])
@@ -42,8 +52,8 @@ def spectrum_figure(record: Mapping, title: str = "") -> go.Figure:
     """Singular values (log scale), the chosen rank, and cumulative energy on a second (linear) axis."""
     fig = go.Figure(_spectrum_traces(record))
     shapes, notes = _rank_marker(record)
-    fig.update_layout(title=title or record.get("name", ""), shapes=shapes, annotations=notes, **_SPECTRUM_AXES)
-    return fig
+    fig.update_layout(shapes=shapes, annotations=notes, **_SPECTRUM_AXES)
+    return titled(fig, title or record.get("name", ""))
 
 
 def spectra_picker_figure(records: Mapping[str, Mapping]) -> go.Figure:
@@ -75,8 +85,8 @@ def density_heatmap(mask: Mapping, shapes: Mapping[str, Sequence[int]], title: s
     fig = go.Figure(go.Heatmap(z=z, x=mods, y=layers, colorscale="Viridis",
                                colorbar=dict(title="density", tickformat=".0%"),
                                hovertemplate="%{y} %{x}: %{z:.2%}<extra></extra>"))
-    fig.update_layout(title=title, margin=dict(t=50, l=90, r=20, b=40))
-    return fig
+    fig.update_layout(margin=dict(l=90, r=20, b=40))
+    return titled(fig, title)
 
 
 def overlap_heatmap(report: Mapping, title: str = "Overlap") -> go.Figure:
@@ -88,38 +98,40 @@ def overlap_heatmap(report: Mapping, title: str = "Overlap") -> go.Figure:
     o = report["overall"]
     fig = go.Figure(go.Heatmap(z=z, x=mods, y=layers, colorscale="Magma", colorbar=dict(title="Jaccard"),
                                hovertemplate="%{y} %{x}: %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=f"{title}: Jaccard {o['jaccard']:.3f}, shared {o['shared']:,} "
-                            f"({o['share_of_a']:.1%} of A, {o['share_of_b']:.1%} of B)",
-                      margin=dict(t=60, l=90, r=20, b=40))
-    return fig
+    fig.update_layout(margin=dict(l=90, r=20, b=40))
+    return titled(fig, f"{title}: Jaccard {o['jaccard']:.3f}, shared {o['shared']:,} "
+                       f"({o['share_of_a']:.1%} of A, {o['share_of_b']:.1%} of B)")
 
 
 def loss_figure(metrics: Sequence[Mapping]) -> go.Figure:
+    """Loss per logged step, a line per phase; steps are whole numbers, so the axis never ticks 0.5 steps."""
     fig = go.Figure()
     for phase in dict.fromkeys(m.get("phase", "") for m in metrics):
         pts = [m for m in metrics if m.get("phase", "") == phase and m.get("loss") is not None]
         fig.add_trace(go.Scatter(x=[m["step"] for m in pts], y=[m["loss"] for m in pts], name=phase or "loss",
                                  mode="lines+markers"))
-    fig.update_layout(title="Training loss", xaxis_title="step", yaxis_title="loss",
-                      margin=dict(t=50, l=50, r=20, b=40))
-    return fig
+    steps = [m["step"] for m in metrics if m.get("loss") is not None]
+    few = bool(steps) and max(steps) - min(steps) < 10  # Plotly would tick in fractions of a step
+    fig.update_xaxes(tickformat="d", **({"dtick": 1, "tick0": 0} if few else {}))
+    fig.update_layout(xaxis_title="step", yaxis_title="loss", margin=dict(l=50, r=20, b=40))
+    return titled(fig, "Training loss")
 
 
 def probabilities_figure(labels: Sequence[str], probs: Sequence[float]) -> go.Figure:
-    fig = go.Figure(go.Bar(x=list(probs), y=list(labels), orientation="h", text=[f"{p:.1%}" for p in probs]))
-    fig.update_layout(title="Label probabilities", xaxis=dict(range=[0, 1]), margin=dict(t=50, l=90, r=20, b=40))
-    return fig
+    """Horizontal bars with their percentage, never rotated (in a narrow bar it goes beside it)."""
+    fig = go.Figure(go.Bar(x=list(probs), y=list(labels), orientation="h", text=[f"{p:.1%}" for p in probs],
+                           textangle=0, textposition="auto", cliponaxis=False))
+    fig.update_layout(xaxis=dict(range=[0, 1], tickformat=".0%"), margin=dict(l=90, r=30, b=40))
+    return titled(fig, "Label probabilities")
 
 
 def confusion_figure(metrics: Mapping) -> go.Figure:
     labels = metrics["labels"]
     fig = go.Figure(go.Heatmap(z=metrics["confusion"], x=labels, y=labels, colorscale="Blues",
                                text=metrics["confusion"], texttemplate="%{text}"))
-    fig.update_layout(title=f"Confusion matrix — macro-F1 {metrics['macro_f1']:.3f}, "
-                            f"accuracy {metrics['accuracy']:.3f}",
-                      xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",
-                      margin=dict(t=50, l=90, r=20, b=40))
-    return fig
+    fig.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",
+                      margin=dict(l=90, r=20, b=40))
+    return titled(fig, f"Confusion matrix — macro-F1 {metrics['macro_f1']:.3f}, accuracy {metrics['accuracy']:.3f}")
 
 
 _MODULE_ORDER = ("embeddings", "attn.Q", "attn.K", "attn.V", "attn.O", "ffn")

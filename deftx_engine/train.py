@@ -100,6 +100,8 @@ def _progress_callback(run: RunDir, phase: str, offset: int, total: int, stop: S
 
         def on_train_begin(self, args, state, control, **kw):
             if state.is_world_process_zero:  # a terminal gets a bar per phase; a log file (the app's jobs) none
+                # the phase's own message (the app shows the last non-empty one): not "denoising and selecting…"
+                run.update(phase=phase, message=PHASE_NAMES.get(phase, phase))
                 from tqdm.auto import tqdm
 
                 self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=PHASE_NAMES.get(phase, phase),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -240,3 +241,20 @@ class RunDB:
             config = {**row["config"], **changes}
             self._set(db, run_id, config=config)
         return config
+
+    def delete(self, run_id: str) -> dict:
+        """Remove a finished run: its row and its folder (a run's under ``runs/``, a pulled vector's under
+        ``vectors/``; nothing outside them). A running or queued run is refused (``ValueError``: cancel it first),
+        in the same transaction as the removal, so the scheduler cannot start it meanwhile. Returns the row;
+        ``KeyError`` if unknown."""
+        with self._transaction() as db:
+            row = self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+            if row is None:
+                raise KeyError(run_id)
+            if row["state"] in ("running", "queued"):
+                raise ValueError(f"run {row['name']} is {row['state']}: cancel it first")
+            db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+        folder = Path(row["run_dir"]).resolve()
+        if folder.parent in (self.runs_root.resolve(), self.vectors_root.resolve()) and folder.name == run_id:
+            shutil.rmtree(folder, ignore_errors=True)
+        return row

@@ -46,7 +46,11 @@ def layout(ui: UI) -> None:
            task=gr.State({"data": str(EXAMPLE["task"]), "text": "", "pair": "", "label": "label"}))
 
 
-@handler("data.status", "data.preview", "data.chart", "data.source")
+# a file that fails the check leaves no preview, chart or "the Train tab will use this file" of the last one
+STALE = {"data.preview": None, "data.chart": gr.update(value=None, visible=False), "data.source": ""}
+
+
+@handler("data.status", "data.preview", "data.chart", "data.source", on_error=STALE)
 def validate_data(studio: Studio, role, file, spec, text_column, pair_column, label_column) -> Updates:
     """Check a corpus / task file; returns (message, preview table, label chart, source used)."""
     import pandas as pd
@@ -87,13 +91,14 @@ def role_changed(studio: Studio, role) -> Updates:
 
 
 @handler("train.data", "train.textcol", "train.paircol", "train.labelcol", "predict.spec", "data.use",
-         status=None)
+         "predict.textcol", "predict.paircol", "predict.labelcol", status=None)
 def use_source(studio: Studio, role, source, text_column, pair_column, label_column, kind) -> Updates:
     """After a successful check, the Train (or Predict) tab uses this source."""
-    if not source:
-        return {}
-    if role == "eval":
-        return {"predict.spec": source, "data.use": "The **Predict** tab will score this file."}
+    if not source:  # the last check failed
+        return {"data.use": ""}
+    if role == "eval":  # with its columns, shown in the Predict tab's own fields
+        return {"predict.spec": source, "predict.textcol": text_column, "predict.paircol": pair_column,
+                "predict.labelcol": label_column or "label", "data.use": "The **Predict** tab will score this file."}
     want = "language" if role == "corpus" else "task"
     note = (f"The **Train** tab will use this file for {want} SFTs"
             + ("." if kind == want else f" — switch *Kind* to {want} there."))

@@ -133,8 +133,8 @@ def pull(studio: Studio, source, base_model, kind, language, token="",
     if Path(source).is_dir():
         folder = Path(source)
         name = folder.parent.name if folder.name == "vector" else folder.name  # a run folder's vector/
-    else:
-        name = source.split("/")[-1]
+    else:  # named by its repository (owner/name), as the user typed it
+        name = source
     shown = studio.shown_path(source)
     cfg = {"source": shown, "base_model": m.base_model, "language": m.language, "method": m.method,
            "k": m.k, "denoise": m.denoise, **({"metrics": m.extra["metrics"]} if "metrics" in m.extra else {})}
