@@ -82,8 +82,10 @@ def density_heatmap(mask: Mapping, shapes: Mapping[str, Sequence[int]], title: s
     layers = sorted({k.split("|")[0] for k in per}, key=_layer_key)
     mods = sorted({k.split("|")[1] for k in per}, key=_module_key)
     z = [[per.get(f"{l}|{m}") for m in mods] for l in layers]
+    top = max((v for row in z for v in row if v is not None), default=1.0)
+    digits = 0 if top >= 0.1 else 1 if top >= 0.01 else 2  # enough for distinct ticks (not "1%, 1%, 0%, 0%")
     fig = go.Figure(go.Heatmap(z=z, x=mods, y=layers, colorscale="Viridis",
-                               colorbar=dict(title="density", tickformat=".0%"),
+                               colorbar=dict(title="density", tickformat=f".{digits}%"),
                                hovertemplate="%{y} %{x}: %{z:.2%}<extra></extra>"))
     fig.update_layout(margin=dict(l=90, r=20, b=40))
     return titled(fig, title)

@@ -25,10 +25,10 @@ def layout(ui: UI) -> None:
         other = gr.Dropdown([], label="Compare with (overlap)", scale=3, allow_custom_value=True)
         button = gr.Button("Analyze", variant="primary", scale=1)
     status = gr.Markdown(elem_classes="dx-status")
-    summary = gr.Markdown()
+    summary = gr.Markdown(elem_id="dx-analyze-summary")
     with gr.Row():
         spectrum = gr.Plot(label="Spectrum of the phase-1 delta", show_label=False)
-        density = gr.Plot(label="Mask density per layer", show_label=False)
+        density = gr.Plot(label="Mask density per layer", show_label=False, elem_id="dx-analyze-density")
     overlap = gr.Plot(label="Overlap", show_label=False)
     with gr.Accordion("Denoising per matrix", open=False):
         table = gr.Dataframe(interactive=False, max_height=360)
