@@ -65,14 +65,21 @@ def test_predictions_csv_has_the_gold_label_when_the_input_has_one(tmp_path):
 
 def test_composing_prints_no_load_report(tmp_path, capfd):
     """The composed model's classifier comes from the task vector: transformers' MISSING report is noise."""
+    from transformers.utils import logging as hf_logging
+
     from deftx_engine.evaluate import composed_model
     from deftx_engine.models import load_cls_model
     from tiny import make_tiny_model_dir, make_vector
 
     base = str(make_tiny_model_dir(tmp_path / "m"))
-    vec = make_vector(load_cls_model(base, ["neg", "neu", "pos"]), base_model=base)
-    capfd.readouterr()
-    composed_model(vec)
-    assert "LOAD REPORT" not in capfd.readouterr().err
-    load_cls_model(base, ["neg", "neu", "pos"])  # the filter is gone afterwards: other loads still report
-    assert "LOAD REPORT" in capfd.readouterr().err
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # as in a fresh process (the CLI lowers it for the whole process)
+    try:
+        vec = make_vector(load_cls_model(base, ["neg", "neu", "pos"]), base_model=base)
+        assert "LOAD REPORT" in capfd.readouterr().err  # what the app's terminal showed for every build
+        composed_model(vec)
+        assert "LOAD REPORT" not in capfd.readouterr().err
+        load_cls_model(base, ["neg", "neu", "pos"])  # the filter is gone afterwards: other loads still report
+        assert "LOAD REPORT" in capfd.readouterr().err
+    finally:
+        hf_logging.set_verbosity(verbosity)

@@ -47,6 +47,7 @@ def test_run_folder_contents(trained):
     metrics = [json.loads(l) for l in (lang / "metrics.jsonl").read_text().splitlines()]
     assert {m["phase"] for m in metrics} == {"full", "sparse", "heldout"}
     assert all(m["loss"] > 0 for m in metrics if m["phase"] != "heldout")
+    assert status["loss"] == [m["loss"] for m in metrics if m["phase"] == "sparse"][-1]  # the last logged
     held = next(m for m in metrics if m["phase"] == "heldout")  # every 10th corpus line, never trained on
     assert held["lines"] == 40 and held["theta0"]["n"] == held["theta0+phi"]["n"] > 0
     spectra = json.loads((lang / "spectra.json").read_text())
