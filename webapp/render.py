@@ -13,7 +13,8 @@ PHASES = {"full": "phase 1 · full fine-tuning", "denoise": "denoising + choosin
           "sparse": "phase 2 · sparse fine-tuning", "save": "saving the vector", "done": "finished"}
 STATE_COLORS = {"queued": "#6b7280", "running": "#2563eb", "done": "#16a34a", "failed": "#dc2626",
                 "cancelled": "#d97706", "interrupted": "#9333ea"}
-RUN_COLUMNS = ["run", "name", "kind", "state", "progress", "settings", "created", "duration", "vector", "message"]
+# the id, then what a user looks for first (name, state, vector, message) on screen; the settings last
+RUN_COLUMNS = ["run", "name", "kind", "state", "vector", "message", "progress", "created", "duration", "settings"]
 
 
 def cut(text: Any, n: int = 300) -> str:
@@ -61,17 +62,17 @@ def fmt_k(k: Any) -> str:
 
 
 def run_label(row: dict) -> str:
-    cfg = row["config"]
-    lang = cfg.get("language") or ""
-    bits = [row["name"], row["kind"] + (f" ({lang})" if lang else "")]
-    if row["state"] != "done":
-        bits.append(row["state"])
-    return " · ".join(bits) + f" — {row['id']}"
+    """A short dropdown label (long ones are cut under the arrow): name, kind, language and a state not done."""
+    lang = row["config"].get("language") or ""
+    label = f"{row['name']} · {row['kind']}" + (f" ({lang})" if lang else "")
+    return label if row["state"] == "done" else f"{label} · {row['state']}"
 
 
 def run_choices(rows: list[dict]) -> list[tuple[str, str]]:
-    """Dropdown choices (label, run id) for registry rows."""
-    return [(run_label(r), r["id"]) for r in rows]
+    """Dropdown choices (label, run id) for registry rows; a label two runs share gets the run's time."""
+    labels = [run_label(r) for r in rows]
+    seen = {label: labels.count(label) for label in labels}
+    return [(label + (f" · {r['id'][4:15]}" if seen[label] > 1 else ""), r["id"]) for label, r in zip(labels, rows)]
 
 
 def run_settings(row: dict) -> str:
@@ -152,8 +153,9 @@ def label_bar(counts: dict[str, int], title: str):
     """A bar chart (Plotly) of label counts."""
     import plotly.graph_objects as go
 
+    from deftx_engine.plots import titled
+
     fig = go.Figure(go.Bar(x=list(counts), y=list(counts.values()), text=list(counts.values()),
-                           marker_color="#6366f1"))
-    fig.update_layout(title=title, xaxis_title="label", yaxis_title="examples", height=320,
-                      margin=dict(t=50, l=50, r=20, b=40))
-    return fig
+                           marker_color="#6366f1", textangle=0, textposition="outside", cliponaxis=False))
+    fig.update_layout(xaxis_title="label", yaxis_title="examples", height=320, margin=dict(l=50, r=20, b=40))
+    return titled(fig, title)

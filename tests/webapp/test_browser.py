@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import make_tiny_model_dir
+from tiny import make_tiny_model_dir, make_vector
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -145,3 +145,103 @@ def test_demo_training_then_prediction(driver, app):
     assert "%" in status and any(label in status for label in ("negative", "neutral", "positive"))
     time.sleep(1)
     d.save_screenshot(str(ARTIFACTS / "webapp_browser.png"))
+
+
+@pytest.fixture
+def app_with_vectors(tmp_path, monkeypatch, launch_app):
+    """An app whose registry holds a task and a language vector of a tiny model (pulled, so no training)."""
+    from deftx_engine.models import load_cls_model
+    from webapp.rundb import RunDB
+
+    base = str(make_tiny_model_dir(tmp_path / "tiny"))
+    monkeypatch.setenv("DEFTX_DEFAULT_MODEL", base)
+    monkeypatch.setenv("DEFTX_WARMUP", "0")
+    home = tmp_path / "home"
+    reg = RunDB(home)
+    model = load_cls_model(base, ["negative", "neutral", "positive"])
+    for name, kind in (("tiny-id-language", "language"), ("tiny-en-task", "task")):
+        vec = make_vector(model, kind=kind, base_model=base, seed=len(name))
+        vec.meta.label_names = ["negative", "neutral", "positive"] if kind == "task" else []
+        run_id = reg.new_id()
+        vec.save(reg.vectors_root / run_id)
+        reg.add_vector(name, kind, reg.vectors_root / run_id, run_id=run_id,
+                       config={"base_model": base, "language": name.split("-")[1]})
+    demo, studio = launch_app(home)
+    yield demo
+    studio.registry.shutdown(cancel_running=True)
+    demo.close()
+
+
+def visible_width(d) -> float:
+    return d.execute_script("const p = [...document.querySelectorAll('[role=tabpanel]')].find(e => e.offsetWidth);"
+                            "return p ? p.getBoundingClientRect().width : 0;")
+
+
+def overlaps(d, plot_css) -> bool:
+    """Whether a figure's title and its (hover) toolbar share pixels."""
+    return d.execute_script(
+        "const p = document.querySelector(arguments[0]); const t = p.querySelector('.gtitle');"
+        "const m = p.querySelector('.modebar'); if (!t || !m) return null;"
+        "const a = t.getBoundingClientRect(), b = m.getBoundingClientRect();"
+        "return !(a.right < b.left || b.right < a.left || a.bottom < b.top || b.bottom < a.top);", plot_css)
+
+
+def test_tabs_titles_labels_and_deleting_a_run(driver, app_with_vectors):
+    """Issue 12's rough edges as a newcomer sees them: every tab as wide as the others (the header and tab bar never
+    jump), figure titles clear of Plotly's toolbar, short picker labels, the Runs table's vector and message on
+    screen, and deleting a run with a confirmation; screenshots of the Predict, Analyze and Runs tabs."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    d = driver
+    d.get(app_with_vectors.local_url)
+    wait(d, lambda d: "DeFT-X Studio" in d.title, what="page title")
+    from webapp.ui import TABS
+
+    widths = {}
+    for label, _ in TABS:
+        tab(d, label)
+        time.sleep(0.6)
+        widths[label] = visible_width(d)
+    assert max(widths.values()) - min(widths.values()) < 2, widths  # no sideways jump between tabs
+
+    tab(d, "Predict")
+    picked = wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-task-vector input").get_attribute("value"),
+                  what="the task vector preselected")
+    assert picked == "tiny-en-task · task (en)"  # short: nothing cut under the arrow, no run id
+    d.find_element(By.CSS_SELECTOR, "#dx-text textarea").send_keys("Makanannya enak sekali!")
+    d.find_element(By.ID, "dx-predict").click()
+    plot = wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-probs .js-plotly-plot"), timeout=90,
+                what="the probability chart")
+    ActionChains(d).move_to_element(plot).perform()  # the toolbar shows on hover
+    time.sleep(0.5)
+    assert overlaps(d, "#dx-probs") is False
+    assert not d.find_elements(By.CSS_SELECTOR, "#dx-probs text.bartext[transform*='rotate']")
+    d.save_screenshot(str(ARTIFACTS / "webapp_predict.png"))
+
+    tab(d, "Analyze")
+    wait(d, lambda d: "entries" in d.find_element(By.ID, "dx-analyze-summary").text, timeout=60,
+         what="the vector summary")
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#dx-analyze-density .js-plotly-plot .gtitle"),
+         what="the density figure")
+    time.sleep(1)
+    d.save_screenshot(str(ARTIFACTS / "webapp_analyze.png"))
+
+    tab(d, "Runs")
+    table = wait(d, lambda d: d.find_element(By.ID, "dx-runs"), what="the runs table")
+    right = table.rect["x"] + table.rect["width"]
+    for column in ("vector", "message"):  # on screen without scrolling sideways
+        head = d.find_element(By.XPATH, f"//*[@id='dx-runs']//th[contains(., '{column}')]")
+        assert head.rect["x"] + head.rect["width"] <= right + 1, column
+    d.save_screenshot(str(ARTIFACTS / "webapp_runs.png"))
+    pick = d.find_element(By.CSS_SELECTOR, "#dx-delete-pick input")
+    pick.click()
+    option = wait(d, lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, "ul[role=listbox] li")
+                                     if "tiny-id-language" in o.text), None), what="the run in the picker")
+    option.click()
+    d.find_element(By.ID, "dx-delete").click()
+    wait(d, lambda d: "cannot be undone" in text_of(d, "#dx-delete-question"), what="the confirmation")
+    d.find_element(By.ID, "dx-delete-yes").click()
+    wait(d, lambda d: "deleted" in text_of(d, "#dx-runs-status"), what="the deletion")
+    assert "tiny-id-language" not in text_of(d, "#dx-runs")

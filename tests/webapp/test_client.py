@@ -201,7 +201,7 @@ def test_predict_and_score(client, trained):
                                    api_name="/predict_file")
     assert csv_file["visible"] is True  # the download appears once there is a file
     lines = Path(csv_file["value"]).read_text(encoding="utf-8").splitlines()
-    assert lines[0] == "text,prediction,p_negative,p_neutral,p_positive" and len(lines) == 91
+    assert lines[0] == "text,label,prediction,p_negative,p_neutral,p_positive" and len(lines) == 91  # gold kept
 
 
 def test_pull_local_folder_and_push_without_token(client, app, trained, monkeypatch):
@@ -210,8 +210,10 @@ def test_pull_local_folder_and_push_without_token(client, app, trained, monkeypa
     msg, _ = client.predict(str(home / "runs" / lang / "vector"), "", "", "", "", api_name="/pull")
     assert "a language vector (id)" in msg
     table = client.predict(api_name="/list_runs")
-    pulled = [r for r in table["data"] if r[-1].startswith("pulled from")]
-    assert len(pulled) == 1 and pulled[0][1] == lang and pulled[0][2] == "language" and pulled[0][3] == "done"
+    pulled = [dict(zip(table["headers"], r)) for r in table["data"]]
+    pulled = [r for r in pulled if r["message"].startswith("pulled from")]
+    assert len(pulled) == 1 and pulled[0]["name"] == lang and pulled[0]["kind"] == "language"
+    assert pulled[0]["state"] == "done"
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     msg, token_field = client.predict(lang, "someone/deftx-test", False, "", api_name="/push")

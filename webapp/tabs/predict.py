@@ -3,7 +3,6 @@ cached): one text -> label probabilities; a file -> a CSV of predictions; a labe
 accuracy and confusion matrix (recorded for the model card)."""
 from __future__ import annotations
 
-import csv
 import re
 import secrets
 import threading
@@ -14,12 +13,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from deftx_engine.data import load_corpus, load_task_data
+from deftx_engine.data import load_task_data
 from deftx_engine.errors import DeftxError
 from deftx_engine.fileio import atomic_open
 
 from .. import DATA_SUFFIXES, EXAMPLE
-from ..components import UI, Updates, handler
+from ..components import FIELD_LABELS, UI, Updates, handler
 from ..render import ok
 from ..render import text as shown_text
 from ..settings import max_lines, max_score_seconds, max_text_chars
@@ -45,6 +44,11 @@ def layout(ui: UI) -> None:
         with gr.Column(scale=1):
             file = gr.File(label="Upload a file", file_types=DATA_SUFFIXES, type="filepath", height=110)
             spec = gr.Textbox(str(EXAMPLE["eval"]), label="…or a path / Hub dataset")
+            with gr.Accordion("Columns of this file", open=False):  # this tab's own: the Data tab's never apply
+                with gr.Row():
+                    textcol = gr.Textbox("", label=FIELD_LABELS["text_column"], placeholder="auto")
+                    paircol = gr.Textbox("", label=FIELD_LABELS["pair_column"], placeholder="auto")
+                    labelcol = gr.Textbox("label", label=FIELD_LABELS["label_column"])
             with gr.Row():
                 batch = gr.Button("Predict every row → CSV")
                 score = gr.Button("Score a labelled file", variant="primary")
@@ -55,7 +59,8 @@ def layout(ui: UI) -> None:
             confusion = gr.Plot(label="Confusion matrix", show_label=False)
     ui.add("predict", task=task, lang=lang, text=text, pair=pair, button=button, status=status, plot=plot,
            file=file, spec=spec, batch=batch, score=score, stop=stop, file_status=file_status, csv=csv_file,
-           confusion=confusion, lang_touched=gr.State(False))  # the user picked a language vector (or none)
+           confusion=confusion, textcol=textcol, paircol=paircol, labelcol=labelcol,
+           lang_touched=gr.State(False))  # the user picked a language vector (or none)
 
 
 def composed(studio: Studio, task_run: str | None, language_run: str | None):
@@ -111,7 +116,7 @@ def output_path(studio: Studio, shown: str) -> Path:
     return studio.outputs / f"predictions-{secrets.token_hex(16)}-{stem}.csv"
 
 
-@handler("predict.status", "predict.plot")
+@handler("predict.status", "predict.plot", on_error={"predict.plot": None})  # no stale chart beside an error
 def predict(studio: Studio, task_run, language_run, text, pair) -> Updates:
     """Label probabilities of one text (pair) under θ0 + task (+ language); returns (message, figure)."""
     from deftx_engine.evaluate import predict_proba
@@ -131,38 +136,29 @@ def predict(studio: Studio, task_run, language_run, text, pair) -> Updates:
             "predict.plot": probabilities_figure(names, probs)}
 
 
-@handler("predict.file_status", "predict.csv")
-def predict_file(studio: Studio, task_run, language_run, file, spec, text_column, pair_column,
+@handler("predict.file_status", "predict.csv", on_error={"predict.csv": gr.update(value=None, visible=False)})
+def predict_file(studio: Studio, task_run, language_run, file, spec, text_column, pair_column, label_column="label",
                  request: gr.Request | None = None) -> Updates:
     """Predict every row of a file (at most DEFTX_MAX_LINES rows, stopped by Stop or after
-    DEFTX_MAX_SCORE_SECONDS); returns (message, CSV path)."""
-    from deftx_engine.evaluate import predict_proba
+    DEFTX_MAX_SCORE_SECONDS); returns (message, CSV path). The CSV has the file's gold label when it has one."""
+    from deftx_engine.evaluate import predict_proba, prediction_inputs, write_predictions
 
     source, shown = studio.resolve_source(file, spec)
     (model, tok, names), _ = composed(studio, task_run, language_run)
-    text_column = (text_column or "").strip() or None
-    pairs = None
-    try:  # a labelled file (or one with premise/hypothesis columns) keeps its layout
-        td = load_task_data(source, text_column=text_column, pair_column=(pair_column or "").strip() or None,
-                            label_names=names, max_rows=max_lines())
-        texts, pairs = td.texts, td.text_pairs
-    except DeftxError:
-        texts = load_corpus(source, text_column, max_lines=max_lines())
+    texts, pairs, gold = prediction_inputs(source, (text_column or "").strip() or None,
+                                           (pair_column or "").strip() or None,
+                                           (label_column or "").strip() or "label", max_rows=max_lines())
     with scoring(studio, request) as stop:
         probs = predict_proba(model, tok, texts, pairs, stop=stop).tolist()
     out = output_path(studio, shown)
     with atomic_open(out, "w", newline="") as f:  # written aside, renamed when complete
-        w = csv.writer(f)
-        w.writerow(["text"] + (["second_text"] if pairs else []) + ["prediction"] + [f"p_{n}" for n in names])
-        for i, row in enumerate(probs):
-            best = max(range(len(row)), key=row.__getitem__)
-            w.writerow([texts[i]] + ([pairs[i]] if pairs else []) + [names[best]] + [f"{p:.4f}" for p in row])
+        write_predictions(f, names, probs, texts, pairs, gold)
     return {"predict.file_status": ok(f"{len(texts):,} rows of **{shown_text(shown)}** predicted: download the CSV "
                                       "below."),
             "predict.csv": gr.update(value=str(out), visible=True)}
 
 
-@handler("predict.file_status", "predict.confusion")
+@handler("predict.file_status", "predict.confusion", on_error={"predict.confusion": None})
 def evaluate_file(studio: Studio, task_run, language_run, file, spec, text_column, pair_column,
                   label_column, request: gr.Request | None = None) -> Updates:
     """Macro-F1, accuracy and confusion matrix on a labelled file; returns (message, figure)."""
@@ -180,11 +176,21 @@ def evaluate_file(studio: Studio, task_run, language_run, file, spec, text_colum
     summary = {"macro_f1": round(m["macro_f1"], 4), "accuracy": round(m["accuracy"], 4), "n": m["n"]}
     for rid in filter(None, (task_run, language_run)):  # shown in the model card when pushed
         studio.registry.add_metrics(rid, key, summary)
-    f1 = ", ".join(f"{shown_text(k)} {v:.3f}" for k, v in m["f1"].items())
+    f1 = per_label_f1(m)
     return {"predict.file_status": ok(f"**{shown_text(shown)}** ({m['n']:,} examples): macro-F1 "
                                       f"**{m['macro_f1']:.3f}**, accuracy **{m['accuracy']:.3f}** · "
                                       f"F1 per label: {f1}"),
             "predict.confusion": confusion_figure(m)}
+
+
+def per_label_f1(m: dict) -> str:
+    """F1 per label, "–" for a label neither true nor predicted in the file (its F1 is undefined, and macro-F1
+    leaves it out: said when it does)."""
+    covered = m.get("macro_labels", list(m["f1"]))
+    cells = ", ".join(f"{shown_text(k)} {v:.3f}" if k in covered else f"{shown_text(k)} –" for k, v in m["f1"].items())
+    if len(covered) == len(m["f1"]):
+        return cells
+    return f"{cells} (macro-F1 over {', '.join(shown_text(k) for k in covered)}: the labels in this file or predicted)"
 
 
 @handler("predict.lang_touched", status=None)
@@ -196,9 +202,9 @@ def wire(ui: UI) -> None:
     one = ["predict.task", "predict.lang", "predict.text", "predict.pair"]
     ui.on(ui["predict.button"].click, predict, one, api_name="predict")
     ui.on(ui["predict.text"].submit, predict, one, api_visibility="private")
-    whole = ["predict.task", "predict.lang", "predict.file", "predict.spec", "data.text", "data.pair"]
-    batch = ui.on(ui["predict.batch"].click, predict_file, whole, api_name="predict_file")
-    score = ui.on(ui["predict.score"].click, evaluate_file, whole + ["data.label"], api_name="evaluate")
+    whole = ["predict.task", "predict.lang", "predict.file", "predict.spec", "predict.textcol", "predict.paircol"]
+    batch = ui.on(ui["predict.batch"].click, predict_file, whole + ["predict.labelcol"], api_name="predict_file")
+    score = ui.on(ui["predict.score"].click, evaluate_file, whole + ["predict.labelcol"], api_name="evaluate")
     ui.on(ui["predict.stop"].click, stop_scoring, api_name="stop_scoring", cancels=[batch, score], queue=False)
     ui.on(ui["predict.lang"].input, language_touched, api_visibility="private")
     refresh_on_open(ui, "predict")

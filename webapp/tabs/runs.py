@@ -8,10 +8,12 @@ import time
 import gradio as gr
 
 from deftx_engine.constants import KINDS
+from deftx_engine.errors import DeftxError
 from deftx_engine.runs import RunDir
 
 from ..components import UI, Updates, handler
-from ..render import run_choices
+from ..render import err, ok, run_choices
+from ..render import text as shown_text
 from ..state import Studio
 
 STATUS_OUTPUTS = ("train.progress", "train.loss", "train.log", "train.details", "runs.watch_sig")
@@ -22,10 +24,20 @@ def layout(ui: UI) -> None:
         gr.Markdown("Every run on this machine, newest first — also runs started from other browser "
                     "tabs and before the app was restarted.", elem_classes="dx-help")
         refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
+    # name, kind, state, progress, vector and message fit the page; the rest scrolls sideways
     table = gr.Dataframe(ui.studio.runs_table(), interactive=False, wrap=True, max_height=560, elem_id="dx-runs",
-                         column_widths=["190px", "150px", "80px", "95px", "95px", "340px", "130px", "95px", "320px",
-                                        "260px"])
-    ui.add("runs", refresh=refresh, table=table, watch_sig=gr.State(""), runs_sig=gr.State(""))
+                         column_widths=["165px", "160px", "95px", "95px", "250px", "300px", "95px", "130px", "95px",
+                                        "340px"])
+    with gr.Row(equal_height=False):
+        pick = gr.Dropdown([], label="Run to delete", scale=3, allow_custom_value=True, elem_id="dx-delete-pick")
+        delete = gr.Button("Delete run…", variant="stop", scale=0, min_width=160, elem_id="dx-delete")
+    with gr.Row(visible=False) as confirm:
+        question = gr.Markdown(elem_id="dx-delete-question")
+        yes = gr.Button("Yes, delete it", variant="stop", scale=0, min_width=140, elem_id="dx-delete-yes")
+        keep = gr.Button("Keep it", scale=0, min_width=100)
+    status = gr.Markdown(elem_classes="dx-status", elem_id="dx-runs-status")
+    ui.add("runs", refresh=refresh, table=table, watch_sig=gr.State(""), runs_sig=gr.State(""), pick=pick,
+           delete=delete, confirm=confirm, question=question, yes=yes, keep=keep, status=status)
 
 
 @handler(*STATUS_OUTPUTS, status=None)
@@ -90,8 +102,8 @@ def list_runs(studio: Studio) -> Updates:
     return {"runs.table": studio.runs_table()}
 
 
-@handler(*STATUS_OUTPUTS, "runs.table", "train.watch", "runs.runs_sig", status=None)
-def poll(studio: Studio, run_id, sig, rsig) -> Updates:
+@handler(*STATUS_OUTPUTS, "runs.table", "train.watch", "runs.runs_sig", "train.status", status=None)
+def poll(studio: Studio, run_id, sig, rsig, started=None) -> Updates:
     """Timer tick: the shown run's progress and, when the set of runs changed, the tables/lists."""
     out = status_of(studio, run_id, sig)
     rows = studio.registry.list()
@@ -101,7 +113,70 @@ def poll(studio: Studio, run_id, sig, rsig) -> Updates:
     watch = gr.update(choices=run_choices(rows))
     if not run_id and rows:
         watch = gr.update(choices=run_choices(rows), value=rows[0]["id"])
-    return {**out, "runs.table": studio.runs_table(), "train.watch": watch, "runs.runs_sig": new_rsig}
+    outcome = started_outcome(studio, rows, started, rsig)  # the Train tab's "Run … started" does not outlive the run
+    return {**out, "runs.table": studio.runs_table(), "train.watch": watch, "runs.runs_sig": new_rsig,
+            **({"train.status": outcome} if outcome else {})}
+
+
+def started_outcome(studio: Studio, rows: list[dict], started: str | None, rsig: str | None) -> str | None:
+    """How the run started from the Train tab ended, once it has ended since the last tick (else None)."""
+    try:
+        before = {r[0]: r[1] for r in json.loads(rsig)} if started and rsig and rsig.startswith("[") else {}
+    except (ValueError, IndexError, TypeError):
+        return None
+    row = next((r for r in rows if r["id"] == started), None)
+    # a run absent from the last tick's list was queued and ended between two ticks
+    active = ("running", "queued")
+    if row is None or before.get(started, "queued") not in active or row["state"] in active:
+        return None
+    name = shown_text(row["name"])
+    if row["state"] == "done":
+        return ok(f"Run **{name}** finished: its vector is listed in the Runs, Analyze and Predict tabs.")
+    return err(f"Run {name} {row['state']}: {studio.pretty(row['message'] or '') or 'see its log'}")
+
+
+@handler("runs.confirm", "runs.question", "runs.status", status=2)
+def ask_delete(studio: Studio, run_id) -> Updates:
+    """Delete, step 1: say what goes (the run and its folder) and ask; a running or queued run must be cancelled
+    first."""
+    row = studio.registry.get(run_id) if run_id else None
+    if row is None:
+        raise DeftxError("choose the run to delete")
+    if row["state"] in ("running", "queued"):
+        raise DeftxError(f"run {row['name']} is {row['state']}: cancel it first (Train tab, Cancel)")
+    return {"runs.confirm": gr.update(visible=True), "runs.status": "",
+            "runs.question": f"Delete **{shown_text(row['name'])}** ({row['kind']}, {row['state']}) with its folder "
+                             "and vector? This cannot be undone."}
+
+
+@handler("runs.status", "runs.confirm", "runs.table", "runs.pick", "train.watch")
+def delete_run(studio: Studio, run_id) -> Updates:
+    """Delete, step 2: remove a finished run's registry row and its folder (vector, checkpoints, log)."""
+    try:
+        row = studio.registry.delete(run_id or "")
+    except KeyError:
+        raise DeftxError(f"unknown run {run_id!r}; refresh the page") from None
+    except ValueError as e:
+        raise DeftxError(f"{e} (Train tab, Cancel)") from None
+    rows = studio.registry.list()
+    return {"runs.status": ok(f"Run **{shown_text(row['name'])}** and its folder deleted."),
+            "runs.confirm": gr.update(visible=False), "runs.table": studio.runs_table(),
+            "runs.pick": gr.update(choices=run_choices(rows), value=None),
+            "train.watch": gr.update(choices=run_choices(rows))}
+
+
+@handler("runs.confirm", status=None)
+def keep_run(studio: Studio) -> Updates:
+    return {"runs.confirm": gr.update(visible=False)}
+
+
+@handler("runs.table", "runs.pick", status=None)
+def runs_opened(studio: Studio, current) -> Updates:
+    """The Runs tab opened or refreshed: the table and the runs one may delete."""
+    rows = studio.registry.list()
+    ids = [r["id"] for r in rows]
+    return {"runs.table": studio.runs_table(),
+            "runs.pick": gr.update(choices=run_choices(rows), value=current if current in ids else None)}
 
 
 @handler("train.watch", "runs.table", status=None)
@@ -117,5 +192,11 @@ def wire(ui: UI) -> None:
     ui.on(ui["train.watch"].change, show_run, ["train.watch"], api_visibility="private", show_progress="hidden")
     ui.on(ui["train.status_button"].click, run_status, ["train.run_id"], api_name="run_status")
     ui.on(ui["runs.refresh"].click, list_runs, api_name="list_runs")
-    ui.on(ui["train.timer"].tick, poll, ["train.watch", "runs.watch_sig", "runs.runs_sig"], api_visibility="private",
+    for trigger in (ui["runs.refresh"].click, ui["runs.tab"].select):
+        ui.on(trigger, runs_opened, ["runs.pick"], api_visibility="private")
+    ui.on(ui["runs.delete"].click, ask_delete, ["runs.pick"], api_visibility="private")
+    ui.on(ui["runs.yes"].click, delete_run, ["runs.pick"], api_name="delete_run")
+    ui.on(ui["runs.keep"].click, keep_run, api_visibility="private")
+    ui.on(ui["train.timer"].tick, poll, ["train.watch", "runs.watch_sig", "runs.runs_sig", "train.run_id"],
+          api_visibility="private",
           show_progress="hidden", queue=False)

@@ -25,6 +25,7 @@ from ..render import text as shown_text
 from ..rundb import QueueFull
 from ..settings import default_model, max_lines, max_queue, max_steps
 from ..state import Studio
+from .train_checks import check_hardware, language_for_data, require_language, unique_name
 
 BASE_MODELS = ["minilm", "FacebookAI/xlm-roberta-base", "FacebookAI/xlm-roberta-large"]
 PRESETS = list(engine_presets.PRESETS)  # cpu-demo, paper-xlmr-base
@@ -60,7 +61,7 @@ def layout(ui: UI) -> None:
                 data = gr.Textbox(str(EXAMPLE["corpus"]), label=FIELD_LABELS["data"], scale=3, elem_id="dx-data",
                                   info="set from the Data tab (or type a path / hub: spec)")
                 lang = gr.Textbox(EXAMPLE_LANG["language"], label=FIELD_LABELS["language"], scale=1,
-                                  info="code stored in the vector")
+                                  info="the data's language, stored in the vector (from the file name)")
             name = gr.Textbox("", label="Run name (optional)", placeholder="e.g. id-language-demo")
             method = gr.Radio(METHODS, value="deftx", label="Method")
             with gr.Group(visible=True) as denoise:
@@ -211,8 +212,9 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
     sparse_steps = number(sparse_steps, "phase-2 steps", integer=True, minimum=0, default=0)
     epochs = number(epochs, "epochs per phase", default=1.0)
     lines_limit, steps_limit = max_lines(), max_steps()
+    check_hardware(preset)
     values = dict(data=data, base_model=studio.check_base_model(base_model),
-                  language=(language or "").strip(), method=method, rank_policy=rank_policy,
+                  language=require_language(language, kind), method=method, rank_policy=rank_policy,
                   energy=number(energy, "τ"), rank=number(rank, "r", integer=True),
                   residual_share=number(residual_share, "ρ"), k=k,
                   full_steps=full_steps, sparse_steps=sparse_steps, lr=number(lr, "learning rate"),
@@ -254,7 +256,7 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
                                  f"server allows at most {steps_limit:,} per phase (DEFTX_MAX_STEPS)")
     argv = [sys.executable, "-m", "deftx_engine.cli", f"train-{kind}", "--config", f"{{run_dir}}/{SUBMITTED_CONFIG}",
             "--output-dir", "{run_dir}"]
-    name = bounded(name, "run name", 100) or f"{cfg.language or kind}-{kind}-{cfg.method}"
+    name = bounded(name, "run name", 100) or unique_name(studio, f"{cfg.language}-{kind}-{cfg.method}")
     try:
         run_id = studio.registry.submit(name, kind, argv, config=cfg.to_dict(), max_queued=max_queue())
     except QueueFull as e:
@@ -327,6 +329,7 @@ def wire(ui: UI) -> None:
     ui.on(ui["train.policy"].change, policy_changed, ["train.policy"], api_visibility="private")
     for field in PRESET_FIELDS[1:]:
         ui.on(ui[f"train.{field}"].input, mark_custom, api_visibility="private")
+    ui.on(ui["train.data"].change, language_for_data, ["train.data"], api_visibility="private")
     ui.on(ui["train.start"].click, start_training, START_INPUTS, api_name="start_training", concurrency_limit=2)
     ui.on(ui["train.cancel"].click, cancel_run, ["train.watch"], api_name="cancel_run")
     ui.on(ui["train.resume"].click, resume_run, ["train.watch"], api_name="resume_run")

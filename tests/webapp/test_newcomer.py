@@ -1,0 +1,144 @@
+"""Defects a newcomer met (issue 12), through the app's handlers on a Studio without services: Predict's own
+columns, no stale results beside an error, the language of new training data, GPU presets refused on a CPU
+server, unique default names, short picker labels, deleting a run, a pulled vector named by its repository, and
+the Train tab's message once its run has ended."""
+import json
+from pathlib import Path
+
+import pytest
+
+from tiny import ASSETS, make_tiny_model_dir, make_vector
+
+ERR = "<span class='dx-err'>✖</span>"
+LABELS = ["neg", "neu", "pos"]
+
+
+@pytest.fixture
+def studio(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEFTX_DATA_DIRS", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    from webapp.state import Studio
+
+    return Studio(tmp_path / "home")  # no scheduler thread: submitted runs stay queued
+
+
+@pytest.fixture
+def task_run(studio, tmp_path):
+    """A task vector of a tiny model, listed as a pulled vector (no training)."""
+    from deftx_engine.models import load_cls_model
+
+    base = str(make_tiny_model_dir(tmp_path / "data" / "tiny"))
+    run_id = studio.registry.new_id()
+    dest = studio.registry.vectors_root / run_id
+    make_vector(load_cls_model(base, LABELS), base_model=base).save(dest)
+    return studio.registry.add_vector("tiny-task", "task", dest, config={"base_model": base}, run_id=run_id)
+
+
+def test_predict_reads_its_own_columns_and_clears_stale_results(studio, task_run, tmp_path):
+    from webapp.tabs import predict
+
+    csv = tmp_path / "data" / "eval.csv"
+    csv.write_text("sentence,gold\nmakanan enak,pos\nburuk sekali,neg\n", encoding="utf-8")
+    failed = predict.evaluate_file(studio, task_run, "", None, str(csv), "", "", "label")
+    assert failed["predict.file_status"].startswith(ERR) and "Text column" in failed["predict.file_status"]
+    assert failed["predict.confusion"] is None  # no previous confusion matrix beside the error
+    scored = predict.evaluate_file(studio, task_run, "", None, str(csv), "sentence", "", "gold")
+    status = scored["predict.file_status"]
+    assert "macro-F1" in status and scored["predict.confusion"] is not None
+    # a label neither true nor predicted shows "–", and the covered labels are named
+    m = {"f1": {"neg": 1.0, "neu": 0.0, "pos": 1.0}, "macro_labels": ["neg", "pos"]}
+    assert predict.per_label_f1(m) == "neg 1.000, neu –, pos 1.000 (macro-F1 over neg, pos: the labels in this " \
+                                      "file or predicted)"
+    out = predict.predict_file(studio, task_run, "", None, str(csv), "sentence", "", label_column="gold")
+    rows = open(out["predict.csv"]["value"], encoding="utf-8").read().splitlines()
+    assert rows[0].startswith("text,label,prediction,p_neg") and rows[1].startswith("makanan enak,pos,")
+    failed = predict.predict_file(studio, task_run, "", None, str(tmp_path / "data" / "none.csv"), "", "")
+    assert failed["predict.csv"]["visible"] is False
+    assert predict.predict(studio, None, "", "x", "")["predict.plot"] is None
+
+
+def test_a_file_that_fails_the_check_leaves_no_stale_preview(studio, tmp_path):
+    from webapp.tabs import data
+
+    bad = tmp_path / "data" / "bad.csv"
+    bad.write_text("sentence\nhello\n", encoding="utf-8")
+    out = data.validate_data(studio, "task", None, str(bad), "", "", "label")
+    assert out["data.status"].startswith(ERR)
+    assert out["data.preview"] is None and out["data.chart"]["visible"] is False and out["data.source"] == ""
+    assert data.use_source(studio, "task", "", "", "", "label", "task") == {"data.use": ""}
+    used = data.use_source(studio, "eval", str(bad), "sentence", "", "gold", "task")
+    assert used["predict.textcol"] == "sentence" and used["predict.labelcol"] == "gold"
+
+
+def test_new_training_data_brings_its_language_or_asks(studio, monkeypatch):
+    from webapp.tabs import train, train_checks
+
+    assert train_checks.language_of(str(ASSETS / "target_corpus_id.txt")) == "id"
+    assert train_checks.language_of("/x/wiki-sw.csv") == "sw"
+    for unknown in ("/x/my_corpus.txt", "/x/data_all.csv", "hub:org/name#text", ""):
+        assert train_checks.language_of(unknown) == ""
+    assert train_checks.language_for_data(studio, "/x/my_corpus.txt") == {"train.lang": ""}
+    args = dict(kind="language", base_model="minilm", data=str(ASSETS / "target_corpus_id.txt"), language=" ",
+                name="", method="deftx", rank_policy="energy", energy=0.9, rank=10, residual_share=0.05,
+                k_percent=5, full_steps=1, sparse_steps=1, epochs=1, lr=1e-3, batch_size=8, max_length=32, seed=1,
+                text_column="", pair_column="", label_column="label", preset="custom", k_exact_value=None)
+    out = train.start_training(studio, **args)
+    assert out["train.status"].startswith(ERR) and "Language field" in out["train.status"]
+    assert not studio.registry.list()
+    monkeypatch.setattr(train_checks, "has_gpu", lambda: False)
+    out = train.start_training(studio, **{**args, "language": "id", "preset": "paper-xlmr-base"})
+    assert "needs a GPU" in out["train.status"] and not studio.registry.list()
+    names = [studio.registry.get(train.start_training(studio, **{**args, "language": "id"})["train.run_id"])["name"]
+             for _ in range(2)]
+    assert names == ["id-language-deftx", "id-language-deftx-2"]
+
+
+def test_picker_labels_are_short_and_runs_can_be_deleted(studio, task_run):
+    from webapp.render import RUN_COLUMNS, run_choices
+    from webapp.tabs import runs
+
+    (label, rid), = run_choices([studio.registry.get(task_run)])
+    assert label == "tiny-task · task" and rid == task_run  # no run id or date under the dropdown's arrow
+    assert RUN_COLUMNS.index("vector") < 6 and RUN_COLUMNS.index("message") < 6 and RUN_COLUMNS[0] == "run"
+    folder = studio.registry.get(task_run)["run_dir"]
+    asked = runs.ask_delete(studio, task_run)
+    assert asked["runs.confirm"]["visible"] and "cannot be undone" in asked["runs.question"]
+    out = runs.delete_run(studio, task_run)
+    assert "deleted" in out["runs.status"] and studio.registry.get(task_run) is None
+    assert not Path(folder).exists()
+    queued = studio.registry.submit("waiting", "language", ["true"])
+    for step in (runs.ask_delete, runs.delete_run):
+        msg = step(studio, queued)["runs.status"]
+        assert msg.startswith(ERR) and "cancel it first" in msg
+    assert studio.registry.get(queued) is not None
+
+
+def test_train_message_follows_the_started_run_to_its_end(studio):
+    from webapp.tabs import runs
+
+    rid = studio.registry.submit("r", "language", ["true"])
+    with studio.registry._transaction() as db:
+        studio.registry._set(db, rid, state="failed", message="data.csv line 7: field 'label' is empty")
+    rows = studio.registry.list()
+    before = json.dumps([(rid, "running", 3, "")])
+    msg = runs.started_outcome(studio, rows, rid, before)
+    assert msg.startswith(ERR) and "failed" in msg and "line 7" in msg
+    assert runs.started_outcome(studio, rows, rid, json.dumps([(rid, "failed", 3, "")])) is None  # once only
+
+
+def test_a_pulled_vector_is_named_by_its_repository(studio, task_run, monkeypatch):
+    import shutil
+
+    import deftx_engine.hub
+    from webapp.tabs import hub
+
+    src = studio.registry.get(task_run)["vector_dir"]
+
+    def fake_pull(source, dest, **kw):  # a Hub vector names a Hub base model, never a folder
+        shutil.copytree(src, dest)
+        cfg = json.loads((Path(dest) / "sft_config.json").read_text())
+        (Path(dest) / "sft_config.json").write_text(json.dumps({**cfg, "base_model": "minilm"}))
+
+    monkeypatch.setattr(deftx_engine.hub, "pull_vector", fake_pull)
+    hub.pull(studio, "someone/deftx-id-language", "", "", "", "")
+    assert studio.registry.list()[0]["name"] == "someone/deftx-id-language"
