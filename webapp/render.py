@@ -9,12 +9,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-PHASES = {"full": "phase 1 · full fine-tuning", "denoise": "denoising + choosing the mask",
+PHASES = {"head-fit": "fitting the MLM head (once per base model; cached)", "full": "phase 1 · full fine-tuning",
+          "denoise": "denoising + choosing the mask",
           "sparse": "phase 2 · sparse fine-tuning", "save": "saving the vector", "done": "finished"}
 STATE_COLORS = {"queued": "#6b7280", "running": "#2563eb", "done": "#16a34a", "failed": "#dc2626",
                 "cancelled": "#d97706", "interrupted": "#9333ea"}
 # the id, then what a user looks for first (name, state, vector, message) on screen; the settings last
-RUN_COLUMNS = ["run", "name", "kind", "state", "vector", "message", "progress", "created", "duration", "settings"]
+RUN_COLUMNS = ["run", "name", "kind", "state", "vector", "message", "progress", "learned its language?", "created",
+               "duration", "settings"]
 
 
 def cut(text: Any, n: int = 300) -> str:
@@ -93,8 +95,27 @@ def run_settings(row: dict) -> str:
     return " · ".join(str(p) for p in parts if p not in ("", None))
 
 
+def heldout_lowered(held: Mapping | None) -> bool | None:
+    """Whether a language vector lowered the held-out masked-token loss under theta0's head (the part that
+    composition uses; ``deftx_engine.report.heldout_line``'s verdict); None without the evidence."""
+    try:
+        return float(held["encoder_only"]["loss"]) < float(held["theta0"]["loss"])
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def heldout_short(held: Mapping | None) -> str:
+    """The Runs table's cell: did the language vector lower its held-out masked-token loss?"""
+    lowered = heldout_lowered(held)
+    if lowered is None:
+        return ""
+    loss = f"held-out loss {float(held['theta0']['loss']):.3f} → {float(held['encoder_only']['loss']):.3f}"
+    return f"yes: {loss}" if lowered else f"NO: {loss}, not lower"
+
+
 def runs_table(rows: list[dict], queue_positions: Mapping[str, int | None]):
-    """The Runs tab's table (a DataFrame) of registry rows, newest first."""
+    """The Runs tab's table (a DataFrame) of registry rows, newest first; a row's ``heldout`` is its language
+    vector's held-out evidence (if any)."""
     import pandas as pd
 
     now = time.time()
@@ -106,16 +127,17 @@ def runs_table(rows: list[dict], queue_positions: Mapping[str, int | None]):
             pos = queue_positions.get(r["id"])
             progress = f"#{pos} in queue" if pos else ""
         out.append({"run": r["id"], "name": r["name"], "kind": r["kind"], "state": r["state"], "progress": progress,
-                    "settings": run_settings(r),
+                    "learned its language?": heldout_short(r.get("heldout")), "settings": run_settings(r),
                     "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
                     "duration": fmt_duration(end - r["started"]) if r["started"] and end else "",
                     "vector": r["vector_dir"] if r["state"] == "done" else "", "message": r["message"] or ""})
     return pd.DataFrame(out, columns=RUN_COLUMNS)
 
 
-def progress_html(row: dict | None, status: Mapping[str, Any], queue_position: int | None, message: str) -> str:
+def progress_html(row: dict | None, status: Mapping[str, Any], queue_position: int | None, message: str,
+                  evidence: tuple[bool | None, str] | None = None) -> str:
     """The Train tab's progress card of a run: ``status`` is its status.json, ``message`` its message as
-    shown to the user."""
+    shown to the user, ``evidence`` (lowered, sentence) a language vector's held-out masked-token scores."""
     if row is None:
         return ("<div class='dx-progress dx-empty'>No run selected. Choose settings on the left and press "
                 "<b>Start</b>.</div>")
@@ -146,7 +168,33 @@ def progress_html(row: dict | None, status: Mapping[str, Any], queue_position: i
             f"<div class='dx-bar'><div class='dx-fill' style='width:{pct:.1f}%;background:{color}'></div></div>"
             f"<div class='dx-progress-foot'>{' · '.join(foot)}</div>"
             + (f"<div class='dx-progress-msg'>{html.escape(message)}</div>" if message else "")
-            + "</div>")
+            + (evidence_html(*evidence) if evidence else "") + "</div>")
+
+
+def evidence_html(lowered: bool | None, sentence: str) -> str:
+    """A language vector's held-out evidence, marked as a warning when it did not lower the loss."""
+    mark = ("<b class='dx-ok'>✔ learned its language</b>" if lowered else
+            "<b class='dx-err'>✖ did NOT lower the held-out loss</b>: expect it to add little or to hurt")
+    return f"<div class='dx-evidence'>{mark}<br><span class='dx-muted'>{html.escape(sentence)}</span></div>"
+
+
+def active_runs_html(rows: list[dict], positions: Mapping[str, int | None], shown_id: str | None) -> str:
+    """The runs running or waiting besides the one shown: what runs now and what is queued behind it."""
+    others = sorted((r for r in rows if r["id"] != shown_id and r["state"] in ("running", "queued")),
+                    key=lambda r: (r["state"] != "running", positions.get(r["id"]) or 0))
+    if not others:
+        return ""
+    items = []
+    for r in others:
+        if r["state"] == "running":
+            what = (f"step {r['step']} / {r['total_steps']}" if r["total_steps"] else
+                    PHASES.get(r["phase"] or "", "starting"))
+        else:
+            what = f"#{positions.get(r['id'])} in the queue" if positions.get(r["id"]) else "waiting"
+        items.append(f"<li><span class='dx-badge' style='background:{STATE_COLORS[r['state']]}'>{r['state']}</span> "
+                     f"<b>{html.escape(r['name'])}</b> <span class='dx-muted'>{html.escape(r['kind'])} SFT · "
+                     f"{html.escape(what)}</span></li>")
+    return f"<div class='dx-queue'><div class='dx-muted'>Also running or waiting</div><ul>{''.join(items)}</ul></div>"
 
 
 def label_bar(counts: dict[str, int], title: str):

@@ -6,6 +6,7 @@ read files or call handlers do not have to.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sqlite3
@@ -27,6 +28,8 @@ from .settings import app_threads, check_settings, default_home, model_cache_siz
 
 log = logging.getLogger(__name__)
 VECTOR_CACHE = 6  # loaded vectors kept in memory
+VECTOR_CONFIG = "sft_config.json"  # deftx_engine.vectors.CONFIG_FILE, named here so the page needs no torch
+MAX_META_BYTES = 2 ** 20  # a vector config larger than this is not read for the progress card
 _threads_set = False
 
 
@@ -76,18 +79,48 @@ class Studio(FilePolicy):
         return scrub(msg.replace(str(self.home), "DEFTX_HOME"))
 
     def progress(self, row: dict | None) -> str:
-        """The progress card of a registry row (or of no run)."""
+        """The progress card of a registry row (or of no run), and below it every other run running or queued,
+        so queuing a run never hides the one running."""
+        active = self.registry.list(states=["running", "queued"])
+        positions = {r["id"]: self.registry.queue_position(r["id"]) for r in active if r["state"] == "queued"}
+        queue = render.active_runs_html(active, positions, row["id"] if row else None)
         if row is None:
-            return render.progress_html(None, {}, None, "")
+            return render.progress_html(None, {}, None, "") + queue
         status = RunDir(row["run_dir"]).status() if row["kind"] in KINDS else {}
-        position = self.registry.queue_position(row["id"]) if row["state"] == "queued" else None
-        return render.progress_html(row, status, position, self.pretty(row["message"] or ""))
+        return render.progress_html(row, status, positions.get(row["id"]), self.pretty(row["message"] or ""),
+                                    self.evidence(row)) + queue
+
+    def evidence(self, row: dict) -> tuple[bool | None, str] | None:
+        """(lowered, sentence): whether a done language run's vector lowered its held-out masked-token loss, and
+        ``deftx_engine.report.heldout_line``; None for other runs."""
+        held = self.heldout(row)
+        if not held:
+            return None
+        from deftx_engine.report import heldout_line  # imports torch: only once a language vector is done
+
+        line = heldout_line(held)
+        return (render.heldout_lowered(held), line) if line else None
+
+    def heldout(self, row: dict) -> dict | None:
+        """A done language run's held-out masked-token scores (``heldout_mlm`` in its vector's metadata), read from
+        the vector's JSON config only; None for other runs, older vectors or an unreadable config."""
+        if row["kind"] != "language" or row["state"] != "done" or not row["vector_dir"]:
+            return None
+        path = Path(row["vector_dir"]) / VECTOR_CONFIG
+        try:
+            if path.stat().st_size > MAX_META_BYTES:
+                return None
+            held = json.loads(path.read_text(encoding="utf-8")).get("extra", {}).get("heldout_mlm")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return None
+        return held if isinstance(held, dict) else None
 
     def runs_table(self):
         """The Runs tab's table of every run."""
         rows = self.registry.list()
         positions = {r["id"]: self.registry.queue_position(r["id"]) for r in rows if r["state"] == "queued"}
         shown = [{**r, "vector_dir": self.shown_path(r["vector_dir"] or ""), "message": self.pretty(r["message"] or ""),
+                  "heldout": self.heldout(r),
                   "config": {k: self.shown_path(v) if isinstance(v, str) else v for k, v in r["config"].items()}}
                  for r in rows]
         return render.runs_table(shown, positions)  # no absolute server path in the table
@@ -112,11 +145,14 @@ class Studio(FilePolicy):
                 self._vectors.popitem(last=False)
         return vec
 
-    def composed(self, task_dir: str, language_dir: str | None):
-        """The composed classifier for (task, language), built once and cached (LRU)."""
+    def composed(self, task_dir: str, language_dir: str | None, scale: float = 1.0, merge: str = "sum"):
+        """The composed classifier for (task, language, the language vector's scale, sum or TIES), built once and
+        cached (LRU). TIES merges at its own lambda, so ``scale`` applies to a sum only."""
         from deftx_engine.evaluate import composed_model
 
-        key = (task_dir, language_dir or "")
+        if not language_dir:
+            scale, merge = 1.0, "sum"
+        key = (task_dir, language_dir or "", float(scale), merge)
         torch_threads()
         with self._model_lock:
             if key in self._models:
@@ -129,7 +165,12 @@ class Studio(FilePolicy):
                                      "Base model field filled in")
                 self.check_base_model(vec.meta.base_model, f"the {vec.meta.kind} vector's base model")
             try:
-                model, tok = composed_model(vectors[0], vectors[1:])
+                if merge == "ties":
+                    from deftx_engine.merge import ties_merge
+
+                    model, tok = composed_model(ties_merge(vectors))
+                else:
+                    model, tok = composed_model(vectors[0], vectors[1:], [1.0] + [scale] * len(vectors[1:]))
             except OSError as e:  # a Hub model that cannot be downloaded: one line, no server path
                 raise DeftxError(f"base model {vectors[0].meta.base_model!r} could not be loaded "
                                  f"({type(e).__name__}); is the Hugging Face Hub reachable from this server?") from None

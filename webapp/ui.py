@@ -1,4 +1,4 @@
-"""DeFT-X Studio: the Gradio Blocks app (tabs Data, Train, Runs, Analyze, Predict, Hub).
+"""DeFT-X Studio: the Gradio Blocks app (tabs Start, Data, Train, Runs, Analyze, Predict, Hub).
 
 A thin layer over the engine's public API. Training runs are CLI processes (``python -m deftx_engine.cli
 train-language|train-task``) queued in the job registry (``webapp.jobs``); the app only reads their run
@@ -15,11 +15,12 @@ import gradio as gr
 
 from .components import UI
 from .state import Studio
-from .tabs import analyze, data, hub, predict, runs, train
+from .tabs import analyze, data, hub, predict, runs, start, train
 from .tabs.data import CHECK_INPUTS, validate_data
 from .tabs.pickers import PICKER_INPUTS, vector_lists
 
-TABS = (("Data", data), ("Train", train), ("Runs", runs), ("Analyze", analyze), ("Predict", predict), ("Hub", hub))
+TABS = (("Start", start), ("Data", data), ("Train", train), ("Runs", runs), ("Analyze", analyze), ("Predict", predict),
+        ("Hub", hub))
 HEADER = ("<div class='dx-header'><h1>DeFT-X Studio</h1><p>Zero-shot cross-lingual transfer with composable, "
           "SVD-denoised sparse fine-tunings: train a <b>language</b> SFT on unlabelled target-language text and a "
           "<b>task</b> SFT on labelled source-language data, then add both to the base model.</p></div>")
@@ -30,11 +31,13 @@ def build_app(studio: Studio) -> gr.Blocks:
     ui = UI(studio)
     with gr.Blocks(title="DeFT-X Studio", fill_width=False) as demo:
         gr.HTML(HEADER, js_on_load=None)
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             for title, module in TABS:
                 with gr.Tab(title, id=module.__name__.rsplit(".", 1)[-1]) as tab:
                     module.layout(ui)
                 ui.add(tab.id, tab=tab)
+        # the guided demo opens Predict; its timer is outside the tabs, which Gradio mounts only once opened
+        ui.add("app", tabs=tabs, timer=gr.Timer(2.0))
         for _, module in TABS:
             module.wire(ui)
         loaded = ui.on(demo.load, runs.page_loaded, api_visibility="private")

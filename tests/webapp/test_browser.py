@@ -112,7 +112,8 @@ def test_demo_training_then_prediction(driver, app):
     d = driver
     d.get(app.local_url)
     wait(d, lambda d: "DeFT-X Studio" in d.title, what="page title")
-    wait(d, lambda d: "400 lines" in d.page_source, what="the example corpus preview")  # Data tab on load
+    tab(d, "Data")  # the page opens on Start (the guided demo); this test goes through the tabs
+    wait(d, lambda d: "400 lines" in d.page_source, what="the example corpus preview")  # checked on load
 
     tab(d, "Train")
     d.find_element(By.XPATH, "//*[@id='dx-kind']//label[contains(., 'Task SFT')]").click()
@@ -145,6 +146,34 @@ def test_demo_training_then_prediction(driver, app):
     assert "%" in status and any(label in status for label in ("negative", "neutral", "positive"))
     time.sleep(1)
     d.save_screenshot(str(ARTIFACTS / "webapp_browser.png"))
+
+
+def test_guided_demo_run(driver, app):
+    """Run the demo from the Start tab: both runs' steps show as they progress, then Predict opens with the
+    two vectors chosen and the example file scored beside the task vector alone."""
+    from selenium.webdriver.common.by import By
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    d = driver
+    d.get(app.local_url)
+    wait(d, lambda d: d.find_element(By.ID, "dx-demo").is_displayed(), what="the Run the demo button")
+    d.find_element(By.ID, "dx-demo").click()
+    wait(d, lambda d: "queued" in text_of(d, "#dx-demo-status"), what="the demo to be queued")
+    wait(d, lambda d: "●" in text_of(d, "#dx-demo-steps"), timeout=90, what="a step in progress")
+    steps = text_of(d, "#dx-demo-steps")
+    assert "Language SFT" in steps and "Task SFT" in steps and "phase 2" in steps
+    d.save_screenshot(str(ARTIFACTS / "webapp_guided_running.png"))
+    status = wait(d, lambda d: "task only" in text_of(d, "#dx-predict-file-status") and
+                  text_of(d, "#dx-predict-file-status"), timeout=420, what="the example file scored in Predict")
+    assert "with the language vector: macro-F1" in status and "difference" in status
+    assert d.find_element(By.ID, "dx-predict-file-status").is_displayed()  # Predict is the open tab
+    assert "demo-en-task" in d.find_element(By.CSS_SELECTOR, "#dx-task-vector input").get_attribute("value")
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", d.find_element(By.ID, "dx-predict-file-status"))
+    time.sleep(1)
+    d.save_screenshot(str(ARTIFACTS / "webapp_guided_scored.png"))
+    tab(d, "Start")
+    wait(d, lambda d: "held-out masked-token loss" in text_of(d, "#dx-demo-steps"), what="the held-out evidence")
+    d.save_screenshot(str(ARTIFACTS / "webapp_guided_steps.png"))
 
 
 @pytest.fixture

@@ -281,7 +281,8 @@ def test_push_with_model_card_and_metrics(client, trained, monkeypatch):
     assert committed["token"] == "hf_abcdefghijklmnop"
     assert set(committed) >= {"sft_config.json", "sft_model.safetensors", "README.md"}
     card = committed["README.md"]
-    assert "## Metrics" in card and "target_eval_id.csv (task + language vector)" in card and "macro_f1" in card
+    assert "## Metrics" in card and "macro_f1" in card and "task_only_macro_f1" in card
+    assert "target_eval_id.csv (task + language vector, sum, scale 1)" in card
 
     with mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=OSError("403 for hf_abcdefghijklmnop")):
         msg, token_field = client.predict(task, "someone/deftx-task", False, "hf_abcdefghijklmnop", api_name="/push")

@@ -13,17 +13,21 @@ from pathlib import Path
 
 import gradio as gr
 
+from deftx_engine.constants import MERGES
 from deftx_engine.data import load_task_data
 from deftx_engine.errors import DeftxError
 from deftx_engine.fileio import atomic_open
 
 from .. import DATA_SUFFIXES, EXAMPLE
 from ..components import FIELD_LABELS, UI, Updates, handler
-from ..render import ok
+from ..render import cut, ok
 from ..render import text as shown_text
 from ..settings import max_lines, max_score_seconds, max_text_chars
 from ..state import Studio
 from .pickers import refresh_on_open
+from .train import number
+
+MAX_SCALE = 4.0  # a language vector scaled further is no longer a composition anyone means
 
 
 def layout(ui: UI) -> None:
@@ -31,6 +35,11 @@ def layout(ui: UI) -> None:
         task = gr.Dropdown([], label="Task vector", scale=1, allow_custom_value=True, elem_id="dx-task-vector")
         lang = gr.Dropdown([("none", "")], value="", label="Language vector", scale=1, allow_custom_value=True,
                            info="θ = θ0 + φ_task + φ_language")
+    with gr.Row():
+        scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Language vector scale", scale=2,
+                          info="θ0 + φ_task + scale · φ_language (sum only; 0 = task vector alone)")
+        merge = gr.Radio([("sum", "sum"), ("TIES", "ties")], value="sum", label="Merge", scale=1,
+                         info="TIES: trim each vector, elect signs, average agreeing entries")
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             text = gr.Textbox(label="Text", lines=3, placeholder="Makanannya enak sekali!", elem_id="dx-text")
@@ -53,20 +62,34 @@ def layout(ui: UI) -> None:
                 batch = gr.Button("Predict every row → CSV")
                 score = gr.Button("Score a labelled file", variant="primary")
                 stop = gr.Button("Stop", variant="stop", scale=0, min_width=80)
-            file_status = gr.Markdown(elem_classes="dx-status")
+            file_status = gr.Markdown(elem_classes="dx-status", elem_id="dx-predict-file-status")
             csv_file = gr.File(label="Predictions (CSV)", interactive=False, visible=False)
         with gr.Column(scale=1):
             confusion = gr.Plot(label="Confusion matrix", show_label=False)
     ui.add("predict", task=task, lang=lang, text=text, pair=pair, button=button, status=status, plot=plot,
            file=file, spec=spec, batch=batch, score=score, stop=stop, file_status=file_status, csv=csv_file,
-           confusion=confusion, textcol=textcol, paircol=paircol, labelcol=labelcol,
+           confusion=confusion, scale=scale, merge=merge, textcol=textcol, paircol=paircol, labelcol=labelcol,
            lang_touched=gr.State(False))  # the user picked a language vector (or none)
 
 
-def composed(studio: Studio, task_run: str | None, language_run: str | None):
-    """((model, tokenizer, label names), cached) for the chosen vectors."""
+def composed(studio: Studio, task_run: str | None, language_run: str | None, scale=1.0, merge="sum"):
+    """((model, tokenizer, label names), cached) for the chosen vectors, the language vector's scale and the
+    merge (sum or TIES)."""
+    if merge not in MERGES:
+        raise DeftxError(f"merge must be one of {', '.join(MERGES)}, got {cut(merge, 40)!r}")
+    scale = number(scale, "language vector scale", minimum=0.0, default=1.0)
+    if scale > MAX_SCALE:
+        raise DeftxError(f"the language vector scale must be at most {MAX_SCALE:g}, got {scale:g}")
     return studio.composed(studio.run_vector_dir(task_run, "task vector"),
-                           studio.run_vector_dir(language_run, "language vector") if language_run else None)
+                           studio.run_vector_dir(language_run, "language vector") if language_run else None,
+                           scale, merge)
+
+
+def composition(language_run: str | None, scale: float, merge: str) -> str:
+    """How the vectors were combined, in words (the key of a recorded evaluation)."""
+    if not language_run:
+        return "task vector alone"
+    return "task + language vector, " + ("TIES" if merge == "ties" else f"sum, scale {float(scale):g}")
 
 
 def check_length(text: str, what: str) -> str:
@@ -117,7 +140,7 @@ def output_path(studio: Studio, shown: str) -> Path:
 
 
 @handler("predict.status", "predict.plot", on_error={"predict.plot": None})  # no stale chart beside an error
-def predict(studio: Studio, task_run, language_run, text, pair) -> Updates:
+def predict(studio: Studio, task_run, language_run, text, pair, scale=1.0, merge="sum") -> Updates:
     """Label probabilities of one text (pair) under θ0 + task (+ language); returns (message, figure)."""
     from deftx_engine.evaluate import predict_proba
     from deftx_engine.plots import probabilities_figure
@@ -127,7 +150,7 @@ def predict(studio: Studio, task_run, language_run, text, pair) -> Updates:
     if not text:
         raise DeftxError("type a text to classify")
     t0 = time.perf_counter()
-    (model, tok, names), cached = composed(studio, task_run, language_run)
+    (model, tok, names), cached = composed(studio, task_run, language_run, scale, merge)
     probs = predict_proba(model, tok, [text], [pair] if pair else None)[0].tolist()
     best = max(range(len(probs)), key=probs.__getitem__)
     ms = (time.perf_counter() - t0) * 1000
@@ -137,14 +160,14 @@ def predict(studio: Studio, task_run, language_run, text, pair) -> Updates:
 
 
 @handler("predict.file_status", "predict.csv", on_error={"predict.csv": gr.update(value=None, visible=False)})
-def predict_file(studio: Studio, task_run, language_run, file, spec, text_column, pair_column, label_column="label",
-                 request: gr.Request | None = None) -> Updates:
+def predict_file(studio: Studio, task_run, language_run, file, spec, text_column, pair_column, scale=1.0,
+                 merge="sum", label_column="label", request: gr.Request | None = None) -> Updates:
     """Predict every row of a file (at most DEFTX_MAX_LINES rows, stopped by Stop or after
     DEFTX_MAX_SCORE_SECONDS); returns (message, CSV path). The CSV has the file's gold label when it has one."""
     from deftx_engine.evaluate import predict_proba, prediction_inputs, write_predictions
 
     source, shown = studio.resolve_source(file, spec)
-    (model, tok, names), _ = composed(studio, task_run, language_run)
+    (model, tok, names), _ = composed(studio, task_run, language_run, scale, merge)
     texts, pairs, gold = prediction_inputs(source, (text_column or "").strip() or None,
                                            (pair_column or "").strip() or None,
                                            (label_column or "").strip() or "label", max_rows=max_lines())
@@ -160,26 +183,38 @@ def predict_file(studio: Studio, task_run, language_run, file, spec, text_column
 
 @handler("predict.file_status", "predict.confusion", on_error={"predict.confusion": None})
 def evaluate_file(studio: Studio, task_run, language_run, file, spec, text_column, pair_column,
-                  label_column, request: gr.Request | None = None) -> Updates:
-    """Macro-F1, accuracy and confusion matrix on a labelled file; returns (message, figure)."""
+                  label_column, scale=1.0, merge="sum", request: gr.Request | None = None) -> Updates:
+    """Macro-F1, accuracy and confusion matrix on a labelled file; returns (message, figure). With a language
+    vector the task vector alone is scored too, and both are shown side by side with their difference, so a
+    language vector that costs accuracy shows as costing it."""
     from deftx_engine.evaluate import evaluate_task_data
     from deftx_engine.plots import confusion_figure
 
     source, shown = studio.resolve_source(file, spec)
-    (model, tok, names), _ = composed(studio, task_run, language_run)
+    (model, tok, names), _ = composed(studio, task_run, language_run, scale, merge)
     td = load_task_data(source, text_column=(text_column or "").strip() or None,
                         pair_column=(pair_column or "").strip() or None,
                         label_column=(label_column or "").strip() or "label", label_names=names, max_rows=max_lines())
+    alone = None
     with scoring(studio, request) as stop:
         m = evaluate_task_data(model, tok, td, stop=stop)
-    key = Path(shown).name + (" (task + language vector)" if language_run else " (task vector alone)")
+        if language_run:
+            (model0, tok0, _), _ = composed(studio, task_run, None)
+            alone = evaluate_task_data(model0, tok0, td, stop=stop)
+    name = Path(shown).name
     summary = {"macro_f1": round(m["macro_f1"], 4), "accuracy": round(m["accuracy"], 4), "n": m["n"]}
-    for rid in filter(None, (task_run, language_run)):  # shown in the model card when pushed
-        studio.registry.add_metrics(rid, key, summary)
+    if alone:  # recorded with its composition, beside the task vector's own score (shown in the model cards)
+        summary.update(merge=merge, language_scale=float(scale) if merge == "sum" else None,
+                       task_only_macro_f1=round(alone["macro_f1"], 4),
+                       difference=round(m["macro_f1"] - alone["macro_f1"], 4))
+        studio.registry.add_metrics(task_run, f"{name} (task vector alone)", {
+            "macro_f1": round(alone["macro_f1"], 4), "accuracy": round(alone["accuracy"], 4), "n": alone["n"]})
+    for rid in filter(None, (task_run, language_run)):
+        studio.registry.add_metrics(rid, f"{name} ({composition(language_run, scale, merge)})", summary)
     f1 = per_label_f1(m)
-    return {"predict.file_status": ok(f"**{shown_text(shown)}** ({m['n']:,} examples): macro-F1 "
-                                      f"**{m['macro_f1']:.3f}**, accuracy **{m['accuracy']:.3f}** · "
-                                      f"F1 per label: {f1}"),
+    head = (f"**{shown_text(shown)}** ({m['n']:,} examples), {composition(language_run, scale, merge)}: macro-F1 "
+            f"**{m['macro_f1']:.3f}**, accuracy **{m['accuracy']:.3f}**")
+    return {"predict.file_status": ok(head) + (side_by_side(m, alone) if alone else "") + f" · F1 per label: {f1}",
             "predict.confusion": confusion_figure(m)}
 
 
@@ -193,18 +228,41 @@ def per_label_f1(m: dict) -> str:
     return f"{cells} (macro-F1 over {', '.join(shown_text(k) for k in covered)}: the labels in this file or predicted)"
 
 
+def side_by_side(m: dict, alone: dict) -> str:
+    """The composed model's macro-F1 next to the task vector's alone, and what the language vector adds or costs."""
+    diff = m["macro_f1"] - alone["macro_f1"]
+    if diff > 0:
+        verdict = f"<span class='dx-ok'>▲ the language vector adds {diff:.3f} macro-F1</span>"
+    elif diff < 0:
+        verdict = f"<span class='dx-err'>▼ the language vector COSTS {-diff:.3f} macro-F1: it hurts here</span>"
+    else:
+        verdict = "the language vector changes nothing here"
+    return (f"<br>with the language vector: macro-F1 **{m['macro_f1']:.3f}**; task only: "
+            f"**{alone['macro_f1']:.3f}**; difference **{diff:+.3f}** — {verdict}")
+
+
+@handler("predict.scale", status=None)
+def merge_changed(studio: Studio, merge) -> Updates:
+    """TIES merges at its own lambda: the scale slider applies to a sum only."""
+    return {"predict.scale": gr.update(interactive=merge != "ties")}
+
+
 @handler("predict.lang_touched", status=None)
 def language_touched(studio: Studio) -> Updates:
     return {"predict.lang_touched": True}
 
 
 def wire(ui: UI) -> None:
-    one = ["predict.task", "predict.lang", "predict.text", "predict.pair"]
+    one = ["predict.task", "predict.lang", "predict.text", "predict.pair", "predict.scale", "predict.merge"]
     ui.on(ui["predict.button"].click, predict, one, api_name="predict")
     ui.on(ui["predict.text"].submit, predict, one, api_visibility="private")
     whole = ["predict.task", "predict.lang", "predict.file", "predict.spec", "predict.textcol", "predict.paircol"]
-    batch = ui.on(ui["predict.batch"].click, predict_file, whole + ["predict.labelcol"], api_name="predict_file")
-    score = ui.on(ui["predict.score"].click, evaluate_file, whole + ["predict.labelcol"], api_name="evaluate")
+    combine = ["predict.scale", "predict.merge"]
+    batch = ui.on(ui["predict.batch"].click, predict_file, whole + combine + ["predict.labelcol"],
+                  api_name="predict_file")
+    score = ui.on(ui["predict.score"].click, evaluate_file, whole + ["predict.labelcol"] + combine,
+                  api_name="evaluate")
+    ui.on(ui["predict.merge"].change, merge_changed, ["predict.merge"], api_visibility="private")
     ui.on(ui["predict.stop"].click, stop_scoring, api_name="stop_scoring", cancels=[batch, score], queue=False)
     ui.on(ui["predict.lang"].input, language_touched, api_visibility="private")
     refresh_on_open(ui, "predict")

@@ -26,8 +26,8 @@ def layout(ui: UI) -> None:
         refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
     # name, kind, state, progress, vector and message fit the page; the rest scrolls sideways
     table = gr.Dataframe(ui.studio.runs_table(), interactive=False, wrap=True, max_height=560, elem_id="dx-runs",
-                         column_widths=["165px", "160px", "95px", "95px", "250px", "300px", "95px", "130px", "95px",
-                                        "340px"])
+                         column_widths=["165px", "160px", "95px", "95px", "250px", "300px", "95px", "230px", "130px",
+                                        "95px", "340px"])
     with gr.Row(equal_height=False):
         pick = gr.Dropdown([], label="Run to delete", scale=3, allow_custom_value=True, elem_id="dx-delete-pick")
         delete = gr.Button("Delete run…", variant="stop", scale=0, min_width=160, elem_id="dx-delete")
@@ -60,12 +60,13 @@ def status_of(studio: Studio, run_id, sig) -> Updates:
         lsize = rd.log_file.stat().st_size
     except OSError:
         lsize = 0
+    others = [(r["id"], r["state"], r["step"]) for r in studio.registry.list(states=["running", "queued"])]
     new_sig = json.dumps([run_id, row["state"], row["step"], row["message"], st.get("updated"), msize, lsize,
-                          int(time.time() // 10) if row["state"] in ("running", "queued") else 0])
+                          int(time.time() // 10) if row["state"] in ("running", "queued") else 0, others])
     if new_sig == sig:
         return {}
     out = {}
-    old = json.loads(sig) if sig and sig.startswith("[") else [None] * 7
+    old = json.loads(sig) if sig and sig.startswith("[") else [None] * 8
     if old[0] != run_id or old[5] != msize:
         from deftx_engine.plots import loss_figure
 
@@ -79,7 +80,7 @@ def status_of(studio: Studio, run_id, sig) -> Updates:
                "total_steps": st.get("total_steps", row["total_steps"]), "loss": st.get("loss"),
                "eta_seconds": st.get("eta_seconds"), "message": studio.pretty(row["message"] or ""),
                "vector": studio.shown_path(row["vector_dir"]) if row["state"] == "done" else None,
-               "queue_position": studio.registry.queue_position(row["id"])}
+               "queue_position": studio.registry.queue_position(row["id"]), "heldout_mlm": studio.heldout(row)}
     return {**out, "train.progress": studio.progress(row), "train.log": studio.pretty(log_text),
             "train.details": details, "runs.watch_sig": new_sig}
 
@@ -104,15 +105,19 @@ def list_runs(studio: Studio) -> Updates:
 
 @handler(*STATUS_OUTPUTS, "runs.table", "train.watch", "runs.runs_sig", "train.status", status=None)
 def poll(studio: Studio, run_id, sig, rsig, started=None) -> Updates:
-    """Timer tick: the shown run's progress and, when the set of runs changed, the tables/lists."""
+    """Timer tick: the shown run's progress and, when the set of runs changed, the tables/lists. When the shown
+    run ends while others run or wait, the panel follows the next one (the one running, else the first queued)."""
+    follow = next_active(studio) if ended(studio, run_id, sig) else None
+    if follow:
+        run_id, sig = follow, ""
     out = status_of(studio, run_id, sig)
     rows = studio.registry.list()
     new_rsig = json.dumps([(r["id"], r["state"], r["step"], r["message"]) for r in rows])
-    if new_rsig == rsig:
+    if new_rsig == rsig and not follow:
         return out
     watch = gr.update(choices=run_choices(rows))
-    if not run_id and rows:
-        watch = gr.update(choices=run_choices(rows), value=rows[0]["id"])
+    if (follow or not run_id) and rows:
+        watch = gr.update(choices=run_choices(rows), value=run_id or rows[0]["id"])
     outcome = started_outcome(studio, rows, started, rsig)  # the Train tab's "Run … started" does not outlive the run
     return {**out, "runs.table": studio.runs_table(), "train.watch": watch, "runs.runs_sig": new_rsig,
             **({"train.status": outcome} if outcome else {})}
@@ -179,12 +184,30 @@ def runs_opened(studio: Studio, current) -> Updates:
             "runs.pick": gr.update(choices=run_choices(rows), value=current if current in ids else None)}
 
 
+def ended(studio: Studio, run_id: str | None, sig: str | None) -> bool:
+    """The shown run was running or queued at the last tick and is not any more."""
+    try:
+        was = json.loads(sig)[1] if sig and sig.startswith("[") else None
+    except (ValueError, IndexError):
+        return False
+    row = studio.registry.get(run_id) if run_id else None
+    return was in ("running", "queued") and row is not None and row["state"] not in ("running", "queued")
+
+
+def next_active(studio: Studio) -> str | None:
+    """The run the panel shows next: the one running, else the first in the queue."""
+    active = studio.registry.list(states=["running", "queued"])
+    running = [r for r in active if r["state"] == "running"]
+    queued = sorted((r for r in active if r["state"] == "queued"),
+                    key=lambda r: studio.registry.queue_position(r["id"]) or 0)
+    return (running or queued or [{"id": None}])[0]["id"]
+
+
 @handler("train.watch", "runs.table", status=None)
 def page_loaded(studio: Studio) -> Updates:
     """A new page shows the running (or queued, or newest) run and every run."""
     rows = studio.registry.list()
-    active = [r for r in rows if r["state"] in ("running", "queued")]
-    value = active[0]["id"] if active else (rows[0]["id"] if rows else None)
+    value = next_active(studio) or (rows[0]["id"] if rows else None)
     return {"train.watch": gr.update(choices=run_choices(rows), value=value), "runs.table": studio.runs_table()}
 
 

@@ -27,7 +27,7 @@ from ..settings import default_model, max_lines, max_queue, max_steps
 from ..state import Studio
 from .train_checks import check_hardware, language_for_data, require_language, unique_name
 
-BASE_MODELS = ["minilm", "FacebookAI/xlm-roberta-base", "FacebookAI/xlm-roberta-large"]
+BASE_MODELS = ["multilingual-e5-small", "minilm", "FacebookAI/xlm-roberta-base", "FacebookAI/xlm-roberta-large"]
 PRESETS = list(engine_presets.PRESETS)  # cpu-demo, paper-xlmr-base
 CUSTOM = "custom"
 METHOD_LABELS = {"deftx": "DeFT-X (SVD-denoised)", "lt-sft": "LT-SFT (no denoising)"}
@@ -41,7 +41,7 @@ PRESET_FIELDS = ["base", "method", "policy", "energy", "rank", "rho", "k", "full
 START_INPUTS = ["train.kind", "train.base", "train.data", "train.lang", "train.name", "train.method", "train.policy",
                 "train.energy", "train.rank", "train.rho", "train.k", "train.full", "train.sparse", "train.epochs",
                 "train.lr", "train.bs", "train.maxlen", "train.seed", "train.textcol", "train.paircol",
-                "train.labelcol", "train.preset", "train.k_exact"]
+                "train.labelcol", "train.preset", "train.k_exact", "train.srclang"]
 
 
 def layout(ui: UI) -> None:
@@ -56,12 +56,16 @@ def layout(ui: UI) -> None:
                                 label="Kind", scale=1, elem_id="dx-kind")
             base = gr.Dropdown(list(dict.fromkeys([model0] + BASE_MODELS)), value=model0,
                                allow_custom_value=True, label=FIELD_LABELS["base_model"],
-                               info="minilm works offline; or any Hub id / local model folder")
+                               info="multilingual-e5-small and minilm (English only) work offline; or any Hub id / "
+                                    "local model folder")
             with gr.Row():
                 data = gr.Textbox(str(EXAMPLE["corpus"]), label=FIELD_LABELS["data"], scale=3, elem_id="dx-data",
                                   info="set from the Data tab (or type a path / hub: spec)")
                 lang = gr.Textbox(EXAMPLE_LANG["language"], label=FIELD_LABELS["language"], scale=1,
                                   info="the data's language, stored in the vector (from the file name)")
+            srclang = gr.Dropdown([("none", "")], value="", label="Source-language vector", visible=False,
+                                  info="optional: train the task SFT on top of θ0 + a language vector of the task "
+                                       "data's language (LT-SFT's protocol); same base model only")
             name = gr.Textbox("", label="Run name (optional)", placeholder="e.g. id-language-demo")
             method = gr.Radio(METHODS, value="deftx", label="Method")
             with gr.Group(visible=True) as denoise:
@@ -110,14 +114,14 @@ def layout(ui: UI) -> None:
            epochs=epochs, lr=lr, bs=bs, maxlen=maxlen, seed=seed, textcol=textcol, paircol=paircol,
            labelcol=labelcol, start=start, cancel=cancel, resume=resume, status=status, watch=watch,
            progress=progress, loss=loss, log=log, details=details, timer=gr.Timer(2.0),
-           run_id=gr.Textbox(visible=False), status_button=gr.Button(visible=False),
+           run_id=gr.Textbox(visible=False), status_button=gr.Button(visible=False), srclang=srclang,
            k_exact=gr.State(None))  # (shown %, exact count) when a preset's k is a count
 
 
 def preset_values(name: str, kind: str) -> dict[str, Any]:
     """Control values for a preset (explicit engine defaults for what the preset leaves out)."""
     v = {**defaults(), **engine_presets.preset(name, kind)}
-    if v["base_model"] == "minilm":
+    if name == "cpu-demo":  # DEFTX_DEFAULT_MODEL replaces the preset's offline model
         v["base_model"] = default_model()
     return v
 
@@ -146,6 +150,32 @@ def apply_preset(studio: Studio, name, kind, corpus, task) -> Updates:
               v["residual_share"], k_pct, v["full_steps"], v["sparse_steps"], epochs, v["lr"], v["batch_size"],
               v["max_length"], v["seed"]]
     return {**out, **{f"train.{f}": x for f, x in zip(PRESET_FIELDS, values, strict=True)}, "train.k_exact": exact}
+
+
+@handler("train.srclang", status=None)
+def source_choices(studio: Studio, kind, base_model, current) -> Updates:
+    """The Source-language vector picker: shown for task SFTs, offering the language vectors of the chosen base
+    model (a vector of another base cannot be composed with it)."""
+    base = (base_model or "").strip()
+    langs = [r for r in studio.vector_runs("language") if r["config"].get("base_model") == base]
+    ids = [r["id"] for r in langs]
+    return {"train.srclang": gr.update(visible=kind == "task", choices=[("none", "")] + run_choices(langs),
+                                       value=current if current in ids else "")}
+
+
+def source_vector(studio: Studio, run_id: str | None, kind: str, base_model: str) -> str | None:
+    """The vector folder of the chosen source-language run, checked: a done language vector of ``base_model``."""
+    if not run_id or kind != "task":
+        return None
+    folder = studio.run_vector_dir(run_id, "source-language vector")
+    row = studio.registry.get(run_id)
+    if row["kind"] != "language":
+        raise DeftxError(f"the source-language vector must be a language vector; {row['name']} is a {row['kind']} one")
+    if row["config"].get("base_model") != base_model:
+        raise DeftxError(f"the source-language vector {row['name']} was trained on "
+                         f"{studio.shown_path(str(row['config'].get('base_model')))}, not on "
+                         f"{studio.shown_path(base_model)}: choose one of the same base model")
+    return folder
 
 
 @handler("train.denoise", status=None)
@@ -190,10 +220,11 @@ def number(value: Any, what: str, *, integer: bool = False, minimum: float | Non
 @handler("train.status", "train.run_id", "train.progress", "train.watch")
 def start_training(studio: Studio, kind, base_model, data, language, name, method, rank_policy, energy, rank,
                    residual_share, k_percent, full_steps, sparse_steps, epochs, lr, batch_size, max_length, seed,
-                   text_column, pair_column, label_column, preset, k_exact_value) -> Updates:
+                   text_column, pair_column, label_column, preset, k_exact_value,
+                   source_language_vector=None) -> Updates:
     """Validate the settings and the data, then queue a CLI training process. Returns
     (message, run id, progress, shown-run dropdown). The job is ``deftx train-<kind> --config`` on the config
-    that the registry row holds too."""
+    that the registry row holds too. ``source_language_vector`` (a run id) is a task SFT's starting point."""
     if kind not in KINDS:
         raise DeftxError("choose the kind of SFT: language or task")
     data = (data or "").strip()
@@ -211,7 +242,7 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
     full_steps = number(full_steps, "phase-1 steps", integer=True, minimum=0, default=0)
     sparse_steps = number(sparse_steps, "phase-2 steps", integer=True, minimum=0, default=0)
     epochs = number(epochs, "epochs per phase", default=1.0)
-    lines_limit, steps_limit = max_lines(), max_steps()
+    lines_limit = max_lines()
     check_hardware(preset)
     values = dict(data=data, base_model=studio.check_base_model(base_model),
                   language=require_language(language, kind), method=method, rank_policy=rank_policy,
@@ -224,6 +255,7 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
                   text_column=(text_column or "").strip() or None,
                   pair_column=(pair_column or "").strip() or None,
                   label_column=(label_column or "").strip() or "label", max_lines=lines_limit)
+    values["source_language_vector"] = source_vector(studio, source_language_vector, kind, values["base_model"])
     if not full_steps or not sparse_steps:
         if epochs <= 0:
             raise DeftxError(f"epochs per phase must be > 0 when the steps are 0, got {epochs:g}")
@@ -235,6 +267,32 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
         p = engine_presets.preset(preset, kind)
         values.update({k_: p[k_] for k_ in ("save_steps", "logging_steps") if k_ in p})
     cfg = TrainConfig(kind=kind, **values)  # ConfigError -> inline message
+    name = bounded(name, "run name", 100) or unique_name(studio, f"{cfg.language}-{kind}-{cfg.method}")
+    run_id = queue_run(studio, cfg, name)
+    row = wait_until_started(studio, run_id)
+    pos = studio.registry.queue_position(run_id)
+    what = "started" if row["state"] == "running" else (f"queued (#{pos})" if pos else "queued")
+    shown = shown_run(studio, row)
+    return {"train.status": ok(f"Run **{shown_text(name)}** {what}. Progress appears on the right."),
+            "train.run_id": run_id, "train.progress": studio.progress(shown),
+            "train.watch": gr.update(choices=run_choices(studio.registry.list()), value=shown["id"])}
+
+
+def shown_run(studio: Studio, row: dict) -> dict:
+    """The run the progress panel shows after ``row`` was queued: the run that is running while ``row`` waits
+    (the panel lists ``row`` below it, and follows it when it starts), else ``row``."""
+    if row["state"] == "queued":
+        running = studio.registry.list(states=["running"])
+        if running:
+            return running[0]
+    return row
+
+
+def queue_run(studio: Studio, cfg: TrainConfig, name: str) -> str:
+    """Check ``cfg`` against this server's limits and its data (line and field), then queue ``deftx train-<kind>
+    --config`` on it; returns the run id."""
+    kind, data, full_steps, sparse_steps = cfg.kind, cfg.data, cfg.full_steps, cfg.sparse_steps
+    lines_limit, steps_limit = max_lines(), max_steps()
     if steps_limit and (full_steps > steps_limit or sparse_steps > steps_limit):
         raise DeftxError(f"at most {steps_limit:,} steps per phase on this server (DEFTX_MAX_STEPS)")
     if steps_limit and (not full_steps or not sparse_steps) and data.startswith("hub:"):
@@ -256,18 +314,11 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
                                  f"server allows at most {steps_limit:,} per phase (DEFTX_MAX_STEPS)")
     argv = [sys.executable, "-m", "deftx_engine.cli", f"train-{kind}", "--config", f"{{run_dir}}/{SUBMITTED_CONFIG}",
             "--output-dir", "{run_dir}"]
-    name = bounded(name, "run name", 100) or unique_name(studio, f"{cfg.language}-{kind}-{cfg.method}")
     try:
-        run_id = studio.registry.submit(name, kind, argv, config=cfg.to_dict(), max_queued=max_queue())
+        return studio.registry.submit(name, kind, argv, config=cfg.to_dict(), max_queued=max_queue())
     except QueueFull as e:
         raise DeftxError(f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again when a run has "
                          "finished, or cancel one of yours") from None
-    row = wait_until_started(studio, run_id)
-    pos = studio.registry.queue_position(run_id)
-    what = "started" if row["state"] == "running" else (f"queued (#{pos})" if pos else "queued")
-    return {"train.status": ok(f"Run **{shown_text(name)}** {what}. Progress appears on the right."),
-            "train.run_id": run_id, "train.progress": studio.progress(row),
-            "train.watch": gr.update(choices=run_choices(studio.registry.list()), value=run_id)}
 
 
 def wait_until_started(studio: Studio, run_id: str) -> dict:
@@ -327,6 +378,8 @@ def wire(ui: UI) -> None:
     ui.on(ui["train.kind"].input, apply_preset, preset_inputs, api_visibility="private")
     ui.on(ui["train.method"].change, method_changed, ["train.method"], api_visibility="private")
     ui.on(ui["train.policy"].change, policy_changed, ["train.policy"], api_visibility="private")
+    for trigger in (ui["train.kind"].change, ui["train.base"].change, ui["train.tab"].select):
+        ui.on(trigger, source_choices, ["train.kind", "train.base", "train.srclang"], api_visibility="private")
     for field in PRESET_FIELDS[1:]:
         ui.on(ui[f"train.{field}"].input, mark_custom, api_visibility="private")
     ui.on(ui["train.data"].change, language_for_data, ["train.data"], api_visibility="private")
