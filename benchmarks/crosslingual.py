@@ -123,7 +123,8 @@ METHODS = {m.name: m for m in (
     Method("deftx-src", "deftx-src", "deftx"),
     Method("lt-sft-src", "lt-sft-src", "lt-sft"),
 )}
-SRC_VARIANTS = {"deftx-src": "deftx", "lt-sft-src": "lt-sft"}  # task trained on theta0 + this source-language vector
+# LT-SFT's protocol (opt-in): the task SFT trains on theta0 + this variant's source-language vector
+SRC_VARIANTS = {"deftx-src": "deftx", "lt-sft-src": "lt-sft"}
 
 
 def variant_overrides(variant: str, fixed_rank: int) -> dict:
@@ -334,7 +335,8 @@ def _captured(path: Path, quiet: bool):
 def run_sft(job: Job, keep_checkpoints: bool, quiet: bool) -> float:
     """Train (or continue) one SFT with the engine; returns its wall time."""
     t = time.perf_counter()
-    with _captured(job.folder / "console.txt", quiet), OtherCpu() as other:
+    # beside the run folder, not in it: the engine claims only folders that hold nothing but its own run
+    with _captured(job.folder.with_name(job.folder.name + ".console.txt"), quiet), OtherCpu() as other:
         train_sft(job.cfg, RunDir(job.folder), resume=True, keep_checkpoints=keep_checkpoints)
     secs = time.perf_counter() - t
     write_json_atomic(job.folder / "bench.json", {"train_seconds": secs, "finished": time.time(),
@@ -702,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), help="target languages")
     p.add_argument("--model", default="minilm", help="base model: 'minilm', a local folder or a Hub id")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (seeds 1..N)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in SRC_VARIANTS],
+                   choices=list(METHODS), help="methods to run (deftx-src, lt-sft-src: opt-in)")
     p.add_argument("--task-steps", type=int, default=40, help="steps per phase of a task SFT (and of full-ft)")
     p.add_argument("--lang-steps", type=int, default=24, help="steps per phase of a language SFT")
     p.add_argument("--batch-size", type=int, default=16, help="training batch size")

@@ -48,10 +48,10 @@ def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "expected time:" in out
     summary = result["summary"]
-    assert list(summary) == list(bench.METHODS)
+    assert list(summary) == [m for m in bench.METHODS if m not in bench.SRC_VARIANTS]  # src methods: opt-in
     # one seed: 5 task variants + full-ft, and 5 language variants for the target
     assert len(result["runs"]) == 6 + 5
-    assert len(result["evaluations"]) == len(bench.METHODS) * 2  # source + target per method
+    assert len(result["evaluations"]) == len(summary) * 2  # source + target per method
     for name, row in summary.items():
         assert row["n_seeds"] == 1
         assert 0 <= row["average"][0] <= 100 and row["average"][1] == 0.0
@@ -84,6 +84,25 @@ def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, capsys):
     assert all(e["cached"] for e in again["evaluations"])
     assert again["summary"]["deftx"]["average"] == summary["deftx"]["average"]
     assert "expected time" not in capsys.readouterr().out  # nothing to do: no calibration
+
+
+@pytest.mark.slow
+def test_source_language_protocol(tmp_path):
+    """deftx-src: a source-language vector first, the task SFT on top of it, the target's vector composed."""
+    bench = load_bench()
+    model = make_tiny_model_dir(tmp_path / "tiny")
+    data = write_nusax(tmp_path / "nusax")
+    result = bench.main(["--data", str(data), "--model", str(model), "--targets", "javanese", "--seeds", "1",
+                         "--methods", "task-only", "deftx-src", "--task-steps", "2", "--lang-steps", "2",
+                         "--batch-size", "4", "--max-length", "24", "--no-calibrate",
+                         "--work-dir", str(tmp_path / "work")])
+    runs = {(r["kind"], r["variant"], r["target"]): r for r in result["runs"]}
+    assert set(runs) == {("task", "deftx", None), ("language", "deftx", "indonesian"), ("task", "deftx-src", None),
+                         ("language", "deftx", "javanese")}
+    src_task = json.loads((Path(runs[("task", "deftx-src", None)]["folder"]) / "run.json").read_text())
+    assert src_task["source_language_vector"] == str(Path(runs[("language", "deftx", "indonesian")]["folder"])
+                                                     / "vector")
+    assert 0 <= result["summary"]["deftx-src"]["average"][0] <= 100
 
 
 def test_missing_language_is_a_clear_error(tmp_path):
