@@ -41,6 +41,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         for _, module in TABS:
             module.wire(ui)
         loaded = ui.on(demo.load, runs.page_loaded, api_visibility="private")
+        ui.on(demo.load, start.demo_reloaded, api_visibility="private")
         checked = ui.on(loaded.then, validate_data, CHECK_INPUTS, api_visibility="private")
         ui.on(checked.then, vector_lists, PICKER_INPUTS, api_visibility="private")
     demo.queue(default_concurrency_limit=4)

@@ -55,6 +55,16 @@ def test_progress_panel_shows_the_running_run_and_the_queue_and_follows_it(studi
     assert "running" in followed["train.progress"] and "second-run" in followed["train.progress"]
 
 
+def test_a_reloaded_page_follows_the_demo_and_a_second_demo_is_refused(studio):
+    from webapp.tabs import start
+
+    assert start.demo_reloaded(studio) == {}
+    ids = {kind: sleeper(studio, start.NAMES[kind]) for kind in ("language", "task")}
+    assert start.demo_reloaded(studio)["start.demo"] == ids
+    assert "already under way" in start.run_demo(studio)["start.status"]
+    assert len(studio.registry.list()) == 2  # nothing more queued
+
+
 def test_evidence_and_side_by_side_say_when_a_language_vector_hurts():
     from webapp.render import evidence_html, heldout_short
     from webapp.tabs.predict import side_by_side

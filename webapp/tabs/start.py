@@ -11,6 +11,7 @@ import gradio as gr
 
 from deftx_engine.config import resolve
 from deftx_engine.constants import KINDS
+from deftx_engine.errors import DeftxError
 from deftx_engine.runs import RunDir
 
 from .. import EXAMPLE, EXAMPLE_LANG
@@ -34,6 +35,7 @@ STEPS = {"language": [("head-fit", "fit the MLM head (once per base model; cache
 TITLES = {"language": "Language SFT on Indonesian text (target_corpus_id.txt, unlabelled)",
           "task": "Task SFT on English sentiment data (source_task_en.csv, labelled)"}
 ORDER = ["head-fit", "full", "denoise", "sparse", "save", "done"]
+NAMES = {kind: f"demo-{EXAMPLE_LANG[kind]}-{kind}" for kind in KINDS}  # the demo's runs, as the registry names them
 
 
 def layout(ui: UI) -> None:
@@ -49,6 +51,9 @@ def layout(ui: UI) -> None:
 def run_demo(studio: Studio) -> Updates:
     """Queue the demo's language SFT and task SFT (cpu-demo preset, default base model, example files); returns
     (message, steps, the demo's run ids, the Train tab's shown run)."""
+    if current_demo(studio):
+        raise DeftxError("the demo is already under way: its steps are below (cancel its runs in the Train tab to "
+                         "start again)")
     base = studio.check_base_model(default_model())
     ids: dict[str, str] = {}
     try:
@@ -56,7 +61,7 @@ def run_demo(studio: Studio) -> Updates:
             cfg = resolve(kind, preset_name="cpu-demo", values={"data": str(EXAMPLE[role]), "base_model": base,
                                                                 "language": EXAMPLE_LANG[kind],
                                                                 "max_lines": max_lines()})
-            ids[kind] = queue_run(studio, cfg, f"demo-{EXAMPLE_LANG[kind]}-{kind}")
+            ids[kind] = queue_run(studio, cfg, NAMES[kind])
     except Exception:
         for run_id in ids.values():  # never half a demo: the language run alone would only cost time
             studio.registry.cancel(run_id)
@@ -66,6 +71,25 @@ def run_demo(studio: Studio) -> Updates:
                                "when both are done."),
             "start.steps": steps_html(studio, ids), "start.demo": ids,
             "train.watch": gr.update(choices=run_choices(rows), value=ids["language"])}
+
+
+def current_demo(studio: Studio) -> dict[str, str] | None:
+    """The run ids of a demo under way (the newest demo runs, one of them running or queued), else None."""
+    rows = studio.registry.list()
+    newest = {kind: next((r for r in rows if r["name"] == NAMES[kind]), None) for kind in KINDS}
+    if all(newest.values()) and any(r["state"] in ("running", "queued") for r in newest.values()):
+        return {kind: r["id"] for kind, r in newest.items()}
+    return None
+
+
+@handler("start.demo", "start.steps", "start.status", status=None)
+def demo_reloaded(studio: Studio) -> Updates:
+    """A page opened (or reloaded) while the demo runs follows it, as the page that started it does."""
+    ids = current_demo(studio)
+    if not ids:
+        return {}
+    return {"start.demo": ids, "start.steps": steps_html(studio, ids),
+            "start.status": ok("The demo is under way: Predict opens when both runs are done.")}
 
 
 @handler("start.steps", "start.demo", "start.status", "app.tabs", "predict.task", "predict.lang",
