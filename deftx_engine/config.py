@@ -57,6 +57,14 @@ class DenoiseConfig:
         return asdict(self)
 
 
+MAX_STEPS = 10 ** 9  # per phase: beyond any real run, and within SQLite's and Trainer's integers
+MAX_COUNT = 10 ** 12  # entries of a k given as a count
+_INT_RANGES = {"full_steps": (0, MAX_STEPS), "sparse_steps": (0, MAX_STEPS), "save_steps": (0, MAX_STEPS),
+               "logging_steps": (0, MAX_STEPS), "batch_size": (1, 1 << 20), "grad_accum": (1, 1 << 20),
+               "max_length": (1, 1 << 20), "seed": (0, 2 ** 32 - 1), "rank": (0, 1 << 30),
+               "max_lines": (1, MAX_COUNT), "max_bytes": (1, 1 << 50)}
+
+
 @dataclass
 class TrainConfig:
     """One SFT. Defaults are the paper's where it gives them, and small enough for a CPU otherwise."""
@@ -122,6 +130,25 @@ class TrainConfig:
         "(masked-token loss and top-1)"))
 
     def __post_init__(self) -> None:
+        # the one boundary every entry point passes (CLI, --config files, the app, Python): a value that gets
+        # through here cannot fail later in a job, the scheduler's SQLite row or the Trainer
+        for name, (low, high) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if value is None and name == "max_lines":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a whole number from {low:,} to {high:,}, got {value!r}", field=name)
+        for name in ("lr", "full_epochs", "sparse_epochs", "energy", "residual_share", "weight_decay", "warmup_steps",
+                     "mlm_probability", "heldout_share"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}", field=name)
+        if self.lr > 1 or max(self.full_epochs, self.sparse_epochs) > 10_000:
+            raise ConfigError(f"lr must be <= 1 and epochs <= 10,000, got lr {self.lr}, epochs {self.full_epochs} / "
+                              f"{self.sparse_epochs}", field="lr" if self.lr > 1 else "full_epochs")
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"mlm_probability must be between 0 and 1, got {self.mlm_probability}",
+                              field="mlm_probability")
         if self.kind not in KINDS:
             raise ConfigError(f"kind must be {' or '.join(map(repr, KINDS))}, got {self.kind!r}", field="kind")
         if self.method not in METHODS:
@@ -143,8 +170,10 @@ class TrainConfig:
                               field="mlm_layer")
         if self.k is None:
             self.k = DEFAULT_K[self.kind]
-        if self.k <= 0:
-            raise ConfigError(f"k must be > 0, got {self.k}", field="k")
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not math.isfinite(self.k) or \
+                self.k <= 0 or (self.k >= 1 and (self.k != int(self.k) or self.k > MAX_COUNT)):
+            raise ConfigError(f"k must be a share of the maskable parameters (0 < k < 1) or a whole count up to "
+                              f"{MAX_COUNT:,}, got {self.k!r}", field="k")
         self.denoise_config()  # validates rank policy, energy, rank, residual share
 
     def denoise_config(self) -> DenoiseConfig:
@@ -162,11 +191,15 @@ class TrainConfig:
         phase 2 is 0 without a sparse phase."""
         per_epoch = self.steps_per_epoch(n_examples, world)
 
-        def steps(given: int, epochs: float) -> int:
-            return given if given > 0 else max(1, math.ceil(per_epoch * epochs))
+        def steps(given: int, epochs: float, name: str) -> int:
+            n = given if given > 0 else max(1, math.ceil(per_epoch * epochs))
+            if n > MAX_STEPS:
+                raise ConfigError(f"{name} x {n_examples:,} examples makes {n:,} steps, more than {MAX_STEPS:,}",
+                                  field=name)
+            return n
 
-        return (steps(self.full_steps, self.full_epochs),
-                steps(self.sparse_steps, self.sparse_epochs) if self.sparse_phase else 0)
+        return (steps(self.full_steps, self.full_epochs, "full_epochs"),
+                steps(self.sparse_steps, self.sparse_epochs, "sparse_epochs") if self.sparse_phase else 0)
 
 
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TrainConfig)}

@@ -99,3 +99,21 @@ def test_errors_render_a_setting_in_each_front_ends_words():
     rendered = e.render(lambda f: f"the {f.upper()}", "set")
     assert rendered == "t.csv has no column 'x'. Set the TEXT_COLUMN (and the PAIR_COLUMN)."
     assert str(ConfigError("plain")) == "plain" and ConfigError("plain").field is None
+
+
+@pytest.mark.parametrize("field, value", [
+    ("full_steps", 10 ** 30), ("full_steps", 2.5), ("sparse_steps", -1), ("seed", 2 ** 40), ("seed", -1),
+    ("seed", 1e20), ("k", float("nan")), ("k", float("inf")), ("k", 1.5), ("k", True), ("lr", float("inf")),
+    ("lr", 5.0), ("full_epochs", 1e30), ("batch_size", 0), ("mlm_probability", 1.0)])
+def test_every_number_is_checked_at_the_one_boundary(field, value):
+    """A value that passes TrainConfig cannot fail later (job, SQLite row, Trainer): the field is named."""
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(kind="task", data="x.csv", **{field: value})
+    assert e.value.field == field
+
+
+def test_epochs_times_examples_beyond_the_step_limit_is_refused():
+    cfg = TrainConfig(kind="task", data="x.csv", full_epochs=10_000, batch_size=1)
+    with pytest.raises(ConfigError, match="more than 1,000,000,000") as e:
+        cfg.planned_steps(10 ** 6)
+    assert e.value.field == "full_epochs"
