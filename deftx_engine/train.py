@@ -355,6 +355,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             for phase in ("phase1", "phase2"):
                 shutil.rmtree(run.path / phase, ignore_errors=True)
         run.update(state="done", phase="done", step=total, eta_seconds=0, message=f"vector saved ({vec.nnz:,} entries)")
-        say(f"done in {time.time() - started:.0f} s: {cfg.kind} vector ({cfg.language or 'no language'}) saved to "
-            f"{run.vector_dir}, {vec.nnz:,} entries ({vec.nnz / n_maskable:.2%} of the maskable parameters)")
+        say(f"vector saved to {run.vector_dir} after {time.time() - started:.0f} s: {cfg.kind} "
+            f"({cfg.language or 'no language'}), {vec.nnz:,} entries ({vec.nnz / n_maskable:.2%} of the maskable "
+            "parameters)")
         return run.vector_dir

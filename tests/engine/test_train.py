@@ -318,7 +318,8 @@ def test_task_sft_on_top_of_a_source_language_vector(trained, tiny_dir, tmp_path
     """LT-SFT's setting: the task vector is a diff against theta0 + phi_source, and leaves phi_source out."""
     src = str(trained / "lang" / "vector")
     assert main(["train-task", "--data", TASK, "--base-model", tiny_dir, "--full-steps", "2", "--sparse-steps", "2",
-                 "--source-language-vector", src, "--output-dir", str(tmp_path / "t"), *FAST]) == 0
+                 "--source-language-vector", src, "--output-dir", str(tmp_path / "t"), "--keep-checkpoints",
+                 *FAST]) == 0
     vec = SparseVector.load(tmp_path / "t" / "vector")
     assert vec.meta.extra["train"]["source_language_vector"] == src
     ckpt = load_file(str(tmp_path / "t" / "phase2" / "checkpoint-2" / "model.safetensors"))
