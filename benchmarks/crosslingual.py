@@ -89,8 +89,8 @@ from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
 from deftx_engine.data import TaskData, load_task_data  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
-from deftx_engine.evaluate import composed_model, evaluate_task_data  # noqa: E402
 from deftx_engine.fileio import write_json_atomic  # noqa: E402
+from deftx_engine.inference import composed_model, evaluate_task_data  # noqa: E402
 from deftx_engine.masks import overlap  # noqa: E402
 from deftx_engine.merge import ties_merge  # noqa: E402
 from deftx_engine.runs import RunDir, read_json  # noqa: E402

@@ -148,7 +148,7 @@ def scoring(source: str, repeats: int) -> dict:
     from transformers import pipeline
 
     from deftx_engine.data import load_task_data
-    from deftx_engine.evaluate import predict_proba
+    from deftx_engine.inference import predict_proba
     from deftx_engine.models import load_cls_model, load_tokenizer
 
     data = load_task_data(NUSAX_TEST if NUSAX_TEST.is_file() else EXAMPLES / "target_eval_id.csv")

@@ -11,8 +11,8 @@ _LAZY = {
     "densities": "masks", "overlap": "masks", "select_top_k": "masks", "parameter_roles": "params",
     "SparseVector": "vectors", "VectorMeta": "vectors", "base_fingerprint": "vectors", "compose": "vectors",
     "ties_merge": "merge",
-    "TrainConfig": "config", "train_sft": "train", "composed_model": "evaluate", "predict_proba": "evaluate",
-    "classification_metrics": "evaluate", "push_vector": "hub", "pull_vector": "hub",
+    "TrainConfig": "config", "train_sft": "train", "composed_model": "inference", "predict_proba": "inference",
+    "classification_metrics": "inference", "push_vector": "hub", "pull_vector": "hub",
     "load_corpus": "data", "load_task_data": "data", "RunDir": "runs",
 }
 __all__ = list(_LAZY)

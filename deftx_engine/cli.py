@@ -90,13 +90,13 @@ def _train(args, kind: str) -> int:
 
 def _composed(args):
     """The model and tokenizer that ``--task``/``--language``/``--scale``/``--merge`` describe."""
-    from .evaluate import composed_model
+    from .inference import composed_model
 
     if args.merge == "sum":
         return composed_model(args.task, args.language or [], args.scale)
     if args.scale:
         raise DeftxError("--scale applies to --merge sum; TIES scales the merged vector by --ties-lambda")
-    from .evaluate import load_vectors
+    from .inference import load_vectors
     from .merge import ties_merge
 
     return composed_model(ties_merge(load_vectors([args.task, *(args.language or [])]), args.ties_density,
@@ -132,7 +132,7 @@ def _compose(args) -> int:
 
 def _evaluate(args) -> int:
     from .data import load_task_data
-    from .evaluate import evaluate_task_data
+    from .inference import evaluate_task_data
 
     model, tok, names = _classifier(args)
     td = load_task_data(args.data, text_column=args.text_column, pair_column=args.pair_column,
@@ -147,7 +147,7 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from .evaluate import predict_proba, prediction_inputs, write_predictions
+    from .inference import predict_proba, prediction_inputs, write_predictions
 
     model, tok, names = _classifier(args)
     gold = None

@@ -148,7 +148,7 @@ class Studio(FilePolicy):
     def composed(self, task_dir: str, language_dir: str | None, scale: float = 1.0, merge: str = "sum"):
         """The composed classifier for (task, language, the language vector's scale, sum or TIES), built once and
         cached (LRU). TIES merges at its own lambda, so ``scale`` applies to a sum only."""
-        from deftx_engine.evaluate import composed_model
+        from deftx_engine.inference import composed_model
 
         if not language_dir:
             scale, merge = 1.0, "sum"
@@ -213,7 +213,7 @@ def warm_up() -> None:
     Start, prediction and chart do not pay for it (the first Plotly figure alone takes ~0.3 s)."""
     time.sleep(2)
     try:
-        import deftx_engine.evaluate  # noqa: F401 -- torch + transformers
+        import deftx_engine.inference  # noqa: F401 -- torch + transformers
         import deftx_engine.train  # noqa: F401
         from deftx_engine import plots
 

@@ -46,7 +46,7 @@ class Request:
 @pytest.fixture
 def fake_model(monkeypatch):
     """Predict with a stand-in for the composed model: label 'positive' always, ``delay`` seconds a batch."""
-    from deftx_engine import evaluate
+    from deftx_engine import inference
     from webapp.tabs import predict
 
     names = ["negative", "positive"]
@@ -57,7 +57,7 @@ def fake_model(monkeypatch):
         for i in range(0, len(texts), batch_size):
             why = stop() if stop else None
             if why:
-                raise evaluate.DeftxError(f"stopped after {i:,} of {len(texts):,} rows: {why}")
+                raise inference.DeftxError(f"stopped after {i:,} of {len(texts):,} rows: {why}")
             time.sleep(state["delay"])
             out.append(torch.tensor([[0.1, 0.9]] * len(texts[i:i + batch_size])))
         return torch.cat(out)
@@ -67,8 +67,8 @@ def fake_model(monkeypatch):
         return {"n": len(td.texts), "accuracy": 0.5, "macro_f1": 0.5, "f1": dict.fromkeys(names, 0.5),
                 "labels": names, "confusion": [[1, 0], [1, 0]]}
 
-    monkeypatch.setattr(evaluate, "predict_proba", proba)
-    monkeypatch.setattr(evaluate, "evaluate_task_data", scores)
+    monkeypatch.setattr(inference, "predict_proba", proba)
+    monkeypatch.setattr(inference, "evaluate_task_data", scores)
     monkeypatch.setattr(predict, "composed", lambda studio, *a, **kw: ((None, None, names), True))
     return state
 

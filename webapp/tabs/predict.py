@@ -142,7 +142,7 @@ def output_path(studio: Studio, shown: str) -> Path:
 @handler("predict.status", "predict.plot", on_error={"predict.plot": None})  # no stale chart beside an error
 def predict(studio: Studio, task_run, language_run, text, pair, scale=1.0, merge="sum") -> Updates:
     """Label probabilities of one text (pair) under θ0 + task (+ language); returns (message, figure)."""
-    from deftx_engine.evaluate import predict_proba
+    from deftx_engine.inference import predict_proba
     from deftx_engine.plots import probabilities_figure
 
     text = check_length((text or "").strip(), "text")
@@ -164,7 +164,7 @@ def predict_file(studio: Studio, task_run, language_run, file, spec, text_column
                  merge="sum", label_column="label", request: gr.Request | None = None) -> Updates:
     """Predict every row of a file (at most DEFTX_MAX_LINES rows, stopped by Stop or after
     DEFTX_MAX_SCORE_SECONDS); returns (message, CSV path). The CSV has the file's gold label when it has one."""
-    from deftx_engine.evaluate import predict_proba, prediction_inputs, write_predictions
+    from deftx_engine.inference import predict_proba, prediction_inputs, write_predictions
 
     source, shown = studio.resolve_source(file, spec)
     (model, tok, names), _ = composed(studio, task_run, language_run, scale, merge)
@@ -187,7 +187,7 @@ def evaluate_file(studio: Studio, task_run, language_run, file, spec, text_colum
     """Macro-F1, accuracy and confusion matrix on a labelled file; returns (message, figure). With a language
     vector the task vector alone is scored too, and both are shown side by side with their difference, so a
     language vector that costs accuracy shows as costing it."""
-    from deftx_engine.evaluate import evaluate_task_data
+    from deftx_engine.inference import evaluate_task_data
     from deftx_engine.plots import confusion_figure
 
     source, shown = studio.resolve_source(file, spec)

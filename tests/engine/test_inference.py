@@ -2,7 +2,7 @@
 import pytest
 
 from deftx_engine.errors import DeftxError
-from deftx_engine.evaluate import classification_metrics
+from deftx_engine.inference import classification_metrics
 
 # true a a b b c c / predicted a b b b a c
 TRUE, PRED = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 0, 2]
@@ -41,7 +41,7 @@ def test_predictions_csv_has_the_gold_label_when_the_input_has_one(tmp_path):
     import csv
     import io
 
-    from deftx_engine.evaluate import prediction_inputs, write_predictions
+    from deftx_engine.inference import prediction_inputs, write_predictions
 
     labelled = tmp_path / "l.csv"
     labelled.write_text("text,label\nenak,positive\nburuk,negative\n", encoding="utf-8")
@@ -67,7 +67,7 @@ def test_composing_prints_no_load_report(tmp_path, capfd):
     """The composed model's classifier comes from the task vector: transformers' MISSING report is noise."""
     from transformers.utils import logging as hf_logging
 
-    from deftx_engine.evaluate import composed_model
+    from deftx_engine.inference import composed_model
     from deftx_engine.models import load_cls_model
     from tiny import make_tiny_model_dir, make_vector
 
