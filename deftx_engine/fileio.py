@@ -98,6 +98,15 @@ def replace_dir(new: Path, dest: Path, marker: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def sibling_tempdir(dest: Path, tag: str = "") -> Path:
+    """A new hidden folder beside ``dest`` (same file system, so it can be renamed into place)."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.{tag}", dir=dest.parent))
+    except OSError as e:
+        raise DeftxError(f"{dest}: the folder cannot be written ({e.strerror or e})") from None
+
+
 @contextmanager
 def atomic_dir(dest: str | Path, marker: str) -> Iterator[Path]:
     """Yield an empty hidden sibling folder of ``dest`` to fill (it must hold ``marker``); it replaces ``dest``
@@ -105,11 +114,7 @@ def atomic_dir(dest: str | Path, marker: str) -> Iterator[Path]:
     either complete or untouched. A ``dest`` that may not be replaced is refused before anything is written."""
     dest = Path(dest)
     check_replaceable(dest, marker)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    except OSError as e:
-        raise DeftxError(f"{dest}: the folder cannot be written ({e.strerror or e})") from None
+    tmp = sibling_tempdir(dest)
     try:
         yield tmp
         replace_dir(tmp, dest, marker)

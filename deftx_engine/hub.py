@@ -22,7 +22,7 @@ from torch import nn
 
 from .composable_sft import CSFT_FILE, convert_composable_sft, guess_from_name
 from .errors import DeftxError, VectorError
-from .fileio import check_replaceable, replace_dir
+from .fileio import check_replaceable, replace_dir, sibling_tempdir
 from .secrets import scrub
 from .vectors import CONFIG_FILE, FORMAT, WEIGHTS_FILE, SparseVector, VectorMeta
 
@@ -270,11 +270,7 @@ def pull_vector(repo_id_or_path: str, dest: str | Path, *, token: str | None = N
         if links:
             raise VectorError(f"{local}: {', '.join(links)} is a symbolic link; links are not followed, copy the "
                               "file itself into the folder")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
-    except OSError as e:
-        raise DeftxError(f"{dest}: the folder cannot be written ({e.strerror or e})") from None
+    work = sibling_tempdir(dest, "pull-")
     try:
         if is_local:
             snap = local
