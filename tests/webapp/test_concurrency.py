@@ -2,7 +2,8 @@
 once against one launched app (127.0.0.1, DEFTX_MAX_JOBS=1) for a bounded time, while a 6th session measures
 prediction latency.
 
-Every loop is bounded in count and time (STORM seconds, default 45: DEFTX_STORM_SECONDS overrides it). Then
+Every loop is bounded in count and time (STORM seconds, default 45: DEFTX_STORM_SECONDS overrides it; starts per
+session, default 5: DEFTX_STORM_STARTS; a 30-minute soak sets both, e.g. 1800 and 1000). Then
 every run left is cancelled and the registry is checked: no run lost or duplicated (the ids the sessions got
 back are exactly the registry's), every run in a final state, the page's view (`run_status`) equal to the
 registry's, at most one run at a time, starts in FIFO order of (re)queueing, and no process started twice
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pandas.error
               pytest.mark.filterwarnings("ignore::UserWarning")]
 STORM = float(os.environ.get("DEFTX_STORM_SECONDS", "45"))
 SESSIONS = 5
-MAX_STARTS = 5  # per session
+MAX_STARTS = int(os.environ.get("DEFTX_STORM_STARTS", "5"))  # per session; raise it with the seconds for a soak
 FINAL = ("done", "failed", "cancelled", "interrupted")
 STATES = FINAL + ("queued", "running")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
