@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -165,7 +166,11 @@ def _build(image_path: Path, tokenizer_path: Path, out: Path) -> None:
         "mask_token": "<mask>"}), encoding="utf-8")
 
 
-def model_dir(progress: Callable[[str], None] | None = print) -> Path:
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)  # stderr: commands such as `deftx evaluate` print JSON on stdout
+
+
+def model_dir(progress: Callable[[str], None] | None = _say) -> Path:
     """The built model folder, building it first if this version of it is not in the cache yet."""
     image, tokenizer = _package_file(*_IMAGE), _package_file(*_TOKENIZER)
     stamp = {"builder": BUILDER_VERSION, "image": f"{image.stat().st_size}-{image.stat().st_mtime_ns}",
