@@ -36,7 +36,10 @@ vector once per (target, variant, seed) and reused by every method that shares i
 and ``ties`` share the deftx vectors). Runs live under ``--work-dir`` (default ``benchmarks/out/crosslingual``,
 gitignored) in folders named by a hash of their full configuration, so re-running the same command reuses
 finished runs and evaluations, continues an interrupted run from its last checkpoint, and a changed setting
-trains anew. Checkpoints are deleted once a vector is saved (``--keep-checkpoints`` keeps them).
+trains anew. Checkpoints are deleted once a vector is saved (``--keep-checkpoints`` keeps them). Phase 1 (the full
+fine-tune) is the same for every variant of a seed and target -- only the mask choice and phase 2 differ --
+so the first variant writes its phase-1 delta to ``<work-dir>/<model>/phase1/`` and the others read it
+(``train_sft(phase1_cache=...)``; tests/engine/test_phase1.py shows the vectors equal those trained alone).
 
 Reported (``--out``, default ``<work-dir>/<model>/results.{json,md,html}``): macro-F1 x 100, mean +/- std
 (sample std) over the seeds, per target and averaged over the targets (mean over seeds of the per-seed average);
@@ -264,6 +267,7 @@ class Job:
     target: str | None
     cfg: TrainConfig
     folder: Path
+    phase1: Path | None = None  # phase-1 delta shared by the variants of this seed (and target)
 
     @property
     def label(self) -> str:
@@ -280,6 +284,10 @@ class Job:
 
     def seconds(self) -> float:
         return float((read_json(self.folder / "bench.json", {}) or {}).get("train_seconds", 0.0))
+
+
+def _phase1_file(work: Path, cfg: TrainConfig) -> Path:
+    return work / "phase1" / f"{cfg.kind}-{cfg.language}-seed{cfg.seed}-{_hash(cfg.phase1_settings())}.safetensors"
 
 
 def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
@@ -299,10 +307,12 @@ def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
                     lcfg = lang_config(s, SRC_VARIANTS[m.task], seed, s.source, paths)
                     src = jobs.setdefault(("language", SRC_VARIANTS[m.task], seed, s.source), Job(
                         "language", SRC_VARIANTS[m.task], seed, s.source, lcfg, work / "language" / s.source /
-                        SRC_VARIANTS[m.task] / f"seed{seed}-{_hash(lcfg.to_dict())}")).folder / "vector"
+                        SRC_VARIANTS[m.task] / f"seed{seed}-{_hash(lcfg.to_dict())}",
+                        _phase1_file(work, lcfg))).folder / "vector"
                 cfg = task_config(s, m.task, seed, paths, src)
                 jobs.setdefault(("task", m.task, seed, None), Job(
-                    "task", m.task, seed, None, cfg, work / "task" / m.task / f"seed{seed}-{_hash(cfg.to_dict())}"))
+                    "task", m.task, seed, None, cfg, work / "task" / m.task / f"seed{seed}-{_hash(cfg.to_dict())}",
+                    _phase1_file(work, cfg)))
         for target in s.targets:
             for name in s.methods:
                 m = METHODS[name]
@@ -310,7 +320,8 @@ def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
                     cfg = lang_config(s, m.lang, seed, target, paths)
                     jobs.setdefault(("language", m.lang, seed, target), Job(
                         "language", m.lang, seed, target, cfg,
-                        work / "language" / target / m.lang / f"seed{seed}-{_hash(cfg.to_dict())}"))
+                        work / "language" / target / m.lang / f"seed{seed}-{_hash(cfg.to_dict())}",
+                        _phase1_file(work, cfg)))
     return list(jobs.values())
 
 
@@ -337,7 +348,8 @@ def run_sft(job: Job, keep_checkpoints: bool, quiet: bool) -> float:
     t = time.perf_counter()
     # beside the run folder, not in it: the engine claims only folders that hold nothing but its own run
     with _captured(job.folder.with_name(job.folder.name + ".console.txt"), quiet), OtherCpu() as other:
-        train_sft(job.cfg, RunDir(job.folder), resume=True, keep_checkpoints=keep_checkpoints)
+        train_sft(job.cfg, RunDir(job.folder), resume=True, keep_checkpoints=keep_checkpoints,
+                  phase1_cache=job.phase1)
     secs = time.perf_counter() - t
     write_json_atomic(job.folder / "bench.json", {"train_seconds": secs, "finished": time.time(),
                                                   "other_cores": other.cores})
@@ -539,14 +551,24 @@ def calibrate(s: Settings, paths: Paths, probe_steps: int = 3) -> dict:
     return out
 
 
-def expected_seconds(job_or_kind, cal: dict, s: Settings) -> float:
+def expected_seconds(job: Job, cal: dict, s: Settings, phase1_reused: bool = False) -> float:
     """Expected wall time of one training run from the calibration (sparse steps costed as full steps)."""
-    job = job_or_kind
     step = cal["lang_step"] if job.kind == "language" else cal["task_step"]
     fixed = cal["load_tokenizer"] + cal["load_model"] + 2.0  # + trainer set-up, end-of-phase checkpoints
     if job.kind == "full-ft":
         return fixed + job.cfg.full_steps * step
-    return fixed + job.steps * step + cal["denoise_mask"]
+    return fixed + (job.steps - job.cfg.full_steps * phase1_reused) * step + cal["denoise_mask"]
+
+
+def phase1_reuse(todo: list[Job]) -> dict[int, bool]:
+    """Which runs will find their phase 1 done by an earlier run (or an earlier invocation)."""
+    seen: set[Path] = set()
+    out = {}
+    for j in todo:
+        out[id(j)] = j.phase1 is not None and (j.phase1 in seen or j.phase1.is_file())
+        if j.phase1 is not None:
+            seen.add(j.phase1)
+    return out
 
 
 def eval_count(s: Settings) -> int:
@@ -769,19 +791,22 @@ def main(argv: list[str] | None = None) -> dict:
           f"{s.lang_steps}+{s.lang_steps} steps, batch {s.batch_size} x {s.max_length} tokens", flush=True)
     expected = 0.0
     cal = None
+    reuse = phase1_reuse(todo)
     if todo and not args.dry_run:
         t_start += wait_quiet(args.wait_quiet, "starting")[0]  # the wall time excludes the wait
     whole = OtherCpu().__enter__()
     if not args.no_calibrate and (todo or args.dry_run):
         with _captured(work / "calibration.txt", quiet):
             cal = calibrate(s, paths)
-        expected = sum(expected_seconds(j, cal, s) for j in todo) + eval_count(s) * expected_eval_seconds(s, cal)
+        expected = (sum(expected_seconds(j, cal, s, reuse[id(j)]) for j in todo)
+                    + eval_count(s) * expected_eval_seconds(s, cal))
         print("  measured: " + ", ".join(f"{k} {v:.2f}s" for k, v in cal.items()), flush=True)
         print(f"  expected time: {expected / 60:.1f} min (training {len(todo)} runs + evaluations; cached "
               "evaluations are skipped, so this is an upper bound)", flush=True)
     if args.dry_run:
         for j in jobs:
-            print(f"    {'cached ' if j.done else 'train  '} {j.label}: {j.steps} steps -> {j.folder}")
+            shared = " (phase 1 shared)" if reuse.get(id(j)) else ""
+            print(f"    {'cached ' if j.done else 'train  '} {j.label}: {j.steps} steps{shared} -> {j.folder}")
         return {"jobs": len(jobs), "todo": len(todo), "expected_seconds": expected, "calibration": cal}
 
     evaluator = Evaluator(s, paths, work, quiet)
@@ -811,7 +836,7 @@ def main(argv: list[str] | None = None) -> dict:
             n_done += 1
             if j.done:
                 continue
-            est = f"expected {expected_seconds(j, cal, s):.0f}s" if cal else "not calibrated"
+            est = f"expected {expected_seconds(j, cal, s, reuse[id(j)]):.0f}s" if cal else "not calibrated"
             print(f"  [{n_done}/{len(jobs)}] train {j.label} ({est}) ...", end="", flush=True)
             try:
                 secs = run_full_ft(j, quiet) if j.kind == "full-ft" else run_sft(j, args.keep_checkpoints, quiet)

@@ -182,6 +182,12 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def phase1_settings(self) -> dict:
+        """The settings phase 1 (the full fine-tune) depends on: runs that agree on them -- DeFT-X, LT-SFT and
+        the ablations of one seed -- have the same phase-1 delta, so one can reuse another's
+        (``train_sft(phase1_cache=...)``)."""
+        return {k: v for k, v in asdict(self).items() if k not in PHASE2_ONLY}
+
     def steps_per_epoch(self, n_examples: int, world: int = 1) -> int:
         """Optimiser steps of one pass over ``n_examples`` by ``world`` processes."""
         return math.ceil(n_examples / (self.batch_size * self.grad_accum * world))
@@ -202,6 +208,9 @@ class TrainConfig:
                 steps(self.sparse_steps, self.sparse_epochs, "sparse_epochs") if self.sparse_phase else 0)
 
 
+# what only the mask choice and phase 2 read (logging changes no weight)
+PHASE2_ONLY = frozenset({"method", "rank_policy", "energy", "rank", "residual_share", "k", "sparse_steps",
+                         "sparse_epochs", "sparse_phase", "save_steps", "logging_steps"})
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TrainConfig)}
 
 

@@ -29,6 +29,7 @@ from .mlm_head import HeadFitConfig, cached_fit, masked_lm_scores, split_heldout
 from .models import load_cls_model, load_mlm_model, load_tokenizer
 from .optim import SparseAdamW
 from .params import parameter_roles
+from .phase1 import load_deltas, save_deltas
 from .runs import RunDir, StopFlag, read_json
 from .vectors import SparseVector, VectorMeta, base_fingerprint
 
@@ -226,10 +227,13 @@ def _heldout_report(model, tokenizer, lines, cfg: TrainConfig, before: dict, the
 
 
 def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, resume: bool = False,
-              overwrite: bool = False, keep_checkpoints: bool = False) -> Path | None:
+              overwrite: bool = False, keep_checkpoints: bool = False,
+              phase1_cache: str | Path | None = None) -> Path | None:
     """Run both phases and save the vector to ``run.vector_dir``; returns None if stopped by a signal.
 
     Once the vector is saved the phase checkpoints (hundreds of MB) are deleted unless ``keep_checkpoints``.
+    ``phase1_cache``: a file for the phase-1 delta, read if it exists (phase 1 is skipped), else written
+    after phase 1 -- key it by ``cfg.phase1_settings()`` so that only runs sharing phase 1 share the file.
 
     Data, settings and the output folder are all checked before the folder is claimed or a model loaded.
     """
@@ -294,16 +298,29 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             mask = {n: t.long() for n, t in load_file(str(run.mask_file)).items()}
             say("resumed: mask found, phase 1 skipped")
         else:
-            trainable_setup(model, roles, None)
-            with _rows_only(model, roles, cfg, rows):
-                finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
-                                      total, stop, resume=resume)
-            if not finished:
-                return None
+            # the heads' phase-1 delta too: without a sparse phase the vector keeps the phase-1 heads
+            shapes = {n: params[n].shape for n in roles.maskable + heads}
+            deltas = load_deltas(phase1_cache, cfg.phase1_settings(), shapes) if phase1_cache else None
+            if deltas is not None:
+                with torch.no_grad():
+                    for n in heads:
+                        params[n].copy_(theta0[n] + deltas.pop(n).to(params[n].dtype))
+                say(f"phase 1 reused: its delta read from {phase1_cache}")
+            else:
+                trainable_setup(model, roles, None)
+                with _rows_only(model, roles, cfg, rows):
+                    finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
+                                          total, stop, resume=resume)
+                if not finished:
+                    return None
+                deltas = {n: params[n].detach().float() - theta0[n].float() for n in roles.maskable + heads}
+                if phase1_cache and main:
+                    save_deltas(phase1_cache, deltas, cfg.phase1_settings())
+                for n in heads:
+                    del deltas[n]
             if main:
                 run.update(phase="denoise", step=full, message="denoising and selecting the mask")
             t = time.time()
-            deltas = {n: params[n].detach().float() - theta0[n].float() for n in roles.maskable}
             if cfg.method == "deftx":
                 deltas, records = denoise_deltas(deltas, cfg.denoise_config(), inplace=True)
                 if main:

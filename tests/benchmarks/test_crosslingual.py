@@ -71,6 +71,10 @@ def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, capsys):
     nr = [r for r in result["runs"] if r["variant"] == "no-retrain"]
     assert all(r["steps"] == 2 for r in nr)
     assert not list((tmp_path / "work").rglob("checkpoint-*"))
+    # one phase 1 per kind (and target): the first variant trains it, the other four read it
+    assert len(list((tmp_path / "work" / "tiny" / "phase1").glob("*.safetensors"))) == 2
+    logs = [(Path(r["folder"]) / "log.txt").read_text() for r in result["runs"] if r["kind"] != "full-ft"]
+    assert sum("phase 1 reused" in log for log in logs) == 2 * 4
     prefix = tmp_path / "work" / "tiny" / "results"
     saved = json.loads(prefix.with_suffix(".json").read_text())
     assert saved["summary"]["deftx"]["average"] == list(summary["deftx"]["average"])
