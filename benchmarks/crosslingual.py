@@ -218,6 +218,7 @@ class Settings:
     lang_mlm_layer: int | None
     head_corpus: str | None
     lang_scale: float
+    lang_groups: str
     task_k: float
     lang_k: float
     energy: float
@@ -247,7 +248,17 @@ def lang_config(s: Settings, variant: str, seed: int, target: str, paths: Paths)
     return TrainConfig(kind="language", data=str(paths.corpus), text_column=target, language=target,
                        k=s.lang_k, full_steps=s.lang_steps, sparse_steps=s.lang_steps, lr=s.lang_lr,
                        fit_head=s.lang_fit_head, mlm_layer=s.lang_mlm_layer, head_corpus=s.head_corpus,
+                       param_groups=s.lang_groups,
                        **{**_common(s, seed), **variant_overrides(variant, s.fixed_rank)})
+
+
+# fields added to TrainConfig after runs were cached: left out of a run's key at these values, so the runs
+# cached before them keep their folders
+_LATER_FIELDS = {"param_groups": "all"}
+
+
+def _key(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if _LATER_FIELDS.get(k, object()) != v}
 
 
 def _hash(obj) -> str:
@@ -287,7 +298,8 @@ class Job:
 
 
 def _phase1_file(work: Path, cfg: TrainConfig) -> Path:
-    return work / "phase1" / f"{cfg.kind}-{cfg.language}-seed{cfg.seed}-{_hash(cfg.phase1_settings())}.safetensors"
+    key = _hash(_key(cfg.phase1_settings()))
+    return work / "phase1" / f"{cfg.kind}-{cfg.language}-seed{cfg.seed}-{key}.safetensors"
 
 
 def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
@@ -300,19 +312,19 @@ def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
                 cfg = task_config(s, "full-ft", seed, paths)
                 key = ("full-ft", "full-ft", seed, None)
                 jobs.setdefault(key, Job("full-ft", "full-ft", seed, None, cfg,
-                                         work / "full-ft" / f"seed{seed}-{_hash(['full-ft', cfg.to_dict()])}"))
+                                         work / "full-ft" / f"seed{seed}-{_hash(['full-ft', _key(cfg.to_dict())])}"))
             else:
                 src = None
                 if m.task in SRC_VARIANTS:  # the source-language vector first: the task SFT trains on top of it
                     lcfg = lang_config(s, SRC_VARIANTS[m.task], seed, s.source, paths)
                     src = jobs.setdefault(("language", SRC_VARIANTS[m.task], seed, s.source), Job(
                         "language", SRC_VARIANTS[m.task], seed, s.source, lcfg, work / "language" / s.source /
-                        SRC_VARIANTS[m.task] / f"seed{seed}-{_hash(lcfg.to_dict())}",
+                        SRC_VARIANTS[m.task] / f"seed{seed}-{_hash(_key(lcfg.to_dict()))}",
                         _phase1_file(work, lcfg))).folder / "vector"
                 cfg = task_config(s, m.task, seed, paths, src)
-                jobs.setdefault(("task", m.task, seed, None), Job(
-                    "task", m.task, seed, None, cfg, work / "task" / m.task / f"seed{seed}-{_hash(cfg.to_dict())}",
-                    _phase1_file(work, cfg)))
+                folder = work / "task" / m.task / f"seed{seed}-{_hash(_key(cfg.to_dict()))}"
+                jobs.setdefault(("task", m.task, seed, None),
+                                Job("task", m.task, seed, None, cfg, folder, _phase1_file(work, cfg)))
         for target in s.targets:
             for name in s.methods:
                 m = METHODS[name]
@@ -320,7 +332,7 @@ def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
                     cfg = lang_config(s, m.lang, seed, target, paths)
                     jobs.setdefault(("language", m.lang, seed, target), Job(
                         "language", m.lang, seed, target, cfg,
-                        work / "language" / target / m.lang / f"seed{seed}-{_hash(cfg.to_dict())}",
+                        work / "language" / target / m.lang / f"seed{seed}-{_hash(_key(cfg.to_dict()))}",
                         _phase1_file(work, cfg)))
     return list(jobs.values())
 
@@ -742,6 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text the MLM head is fitted on: 'mt' = NusaX-MT train, all 12 languages, without the "
                         "lines the language SFTs hold out (one head for every target); 'own' = each run's "
                         "corpus; or a path")
+    p.add_argument("--lang-groups", default="all",
+                   help="parameter groups a language vector may change: all, or a comma list of embeddings, "
+                        "attention, ffn")
     p.add_argument("--lang-scale", type=float, default=1.0, help="scale of the language vector in composition")
     p.add_argument("--task-k", type=float, default=DEFAULT_K["task"],
                    help="task k (share of maskable parameters or a count)")
@@ -775,7 +790,7 @@ def main(argv: list[str] | None = None) -> dict:
                  task_lr=args.task_lr, lang_lr=args.lang_lr,
                  lang_fit_head=args.lang_fit_head, lang_mlm_layer=args.lang_mlm_layer,
                  head_corpus=head_corpus(args.head_corpus, paths, Path(args.work_dir).expanduser()),
-                 lang_scale=args.lang_scale,
+                 lang_scale=args.lang_scale, lang_groups=args.lang_groups,
                  task_k=args.task_k, lang_k=args.lang_k,
                  energy=args.energy, residual_share=args.residual_share, fixed_rank=args.fixed_rank,
                  ties_density=args.ties_density, ties_lambda=args.ties_lambda,

@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-KEYS = ("lang_steps", "lang_lr", "lang_k", "lang_mlm_layer", "lang_fit_head", "head_corpus", "lang_scale",
+KEYS = ("lang_steps", "lang_lr", "lang_k", "lang_mlm_layer", "lang_groups", "lang_fit_head", "head_corpus",
+        "lang_scale",
         "task_steps", "task_lr", "seeds")
 
 
@@ -24,7 +25,9 @@ def _setting(s: dict, key: str) -> str:
         return "own" if v is None else Path(str(v)).stem
     if key == "seeds":
         return ",".join(map(str, v))
-    return "last" if key == "lang_mlm_layer" and v is None else str(v)
+    if v is None and key in ("lang_mlm_layer", "lang_groups"):  # unset, or a file from before the option
+        return {"lang_mlm_layer": "last", "lang_groups": "all"}[key]
+    return str(v)
 
 
 def table(files: list[Path]) -> str:

@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from .constants import DEFAULT_K, KINDS, METHODS, Kind, Method
+from .constants import DEFAULT_K, KINDS, METHODS, PARAM_GROUPS, Kind, Method
 from .data import MAX_BYTES_DEFAULT
 from .errors import ConfigError
 from .presets import preset
@@ -125,6 +125,9 @@ class TrainConfig:
     mlm_layer: int | None = field(default=None, metadata=_help(
         "language SFT: the MLM head reads this transformer layer's output (1 = first; unset: the last); "
         "the layers above it are left out of the language vector"))
+    param_groups: str = field(default="all", metadata=_help(
+        "parameters the vector may change: all, or a comma list of " + ", ".join(PARAM_GROUPS) +
+        " (the others stay at theta0; k is a share of the allowed ones)"))
     heldout_share: float = field(default=0.1, metadata=_help(
         "language SFT: share of the corpus held out to score theta0 against theta0 + phi "
         "(masked-token loss and top-1)"))
@@ -168,6 +171,10 @@ class TrainConfig:
         if self.mlm_layer is not None and self.mlm_layer < 1:
             raise ConfigError(f"mlm_layer must be >= 1 (the first transformer layer), got {self.mlm_layer}",
                               field="mlm_layer")
+        groups = self.param_groups.split(",") if isinstance(self.param_groups, str) else [None]
+        if self.param_groups != "all" and (not set(groups) <= set(PARAM_GROUPS) or len(set(groups)) != len(groups)):
+            raise ConfigError(f"param_groups must be 'all' or a comma list of {', '.join(PARAM_GROUPS)} (each once), "
+                              f"got {self.param_groups!r}", field="param_groups")
         if self.k is None:
             self.k = DEFAULT_K[self.kind]
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not math.isfinite(self.k) or \

@@ -18,5 +18,7 @@ DEFAULT_K: dict[str, float] = {"language": 0.028, "task": 0.052}
 # (merge.ties_merge) with these defaults: each vector keeps TIES_DENSITY of its entries, the result is
 # scaled by TIES_LAMBDA.
 MERGES: tuple[str, ...] = ("sum", "ties")
+# Parameter groups a vector may be restricted to (TrainConfig.param_groups; params.param_group names them).
+PARAM_GROUPS: tuple[str, ...] = ("embeddings", "attention", "ffn")
 TIES_DENSITY = 0.2
 TIES_LAMBDA = 1.0

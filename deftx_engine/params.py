@@ -72,6 +72,22 @@ def module_type(name: str) -> str:
     return "other"
 
 
+def param_group(name: str) -> str:
+    """The ``constants.PARAM_GROUPS`` group of a parameter name ("other" for none of them)."""
+    t = module_type(name)
+    return "attention" if t.startswith("attn.") else t if t in ("embeddings", "ffn") else "other"
+
+
+def restrict(roles: ParameterRoles, groups: str) -> ParameterRoles:
+    """``roles`` with maskable parameters outside ``groups`` ("all" or a comma list) moved to frozen."""
+    if groups == "all":
+        return roles
+    keep = set(groups.split(","))
+    out = [n for n in roles.maskable if param_group(n) not in keep]
+    return ParameterRoles(maskable=[n for n in roles.maskable if param_group(n) in keep], heads=roles.heads,
+                          frozen=roles.frozen + out)
+
+
 def layer_of(name: str) -> str:
     """Layer label of a parameter name: 'embeddings', 'layer.N', or the top-level module."""
     parts = name.split(".")

@@ -28,7 +28,7 @@ from .masks import k_from, select_top_k
 from .mlm_head import HeadFitConfig, cached_fit, masked_lm_scores, split_heldout
 from .models import load_cls_model, load_mlm_model, load_tokenizer
 from .optim import SparseAdamW
-from .params import parameter_roles
+from .params import parameter_roles, restrict
 from .phase1 import load_deltas, save_deltas
 from .runs import RunDir, StopFlag, read_json
 from .vectors import SparseVector, VectorMeta, base_fingerprint
@@ -249,9 +249,11 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
              else load_cls_model(cfg.base_model, label_names))
     if cfg.source_language_vector:
         SparseVector.load(cfg.source_language_vector).apply(model, heads=False)
-    roles = parameter_roles(model)
+    roles = restrict(parameter_roles(model), cfg.param_groups)
     if not roles.maskable:
-        raise ConfigError(f"{cfg.base_model}: no maskable parameters found")
+        raise ConfigError(f"{cfg.base_model}: no maskable parameters found"
+                          + (f" in the groups {cfg.param_groups}" if cfg.param_groups != "all" else ""),
+                          field="param_groups")
     params = dict(model.named_parameters())
     n_maskable = sum(params[n].numel() for n in roles.maskable)
     k = k_from(cfg.k, n_maskable)

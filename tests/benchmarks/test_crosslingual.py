@@ -126,3 +126,27 @@ def test_default_configuration_plan_on_nusax(nusax_dir, tmp_path):
     bench = load_bench()
     result = bench.main(["--data", str(nusax_dir), "--dry-run", "--no-calibrate", "--work-dir", str(tmp_path)])
     assert result["jobs"] == 3 * 6 + 3 * 3 * 5 and result["todo"] == result["jobs"]
+
+
+def test_lang_groups_change_only_the_language_runs_and_keep_old_keys(tmp_path):
+    """--lang-groups makes new language runs; at 'all' the run folders are the ones cached before the option."""
+    bench = load_bench()
+    data = write_nusax(tmp_path / "nusax")
+    paths = bench.nusax_paths(data, "indonesian", ["javanese"])
+    argv = ["--data", str(data), "--targets", "javanese", "--seeds", "1", "--methods", "deftx", "--dry-run",
+            "--no-calibrate", "--work-dir", str(tmp_path / "w")]
+    s = bench.build_parser().parse_args(argv)
+    settings = bench.Settings(**{f: getattr(s, f, None) for f in bench.Settings.__dataclass_fields__
+                                 if f not in ("seeds", "head_corpus")}, seeds=[1], head_corpus=None)
+    folders = {}
+    for groups in ("all", "embeddings"):
+        settings.lang_groups = groups
+        folders[groups] = {(j.kind, j.target): j.folder for j in bench.plan_jobs(settings, paths, tmp_path)}
+    assert folders["all"][("task", None)] == folders["embeddings"][("task", None)]
+    assert folders["all"][("language", "javanese")] != folders["embeddings"][("language", "javanese")]
+    cfg = bench.lang_config(settings, "deftx", 1, "javanese", paths)
+    assert cfg.param_groups == "embeddings"
+    settings.lang_groups = "all"
+    old = {k: v for k, v in bench.lang_config(settings, "deftx", 1, "javanese", paths).to_dict().items()
+           if k != "param_groups"}
+    assert folders["all"][("language", "javanese")].name == f"seed1-{bench._hash(old)}"

@@ -117,3 +117,10 @@ def test_epochs_times_examples_beyond_the_step_limit_is_refused():
     with pytest.raises(ConfigError, match="more than 1,000,000,000") as e:
         cfg.planned_steps(10 ** 6)
     assert e.value.field == "full_epochs"
+
+
+@pytest.mark.parametrize("groups", ["", "ffn,ffn", "heads", "all,ffn", "embeddings;ffn"])
+def test_param_groups_are_checked(groups):
+    with pytest.raises(ConfigError, match="param_groups") as e:
+        TrainConfig(kind="language", data="x.txt", param_groups=groups)
+    assert e.value.field == "param_groups"

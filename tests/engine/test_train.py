@@ -362,3 +362,16 @@ def test_train_task_from_a_config_file(tiny_dir, tmp_path):
                  "--output-dir", str(out)]) == 0
     assert json.loads((out / "run.json").read_text()) == {**cfg.to_dict(), "sparse_steps": 1}
     assert json.loads((out / "status.json").read_text())["total_steps"] == 3
+
+
+@pytest.mark.parametrize("groups", ["embeddings", "attention,ffn"])
+def test_param_groups_confine_the_vector(tiny_dir, tmp_path, groups, trained):
+    from deftx_engine.params import param_group
+
+    assert main(["train-language", "--data", CORPUS, "--base-model", tiny_dir, "--full-steps", "2", "--sparse-steps",
+                 "2", "--param-groups", groups, "--output-dir", str(tmp_path / "r"), *FAST]) == 0
+    vec = SparseVector.load(tmp_path / "r" / "vector")
+    assert vec.indices and {param_group(n) for n in vec.indices} <= set(groups.split(","))
+    everything = SparseVector.load(trained / "lang" / "vector").meta.extra["n_maskable"]
+    assert vec.meta.extra["n_maskable"] < everything  # k is a share of the allowed parameters
+    assert vec.nnz == round(0.028 * vec.meta.extra["n_maskable"])
