@@ -202,7 +202,7 @@ class FilePolicy:
         a pulled vector's is checked when it is used), or (``local``) a model folder inside the folders typed
         paths may name (a vector pulled from the Hub may name none). Errors never say what a refused path
         holds."""
-        name = bounded(name, where, 300) or "minilm"
+        name = bounded(name, where, 300) or default_model()
         if name in OFFLINE_MODELS or name == default_model():
             return name
         looks_local = name.startswith(("/", ".", "~", "\\")) or ".." in name or name.count("/") > 1

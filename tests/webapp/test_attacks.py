@@ -173,6 +173,14 @@ def test_hub_base_models_need_a_reachable_hub(studio, monkeypatch):
     assert studio.check_base_model("multilingual-e5-small") == "multilingual-e5-small"
 
 
+def test_an_empty_base_model_is_the_default_and_start_names_it(studio, monkeypatch):
+    from webapp.tabs.start import intro
+
+    assert studio.check_base_model("") == "multilingual-e5-small"
+    monkeypatch.setenv("DEFTX_DEFAULT_MODEL", "minilm")
+    assert studio.check_base_model(None) == "minilm" and "`minilm`" in intro()
+
+
 def tiny_vector(folder: Path, **meta) -> Path:
     from transformers import BertForSequenceClassification
 
