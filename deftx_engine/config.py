@@ -221,6 +221,15 @@ PHASE2_ONLY = frozenset({"method", "rank_policy", "energy", "rank", "residual_sh
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TrainConfig)}
 
 
+def same_run(recorded: dict, config: dict) -> bool:
+    """Whether a run folder's recorded config is ``config``: a field added to TrainConfig after the folder was
+    written counts as recorded at its default, so runs from before the field can still be resumed."""
+    if recorded.keys() - config.keys():
+        return False
+    return all(recorded[k] == v if k in recorded else k in FIELDS and FIELDS[k].default == v
+               for k, v in config.items())
+
+
 def field_types() -> dict[str, Any]:
     """Each field's type as an object (``int | None``, ``Literal[...]``), not the annotation's text."""
     return typing.get_type_hints(TrainConfig)

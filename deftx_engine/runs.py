@@ -72,7 +72,9 @@ class RunDir:
         """
         old = read_json(self.config_file)
         if old is not None and not overwrite:
-            if old != config:
+            from .config import same_run
+
+            if not same_run(old, config):
                 raise ConfigError(f"{self.path} holds a different run (see {self.config_file}); "
                                   "choose another --output-dir or pass --overwrite")
             if not resume:

@@ -131,3 +131,17 @@ def test_a_run_folder_deleted_mid_run_is_an_error_not_recreated(tmp_path):
     with pytest.raises(DeftxError, match="deleted while the run was going"):
         run.update(state="done")
     assert not run.path.exists()
+
+
+def test_a_run_recorded_before_a_field_existed_resumes(tmp_path):
+    from deftx_engine.config import TrainConfig
+
+    config = TrainConfig(kind="task", data="x.csv").to_dict()
+    before = {k: v for k, v in config.items() if k != "param_groups"}  # written before the field was added
+    run = RunDir(tmp_path / "r")
+    run.claim(before, resume=False, overwrite=False)
+    assert run.claim(config, resume=True, overwrite=False) is True
+    with pytest.raises(ConfigError, match="holds a different run"):
+        run.claim({**config, "param_groups": "ffn"}, resume=True, overwrite=False)  # not the default: another run
+    with pytest.raises(ConfigError, match="holds a different run"):
+        run.claim({k: v for k, v in config.items() if k != "seed"}, resume=True, overwrite=False)
