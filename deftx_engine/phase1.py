@@ -50,7 +50,10 @@ def load_deltas(path: str | Path, settings: dict, shapes: dict[str, torch.Size])
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    if meta.get("settings") != json.dumps(settings, sort_keys=True, default=str):
+    from .config import same_run
+
+    written = json.loads(json.dumps(settings, default=str))  # the settings as the file holds them
+    if not same_run(json.loads(meta.get("settings", "{}")), written):
         raise DeftxError(f"{path}: phase-1 deltas of other settings; delete the file or use another path")
     saved = {n: tuple(s) for n, s in json.loads(meta.get("shapes", "{}")).items()}
     want = {n: tuple(s) for n, s in shapes.items()}

@@ -60,6 +60,10 @@ def test_delta_file_round_trip_and_refusals(tmp_path):
     assert load_deltas(tmp_path / "none.safetensors", {"seed": 1}, {}) is None
     with pytest.raises(DeftxError, match="other settings"):
         load_deltas(f, {"seed": 2}, {n: t.shape for n, t in deltas.items()})
+    # a file written before a TrainConfig field existed holds for that field's default
+    assert load_deltas(f, {"seed": 1, "param_groups": "all"}, {n: t.shape for n, t in deltas.items()}) is not None
+    with pytest.raises(DeftxError, match="other settings"):
+        load_deltas(f, {"seed": 1, "param_groups": "ffn"}, {n: t.shape for n, t in deltas.items()})
     with pytest.raises(DeftxError, match="other parameters"):
         load_deltas(f, {"seed": 1}, {"emb": emb.shape})
 
