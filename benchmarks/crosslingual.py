@@ -89,6 +89,7 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/crosslingual.py` finds deftx
 import torch  # noqa: E402
 
 from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
+from deftx_engine.config import settings_key  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
 from deftx_engine.data import TaskData, load_task_data  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
@@ -252,15 +253,6 @@ def lang_config(s: Settings, variant: str, seed: int, target: str, paths: Paths)
                        **{**_common(s, seed), **variant_overrides(variant, s.fixed_rank)})
 
 
-# fields added to TrainConfig after runs were cached: left out of a run's key at these values, so the runs
-# cached before them keep their folders
-_LATER_FIELDS = {"param_groups": "all"}
-
-
-def _key(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if _LATER_FIELDS.get(k, object()) != v}
-
-
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -298,7 +290,7 @@ class Job:
 
 
 def _phase1_file(work: Path, cfg: TrainConfig) -> Path:
-    key = _hash(_key(cfg.phase1_settings()))
+    key = _hash(settings_key(cfg.phase1_settings()))
     return work / "phase1" / f"{cfg.kind}-{cfg.language}-seed{cfg.seed}-{key}.safetensors"
 
 
@@ -311,18 +303,18 @@ def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
             if m.task == "full-ft":
                 cfg = task_config(s, "full-ft", seed, paths)
                 key = ("full-ft", "full-ft", seed, None)
-                jobs.setdefault(key, Job("full-ft", "full-ft", seed, None, cfg,
-                                         work / "full-ft" / f"seed{seed}-{_hash(['full-ft', _key(cfg.to_dict())])}"))
+                folder = work / "full-ft" / f"seed{seed}-{_hash(['full-ft', settings_key(cfg.to_dict())])}"
+                jobs.setdefault(key, Job("full-ft", "full-ft", seed, None, cfg, folder))
             else:
                 src = None
                 if m.task in SRC_VARIANTS:  # the source-language vector first: the task SFT trains on top of it
                     lcfg = lang_config(s, SRC_VARIANTS[m.task], seed, s.source, paths)
                     src = jobs.setdefault(("language", SRC_VARIANTS[m.task], seed, s.source), Job(
                         "language", SRC_VARIANTS[m.task], seed, s.source, lcfg, work / "language" / s.source /
-                        SRC_VARIANTS[m.task] / f"seed{seed}-{_hash(_key(lcfg.to_dict()))}",
+                        SRC_VARIANTS[m.task] / f"seed{seed}-{_hash(settings_key(lcfg.to_dict()))}",
                         _phase1_file(work, lcfg))).folder / "vector"
                 cfg = task_config(s, m.task, seed, paths, src)
-                folder = work / "task" / m.task / f"seed{seed}-{_hash(_key(cfg.to_dict()))}"
+                folder = work / "task" / m.task / f"seed{seed}-{_hash(settings_key(cfg.to_dict()))}"
                 jobs.setdefault(("task", m.task, seed, None),
                                 Job("task", m.task, seed, None, cfg, folder, _phase1_file(work, cfg)))
         for target in s.targets:
@@ -332,7 +324,7 @@ def plan_jobs(s: Settings, paths: Paths, work: Path) -> list[Job]:
                     cfg = lang_config(s, m.lang, seed, target, paths)
                     jobs.setdefault(("language", m.lang, seed, target), Job(
                         "language", m.lang, seed, target, cfg,
-                        work / "language" / target / m.lang / f"seed{seed}-{_hash(_key(cfg.to_dict()))}",
+                        work / "language" / target / m.lang / f"seed{seed}-{_hash(settings_key(cfg.to_dict()))}",
                         _phase1_file(work, cfg)))
     return list(jobs.values())
 
@@ -399,6 +391,16 @@ def run_full_ft(job: Job, quiet: bool) -> float:
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
+def sorted_task_data(path: Path, label_names: list[str]) -> TaskData:
+    """The labelled file, rows sorted by text length: batches pad less (the scores do not depend on the
+    order)."""
+    td = load_task_data(path, label_names=label_names)
+    order = sorted(range(len(td)), key=lambda i: len(td.texts[i]))
+    return TaskData(texts=[td.texts[i] for i in order], labels=[td.labels[i] for i in order],
+                    label_names=td.label_names, source=td.source,
+                    text_pairs=[td.text_pairs[i] for i in order] if td.text_pairs else None)
+
+
 class Evaluator:
     """Scores models on labelled files; caches results on disk keyed by everything they depend on."""
 
@@ -420,14 +422,8 @@ class Evaluator:
         return overlap(self.vector(job).mask(), self.vector(ref).mask())["overall"]["share_of_a"]
 
     def _task_data(self, path: Path, label_names: list[str]):
-        """The labelled file, rows sorted by text length: batches pad less (the scores do not depend on
-        the order)."""
         if str(path) not in self._data:
-            td = load_task_data(path, label_names=label_names)
-            order = sorted(range(len(td)), key=lambda i: len(td.texts[i]))
-            self._data[str(path)] = TaskData(texts=[td.texts[i] for i in order], labels=[td.labels[i] for i in order],
-                                             label_names=td.label_names, source=td.source,
-                                             text_pairs=[td.text_pairs[i] for i in order] if td.text_pairs else None)
+            self._data[str(path)] = sorted_task_data(path, label_names)
         return self._data[str(path)]
 
     def _score(self, model, tok, path: Path) -> dict:

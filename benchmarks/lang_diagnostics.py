@@ -58,12 +58,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from benchmarks.crosslingual import DEFAULT_DATA  # noqa: E402
 from deftx_engine.e5_small import ALIAS as E5_ALIAS  # noqa: E402
 from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
 from deftx_engine.models import device, load_cls_model, load_tokenizer  # noqa: E402
 from deftx_engine.vectors import SparseVector  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "nusax"
 VALID = Path("mt") / "valid.csv"
 
 

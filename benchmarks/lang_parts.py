@@ -63,8 +63,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weight
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/lang_parts.py` finds deftx_engine and benchmarks
 
-from benchmarks.crosslingual import DEFAULT_DATA, _hash  # noqa: E402
-from deftx_engine.data import TaskData, load_task_data  # noqa: E402
+from benchmarks.crosslingual import DEFAULT_DATA, _hash, sorted_task_data  # noqa: E402
+from deftx_engine.data import TaskData  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
 from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
 from deftx_engine.params import layer_of, param_group  # noqa: E402
@@ -234,15 +234,6 @@ def find_vector(results: dict, where: Path, kind: str, variant: str, seed: int, 
 def settings_differ(a: dict, b: dict) -> dict[str, tuple]:
     """The language-vector settings in which two results files differ (missing fields at their default)."""
     return {k: (a.get(k, d), b.get(k, d)) for k, d in LANG_SETTINGS.items() if a.get(k, d) != b.get(k, d)}
-
-
-def sorted_task_data(path: Path, label_names: list[str]) -> TaskData:
-    """The labelled file, rows sorted by text length, as the benchmark's evaluator reads it."""
-    td = load_task_data(path, label_names=label_names)
-    order = sorted(range(len(td)), key=lambda i: len(td.texts[i]))
-    return TaskData(texts=[td.texts[i] for i in order], labels=[td.labels[i] for i in order],
-                    label_names=td.label_names, source=td.source,
-                    text_pairs=[td.text_pairs[i] for i in order] if td.text_pairs else None)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------

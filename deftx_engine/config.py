@@ -221,13 +221,20 @@ PHASE2_ONLY = frozenset({"method", "rank_policy", "energy", "rank", "residual_sh
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TrainConfig)}
 
 
+# fields added after run folders, phase-1 files and benchmark caches were first written: at their default they
+# are left out of a recorded config's identity, so what was recorded before them still matches
+ADDED_LATER = frozenset({"param_groups"})
+
+
+def settings_key(settings: dict) -> dict:
+    """``settings`` without the ADDED_LATER fields that are at their default: what identifies a run."""
+    return {k: v for k, v in settings.items() if not (k in ADDED_LATER and FIELDS[k].default == v)}
+
+
 def same_run(recorded: dict, config: dict) -> bool:
-    """Whether a run folder's recorded config is ``config``: a field added to TrainConfig after the folder was
-    written counts as recorded at its default, so runs from before the field can still be resumed."""
-    if recorded.keys() - config.keys():
-        return False
-    return all(recorded[k] == v if k in recorded else k in FIELDS and FIELDS[k].default == v
-               for k, v in config.items())
+    """Whether a run folder's recorded config is ``config`` (one written before an ADDED_LATER field existed
+    holds that field at its default)."""
+    return settings_key(recorded) == settings_key(config)
 
 
 def field_types() -> dict[str, Any]:

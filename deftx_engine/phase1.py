@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
+from .config import same_run
 from .errors import DeftxError
 from .fileio import atomic_write_bytes
 
@@ -50,8 +51,6 @@ def load_deltas(path: str | Path, settings: dict, shapes: dict[str, torch.Size])
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    from .config import same_run
-
     written = json.loads(json.dumps(settings, default=str))  # the settings as the file holds them
     if not same_run(json.loads(meta.get("settings", "{}")), written):
         raise DeftxError(f"{path}: phase-1 deltas of other settings; delete the file or use another path")

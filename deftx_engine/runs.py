@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import same_run
 from .errors import ConfigError, DeftxError
 from .fileio import write_json_atomic
 
@@ -72,8 +73,6 @@ class RunDir:
         """
         old = read_json(self.config_file)
         if old is not None and not overwrite:
-            from .config import same_run
-
             if not same_run(old, config):
                 raise ConfigError(f"{self.path} holds a different run (see {self.config_file}); "
                                   "choose another --output-dir or pass --overwrite")
