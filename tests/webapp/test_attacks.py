@@ -219,6 +219,17 @@ def test_analyze_refusals_fill_every_output_with_a_message(studio, api):
     refused(out[0], "field 'kind'")
 
 
+def test_a_vector_without_spectra_says_so_and_shows_no_empty_plot(studio, api):
+    fns = api(studio)
+    run_id = studio.registry.add_vector("pulled", "task", tiny_vector(studio.home / "vectors" / "pulled"))
+    msg, summary, matrix, spectrum, density, *_ = fns["analyze"](run_id, None, None)
+    assert msg == "" and "SVD spectra: none" in summary and "pulled vector" in summary
+    assert spectrum["visible"] is False and spectrum["value"] is None and matrix["choices"] == []
+    assert density is not None  # the rest of the analysis is still there
+    msg, spectrum = fns["spectrum"](run_id, "x")[:2]
+    assert "pulled vector" in msg and spectrum["visible"] is False
+
+
 EVIL = "<img src=http://evil.example/x.png>![y](http://evil.example/y.png)`"
 
 

@@ -171,13 +171,16 @@ def test_analyze_spectrum_density_overlap(client, trained):
     assert msg == ""
     assert "language vector (id)" in summary and "overlap with **task-en**" in summary and "Jaccard" in summary
     assert matrix["value"] in [c[1] for c in matrix["choices"]]
+    assert spectrum["visible"] is True
+    spectrum = spectrum["value"]
     for fig in (spectrum, density, overlap):
         assert fig["type"] == "plotly"
     assert "singular value" in spectrum["plot"] and "Jaccard" in overlap["plot"]
     assert table["headers"][:3] == ["matrix", "shape", "rank"]
     other = matrix["choices"][-1][1]
     msg, spectrum2, *_ = client.predict(lang, other, api_name="/spectrum")
-    assert spectrum2["type"] == "plotly" and other in spectrum2["plot"]
+    assert spectrum2["visible"] is True
+    assert spectrum2["value"]["type"] == "plotly" and other in spectrum2["value"]["plot"]
 
 
 def test_predict_and_score(client, trained):

@@ -16,6 +16,8 @@ from .pickers import refresh_on_open
 ANALYZE_INPUTS = ["analyze.run", "analyze.matrix", "analyze.other"]
 ANALYZE_OUTPUTS = ("analyze.status", "analyze.summary", "analyze.matrix", "analyze.spectrum", "analyze.density",
                    "analyze.overlap", "analyze.table")
+NO_SPECTRA = ("Only a DeFT-X run trained here has them: LT-SFT runs are not denoised, and a pulled vector "
+              "carries no phase-1 delta.")
 
 
 def layout(ui: UI) -> None:
@@ -58,10 +60,10 @@ def spectrum(studio: Studio, run_id, matrix) -> Updates:
 
     records = spectra(studio, run_id)
     if not records:
-        return {"analyze.status": "No spectra for this vector (LT-SFT runs and pulled vectors are not denoised).",
-                "analyze.spectrum": None}
+        return {"analyze.status": NO_SPECTRA, "analyze.spectrum": gr.update(value=None, visible=False)}
     matrix = matrix if matrix in records else default_matrix(records)
-    return {"analyze.status": "", "analyze.spectrum": spectrum_figure(records[matrix], f"Spectrum: {matrix}")}
+    return {"analyze.status": "",
+            "analyze.spectrum": gr.update(value=spectrum_figure(records[matrix], f"Spectrum: {matrix}"), visible=True)}
 
 
 @handler(*ANALYZE_OUTPUTS)
@@ -91,9 +93,11 @@ def analyze(studio: Studio, run_id, matrix, other_id) -> Updates:
         lines.append(f"- denoising: {pol}, residual share ρ = {text(d.get('residual_share'))}")
     records = spectra(studio, run_id)
     table = None
-    spec_fig = None
+    spec_fig = gr.update(value=None, visible=False)  # no empty plot box where there is nothing to show
     mat_update = gr.update(choices=[], value=None)
-    if records:
+    if not records:
+        lines.append(f"- SVD spectra: none. {NO_SPECTRA}")
+    else:
         summ = spectra_summary(row["run_dir"])
         table = pd.DataFrame([{"matrix": n, "shape": "×".join(map(str, r["shape"])), "rank": r["rank"],
                                "energy kept": round(r["energy_retained"], 4),
@@ -104,7 +108,7 @@ def analyze(studio: Studio, run_id, matrix, other_id) -> Updates:
                      f"range {min(ranks)}–{max(ranks)}")
         matrix = matrix if matrix in records else default_matrix(records)
         mat_update = gr.update(choices=list(records), value=matrix)
-        spec_fig = spectrum_figure(records[matrix], f"Spectrum: {matrix}")
+        spec_fig = gr.update(value=spectrum_figure(records[matrix], f"Spectrum: {matrix}"), visible=True)
     density = density_heatmap(vec.mask(), vec.shapes, f"Mask density: {row['name']}")
     ov_fig = None
     if other_id and other_id != run_id:
