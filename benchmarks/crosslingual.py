@@ -686,8 +686,9 @@ def markdown(s: Settings, summary: dict, meta: dict) -> str:
                         f"({r['lang_mlm']['encoder_only']:.2f})" if "lang_mlm" in r else "–") +
                      f" | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
     other = meta.get("other_cores_mean")
-    lines += ["", f"Wall time of this invocation: {meta['wall_seconds'] / 60:.1f} min "
-                  f"(expected {meta['expected_seconds'] / 60:.1f} min for the work that was not cached); "
+    expected = (f"expected {meta['expected_seconds'] / 60:.1f} min for the work that was not cached"
+                if meta.get("calibration") else "no time estimate: nothing left to train, or --no-calibrate")
+    lines += ["", f"Wall time of this invocation: {meta['wall_seconds'] / 60:.1f} min ({expected}); "
                   f"{meta['trained']} runs trained, {meta['reused']} reused; other processes used "
                   + ("n/a" if other is None else f"{other:.2f}") + " cores on average meanwhile."]
     q = meta.get("quiet_projection")

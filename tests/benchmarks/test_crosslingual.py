@@ -107,6 +107,8 @@ def test_source_language_protocol(tmp_path):
     assert src_task["source_language_vector"] == str(Path(runs[("language", "deftx", "indonesian")]["folder"])
                                                      / "vector")
     assert 0 <= result["summary"]["deftx-src"]["average"][0] <= 100
+    report = next((tmp_path / "work").rglob("results.md")).read_text(encoding="utf-8")
+    assert "no time estimate: nothing left to train, or --no-calibrate" in report and "expected 0.0 min" not in report
 
 
 def test_missing_language_is_a_clear_error(tmp_path):
