@@ -88,7 +88,7 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/crosslingual.py` finds deftx
 
 import torch  # noqa: E402
 
-from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
+from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet  # noqa: E402
 from deftx_engine.config import settings_key  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
 from deftx_engine.data import TaskData, load_task_data  # noqa: E402
@@ -837,9 +837,9 @@ def main(argv: list[str] | None = None) -> dict:
         result = {"settings": asdict(s), "meta": meta, "summary": summary, "evaluations": evals,
                   "runs": [{"kind": j.kind, "variant": j.variant, "seed": j.seed, "target": j.target,
                             "steps": j.steps, "train_seconds": j.seconds(), "folder": str(j.folder)} for j in jobs]}
-        write_json_atomic(out.with_suffix(".json"), result)
-        out.with_suffix(".md").write_text(markdown(s, summary, meta), encoding="utf-8")
-        html_report(s, summary, out.with_suffix(".html"))
+        write_json_atomic(prefixed(out, ".json"), result)
+        prefixed(out, ".md").write_text(markdown(s, summary, meta), encoding="utf-8")
+        html_report(s, summary, prefixed(out, ".html"))
         return result
 
     n_done = 0
@@ -872,7 +872,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{e['where']} {100 * e['macro_f1']:.1f}" for e in evals[-len(s.targets) - 1:]), flush=True)
         result = write_results()
     print(markdown(s, result["summary"], meta))
-    print(f"results: {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.html')}")
+    print(f"results: {prefixed(out, '.json')}, {prefixed(out, '.md')}, {prefixed(out, '.html')}")
     return result
 
 

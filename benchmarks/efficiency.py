@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import OtherCpu, machine_info
+from benchmarks.common import OtherCpu, machine_info, prefixed
 from benchmarks.perf import Phases, engine_mask, load, make_batches, model_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,9 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
                 res["whole"][m] = whole_sft(src, args.whole_steps)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
+    prefixed(out, ".json").write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
     md = markdown(res)
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    prefixed(out, ".md").write_text(md, encoding="utf-8")
     print(md)
     return res
 

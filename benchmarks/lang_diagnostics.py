@@ -58,6 +58,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from benchmarks.common import prefixed  # noqa: E402
 from benchmarks.crosslingual import DEFAULT_DATA  # noqa: E402
 from deftx_engine.e5_small import ALIAS as E5_ALIAS  # noqa: E402
 from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
@@ -384,9 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
                            "date": _dt.datetime.now().isoformat(timespec="seconds")},
               "targets": {t: target_report(st, text, t, label_names) for t in langs}}
     result["wall_seconds"] = time.perf_counter() - t0
-    write_json_atomic(out.with_name(out.name + ".json"), result)
+    write_json_atomic(prefixed(out, ".json"), result)
     md = markdown(result)
-    atomic_write_text(out.with_name(out.name + ".md"), md)
+    atomic_write_text(prefixed(out, ".md"), md)
     print(md)
     return result
 

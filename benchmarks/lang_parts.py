@@ -63,6 +63,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weight
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/lang_parts.py` finds deftx_engine and benchmarks
 
+from benchmarks.common import prefixed  # noqa: E402
 from benchmarks.crosslingual import DEFAULT_DATA, _hash, sorted_task_data  # noqa: E402
 from deftx_engine.data import TaskData  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
@@ -323,10 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _with(prefix: Path, suffix: str) -> Path:
-    return prefix.with_name(prefix.name + suffix)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
@@ -361,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     task_vec = SparseVector.load(task)
     n_layers = layer_count(task_vec.meta.base_model, list(task_vec.indices))
-    scorer = Scorer(_with(out, ".cache.jsonl"), task, args.seed, int(st.get("eval_batch_size", 32)), n_layers)
+    scorer = Scorer(prefixed(out, ".cache.jsonl"), task, args.seed, int(st.get("eval_batch_size", 32)), n_layers)
     scorer.vectors[task] = task_vec
     lang_scale = float(st.get("lang_scale", 1.0))
     parts = ["none", *[p for p in dict.fromkeys(args.parts) if p != "none"]]
@@ -414,11 +411,11 @@ def main(argv: list[str] | None = None) -> dict:
                        "eval_seconds": sum({e["key"]: e["eval_seconds"] for e in evaluations}.values()),
                        "evaluated": scorer.evaluated,
                        "cached": scorer.cached}}
-    write_json_atomic(_with(out, ".json"), result)
+    write_json_atomic(prefixed(out, ".json"), result)
     md = markdown(result)
-    atomic_write_text(_with(out, ".md"), md)
+    atomic_write_text(prefixed(out, ".md"), md)
     print(md)
-    print(f"results: {_with(out, '.json')}, {_with(out, '.md')}")
+    print(f"results: {prefixed(out, '.json')}, {prefixed(out, '.md')}")
     return result
 
 

@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
+from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, KINDS  # noqa: E402
 from deftx_engine.denoise import DenoiseConfig, denoise_deltas  # noqa: E402
 from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
@@ -547,9 +547,9 @@ def main(argv: list[str] | None = None) -> dict:
     md = markdown(res)
     print(md)
     out = Path(args.out)
-    write_json_atomic(out.with_suffix(".json"), res, default=str)
-    atomic_write_text(out.with_suffix(".md"), md)
-    print(f"results: {out.with_suffix('.md')}, {out.with_suffix('.json')}")
+    write_json_atomic(prefixed(out, ".json"), res, default=str)
+    atomic_write_text(prefixed(out, ".md"), md)
+    print(f"results: {prefixed(out, '.md')}, {prefixed(out, '.json')}")
     return res
 
 

@@ -1,7 +1,7 @@
 """benchmarks/common.py: the RESULTS.md section writer, the CPU meter and the machine description."""
 import time
 
-from benchmarks.common import OtherCpu, machine_info, wait_quiet, write_results_section
+from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet, write_results_section
 
 RESULTS = "# Benchmark results\n\n## Web app\n\nold figures\n\n## Engine core\n\nkept | 1 s\n"
 
@@ -36,3 +36,9 @@ def test_no_wait_without_a_limit_and_a_machine_header():
     info = machine_info("torch")
     assert {"date", "cpu", "nproc", "python", "torch", "torch threads"} <= set(info)
     assert list(info)[-1] == "load average (1/5/15 min) at start"
+
+
+def test_an_output_prefix_keeps_its_dots(tmp_path):
+    """``--out s09-k0.1`` once wrote s09-k0.json (``with_suffix`` cut ``.1``)."""
+    assert prefixed(tmp_path / "s09-k0.1", ".json") == tmp_path / "s09-k0.1.json"
+    assert prefixed(tmp_path / "results", ".cache.jsonl").name == "results.cache.jsonl"
