@@ -12,11 +12,17 @@ $B --methods task-only deftx-src --out "$WORK/s02-last-layer-src"
 $B --methods task-only deftx deftx-src --lang-scale 0.5 --out "$WORK/s03-last-layer-scale-half"
 $B --methods task-only deftx deftx-src --lang-mlm-layer 6 --out "$WORK/s04-layer6"
 $B --methods task-only deftx --lang-scale 0.25 --out "$WORK/s05-last-layer-scale-quarter"
-$B --methods task-only deftx --lang-lr 1e-4 --lang-steps 100 --out "$WORK/s06-lr1e-4-steps100"
+G="--lang-lr 1e-4 --lang-steps 100"  # the gentle, longer language SFT
+$B --methods task-only deftx lt-sft $G --out "$WORK/s06-lr1e-4-steps100"
+$B --methods task-only deftx $G --lang-k 0.01 --out "$WORK/s08-gentle-k0.01"
+$B --methods task-only deftx-src $G --out "$WORK/s11-gentle-src"
+$B --methods task-only deftx $G --lang-k 0.1 --out "$WORK/s09-gentle-k0.1"
 # post hoc, no training: which part of the vectors costs, and theta0 + phi_task + s (phi_target - phi_source)
 python -m benchmarks.lang_parts --results "$WORK/s01-fit-head-last-layer.json" \
     --source-results "$WORK/s02-last-layer-src.json" --out "$WORK/parts-last-layer"
 python -m benchmarks.lang_parts --results "$WORK/s04-layer6.json" --out "$WORK/parts-layer6"
+python -m benchmarks.lang_parts --results "$WORK/s06-lr1e-4-steps100.json" --source-results "$WORK/s11-gentle-src.json" \
+    --parts all none --out "$WORK/parts-gentle"
 # what the vectors do to the representations (NusaX-MT valid: movement, alignment with Indonesian)
 lang_args() {  # --lang target=vector for the seed-1 deftx runs of one results file
     python - "$1" <<'PY'
@@ -32,7 +38,10 @@ for run in s01-fit-head-last-layer s04-layer6 s06-lr1e-4-steps100; do
     # shellcheck disable=SC2046
     python -m benchmarks.lang_diagnostics --task "$task/vector" $(lang_args "$WORK/$run.json") --out "$WORK/diag-$run"
 done
-python -m benchmarks.search_history "$WORK"/s0*.json
+python -m benchmarks.search_history "$WORK"/s[01]*.json
 # the final comparison: 3 seeds, every method (phase 1 shared by the variants of a seed)
 python -m benchmarks.crosslingual --model multilingual-e5-small --targets $T --seeds 3 --no-calibrate \
     --work-dir "$WORK" --out "$WORK/final-3seeds"
+# the gentle recipe (s06) over 3 seeds, against task-only and LT-SFT
+python -m benchmarks.crosslingual --model multilingual-e5-small --targets $T --seeds 3 --no-calibrate \
+    --work-dir "$WORK" --methods task-only deftx lt-sft $G --out "$WORK/s10-gentle-3seeds"
