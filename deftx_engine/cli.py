@@ -139,6 +139,17 @@ def _evaluate(args) -> int:
                         label_column=args.label_column, label_names=names)
     result = {"data": args.data, "task": args.task, "language": args.language or [],
               **evaluate_task_data(model, tok, td)}
+    if args.language:  # what the language vectors add or cost is never left for the user to work out
+        from .inference import composed_model
+
+        alone = evaluate_task_data(*composed_model(args.task, []), td)
+        diff = result["macro_f1"] - alone["macro_f1"]
+        result["task_only"] = {k: alone[k] for k in ("macro_f1", "accuracy")}
+        result["language_effect_macro_f1"] = diff
+        verdict = (f"adds {diff:.3f}" if diff > 0 else f"COSTS {-diff:.3f}: it hurts here" if diff < 0
+                   else "changes nothing")
+        print(f"macro-F1 {result['macro_f1']:.3f} with the language vector, {alone['macro_f1']:.3f} with the task "
+              f"vector alone: the language vector {verdict}", file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")
@@ -229,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--output-dir", required=True, help="where to write the model (loads with transformers.pipeline)")
 
-    p = command("evaluate", _evaluate, "macro-F1, accuracy and confusion matrix of a composed model (JSON)")
+    p = command("evaluate", _evaluate, "macro-F1, accuracy and confusion matrix of a composed model (JSON); with "
+                "--language also the task vector alone, and the difference")
     model_args(p)
     data_args(p, True)
     p.add_argument("--output", help="also write the JSON to this file")

@@ -92,6 +92,14 @@ def test_compose_evaluate_predict_inspect(trained, tmp_path, capsys):
                  "--output", str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["n"] == 90 and 0 <= result["macro_f1"] <= 1 and sum(map(sum, result["confusion"])) == 90
+    alone = result["task_only"]["macro_f1"]  # the task vector alone beside the composed model, and the difference
+    assert result["language_effect_macro_f1"] == pytest.approx(result["macro_f1"] - alone)
+    err = capsys.readouterr().err
+    assert f"{result['macro_f1']:.3f} with the language vector, {alone:.3f} with the task vector alone" in err
+    assert ("COSTS" in err) == (result["macro_f1"] < alone)
+    assert main(["evaluate", "--task", task, "--data", EVAL, "--output", str(tmp_path / "alone.json")]) == 0
+    only = json.loads((tmp_path / "alone.json").read_text())
+    assert only["macro_f1"] == pytest.approx(alone) and "task_only" not in only
     capsys.readouterr()
     assert main(["predict", "--task", task, "--language", lang, "--text", "makanan ini enak"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
