@@ -107,6 +107,7 @@ def prefixed(prefix: Path, suffix: str) -> Path:
     """``PREFIX`` + ``suffix``: an output prefix such as ``s09-k0.1`` keeps its dot (``with_suffix`` would cut it)."""
     return prefix.with_name(prefix.name + suffix)
 
+
 def write_results_section(heading: str, body: str, path: Path = RESULTS) -> None:
     """Replace the ``heading`` section of RESULTS.md (up to the next ``## `` heading) with ``heading`` +
     ``body``, or append it; the other sections are kept byte for byte."""

@@ -140,16 +140,14 @@ def _evaluate(args) -> int:
     result = {"data": args.data, "task": args.task, "language": args.language or [],
               **evaluate_task_data(model, tok, td)}
     if args.language:  # what the language vectors add or cost is never left for the user to work out
-        from .inference import composed_model
+        from .inference import composed_model, language_effect
 
         alone = evaluate_task_data(*composed_model(args.task, []), td)
         diff = result["macro_f1"] - alone["macro_f1"]
         result["task_only"] = {k: alone[k] for k in ("macro_f1", "accuracy")}
         result["language_effect_macro_f1"] = diff
-        verdict = (f"adds {diff:.3f}" if diff > 0 else f"COSTS {-diff:.3f}: it hurts here" if diff < 0
-                   else "changes nothing")
         print(f"macro-F1 {result['macro_f1']:.3f} with the language vector, {alone['macro_f1']:.3f} with the task "
-              f"vector alone: the language vector {verdict}", file=sys.stderr)
+              f"vector alone: {language_effect(diff)}", file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")

@@ -122,6 +122,16 @@ def evaluate_task_data(model, tokenizer, td: TaskData, batch_size: int = 32,
     return classification_metrics([lid[l] for l in td.labels], probs.argmax(-1).tolist(), names)
 
 
+
+def language_effect(diff: float) -> str:
+    """What a language vector does to macro-F1 (composed minus task vector alone), in the words the CLI and the
+    app share: a cost is said as a cost."""
+    if diff > 0:
+        return f"the language vector adds {diff:.3f} macro-F1"
+    if diff < 0:
+        return f"the language vector COSTS {-diff:.3f} macro-F1: it hurts here"
+    return "the language vector changes nothing here"
+
 def prediction_inputs(source, text_column: str | None = None, pair_column: str | None = None,
                       label_column: str = "label", max_rows: int | None = None, labelled: bool = False,
                       label_names: Sequence[str] | None = None) -> tuple[list[str], list[str] | None, list[str] | None]:

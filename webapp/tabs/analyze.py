@@ -60,7 +60,8 @@ def spectrum(studio: Studio, run_id, matrix) -> Updates:
 
     records = spectra(studio, run_id)
     if not records:
-        return {"analyze.status": NO_SPECTRA, "analyze.spectrum": gr.update(value=None, visible=False)}
+        return {"analyze.status": f"No SVD spectra for this vector. {NO_SPECTRA}",
+                "analyze.spectrum": gr.update(value=None, visible=False)}
     matrix = matrix if matrix in records else default_matrix(records)
     return {"analyze.status": "",
             "analyze.spectrum": gr.update(value=spectrum_figure(records[matrix], f"Spectrum: {matrix}"), visible=True)}

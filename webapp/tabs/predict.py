@@ -230,13 +230,12 @@ def per_label_f1(m: dict) -> str:
 
 def side_by_side(m: dict, alone: dict) -> str:
     """The composed model's macro-F1 next to the task vector's alone, and what the language vector adds or costs."""
+    from deftx_engine.inference import language_effect
+
     diff = m["macro_f1"] - alone["macro_f1"]
-    if diff > 0:
-        verdict = f"<span class='dx-ok'>▲ the language vector adds {diff:.3f} macro-F1</span>"
-    elif diff < 0:
-        verdict = f"<span class='dx-err'>▼ the language vector COSTS {-diff:.3f} macro-F1: it hurts here</span>"
-    else:
-        verdict = "the language vector changes nothing here"
+    verdict = language_effect(diff)
+    if diff:
+        verdict = f"<span class='dx-ok'>▲ {verdict}</span>" if diff > 0 else f"<span class='dx-err'>▼ {verdict}</span>"
     return (f"<br>with the language vector: macro-F1 **{m['macro_f1']:.3f}**; task only: "
             f"**{alone['macro_f1']:.3f}**; difference **{diff:+.3f}** — {verdict}")
 
