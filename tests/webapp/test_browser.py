@@ -255,6 +255,7 @@ def test_tabs_titles_labels_and_deleting_a_run(driver, app_with_vectors):
     wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#dx-analyze-density .js-plotly-plot .gtitle"),
          what="the density figure")
     time.sleep(1)
+    assert "SVD spectra: none" in d.find_element(By.ID, "dx-analyze-summary").text  # pulled: said, no empty box
     d.save_screenshot(str(ARTIFACTS / "webapp_analyze.png"))
 
     tab(d, "Runs")
