@@ -130,6 +130,8 @@ def _informed_start(model, tokenizer, lines: Sequence[str], max_length: int) -> 
 def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg: HeadFitConfig,
              progress: Callable[[str], None] | None = None) -> dict:
     """Fit the head of ``model`` in place (encoder frozen); returns the fit's record (steps, losses)."""
+    if not train:
+        raise ValueError("fit_head() needs at least one line of text")
     params = head_parameters(model)
     enc_params = [p for n, p in model.named_parameters() if n not in params]
     frozen = [p.requires_grad for p in enc_params]
@@ -143,10 +145,13 @@ def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg
     history = [{"step": 0, **score()}]
     t0, step, best = time.time(), 0, history[0]["loss"]
     model.train()
+    # whole batches per pass over the text; a text smaller than one batch is one (smaller) batch, so every
+    # pass takes at least one step and the loop ends after at most max_steps passes
+    per_pass = max(1, len(train) // cfg.batch_size)
     while step < cfg.max_steps:
         order = torch.randperm(len(train), generator=gen).tolist()
-        for i in range(0, len(order) - cfg.batch_size + 1 or 1, cfg.batch_size):
-            batch = [train[j] for j in order[i:i + cfg.batch_size]]
+        for i in range(per_pass):
+            batch = [train[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
             enc, special = next(_batches(tokenizer, batch, cfg.batch_size, cfg.max_length))
             ids, labels = mask_tokens(enc["input_ids"], special, tokenizer.mask_token_id, len(tokenizer), gen)
             enc = {k: v.to(dev) for k, v in enc.items()}

@@ -295,8 +295,9 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
         if main:
             run.update(state="running", phase="full", step=0, total_steps=total, message="")
 
-        # phase 1: full fine-tuning, unless a mask from an earlier attempt exists
-        if resume and run.mask_file.exists():
+        # phase 1: full fine-tuning, unless a mask from an earlier attempt exists and a sparse phase follows
+        # (without one, the vector is the masked phase-1 delta: phase 1 resumes from its last checkpoint)
+        if resume and cfg.sparse_phase and run.mask_file.exists():
             mask = {n: t.long() for n, t in load_file(str(run.mask_file)).items()}
             say("resumed: mask found, phase 1 skipped")
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -72,7 +73,6 @@ class SparseVector:
     values: dict[str, Tensor] = field(default_factory=dict)
     heads: dict[str, Tensor] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    _saved: list[dict[str, Tensor]] = field(default_factory=list, repr=False, compare=False)
     _checked: tuple | None = field(default=None, repr=False, compare=False)
 
     # ---- building ---------------------------------------------------------------------------------
@@ -175,18 +175,26 @@ class SparseVector:
                 for name, t in self.heads.items():
                     saved[name + ".head"] = params[name].data.clone()
                     params[name].data.copy_(t)
-        self._saved.append(saved)
+        _APPLIED.setdefault(model, []).append((self, saved))
         return model
 
     @torch.no_grad()
     def revert(self, model: nn.Module, *, times: Times | None = None) -> nn.Module:
-        """Undo the last ``apply`` bit-exactly (stored old entries are written back, not subtracted).
+        """Undo this vector's ``apply`` on ``model`` bit-exactly (stored old entries are written back, not
+        subtracted). Vectors applied on top of each other are undone last first: reverting one that is not the
+        last applied to ``model`` would write back entries that the later vectors had already changed, so it is
+        refused.
 
         ``times`` (see ``timing``) gets the seconds of indices (int32 -> int64), write back and heads.
         """
-        if not self._saved:
-            raise VectorError("revert() without a matching apply()")
-        saved = self._saved.pop()
+        stack = _APPLIED.get(model, [])
+        if not any(vec is self for vec, _ in stack):
+            raise VectorError("revert() without a matching apply() on this model")
+        if stack[-1][0] is not self:
+            last = stack[-1][0].meta
+            raise VectorError(f"revert() out of order: the {last.kind} vector ({last.language or 'no language'}) "
+                              "was applied to this model after this one; revert it first")
+        saved = stack.pop()[1]
         params = dict(model.named_parameters())
         for name, old in saved.items():
             if name.endswith(".head"):
@@ -255,6 +263,10 @@ class SparseVector:
         return vec
 
 
+# per model, the vectors applied to it and the entries each overwrote, last on top (for ``revert``); weak, so
+# a model that is dropped takes its record with it
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, list[tuple[SparseVector, dict[str, Tensor]]]]" = \
+    weakref.WeakKeyDictionary()
 MAX_CONFIG_BYTES = 64 * 2 ** 20
 KINDS_OF_VECTORS = ("language", "task", "composed")
 INDEX_DTYPES = (torch.int32, torch.int64)

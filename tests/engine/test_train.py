@@ -1,6 +1,7 @@
 """The two-phase trainer and the deftx CLI on a tiny model (and a MiniLM smoke run on NusaX)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from deftx_engine.cli import main
+from deftx_engine.mlm_head import split_heldout
 from deftx_engine.vectors import SparseVector
 from tiny import ASSETS, make_tiny_model_dir
 
@@ -210,6 +212,7 @@ def training_step(self, *a, **kw):
     return step(self, *a, **kw)
 Trainer.training_step = training_step
 from deftx_engine.cli import main
+from deftx_engine.mlm_head import split_heldout
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -383,3 +386,48 @@ def test_param_groups_confine_the_vector(tiny_dir, tmp_path, groups, trained):
     everything = SparseVector.load(trained / "lang" / "vector").meta.extra["n_maskable"]
     assert vec.meta.extra["n_maskable"] < everything  # k is a share of the allowed parameters
     assert vec.nnz == round(0.028 * vec.meta.extra["n_maskable"])
+
+
+# ---- review findings: small corpora, the no-retrain ablation resumed ---------------------------------------
+@pytest.mark.parametrize("n_lines", [1, 5, 30])
+def test_language_sft_on_a_corpus_smaller_than_a_batch(tiny_dir, tmp_path, n_lines):
+    """The head fit (32 lines a batch) and both phases finish on a corpus of a few lines (it used to spin)."""
+    lines = Path(CORPUS).read_text(encoding="utf-8").splitlines()[:n_lines]
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train-language", "--data", str(corpus), "--base-model", tiny_dir, "--full-steps", "3",
+                 "--sparse-steps", "3", "--k", "0.05", "--output-dir", str(run), *FAST]) == 0
+    vec = SparseVector.load(run / "vector")
+    trained_on = len(split_heldout(lines, 0.1)[0])  # a corpus of 20 lines or more holds every 10th line out
+    assert vec.meta.extra["mlm_head"]["n_lines"] == trained_on and vec.meta.extra["mlm_head"]["steps"] > 0
+    assert json.loads((run / "status.json").read_text())["state"] == "done"
+
+
+def test_a_blank_corpus_is_refused_naming_the_file(tiny_dir, tmp_path, capsys):
+    corpus = tmp_path / "blank.txt"
+    corpus.write_text("\n  \n\n", encoding="utf-8")
+    assert main(["train-language", "--data", str(corpus), "--base-model", tiny_dir,
+                 "--output-dir", str(tmp_path / "run")]) != 0
+    assert str(corpus) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resumed_no_retrain_run_equals_the_uninterrupted_one(tiny_dir, tmp_path):
+    """Resumed after its mask was written (phase 1 done, vector not yet saved), the no-retrain ablation saves
+    the same vector as without the interruption -- it used to save phi = 0."""
+    args = ["train-language", "--data", CORPUS, "--base-model", tiny_dir, "--full-steps", "6", "--save-steps", "3",
+            "--sparse-phase", "false", "--k", "0.05", "--lr", "1e-3", "--keep-checkpoints", *FAST]
+    assert main([*args, "--output-dir", str(tmp_path / "ref")]) == 0
+    run = tmp_path / "run"
+    assert main([*args, "--output-dir", str(run)]) == 0
+    shutil.rmtree(run / "vector")  # as if killed after the mask was written, before the vector was saved
+    assert (run / "mask.safetensors").is_file()
+    assert main([*args, "--output-dir", str(run), "--resume"]) == 0
+    a, b = SparseVector.load(tmp_path / "ref" / "vector"), SparseVector.load(run / "vector")
+    assert a.nnz == b.nnz > 0 and max(float(v.abs().max()) for v in a.values.values()) > 1e-4
+    for n in a.indices:
+        assert torch.equal(a.indices[n], b.indices[n])
+        assert torch.allclose(a.values[n], b.values[n], atol=1e-6), n
+    for n in a.heads:  # the phase-1 heads, not theta0's
+        assert torch.allclose(a.heads[n], b.heads[n], atol=1e-6), n

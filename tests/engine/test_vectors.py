@@ -173,3 +173,38 @@ def test_save_is_atomic(tmp_path, tiny_cls_model, monkeypatch):
 def test_revert_without_apply(tiny_cls_model):
     with pytest.raises(VectorError, match="without a matching apply"):
         make_vector(tiny_cls_model).revert(tiny_cls_model)
+
+
+def test_revert_out_of_order_is_refused_and_changes_nothing(tiny_cls_model):
+    """Two vectors whose entries overlap: reverting the first while the second is applied would write back
+    entries the second had changed. It is refused, the model is untouched, and the right order is exact."""
+    before = state(tiny_cls_model)
+    a, b = make_vector(tiny_cls_model, seed=5), make_vector(tiny_cls_model, kind="language", seed=5, heads=False)
+    assert any(torch.isin(a.indices[n], b.indices[n]).any() for n in a.indices)  # same seed: same entries
+    a.apply(tiny_cls_model)
+    b.apply(tiny_cls_model)
+    applied = state(tiny_cls_model)
+    with pytest.raises(VectorError, match="out of order"):
+        a.revert(tiny_cls_model)
+    assert all(torch.equal(applied[n], t) for n, t in state(tiny_cls_model).items())
+    b.revert(tiny_cls_model)
+    a.revert(tiny_cls_model)
+    assert all(torch.equal(before[n], t) for n, t in state(tiny_cls_model).items())
+
+
+def test_one_vector_on_two_models_reverts_each(tiny_cls_model):
+    """apply/revert are recorded per model: the record of one model never restores another's entries."""
+    import copy
+
+    other = copy.deepcopy(tiny_cls_model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    before_a, before_b = state(tiny_cls_model), state(other)
+    vec = make_vector(tiny_cls_model, seed=6)
+    vec.apply(tiny_cls_model)
+    vec.apply(other)
+    vec.revert(tiny_cls_model)
+    vec.revert(other)
+    assert all(torch.equal(before_a[n], t) for n, t in state(tiny_cls_model).items())
+    assert all(torch.equal(before_b[n], t) for n, t in state(other).items())
