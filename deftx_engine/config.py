@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .presets import preset
 
 RankPolicy = Literal["energy", "fixed"]
+ResidualScope = Literal["changed", "matrix"]
 
 
 def _help(text: str) -> dict[str, str]:
@@ -35,12 +36,16 @@ class DenoiseConfig:
     energy: share of sum(sigma^2) that L must keep (0.90 as in the paper).
     rank: r for the fixed policy (100 as in the paper's fixed-rank ablation).
     residual_share: rho, share of the residual entries of each matrix kept in S (0.05; 0 drops S).
+    residual_scope: what rho is a share of -- "changed": the rows phase 1 changed (a word-embedding delta is
+                 nonzero only in the rows of the tokens the corpus uses; see ``denoise.py``); "matrix": every
+                 entry of the matrix (before 0.9: such a delta kept its whole residual and was not denoised).
     """
 
     rank_policy: RankPolicy = "energy"
     energy: float = 0.90
     rank: int = 100
     residual_share: float = 0.05
+    residual_scope: ResidualScope = "changed"
 
     def __post_init__(self) -> None:
         if self.rank_policy not in ("energy", "fixed"):
@@ -52,6 +57,9 @@ class DenoiseConfig:
             raise ConfigError(f"rank must be >= 0, got {self.rank}", field="rank")
         if not 0.0 <= self.residual_share <= 1.0:
             raise ConfigError(f"residual_share must be in [0, 1], got {self.residual_share}", field="residual_share")
+        if self.residual_scope not in ("changed", "matrix"):
+            raise ConfigError(f"residual_scope must be 'changed' or 'matrix', got {self.residual_scope!r}",
+                              field="residual_scope")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +97,10 @@ class TrainConfig:
     rank: int = field(default=100, metadata=_help("rank r for --rank-policy fixed (clipped to each matrix)"))
     residual_share: float = field(default=0.05, metadata=_help(
         "rho: share of each matrix's residual entries kept after the low-rank part (0 drops it)"))
+    residual_scope: ResidualScope = field(default="changed", metadata=_help(
+        "what rho is a share of: changed = the rows of the matrix that phase 1 changed (a word-embedding delta "
+        "lives in the rows of the corpus's tokens); matrix = all its entries (older runs; such a delta is then "
+        "kept whole, not denoised)"))
     k: float | None = field(default=None, metadata=_help(
         "entries to train: a share of the maskable parameters (<1) or a count "
         f"(default: {DEFAULT_K['language']} language, {DEFAULT_K['task']} task)"))
@@ -184,7 +196,7 @@ class TrainConfig:
         self.denoise_config()  # validates rank policy, energy, rank, residual share
 
     def denoise_config(self) -> DenoiseConfig:
-        return DenoiseConfig(self.rank_policy, self.energy, self.rank, self.residual_share)
+        return DenoiseConfig(self.rank_policy, self.energy, self.rank, self.residual_share, self.residual_scope)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,19 +228,21 @@ class TrainConfig:
 
 
 # what only the mask choice and phase 2 read (logging changes no weight)
-PHASE2_ONLY = frozenset({"method", "rank_policy", "energy", "rank", "residual_share", "k", "sparse_steps",
+PHASE2_ONLY = frozenset({"method", "rank_policy", "energy", "rank", "residual_share", "residual_scope", "k",
+                         "sparse_steps",
                          "sparse_epochs", "sparse_phase", "save_steps", "logging_steps"})
 FIELDS: dict[str, Any] = {f.name: f for f in fields(TrainConfig)}
 
 
-# fields added after run folders, phase-1 files and benchmark caches were first written: at their default they
-# are left out of a recorded config's identity, so what was recorded before them still matches
-ADDED_LATER = frozenset({"param_groups"})
+# fields added after run folders, phase-1 files and benchmark caches were first written, each with the value that
+# a record written before it means: at that value the field is left out of a recorded config's identity, so what
+# was recorded before it still matches (and a run with another value never matches an old record)
+ADDED_LATER: dict[str, Any] = {"param_groups": "all", "residual_scope": "matrix"}
 
 
 def settings_key(settings: dict) -> dict:
-    """``settings`` without the ADDED_LATER fields that are at their default: what identifies a run."""
-    return {k: v for k, v in settings.items() if not (k in ADDED_LATER and FIELDS[k].default == v)}
+    """``settings`` without the ADDED_LATER fields at the value that older records mean: what identifies a run."""
+    return {k: v for k, v in settings.items() if not (k in ADDED_LATER and ADDED_LATER[k] == v)}
 
 
 def same_run(recorded: dict, config: dict) -> bool:

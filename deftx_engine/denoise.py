@@ -10,6 +10,19 @@ and L = delta V_r V_r^T needs no U at all. That is two matrix products over delt
 projection of delta, so a delta of exact rank r comes back to float tolerance. The Gram matrix is
 accumulated in float64, which keeps sigma^2 accurate to ~1e-12 relative to sigma_max^2 -- the range the
 energy rule looks at.
+
+Which entries rho is a share of (``DenoiseConfig.residual_scope``). The paper magnitude-prunes each matrix's
+higher-order residual to its largest 5 %, which assumes the matrix was trained as a whole. A phase-1 delta of
+the word embeddings is not: only the rows of the tokens the corpus uses change (``embedding_rows.py``), a few
+thousand of 250,002 on XLM-R. Counted over the whole matrix, 5 % of the entries is more than the residual has
+nonzero entries, so the whole residual was kept and the matrix -- most of the maskable entries -- was not
+denoised at all. So by default ("changed") a matrix is denoised as its *changed part*: the submatrix of the
+rows and columns where the delta has any nonzero entry, and rho is a share of that submatrix's entries. The
+low-rank part is the same either way (zero rows and columns add nothing to delta^T delta, and L = delta V V^T
+is zero where delta's rows are), so only the residual's budget changes, to what the method intends: keep the
+largest 5 % of the noise that phase 1 actually produced. A dense delta (every row and column changed) is
+denoised exactly as before; the SVD of a few thousand changed rows is also far cheaper than of 250k rows.
+"matrix" keeps the earlier count over every entry, for the ablation.
 """
 from __future__ import annotations
 
@@ -37,6 +50,7 @@ class DenoiseRecord:
     rank: int
     energy_retained: float
     residual_kept: int
+    changed_shape: tuple[int, int] | None = None  # rows x columns of the changed part (residual_scope "changed")
 
 
 def spectrum(delta: Tensor, times: Times | None = None) -> tuple[Tensor, Tensor]:
@@ -93,7 +107,7 @@ def _denoise_tall(delta: Tensor, cfg: DenoiseConfig, name: str, times: Times | N
     return DenoiseRecord(name, tuple(delta.shape), sigma.float().tolist(), r, energy, keep)
 
 
-def _denoise_inplace(delta: Tensor, cfg: DenoiseConfig, name: str, times: Times | None = None) -> DenoiseRecord:
+def _denoise_oriented(delta: Tensor, cfg: DenoiseConfig, name: str, times: Times | None) -> DenoiseRecord:
     """Overwrite a contiguous 2-D ``delta`` with L + S; a wide matrix is denoised as its transpose."""
     if delta.shape[0] >= delta.shape[1]:
         return _denoise_tall(delta, cfg, name, times)
@@ -106,12 +120,46 @@ def _denoise_inplace(delta: Tensor, cfg: DenoiseConfig, name: str, times: Times 
     return record
 
 
+def changed_part(delta: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows and the columns of ``delta`` that hold a nonzero entry (sorted int64 indices)."""
+    rows = torch.zeros(delta.shape[0], dtype=torch.bool)
+    cols = torch.zeros(delta.shape[1], dtype=torch.bool)
+    for start in range(0, delta.shape[0], CHUNK_ROWS):  # a bool copy of a chunk at a time, not of the matrix
+        nonzero = delta[start:start + CHUNK_ROWS] != 0
+        rows[start:start + CHUNK_ROWS] = nonzero.any(1)
+        cols |= nonzero.any(0)
+    return rows.nonzero().squeeze(1), cols.nonzero().squeeze(1)
+
+
+def _denoise_inplace(delta: Tensor, cfg: DenoiseConfig, name: str, times: Times | None = None) -> DenoiseRecord:
+    """Overwrite a contiguous 2-D ``delta`` with L + S, over its changed part unless ``cfg`` says otherwise."""
+    if cfg.residual_scope == "matrix":
+        return _denoise_oriented(delta, cfg, name, times)
+    with step(times, "support"):
+        rows, cols = changed_part(delta)
+    shape = (int(rows.numel()), int(cols.numel()))
+    if shape == tuple(delta.shape):
+        record = _denoise_oriented(delta, cfg, name, times)
+    elif 0 in shape:  # nothing changed: nothing to keep
+        record = DenoiseRecord(name, tuple(delta.shape), [0.0] * min(delta.shape), 0, 1.0, 0)
+    else:
+        with step(times, "support"):
+            part = delta.index_select(0, rows).index_select(1, cols)
+        record = _denoise_oriented(part, cfg, name, times)
+        with step(times, "support"):
+            delta[rows.unsqueeze(1), cols] = part  # outside the changed part L and S are zero, like delta
+        record.shape = tuple(delta.shape)
+    record.changed_shape = shape
+    return record
+
+
 def denoise_matrix(delta: Tensor, cfg: DenoiseConfig | None = None, name: str = "", *,
                    times: Times | None = None) -> tuple[Tensor, DenoiseRecord]:
     """delta' = L + S for one weight-matrix delta (a new tensor; ``delta`` is not changed).
 
-    ``times`` (see ``timing``) gets the seconds of each step: transpose (wide matrices), gram, eigh,
-    project (L and the residual), threshold and index (the residual's top-k), scatter (S into L).
+    ``times`` (see ``timing``) gets the seconds of each step: support (finding and writing back the changed
+    part), transpose (wide matrices), gram, eigh, project (L and the residual), threshold and index (the
+    residual's top-k), scatter (S into L).
     """
     if delta.dim() != 2:
         raise ConfigError(f"{name or 'delta'}: denoising needs a 2-D matrix, got shape {tuple(delta.shape)}")

@@ -1,4 +1,5 @@
 import pytest
+import reference
 import torch
 
 from deftx_engine.denoise import DenoiseConfig, choose_rank, denoise_deltas, denoise_matrix
@@ -85,3 +86,60 @@ def test_zero_delta():
 def test_bad_config(kw):
     with pytest.raises(ConfigError):
         DenoiseConfig(**kw)
+
+
+# ---- the changed part (residual_scope) against an independent reference ------------------------------------
+def row_sparse(m=2000, n=48, share=0.03, seed=4):
+    """A delta nonzero in ``share`` of its rows only, like a phase-1 word-embedding delta."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.zeros(m, n)
+    rows = torch.randperm(m, generator=g)[: round(share * m)]
+    d[rows] = low_rank(len(rows), n, 3, seed) + 0.3 * torch.randn(len(rows), n, generator=g)
+    return d, rows
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["tall", "wide"])
+def test_row_sparse_delta_is_denoised_within_its_changed_rows(transpose):
+    d, rows = row_sparse()
+    d = d.T.contiguous() if transpose else d
+    out, rec = denoise_matrix(d, DenoiseConfig(energy=0.9, residual_share=0.05))
+    ref = reference.denoise(d, 0.9, 0.05, "changed")
+    assert torch.allclose(out, ref, atol=1e-4)
+    assert not torch.allclose(out, d, atol=1e-3)  # really denoised: most of the residual is dropped
+    changed = len(rows) * 48
+    assert rec.residual_kept == round(0.05 * changed) and rec.changed_shape == ((60, 48) if not transpose else (48, 60))
+    low, _ = denoise_matrix(d, DenoiseConfig(energy=0.9, residual_share=0.0))
+    assert int(((out - low).abs() > 0).sum()) == round(0.05 * changed)  # exactly rho of the changed entries
+    untouched = torch.ones(d.shape[1 if transpose else 0], dtype=torch.bool)
+    untouched[rows] = False
+    assert not (out.T if transpose else out)[untouched].any()  # rows phase 1 never changed stay zero
+
+
+def test_row_sparse_delta_with_the_whole_matrix_scope_is_kept_whole():
+    """The earlier count (the ablation): 5 % of all entries is more than the residual's nonzero entries."""
+    d, _ = row_sparse()
+    out, rec = denoise_matrix(d, DenoiseConfig(energy=0.9, residual_share=0.05, residual_scope="matrix"))
+    assert torch.allclose(out, reference.denoise(d, 0.9, 0.05, "matrix"), atol=1e-4)
+    assert torch.allclose(out, d, atol=1e-5) and rec.residual_kept == round(0.05 * d.numel())
+
+
+def test_dense_delta_is_denoised_as_before():
+    d = torch.randn(300, 40, generator=torch.Generator().manual_seed(5))
+    d[7, 3] = 0.0  # a zero entry leaves every row and column changed
+    new, rec_new = denoise_matrix(d, DenoiseConfig(energy=0.9, residual_share=0.05))
+    old, rec_old = denoise_matrix(d, DenoiseConfig(energy=0.9, residual_share=0.05, residual_scope="matrix"))
+    assert torch.equal(new, old) and rec_new.residual_kept == rec_old.residual_kept == 600
+    assert torch.allclose(new, reference.denoise(d, 0.9, 0.05, "changed"), atol=1e-4)
+
+
+def test_delta_with_zero_columns_is_denoised_within_its_changed_columns():
+    d, _ = row_sparse(m=400, n=60, share=0.5)
+    d[:, 40:] = 0.0
+    out, rec = denoise_matrix(d, DenoiseConfig(energy=0.9, residual_share=0.1))
+    assert rec.changed_shape == (200, 40)
+    assert torch.allclose(out, reference.denoise(d, 0.9, 0.1, "changed"), atol=1e-4)
+
+
+def test_bad_residual_scope():
+    with pytest.raises(ConfigError, match="residual_scope"):
+        DenoiseConfig(residual_scope="rows")

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from deftx_engine import masks
 from deftx_engine.errors import ConfigError
 from deftx_engine.masks import densities, k_from, mask_size, overlap, select_top_k
 from deftx_engine.params import layer_of, module_type, parameter_roles
@@ -85,3 +86,18 @@ def test_module_type_names():
     assert module_type("roberta.encoder.layer.3.intermediate.dense.bias") == "ffn"
     assert module_type("roberta.embeddings.word_embeddings.weight") == "embeddings"
     assert layer_of("roberta.encoder.layer.11.output.dense.weight") == "layer.11"
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 1 << 22])
+def test_top_k_over_matrices_that_span_several_chunks(monkeypatch, chunk):
+    """Against one torch.topk of everything: every chunk's indices are offset to the matrix, not the chunk."""
+    import reference
+
+    monkeypatch.setattr(masks, "_CHUNK", chunk)
+    g = torch.Generator().manual_seed(9)
+    scores = {"emb": torch.randn(700, 16, generator=g), "w": torch.randn(40, 30, generator=g) * 2,
+              "b": torch.randn(30, generator=g)}
+    for k in (1, 500, 5000):
+        chosen = masks.select_top_k(scores, k)
+        expected = reference.global_top_k(scores, k)
+        assert {n: set(i.tolist()) for n, i in chosen.items()} == expected
