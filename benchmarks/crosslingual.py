@@ -26,6 +26,9 @@ Methods (``--methods``, all by default):
                             summed mass, disjoint mean) instead of a sum
 ``deftx-no-retrain``        ablation: the vectors are the masked denoised phase-1 deltas
                             (``TrainConfig.sparse_phase=False``), no sparse phase
+``deftx-matrix``            DeFT-X with the earlier denoising: rho counted over every entry of a matrix
+                            (``residual_scope="matrix"``), so a row-sparse delta such as the word
+                            embeddings' keeps its whole residual (``deftx_engine/denoise.py``)
 ``deftx-drop-residual``     ablation: rho = 0, the residual S dropped entirely (only the low-rank part)
 ``deftx-fixed-rank``        ablation: rank policy fixed, r = ``--fixed-rank`` (100, clipped to the matrix)
                             instead of energy 0.90
@@ -121,6 +124,7 @@ METHODS = {m.name: m for m in (
     Method("task-only", "deftx", None),
     Method("full-ft", "full-ft", None, "dense"),
     Method("ties", "deftx", "deftx", "ties"),
+    Method("deftx-matrix", "deftx-matrix", "deftx-matrix"),
     Method("deftx-no-retrain", "no-retrain", "no-retrain"),
     Method("deftx-drop-residual", "drop-residual", "drop-residual"),
     Method("deftx-fixed-rank", "fixed-rank", "fixed-rank"),
@@ -135,6 +139,7 @@ def variant_overrides(variant: str, fixed_rank: int) -> dict:
     """TrainConfig fields that make a vector variant (everything else is shared)."""
     return {"deftx": dict(method="deftx"),
             "lt-sft": dict(method="lt-sft"),
+            "deftx-matrix": dict(method="deftx", residual_scope="matrix"),
             "no-retrain": dict(method="deftx", sparse_phase=False),
             "drop-residual": dict(method="deftx", residual_share=0.0),
             "fixed-rank": dict(method="deftx", rank_policy="fixed", rank=fixed_rank),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .params import layer_of, module_type
+from .params import layer_of, module_type, param_group
 from .timing import Times, step
 
 Mask = dict[str, Tensor]
@@ -123,8 +123,9 @@ def _summary(a: int, b: int, shared: int) -> dict[str, float]:
 
 
 def overlap(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict:
-    """Shared entries of two masks (or two vectors' index sets): overall, per layer, per module type, and
-    per (layer, module type) cell keyed ``"layer.3|attn.Q"`` for heatmaps."""
+    """Shared entries of two masks (or two vectors' index sets): overall, per layer, per module type, per
+    parameter group (embeddings / attention / ffn / other: where the entries are), and per (layer, module type)
+    cell keyed ``"layer.3|attn.Q"`` for heatmaps."""
     per_param = {}
     for name in sorted(set(a) | set(b)):
         ia = a.get(name, torch.empty(0, dtype=torch.int64)).long()
@@ -141,4 +142,5 @@ def overlap(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict:
 
     totals = [sum(c[i] for c in per_param.values()) for i in range(3)]
     return {"overall": _summary(*totals), "per_layer": grouped(layer_of), "per_module": grouped(module_type),
+            "per_group": grouped(param_group),
             "per_layer_module": grouped(lambda n: f"{layer_of(n)}|{module_type(n)}")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 from html import escape as html_escape
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .fileio import atomic_write_text
 from .masks import densities, overlap
@@ -61,10 +61,20 @@ def text_summary(report: dict) -> str:
             out.append("  " + heldout_line(v["heldout_mlm"]))
     for key, o in report["overlap"].items():
         out.append(f"overlap {key}: {o['overall']['shared']:,} shared entries, Jaccard {o['overall']['jaccard']:.3f}")
+        out += ["  " + line for line in overlap_by_group(o)]
     if "spectra" in report:
         ranks = [r["rank"] for r in report["spectra"].values()]
         out.append(f"spectra: {len(ranks)} matrices, rank median {sorted(ranks)[len(ranks) // 2] if ranks else 0}")
     return "\n".join(out)
+
+
+def overlap_by_group(o: Mapping) -> list[str]:
+    """Per parameter group: where A's and B's entries are, and how many A shares with B there. Overall overlap
+    hides that most entries sit in the embeddings; the paper's reading of overlap is per group."""
+    a, b = o["overall"]["a"] or 1, o["overall"]["b"] or 1
+    return [f"{g}: {c['a'] / a:.1%} of A's entries, {c['b'] / b:.1%} of B's; shared {c['shared']:,} "
+            f"({c['share_of_a']:.1%} of A's there, Jaccard {c['jaccard']:.3f})"
+            for g, c in sorted(o["per_group"].items()) if c["a"] or c["b"]]
 
 
 def spectra_summary(run: str | Path) -> dict:

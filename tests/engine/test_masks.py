@@ -60,6 +60,14 @@ def test_overlap_on_hand_made_masks():
     assert o["per_layer"]["layer.1"]["shared"] == 0
     assert o["per_module"]["attn.Q"]["shared"] == 2
     assert o["per_module"]["embeddings"]["b"] == 1 and o["per_module"]["ffn"]["a"] == 2
+    assert o["per_group"]["attention"] == {"a": 4, "b": 3, "shared": 2, "share_of_a": 0.5, "share_of_b": 2 / 3,
+                                           "jaccard": 2 / 5}
+    assert (o["per_group"]["ffn"]["a"], o["per_group"]["embeddings"]["b"]) == (2, 1)
+    from deftx_engine.report import overlap_by_group
+
+    lines = overlap_by_group(o)
+    assert lines[0] == "attention: 66.7% of A's entries, 75.0% of B's; shared 2 (50.0% of A's there, Jaccard 0.400)"
+    assert [line.split(":")[0] for line in lines] == ["attention", "embeddings", "ffn"]
 
 
 def test_densities():

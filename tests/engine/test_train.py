@@ -118,6 +118,8 @@ def test_compose_evaluate_predict_inspect(trained, tmp_path, capsys):
     summary = capsys.readouterr().out  # a readable summary; the whole report with --json or --output
     assert "language vector (id)" in summary and "held-out masked-token loss (40 lines)" in summary
     report = json.loads((tmp_path / "r.json").read_text())
+    emb = report["overlap"][f"{lang} ~ {task}"]["per_group"]["embeddings"]  # where the entries are, per group
+    assert f"  embeddings: {emb['a'] / report['overlap'][f'{lang} ~ {task}']['overall']['a']:.1%} of A's" in summary
     assert report["vectors"][lang]["heldout_mlm"]["theta0"]["n"] > 0
     (key,) = report["overlap"]
     assert 0 <= report["overlap"][key]["overall"]["jaccard"] <= 1

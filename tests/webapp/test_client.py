@@ -170,6 +170,7 @@ def test_analyze_spectrum_density_overlap(client, trained):
     msg, summary, matrix, spectrum, density, overlap, table = client.predict(lang, "", task, api_name="/analyze")
     assert msg == ""
     assert "language vector (id)" in summary and "overlap with **task-en**" in summary and "Jaccard" in summary
+    assert "  - embeddings: " in summary and "  - attention: " in summary  # the overlap per parameter group
     assert matrix["value"] in [c[1] for c in matrix["choices"]]
     assert spectrum["visible"] is True
     spectrum = spectrum["value"]

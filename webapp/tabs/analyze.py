@@ -75,7 +75,7 @@ def analyze(studio: Studio, run_id, matrix, other_id) -> Updates:
 
     from deftx_engine.masks import overlap
     from deftx_engine.plots import density_heatmap, overlap_heatmap, spectrum_figure
-    from deftx_engine.report import spectra_summary, vector_summary
+    from deftx_engine.report import overlap_by_group, spectra_summary, vector_summary
 
     vdir = studio.run_vector_dir(run_id, "vector")
     vec = studio.vector(vdir)
@@ -124,6 +124,7 @@ def analyze(studio: Studio, run_id, matrix, other_id) -> Updates:
         ov = o["overall"]
         lines.append(f"- overlap with **{text(orow['name'])}**: {ov['shared']:,} shared entries, "
                      f"Jaccard {ov['jaccard']:.3f} ({ov['share_of_a']:.1%} of A, {ov['share_of_b']:.1%} of B)")
+        lines += [f"  - {text(line)}" for line in overlap_by_group(o)]
     return dict(zip(ANALYZE_OUTPUTS, ("", "\n".join(lines), mat_update, spec_fig, density, ov_fig, table),
                     strict=True))
 
