@@ -780,11 +780,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def settings_from(args: argparse.Namespace) -> tuple[Settings, Paths, Path]:
+    """The run's settings, data files and work folder from the command line (also read by mask_anatomy.py,
+    so the same command line finds the same runs)."""
     if args.seeds < 1:
         raise SystemExit("error: --seeds must be >= 1")
-    t_start = time.perf_counter()
     paths = nusax_paths(Path(args.data), args.source, args.targets)
     s = Settings(model=args.model, source=args.source, targets=list(args.targets),
                  seeds=list(range(1, args.seeds + 1)), methods=list(args.methods), task_steps=args.task_steps,
@@ -797,7 +797,13 @@ def main(argv: list[str] | None = None) -> dict:
                  energy=args.energy, residual_share=args.residual_share, fixed_rank=args.fixed_rank,
                  ties_density=args.ties_density, ties_lambda=args.ties_lambda,
                  eval_batch_size=args.eval_batch_size)
-    work = Path(args.work_dir).expanduser() / model_tag(s.model)
+    return s, paths, Path(args.work_dir).expanduser() / model_tag(s.model)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    s, paths, work = settings_from(args)
     out = Path(args.out) if args.out else work / "results"
     jobs = plan_jobs(s, paths, work)
     todo = [j for j in jobs if not j.done]

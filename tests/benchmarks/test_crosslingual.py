@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from deftx_engine.vectors import SparseVector
 from tiny import ASSETS, make_tiny_model_dir
 
 
@@ -49,8 +50,8 @@ def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, capsys):
     assert "expected time:" in out
     summary = result["summary"]
     assert list(summary) == [m for m in bench.METHODS if m not in bench.SRC_VARIANTS]  # src methods: opt-in
-    # one seed: 5 task variants + full-ft, and 5 language variants for the target
-    assert len(result["runs"]) == 6 + 5
+    # one seed: 6 task variants + full-ft, and 6 language variants for the target
+    assert len(result["runs"]) == 7 + 6
     assert len(result["evaluations"]) == len(summary) * 2  # source + target per method
     for name, row in summary.items():
         assert row["n_seeds"] == 1
@@ -59,7 +60,7 @@ def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, capsys):
         assert ("overlap_jaccard" in row) == (bench.METHODS[name].lang is not None)
         assert row["train_seconds"] > 0
     # how much of each method's masks LT-SFT's masks also have: not for LT-SFT itself or the dense fine-tune
-    for name in ("deftx", "deftx-drop-residual", "deftx-fixed-rank", "ties"):
+    for name in ("deftx", "deftx-matrix", "deftx-drop-residual", "deftx-fixed-rank", "ties"):
         for share in ("task_mask_in_lt_sft", "lang_mask_in_lt_sft"):
             assert 0 <= summary[name][share][0] <= 100
     assert "task_mask_in_lt_sft" in summary["task-only"] and "lang_mask_in_lt_sft" not in summary["task-only"]
@@ -71,10 +72,26 @@ def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, capsys):
     nr = [r for r in result["runs"] if r["variant"] == "no-retrain"]
     assert all(r["steps"] == 2 for r in nr)
     assert not list((tmp_path / "work").rglob("checkpoint-*"))
-    # one phase 1 per kind (and target): the first variant trains it, the other four read it
+    # one phase 1 per kind (and target): the first variant trains it, the other five read it
     assert len(list((tmp_path / "work" / "tiny" / "phase1").glob("*.safetensors"))) == 2
+    # the mask anatomy of the same runs, from the same command line (nothing trained)
+    anatomy = importlib.import_module("benchmarks.mask_anatomy").main(argv)
+    vec = lambda v, k: SparseVector.load(next(r["folder"] for r in result["runs"]  # noqa: E731
+                                              if r["variant"] == v and r["kind"] == k) + "/vector")
+    from deftx_engine.masks import overlap
+
+    where, lang = anatomy["where"]["deftx language"], vec("deftx", "language")
+    assert sum(where[g][0] for g in ("embeddings", "attention", "ffn", "other")) == pytest.approx(1.0)
+    emb = sum(i.numel() for n, i in lang.indices.items() if "embeddings" in n)
+    assert where["embeddings"] == [emb / lang.nnz]
+    lt = anatomy["in_lt_sft"]["deftx-matrix language"]
+    assert 0 <= lt["overall"][0] <= 1 and "lt-sft language" not in anatomy["in_lt_sft"]
+    lang_task = anatomy["language_task"]["deftx"]
+    assert lang_task["overall"] == [overlap(vec("deftx", "language").mask(), vec("deftx", "task").mask())
+                                    ["overall"]["share_of_a"]]
+    assert "| deftx language |" in (tmp_path / "work" / "tiny" / "anatomy.md").read_text()
     logs = [(Path(r["folder"]) / "log.txt").read_text() for r in result["runs"] if r["kind"] != "full-ft"]
-    assert sum("phase 1 reused" in log for log in logs) == 2 * 4
+    assert sum("phase 1 reused" in log for log in logs) == 2 * 5
     prefix = tmp_path / "work" / "tiny" / "results"
     saved = json.loads(prefix.with_suffix(".json").read_text())
     assert saved["summary"]["deftx"]["average"] == list(summary["deftx"]["average"])
