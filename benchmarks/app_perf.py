@@ -198,8 +198,10 @@ def bench_predict(root: Path, calls: int, shared: App | None = None) -> dict:
 
     home = shared.home if shared else root / "predict" / "home"
     home.mkdir(parents=True, exist_ok=True)
-    if SETUP["task_vector"]:  # copied into DEFTX_HOME, where the app may pull it from
-        vector = Path(shutil.copytree(SETUP["task_vector"], home / "given-task-vector"))
+    if SETUP["task_vector"]:  # checked and saved into DEFTX_HOME, where the app may pull it from
+        from deftx_engine.vectors import SparseVector
+
+        vector = SparseVector.load(SETUP["task_vector"]).save(home / "given-task-vector")
     else:
         vector = make_task_vector(home)
     with app_for("prediction", home, shared) as app:
