@@ -5,9 +5,11 @@ Usage::
     python -m benchmarks.app_perf                 # the three figures with targets (about 3-4 minutes on 2 cores)
     python -m benchmarks.app_perf --flow          # also the newcomer click-through (about 5-10 more minutes)
     python -m benchmarks.app_perf --no-write      # print only, leave benchmarks/RESULTS.md alone
+    python -m benchmarks.app_perf --model DIR --task-vector VEC --one-app --repeats 1 --calls 3 --warmup-wait 0
+                                                  # a quick check on a local model folder (what the test runs)
 
 What it measures, each time against a fresh ``python app.py`` process on a free port with its own temporary
-DEFTX_HOME (the offline MiniLM, no network):
+DEFTX_HOME (the offline MiniLM unless ``--model`` names a local model folder; no network):
 
 1. ``python app.py`` until the first HTTP 200 on ``/`` (median of ``--repeats``; target <= 15 s);
 2. a prediction round trip through the API on MiniLM with the composed model cached (``--calls`` calls after
@@ -22,8 +24,10 @@ DEFTX_HOME (the offline MiniLM, no network):
    language SFT and the cpu-demo task SFT (they queue, one job at a time), wait for both, analyze, predict
    with the composed model, score the example evaluation file (target < 10 minutes on 2 cores).
 
-Prints a Markdown table and, unless ``--no-write``, replaces the ``## Web app`` section of
-benchmarks/RESULTS.md (other sections are kept) with the command, date, machine and figures.
+``--sections`` picks among 1-3 (default all three); ``--one-app`` lets the last timed startup's app serve 2 and
+3 as well (a quick check, not the published figures). Prints a Markdown table and, unless ``--no-write``,
+replaces the ``## Web app`` section of benchmarks/RESULTS.md (or ``--results FILE``; other sections are kept)
+with the command, date, machine and figures.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +53,8 @@ from benchmarks.common import RESULTS, machine_info, other_cores, wait_quiet, wr
 
 EXAMPLES = REPO / "assets" / "examples"
 HEADING = "## Web app"
+SECTIONS = ("startup", "predict", "first-step")
+SETUP = {"model": "minilm", "warmup_wait": 8.0, "task_vector": None}  # set from the options
 
 
 def free_port() -> int:
@@ -65,6 +73,8 @@ class App:
         env = dict(os.environ, DEFTX_HOME=str(home), GRADIO_SERVER_PORT=str(self.port),
                    GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                    **(extra_env or {}))
+        if Path(SETUP["model"]).is_dir():  # a local base model: the app loads model folders under DEFTX_DATA_DIRS
+            env["DEFTX_DATA_DIRS"] = str(Path(SETUP["model"]).resolve().parent)
         self.log = open(home.parent / f"app-{self.port}.log", "wb")
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=self.log,
@@ -96,15 +106,15 @@ class App:
         self.log.close()
 
 
-QUIET = {"limit": 0.0, "seen": []}
+QUIET = {"limit": 0.0, "window": 3.0, "seen": []}
 
 
 def settle(what: str) -> None:
     """Before a timed section (while none of our processes run): with --wait-quiet S wait at most S seconds
     until other processes keep less than 0.3 cores busy; record and print what was seen."""
-    waited, cores = wait_quiet(QUIET["limit"], what, threshold=0.3)
+    waited, cores = wait_quiet(QUIET["limit"], what, threshold=0.3, window=QUIET["window"])
     if cores is None:
-        cores = other_cores()
+        cores = other_cores(QUIET["window"])
     QUIET["seen"].append((what, cores, waited))
     print(f"  [{what}: other processes busy {cores if cores is None else round(cores, 2)} cores"
           f"{f', waited {waited:.0f} s' if QUIET['limit'] > 0 else ''}]", flush=True)
@@ -116,8 +126,9 @@ def pct(xs: list[float], q: float) -> float:
 
 
 # ---- 1. startup ---------------------------------------------------------------------------------------------
-def bench_startup(root: Path, repeats: int) -> list[float]:
-    times = []
+def bench_startup(root: Path, repeats: int, keep_last: bool = False) -> tuple[list[float], App | None]:
+    """Startup times; with ``keep_last`` the last app is left running and returned (``--one-app``)."""
+    times, kept = [], None
     for i in range(repeats):
         home = root / f"startup-{i}" / "home"
         home.mkdir(parents=True)
@@ -126,21 +137,41 @@ def bench_startup(root: Path, repeats: int) -> list[float]:
         try:
             times.append(app.wait_http_200())
         finally:
-            app.stop()
+            if keep_last and i == repeats - 1 and app.proc.poll() is None:
+                kept = app
+            else:
+                app.stop()
         print(f"  startup {i + 1}/{repeats}: {times[-1]:.2f} s", flush=True)
-    return times
+    return times, kept
+
+
+@contextmanager
+def app_for(section: str, home: Path, shared: App | None) -> Iterator[App]:
+    """The app a section measures: ``shared`` (``--one-app``: already up, left running) or a fresh one on
+    ``home``, stopped after the section."""
+    settle(section)
+    if shared is not None:
+        yield shared
+        return
+    app = App(home)
+    try:
+        app.wait_http_200()
+        yield app
+    finally:
+        app.stop()
 
 
 # ---- 2. prediction latency --------------------------------------------------------------------------------
 def make_task_vector(home: Path) -> Path:
     run = home / "bench-task-run"
     cmd = [sys.executable, "-m", "deftx_engine.cli", "train-task", "--output-dir", str(run), "--data",
-           str(EXAMPLES / "source_task_en.csv"), "--base-model", "minilm", "--language", "en", "--full-steps", "3",
-           "--sparse-steps", "3", "--k", "0.05", "--batch-size", "8", "--max-length", "32", "--logging-steps", "1"]
+           str(EXAMPLES / "source_task_en.csv"), "--base-model", SETUP["model"], "--language", "en",
+           "--full-steps", "3", "--sparse-steps", "3", "--k", "0.05", "--batch-size", "8", "--max-length", "32",
+           "--logging-steps", "1"]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    print(f"  task vector via the CLI (3+3 steps on MiniLM): {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"  task vector via the CLI (3+3 steps on {SETUP['model']}): {time.perf_counter() - t0:.1f} s", flush=True)
     return run / "vector"
 
 
@@ -161,17 +192,19 @@ def rest_call(http, base: str, api: str, data: list):
     raise RuntimeError("no result")
 
 
-def bench_predict(root: Path, calls: int) -> dict:
+def bench_predict(root: Path, calls: int, shared: App | None = None) -> dict:
     import httpx
     from gradio_client import Client
 
-    home = root / "predict" / "home"
-    home.mkdir(parents=True)
-    vector = make_task_vector(home)
-    settle("prediction")
-    app = App(home)
-    try:
-        app.wait_http_200()
+    home = shared.home if shared else root / "predict" / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    if SETUP["task_vector"]:  # checked and saved into DEFTX_HOME, where the app may pull it from
+        from deftx_engine.vectors import SparseVector
+
+        vector = SparseVector.load(SETUP["task_vector"]).save(home / "given-task-vector")
+    else:
+        vector = make_task_vector(home)
+    with app_for("prediction", home, shared) as app:
         c = Client(app.url, verbose=False)
         msg, _ = c.predict(str(vector), "", "", "", "", api_name="/pull")
         assert "Pulled" in msg, msg
@@ -185,7 +218,7 @@ def bench_predict(root: Path, calls: int) -> dict:
         rest, client = [], []
         for t in texts:
             t1 = time.perf_counter()
-            out = rest_call(http, app.url, "predict", [task, "", t, ""])
+            out = rest_call(http, app.url, "predict", [task, "", t, "", 1.0, "sum"])  # REST takes every input
             rest.append(time.perf_counter() - t1)
         assert "%" in out[0], out
         for t in texts:
@@ -195,8 +228,6 @@ def bench_predict(root: Path, calls: int) -> dict:
         assert "%" in out[0], out
         server_ms = float(out[0].split(" ms")[0].rsplit("· ", 1)[1])
         return {"rest": rest, "client": client, "build": build, "server_ms_last": server_ms}
-    finally:
-        app.stop()
 
 
 # ---- 3. Start -> first step ------------------------------------------------------------------------------
@@ -204,7 +235,7 @@ def demo_args(kind: str, data: Path, language: str) -> dict:
     from deftx_engine.presets import preset
 
     p = preset("cpu-demo", kind)
-    return dict(kind=kind, base_model="minilm", data=str(data), language=language, name=f"bench-{kind}",
+    return dict(kind=kind, base_model=SETUP["model"], data=str(data), language=language, name=f"bench-{kind}",
                 method=p["method"], rank_policy=p["rank_policy"], energy=p["energy"], rank=100,
                 residual_share=p["residual_share"], k_percent=round(p["k"] * 100, 2),
                 full_steps=p.get("full_steps", 0), sparse_steps=p.get("sparse_steps", 0),
@@ -213,18 +244,15 @@ def demo_args(kind: str, data: Path, language: str) -> dict:
                 preset="cpu-demo")
 
 
-def bench_first_step(root: Path, repeats: int) -> list[float]:
+def bench_first_step(root: Path, repeats: int, shared: App | None = None) -> list[float]:
     from gradio_client import Client
 
-    home = root / "first-step" / "home"
-    home.mkdir(parents=True)
-    settle("Start -> first step")
-    app = App(home)
+    home = shared.home if shared else root / "first-step" / "home"
+    home.mkdir(parents=True, exist_ok=True)
     times = []
-    try:
-        app.wait_http_200()
+    with app_for("Start -> first step", home, shared) as app:
         c = Client(app.url, verbose=False)
-        time.sleep(8)  # let the app's background warm-up finish, as it has for a user reading the page
+        time.sleep(SETUP["warmup_wait"])  # let the app's background warm-up finish, as for a user reading the page
         for i in range(repeats):
             t0 = time.perf_counter()
             msg, run_id, *_ = c.predict(**demo_args("language", EXAMPLES / "target_corpus_id.txt", "id"),
@@ -245,8 +273,6 @@ def bench_first_step(root: Path, repeats: int) -> list[float]:
             c.predict(run_id, api_name="/cancel_run")
             while c.predict(run_id, api_name="/run_status")["state"] == "running":
                 time.sleep(0.5)
-    finally:
-        app.stop()
     return times
 
 
@@ -293,46 +319,72 @@ def bench_flow(root: Path) -> dict:
 
 
 # ---- report ------------------------------------------------------------------------------------------------
-def main(argv=None) -> int:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="startup and Start->first-step repetitions")
     ap.add_argument("--calls", type=int, default=50, help="prediction calls per client")
     ap.add_argument("--flow", action="store_true", help="also time the newcomer click-through (cpu-demo)")
     ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    ap.add_argument("--results", type=Path, default=RESULTS, metavar="FILE",
+                    help="the results file whose '## Web app' section is replaced (default benchmarks/RESULTS.md)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each section wait up to S seconds for other processes to go quiet")
+    ap.add_argument("--meter-seconds", type=float, default=3.0, metavar="S",
+                    help="how long other processes' CPU use is metered before each section (default 3)")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                    help="which of the three figures to measure (default all)")
+    ap.add_argument("--model", default="minilm",
+                    help="base model of the task vector and the runs: minilm (default) or a local model folder "
+                         "(the app is given its parent folder in DEFTX_DATA_DIRS)")
+    ap.add_argument("--task-vector", metavar="DIR",
+                    help="the task vector (made for --model) to predict with, instead of one trained through the CLI")
+    ap.add_argument("--one-app", action="store_true",
+                    help="a quick check: the last timed startup's app also serves the prediction and Start -> first "
+                         "step sections (by default each section starts a fresh app on its own DEFTX_HOME)")
+    ap.add_argument("--warmup-wait", type=float, default=8.0, metavar="S",
+                    help="seconds to let the app's background warm-up finish before Start -> first step (default 8)")
     args = ap.parse_args(argv)
-    QUIET["limit"] = args.wait_quiet
+    QUIET.update(limit=args.wait_quiet, window=args.meter_seconds, seen=[])
+    SETUP.update(model=args.model, warmup_wait=args.warmup_wait, task_vector=args.task_vector)
     info = machine_info("gradio")
     root = Path(tempfile.mkdtemp(prefix="deftx-app-perf-"))
     rows = []
+    if args.one_app and "startup" not in args.sections:
+        ap.error("--one-app needs the startup section (its last app serves the others)")
+    shared = None
     try:
-        print("1. python app.py -> first HTTP 200", flush=True)
-        st = bench_startup(root, args.repeats)
-        med = statistics.median(st)
-        rows.append(("`python app.py` → first HTTP 200", f"{med:.1f} s (median of {len(st)}; "
-                     f"{min(st):.1f}–{max(st):.1f})", "≤ 15 s", med <= 15))
-        print("2. prediction round trip (MiniLM, cached composed model)", flush=True)
-        p = bench_predict(root, args.calls)
-        for key, label in (("rest", "REST API (`/gradio_api/call/predict`)"), ("client", "gradio_client")):
-            p50, p95 = pct(p[key], 0.5) * 1000, pct(p[key], 0.95) * 1000
-            rows.append((f"prediction round trip, {label}, {args.calls} calls",
-                         f"p50 {p50:.0f} ms, p95 {p95:.0f} ms", "p50 ≤ 100 ms", p50 <= 100))
-        rows.append(("  of which model time in the app (last call)", f"{p['server_ms_last']:.0f} ms", "", None))
-        rows.append(("first prediction (builds + caches the composed model)", f"{p['build']:.1f} s", "", None))
-        print("3. Start -> first training step (cpu-demo, MiniLM, language)", flush=True)
-        fs = bench_first_step(root, args.repeats)
-        med = statistics.median(fs)
-        rows.append(("Start → first training step (status.json step ≥ 1)",
-                     f"{med:.1f} s (median of {len(fs)}; {min(fs):.1f}–{max(fs):.1f})", "≤ 20 s", med <= 20))
+        if "startup" in args.sections:
+            print("1. python app.py -> first HTTP 200", flush=True)
+            st, shared = bench_startup(root, args.repeats, keep_last=args.one_app)
+            med = statistics.median(st)
+            rows.append(("`python app.py` → first HTTP 200", f"{med:.1f} s (median of {len(st)}; "
+                         f"{min(st):.1f}–{max(st):.1f})", "≤ 15 s", med <= 15))
+        if "predict" in args.sections:
+            print(f"2. prediction round trip ({args.model}, cached composed model)", flush=True)
+            p = bench_predict(root, args.calls, shared)
+            for key, label in (("rest", "REST API (`/gradio_api/call/predict`)"), ("client", "gradio_client")):
+                p50, p95 = pct(p[key], 0.5) * 1000, pct(p[key], 0.95) * 1000
+                rows.append((f"prediction round trip, {label}, {args.calls} calls",
+                             f"p50 {p50:.0f} ms, p95 {p95:.0f} ms", "p50 ≤ 100 ms", p50 <= 100))
+            rows.append(("  of which model time in the app (last call)", f"{p['server_ms_last']:.0f} ms", "", None))
+            rows.append(("first prediction (builds + caches the composed model)", f"{p['build']:.1f} s", "", None))
+        if "first-step" in args.sections:
+            print(f"3. Start -> first training step (cpu-demo, {args.model}, language)", flush=True)
+            fs = bench_first_step(root, args.repeats, shared)
+            med = statistics.median(fs)
+            rows.append(("Start → first training step (status.json step ≥ 1)",
+                         f"{med:.1f} s (median of {len(fs)}; {min(fs):.1f}–{max(fs):.1f})", "≤ 20 s", med <= 20))
         if args.flow:
             print("4. newcomer flow: data -> language SFT -> task SFT -> analyze -> predict (cpu-demo)", flush=True)
             m = bench_flow(root)
             total = m["evaluation file scored"]
             detail = ", ".join(f"{k} {v:.0f} s" for k, v in m.items() if isinstance(v, float))
-            rows.append(("newcomer flow through the API, cpu-demo on MiniLM", f"{total / 60:.1f} min ({detail}); "
-                         f"zero-shot on target_eval_id.csv: {m['evaluation']}", "< 10 min", total < 600))
+            rows.append((f"newcomer flow through the API, cpu-demo on {args.model}",
+                         f"{total / 60:.1f} min ({detail}); zero-shot on target_eval_id.csv: {m['evaluation']}",
+                         "< 10 min", total < 600))
     finally:
+        if shared is not None:
+            shared.stop()
         shutil.rmtree(root, ignore_errors=True)
 
     lines = ["| figure | value | target | met |", "| --- | --- | --- | --- |"]
@@ -342,8 +394,7 @@ def main(argv=None) -> int:
     print()
     print(table)
     if not args.no_write:
-        cmd = "python -m benchmarks.app_perf" + (" --flow" if args.flow else "") + (
-            f" --wait-quiet {args.wait_quiet:g}" if args.wait_quiet else "")
+        cmd = "python -m benchmarks.app_perf " + " ".join(argv if argv is not None else sys.argv[1:])
         others = "; ".join(f"{w}: {c:.2f}" for w, c, _ in QUIET["seen"] if c is not None)
         body = "\n".join([f"Command: `{cmd}` · {info['date']}", "",
                           "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items() if k != "date"), "",
@@ -354,10 +405,10 @@ def main(argv=None) -> int:
                           "roughly that to each call. Other jobs on a shared machine inflate all figures. The "
                           "newcomer flow measures time: the cpu-demo preset is a quick walk-through, and its "
                           "zero-shot scores on the small demo data are not meaningful.", ""])
-        write_results_section(HEADING, body)
-        print(f"\nwritten to {RESULTS.relative_to(REPO)} ({HEADING})")
-    return 0
+        write_results_section(HEADING, body, args.results)
+        print(f"\nwritten to {args.results} ({HEADING})")
+    return {"rows": rows, "table": table, "other_cores": QUIET["seen"]}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -96,7 +96,7 @@ from deftx_engine.config import settings_key  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
 from deftx_engine.data import TaskData, load_task_data  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
-from deftx_engine.fileio import write_json_atomic  # noqa: E402
+from deftx_engine.fileio import atomic_dir, atomic_write_text, write_json_atomic  # noqa: E402
 from deftx_engine.inference import composed_model, evaluate_task_data  # noqa: E402
 from deftx_engine.masks import overlap  # noqa: E402
 from deftx_engine.merge import ties_merge  # noqa: E402
@@ -201,8 +201,7 @@ def head_corpus(choice: str, paths: Paths, work: Path) -> str | None:
     out = work / "head-corpus-mt.txt"
     text = "\n".join(line.replace("\n", " ") for line in lines) + "\n"
     if not out.is_file() or out.read_text(encoding="utf-8") != text:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        atomic_write_text(out, text)
     return str(out)
 
 
@@ -387,7 +386,8 @@ def run_full_ft(job: Job, quiet: bool) -> float:
             seed=cfg.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
             dataloader_num_workers=0, max_grad_norm=1.0)
         Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithPadding(tok)).train()
-        model.save_pretrained(job.folder / "model")
+        with atomic_dir(job.folder / "model", "config.json") as tmp:  # complete or absent, never half a model
+            model.save_pretrained(tmp)
     secs = time.perf_counter() - t
     shutil.rmtree(job.folder / "trainer", ignore_errors=True)
     write_json_atomic(job.folder / "bench.json", {"train_seconds": secs, "finished": time.time(),
@@ -727,8 +727,8 @@ def html_report(s: Settings, summary: dict, path: Path) -> None:
                              if "overlap_jaccard" in summary[n]]))
     f3.update_layout(title="Language-vector entries also in the task vector (%)", yaxis_title="%")
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate((f1, f2, f3))]
-    path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>DeFT-X cross-lingual benchmark"
-                    "</title></head><body>" + "\n".join(parts) + "</body></html>", encoding="utf-8")
+    atomic_write_text(path, "<!doctype html><html><head><meta charset='utf-8'><title>DeFT-X cross-lingual "
+                      "benchmark</title></head><body>" + "\n".join(parts) + "</body></html>")
 
 
 # ---- the command ----------------------------------------------------------------------------------------------
@@ -849,7 +849,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "runs": [{"kind": j.kind, "variant": j.variant, "seed": j.seed, "target": j.target,
                             "steps": j.steps, "train_seconds": j.seconds(), "folder": str(j.folder)} for j in jobs]}
         write_json_atomic(prefixed(out, ".json"), result)
-        prefixed(out, ".md").write_text(markdown(s, summary, meta), encoding="utf-8")
+        atomic_write_text(prefixed(out, ".md"), markdown(s, summary, meta))
         html_report(s, summary, prefixed(out, ".html"))
         return result
 

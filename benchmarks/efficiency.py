@@ -41,6 +41,7 @@ import torch
 
 from benchmarks.common import OtherCpu, machine_info, prefixed
 from benchmarks.perf import Phases, engine_mask, load, make_batches, model_source
+from deftx_engine.fileio import atomic_write_text, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -252,9 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
                 res["whole"][m] = whole_sft(src, args.whole_steps)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    prefixed(out, ".json").write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
+    write_json_atomic(prefixed(out, ".json"), res, default=str)
     md = markdown(res)
-    prefixed(out, ".md").write_text(md, encoding="utf-8")
+    atomic_write_text(prefixed(out, ".md"), md)
     print(md)
     return res
 

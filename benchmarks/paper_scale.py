@@ -29,6 +29,7 @@ from benchmarks.common import machine_info
 from benchmarks.perf import Phases, load, make_batches, model_source
 from deftx_engine.config import DenoiseConfig
 from deftx_engine.denoise import denoise_deltas
+from deftx_engine.fileio import write_json_atomic
 from deftx_engine.masks import select_top_k
 from deftx_engine.presets import preset
 from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint
@@ -120,8 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                               preset("paper-xlmr-base", kind)["k"]) for kind in args.kinds}
     res = {"machine": machine_info("torch"), "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
            "settings": vars(args), "rows": rows, "projection": projection(rows, args.task_examples)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
+    write_json_atomic(args.out, res, default=str)
     print(json.dumps(res, indent=2, default=str))
     return res
 

@@ -64,7 +64,7 @@ import torch  # noqa: E402
 from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, KINDS  # noqa: E402
 from deftx_engine.denoise import DenoiseConfig, denoise_deltas  # noqa: E402
-from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
+from deftx_engine.fileio import atomic_dir, atomic_write_text, write_json_atomic  # noqa: E402
 from deftx_engine.masks import k_from, select_top_k  # noqa: E402
 from deftx_engine.models import load_cls_model, load_mlm_model  # noqa: E402
 from deftx_engine.optim import SparseAdamW  # noqa: E402
@@ -90,8 +90,8 @@ def model_source(size: str, tmp: Path) -> str:
         from transformers import BertConfig, BertModel
 
         torch.manual_seed(0)
-        BertModel(BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                             intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
+        model = BertModel(BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64))
     elif size == "xlmr-base":
         from transformers import XLMRobertaConfig, XLMRobertaModel
 
@@ -99,9 +99,11 @@ def model_source(size: str, tmp: Path) -> str:
         cfg = XLMRobertaConfig(vocab_size=250_002, max_position_embeddings=514, type_vocab_size=1,
                                layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)
         torch.manual_seed(0)
-        XLMRobertaModel(cfg).save_pretrained(folder)
+        model = XLMRobertaModel(cfg)
     else:
         raise SystemExit(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+    with atomic_dir(folder, "config.json") as tmp_folder:  # config.json above means a whole model
+        model.save_pretrained(tmp_folder)
     return str(folder)
 
 

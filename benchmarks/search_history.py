@@ -50,10 +50,14 @@ def table(files: list[Path]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", type=Path, help="results .json files of benchmarks.crosslingual")
-    print(table(p.parse_args(argv).files), end="")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(table(build_parser().parse_args(argv).files), end="")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from .constants import MERGES, TIES_DENSITY, TIES_LAMBDA
 from .errors import DeftxError, option
-from .fileio import check_output_file
+from .fileio import atomic_open, atomic_write_text, check_output_file
 
 
 def _parse_bool(text: str) -> bool:
@@ -149,8 +149,8 @@ def _evaluate(args) -> int:
         print(f"macro-F1 {result['macro_f1']:.3f} with the language vector, {alone['macro_f1']:.3f} with the task "
               f"vector alone: {language_effect(diff)}", file=sys.stderr)
     text = json.dumps(result, indent=2)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    if args.output:  # written aside and renamed: a reader never sees half a file
+        atomic_write_text(args.output, text + "\n")
     print(text)
     return 0
 
@@ -171,7 +171,7 @@ def _predict(args) -> int:
     if not args.output:
         write_predictions(sys.stdout, names, probs, texts, pairs, gold)
         return 0
-    with open(args.output, "w", newline="", encoding="utf-8") as out:
+    with atomic_open(args.output, "w", newline="") as out:  # an interrupted write leaves the old file
         write_predictions(out, names, probs, texts, pairs, gold)
     return 0
 
@@ -185,7 +185,7 @@ def _inspect(args) -> int:
     report = inspect_report(args.vectors, run=args.run, html=args.html)
     text = json.dumps(report, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        atomic_write_text(args.output, text + "\n")
     print(text if args.json else text_summary(report))
     return 0
 

@@ -1,6 +1,8 @@
 """Atomic file and folder writes: readers (the web app polling a run folder, a second process loading a
 vector) see the old content or the new one, never half a file, and an interrupted write leaves the old
-content in place. Every writer in the engine, the benchmarks and the web app goes through this module.
+content in place. Every file the engine, the benchmarks and the web app write whole goes through this module;
+logs are appended, and the few writers that write aside and rename by hand are listed, with why, in
+tests/engine/test_fileio.py, which fails on any other direct write.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Helpers shared by the test folders (importable as ``tiny``: pyproject puts tests/ on the path): tiny BERT
 configurations and model folders (random weights, no downloads) and random sparse vectors."""
+import os
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from deftx_engine.masks import select_top_k
@@ -27,6 +29,24 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
                      intermediate_size=64, max_position_embeddings=128)
     BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
     return path
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (CI=true, as CI sets it; also 1 / yes)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_nusax(root: Path) -> Path:
+    """``root`` if it holds the NusaX data (a ``sentiment`` folder). If not, the test is skipped, saying where
+    the data was looked for and why, except in CI, where the data must be there: then the test fails."""
+    if (root / "sentiment").is_dir():
+        return root
+    why = (f"NusaX data not found at {root}: {root / 'sentiment'} is not a folder (shared/ must sit beside the "
+           "repository, with shared/data/nusax in it)")
+    if in_ci():
+        pytest.fail(f"{why}; CI=true, and in CI the tests on the real data must run, not be skipped",
+                    pytrace=False)
+    pytest.skip(why)
 
 
 def tiny_bert_config(**kw):

@@ -1,12 +1,14 @@
 """Fuzzed inputs (hypothesis): every reader either accepts its input or raises its own clear error.
 
-Never another exception type, never a hang. The case counts are printed so benchmarks/RESULTS.md can
-quote them (pytest -s shows them).
+Never another exception type, never a hang. Each test checks that its own fuzzer really ran (at least
+``MIN_CASES`` cases), whatever else runs and in whatever order; the case counts are printed so
+benchmarks/RESULTS.md can quote them (pytest -s shows them).
 """
 import json
 import struct
 import time
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +17,8 @@ from deftx_engine.data import DataError, load_corpus, load_task_data
 from deftx_engine.errors import VectorError
 from deftx_engine.vectors import SparseVector, VectorMeta
 
-CASES = {"corpus": 0, "task": 0, "vector": 0}
+CASES = {"corpus": 0, "task": 0, "vector": 0}  # cases run so far in this process, by reader
+MIN_CASES = 100  # of the 150 examples each fuzzer asks hypothesis for
 FUZZ = settings(max_examples=150, deadline=2000, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -38,6 +41,23 @@ def _encode(data, how: str) -> bytes:
     return raw
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_case_counts():
+    """Print the case counts of the fuzzers that ran in this module (with pytest -s), after the last one."""
+    yield
+    print(f"\nfuzzed cases: {CASES}")
+
+
+def check_ran(fuzz, kind: str) -> None:
+    """Run one fuzzer and check that it really ran at least MIN_CASES cases of ``kind`` (counted by the cases
+    themselves), so a fuzzer that silently stops generating inputs fails instead of passing on a handful."""
+    before = CASES[kind]
+    fuzz()
+    ran = CASES[kind] - before
+    print(f"\n{kind}: {ran} fuzzed cases")
+    assert ran >= MIN_CASES, f"the {kind} fuzzer ran only {ran} cases (at least {MIN_CASES} expected)"
+
+
 def _check(call, kind: str):
     CASES[kind] += 1
     t = time.time()
@@ -51,11 +71,15 @@ def _check(call, kind: str):
 @FUZZ
 @given(body=lines, suffix=st.sampled_from([".txt", ".csv", ".tsv", ".jsonl", ".bin", ""]),
        how=st.sampled_from(["plain", "truncate", "latin1", "utf16", "nul"]), huge=st.booleans())
-def test_corpus_reader(tmp_path, body, suffix, how, huge):
+def fuzz_corpus_reader(tmp_path, body, suffix, how, huge):
     text = "\n".join(body) + ("\n" + "w" * 200_000 if huge else "")
     path = tmp_path / f"c{suffix}"
     path.write_bytes(_encode(text, how))
     _check(lambda: load_corpus(path, max_bytes=1_000_000), "corpus")
+
+
+def test_corpus_reader(tmp_path):
+    check_ran(lambda: fuzz_corpus_reader(tmp_path), "corpus")
 
 
 @FUZZ
@@ -63,7 +87,7 @@ def test_corpus_reader(tmp_path, body, suffix, how, huge):
        header=st.sampled_from(["text,label", "sentence,label", "text", "premise,hypothesis,label", "", "text,label,"]),
        fmt=st.sampled_from(["csv", "tsv", "jsonl", "jsonl-bad"]), how=st.sampled_from(["plain", "truncate", "nul"]),
        known=st.booleans())
-def test_task_reader(tmp_path, rows, header, fmt, how, known):
+def fuzz_task_reader(tmp_path, rows, header, fmt, how, known):
     if fmt.startswith("jsonl"):
         keys = header.split(",") if header else ["text"]
         out = [json.dumps(dict(zip(keys, [t, l, l]))) for t, l in rows]
@@ -78,6 +102,10 @@ def test_task_reader(tmp_path, rows, header, fmt, how, known):
     path.write_bytes(_encode(text, how))
     names = ["negative", "neutral", "positive"] if known else None
     _check(lambda: load_task_data(path, label_names=names), "task")
+
+
+def test_task_reader(tmp_path):
+    check_ran(lambda: fuzz_task_reader(tmp_path), "task")
 
 
 def _vector(seed: int) -> SparseVector:
@@ -97,7 +125,7 @@ def _vector(seed: int) -> SparseVector:
        pos=st.floats(0, 1), byte=st.integers(0, 255),
        edit=st.sampled_from([("format", "x"), ("shapes", {}), ("shapes", {"enc.a.weight": [2, 2]}),
                              ("kind", None), ("shapes", {"enc.a.weight": "oops"}), ("extra", [])]))
-def test_vector_loader(tmp_path, seed, target, op, pos, byte, edit):
+def fuzz_vector_loader(tmp_path, seed, target, op, pos, byte, edit):
     folder = _vector(seed).save(tmp_path / f"v{CASES['vector']}")
     path = folder / ("sft_config.json" if target == "config" else "sft_model.safetensors")
     raw = bytearray(path.read_bytes())
@@ -122,7 +150,5 @@ def test_vector_loader(tmp_path, seed, target, op, pos, byte, edit):
         assert str(folder) in str(e) or path.name in str(e) or "parameter" in str(e)
 
 
-def test_report_case_counts():
-    # runs last in this module (pytest keeps file order): the three fuzzers above really ran
-    print(f"\nfuzzed cases: {CASES}")
-    assert all(v >= 100 for v in CASES.values()), CASES
+def test_vector_loader(tmp_path):
+    check_ran(lambda: fuzz_vector_loader(tmp_path), "vector")

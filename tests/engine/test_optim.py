@@ -62,3 +62,49 @@ def test_a_parameter_without_gradient_is_left_alone():
     opt = SparseAdamW([(p, idx)], **HP)
     opt.step()
     assert torch.equal(p.detach(), before) and not opt.state[p]
+
+
+SHAPES = {"emb": (12, 5), "bias": (7,), "ffn": (4, 3, 2), "out": (9, 8)}
+
+
+@pytest.mark.parametrize("mask", ["all", "partial"])
+def test_several_parameters_follow_adamw_with_global_clipping(mask):
+    """An independent reference: torch.optim.AdamW on full copies of several parameters of different shapes, its
+    gradients clipped by torch.nn.utils.clip_grad_norm_ over all parameters at once (one global norm, as
+    SparseAdamW promises), step by step. With a partial mask the reference sees the gradient only on the masked
+    entries (so the norm counts those alone, as phase 2 does) and only those are compared; the other entries
+    of the sparse side must stay theta0 bit for bit. The gradient scales differ by orders of magnitude between
+    parameters and change from step to step, so clipping each tensor on its own gives other values."""
+    g = torch.Generator().manual_seed(3)
+    params = {n: torch.nn.Parameter(torch.randn(s, generator=g)) for n, s in SHAPES.items()}
+    theta0 = {n: p.detach().clone() for n, p in params.items()}
+    ref = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
+    if mask == "all":
+        idx = {n: torch.arange(p.numel(), dtype=torch.int32) for n, p in params.items()}
+    else:  # a different share of each parameter, never all of it
+        idx = {n: torch.randperm(p.numel(), generator=g)[: max(1, p.numel() // (i + 2))].sort().values.to(torch.int32)
+               for i, (n, p) in enumerate(params.items())}
+    keep = {n: torch.zeros(p.numel()) for n, p in params.items()}
+    for n, i in idx.items():
+        keep[n][i.long()] = 1.0
+    max_norm = 1.0
+    opt = SparseAdamW([(params[n], idx[n]) for n in SHAPES], max_grad_norm=max_norm, **HP)
+    ref_opt = torch.optim.AdamW([ref[n] for n in SHAPES], foreach=False, **HP)
+    clipped_steps = 0
+    for step in range(8):
+        for n, p in params.items():
+            scale = 10.0 ** float(torch.empty(()).uniform_(-2, 2, generator=g))  # per parameter and step
+            grad = torch.randn(p.shape, generator=g) * scale
+            p.grad = grad.clone()
+            ref[n].grad = grad * keep[n].view(p.shape)
+        total = torch.nn.utils.clip_grad_norm_([ref[n] for n in SHAPES], max_norm)  # the global norm
+        clipped_steps += bool(total > max_norm)
+        opt.step()
+        ref_opt.step()
+        for n, p in params.items():
+            i = idx[n].long()
+            got, want = p.detach().view(-1), ref[n].detach().view(-1)
+            torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}, step {step}: {m}")
+            outside = keep[n] == 0
+            assert torch.equal(got[outside], theta0[n].view(-1)[outside]), (n, step)
+    assert clipped_steps >= 6  # the clipping was really exercised

@@ -93,25 +93,74 @@ def test_long_texts_are_refused_before_tokenizing(studio, api, monkeypatch):
     assert settings.max_lines() == settings.SHARED_MAX_LINES
 
 
-def test_file_scoring_stops_on_request_and_on_time(studio, fake_model, tmp_path, monkeypatch):
+@pytest.fixture
+def slow_real_model(monkeypatch):
+    """Predict with a real tiny classifier and tokenizer (so the real ``predict_proba`` batches and asks the stop
+    check), each batch slowed down by ``delay`` seconds; only the composition of vectors is skipped."""
+    from transformers import BertForSequenceClassification, BertTokenizer
+
+    from webapp.tabs import predict
+
+    names = ["negative", "positive"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "line"] + [str(d) for d in range(10)]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(vocab_size=len(vocab), num_labels=2)).eval()
+    state = {"delay": 0.0, "batches": 0}
+
+    def slow(module, args, kwargs):
+        state["batches"] += 1
+        time.sleep(state["delay"])
+
+    model.register_forward_pre_hook(slow, with_kwargs=True)
+    monkeypatch.setattr(predict, "composed", lambda studio, *a, **kw: ((model, tok, names), True))
+    return state
+
+
+def test_file_scoring_stops_on_request_and_on_time(studio, slow_real_model, tmp_path, monkeypatch):
+    """The messages come from the real scoring loop (``inference.predict_proba``) and the real stop check
+    (``predict.scoring``): a Stop ends it after the current batch, DEFTX_MAX_SCORE_SECONDS when it has passed."""
+    import re
+
     from webapp.tabs import predict
 
     run = task_run(studio)
     big = studio.home / "big.txt"
-    big.write_text("".join(f"line {i}\n" for i in range(3200)))
-    fake_model["delay"] = 0.05
+    big.write_text("".join(f"line {i}\n" for i in range(3200)))  # 100 batches of 32
+    slow_real_model["delay"] = 0.05
     result = {}
     worker = threading.Thread(target=lambda: result.update(predict.predict_file(
         studio, run, None, None, str(big), "", "", request=Request("s1"))))
     worker.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 20
+    while slow_real_model["batches"] < 2 and time.monotonic() < deadline:  # scoring has begun
+        time.sleep(0.01)
     assert "Stopping" in predict.stop_scoring(studio, request=Request("s1"))["predict.file_status"]
     worker.join(10)
-    refused(result["predict.file_status"], "stopped after", "of 3,200 rows", "Stop button")
+    assert not worker.is_alive()
+    msg = result["predict.file_status"]
+    refused(msg, "of 3,200 rows: stopped with the Stop button")
+    done = int(re.search(r"stopped after ([\d,]+) of", msg)[1].replace(",", ""))
+    batches = slow_real_model["batches"]
+    assert 0 < done < 3200 and done == 32 * batches, (msg, batches)  # stopped between batches, well before the end
     assert "s1" not in studio.scoring and not list(studio.outputs.iterdir())
+    assert predict.stop_scoring(studio, request=Request("s1"))["predict.file_status"] == "Nothing is being scored."
+
     monkeypatch.setenv("DEFTX_MAX_SCORE_SECONDS", "1")
+    slow_real_model["batches"] = 0
+    t0 = time.monotonic()
     out = predict.predict_file(studio, run, None, None, str(big), "", "", request=Request("s2"))
-    refused(out["predict.file_status"], "DEFTX_MAX_SCORE_SECONDS")
+    refused(out["predict.file_status"], "of 3,200 rows: over this server's limit of 1 s (DEFTX_MAX_SCORE_SECONDS)")
+    assert 1.0 <= time.monotonic() - t0 < 5 and 0 < slow_real_model["batches"] < 100
+    assert "s2" not in studio.scoring and not list(studio.outputs.iterdir())
+
+    monkeypatch.delenv("DEFTX_MAX_SCORE_SECONDS")  # not stopped: a file is scored whole
+    small = studio.home / "small.txt"
+    small.write_text("".join(f"line {i}\n" for i in range(70)))
+    slow_real_model["batches"] = 0
+    out = predict.predict_file(studio, run, None, None, str(small), "", "", request=Request("s3"))
+    assert "70 rows of" in out["predict.file_status"] and slow_real_model["batches"] == 3
+    assert len(Path(out["predict.csv"]["value"]).read_text().splitlines()) == 71
 
 
 # ---- 5: prediction files are unguessable, unique, and no server path is shown ----------------------

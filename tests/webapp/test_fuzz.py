@@ -7,7 +7,8 @@ random strings (traversal, `~user`, NUL, 5 kB, FIFOs, `hub:` garbage); `start_tr
 (NaN, infinities, negatives, text). Every case ends in an inline message (✔ or ✖, never "unexpected error",
 never a traceback, never raw HTML from a file name) within seconds, run in a watchdog thread so a hang fails
 the test instead of blocking it. A few uploads also go through a launched app with gradio_client (real HTTP
-uploads). The counts are printed (`pytest -s`) for benchmarks/RESULTS.md.
+uploads). Each test checks that its own cases really ran (``check_ran``), whatever else runs and in whatever
+order; the counts are printed (`pytest -s`) for benchmarks/RESULTS.md.
 """
 import concurrent.futures
 import json
@@ -33,6 +34,26 @@ SCALE = float(os.environ.get("DEFTX_FUZZ_SCALE", "1"))  # e.g. 25 for a long run
 POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1)
 HANG = 15.0  # seconds before a case counts as a hang
 SLOWEST = [0.0, 0.0]  # slowest in-process case, slowest HTTP case (seconds)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_case_counts():
+    """Print what the tests of this module that ran fuzzed (with pytest -s), after the last one."""
+    yield
+    total = sum(CASES.values())
+    print(f"\nwebapp fuzzed cases: {CASES} (total {total}); accepted {ACCEPTED}; refusals seen: "
+          f"{ {k: sorted(v) for k, v in SEEN.items()} }; slowest case {SLOWEST[0]:.2f} s in process, "
+          f"{SLOWEST[1]:.2f} s over HTTP")
+
+
+def check_ran(fuzz, kind: str, minimum: int) -> None:
+    """Run one test's cases and check that at least ``minimum`` cases of ``kind`` reached ``check_message``, so
+    a fuzzer that silently stops generating inputs (or cases that stop being checked) fails the test."""
+    before = CASES[kind]
+    fuzz()
+    ran = CASES[kind] - before
+    print(f"\n{kind}: {ran} fuzzed cases")
+    assert ran >= minimum, f"only {ran} {kind} cases ran (at least {minimum} expected)"
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +151,7 @@ def upload(draw):
        text_col=st.sampled_from(["", "", "text", "sentence", "nope", "premise", " ", "x" * 80]),
        pair_col=st.sampled_from(["", "", "hypothesis", "missing"]),
        label_col=st.sampled_from(["label", "label", "", "sentiment", "text"]))
-def test_fuzzed_uploads_give_a_message(app, api, tmp_path_factory, data, name, suffix, role, text_col, pair_col,
-                                       label_col):
+def fuzz_uploads(app, api, tmp_path_factory, data, name, suffix, role, text_col, pair_col, label_col):
     raw, shape = data
     folder = tmp_path_factory.mktemp("up", numbered=True)
     path = folder / (name + suffix)
@@ -148,6 +168,10 @@ def test_fuzzed_uploads_give_a_message(app, api, tmp_path_factory, data, name, s
     assert not list(app.uploads.glob(".upload-*")), "a temporary file was left behind"
 
 
+def test_fuzzed_uploads_give_a_message(app, api, tmp_path_factory):
+    check_ran(lambda: fuzz_uploads(app, api, tmp_path_factory), "uploads", int(200 * SCALE))
+
+
 specs = st.one_of(
     st.text(max_size=80),
     st.sampled_from(["../../etc/passwd", "/etc/passwd", "~/.ssh/id_rsa", "~nosuchuser/x", "/proc/self/environ",
@@ -160,7 +184,7 @@ specs = st.one_of(
 
 @settings(max_examples=int(120 * SCALE), **FUZZ)
 @given(spec=specs, role=st.sampled_from(["corpus", "task", "eval"]))
-def test_fuzzed_typed_paths_give_a_message(app, api, spec, role):
+def fuzz_typed_paths(app, api, spec, role):
     home = app.home
     if not (home / "fifo.txt").exists():
         os.mkfifo(home / "fifo.txt")  # a reader would block on it forever
@@ -172,6 +196,10 @@ def test_fuzzed_typed_paths_give_a_message(app, api, spec, role):
     if ok:  # only files the app may read
         assert spec.startswith("hub:") or "assets/examples" in spec, spec
     assert "root:" not in msg  # nothing of /etc/passwd
+
+
+def test_fuzzed_typed_paths_give_a_message(app, api):
+    check_ran(lambda: fuzz_typed_paths(app, api), "typed paths", int(100 * SCALE))
 
 
 numbers = st.one_of(st.none(), st.just(""), st.just("abc"), st.just(float("nan")), st.just(float("inf")),
@@ -197,7 +225,7 @@ def training_settings(draw):
 
 @settings(max_examples=int(120 * SCALE), **FUZZ)
 @given(v=training_settings())
-def test_fuzzed_training_settings_give_a_message(app, api, monkeypatch, v):
+def fuzz_training_settings(app, api, monkeypatch, v):
     from tiny import ASSETS
 
     full, sparse, epochs, lr, bs, maxlen, seed, k, energy, rho = (v[n] for n in VALID)
@@ -214,9 +242,17 @@ def test_fuzzed_training_settings_give_a_message(app, api, monkeypatch, v):
     assert len(app.registry.list(states=["queued"])) <= 1
 
 
+def test_fuzzed_training_settings_give_a_message(app, api, monkeypatch):
+    check_ran(lambda: fuzz_training_settings(app, api, monkeypatch), "training settings", int(100 * SCALE))
+
+
 def test_http_uploads_through_gradio_client(app, tmp_path, free_port):
     """A smaller number of real uploads through a launched app (Gradio's upload route, then the same
     function): odd names and contents come back as messages."""
+    check_ran(lambda: http_uploads(app, tmp_path, free_port), "http uploads", 24)
+
+
+def http_uploads(app, tmp_path, free_port):
     from gradio_client import Client, handle_file
 
     from webapp.settings import launch_kwargs
@@ -249,12 +285,3 @@ def test_http_uploads_through_gradio_client(app, tmp_path, free_port):
                 check_message(msg, "http uploads")
     finally:
         demo.close()
-
-
-def test_report_case_counts():
-    total = sum(CASES.values())
-    print(f"\nwebapp fuzzed cases: {CASES} (total {total}); accepted {ACCEPTED}; refusals seen: "
-          f"{ {k: sorted(v) for k, v in SEEN.items()} }; slowest case {SLOWEST[0]:.2f} s in process, "
-          f"{SLOWEST[1]:.2f} s over HTTP")
-    assert CASES["uploads"] >= 200 and CASES["typed paths"] >= 100 and CASES["training settings"] >= 100, CASES
-    assert CASES["http uploads"] >= 20, CASES
