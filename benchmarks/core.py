@@ -128,9 +128,18 @@ def make_delta(shape: tuple[int, ...], gen: torch.Generator, noise_share: float)
     return out.addmm_(a, b)
 
 
-def make_deltas(shapes: dict[str, tuple[int, ...]], seed: int, noise_share: float) -> dict[str, torch.Tensor]:
+def make_deltas(shapes: dict[str, tuple[int, ...]], seed: int, noise_share: float,
+                changed_rows: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded deltas; ``changed_rows`` > 0: the word-embedding delta is nonzero in that many random rows only,
+    as phase 1 leaves it (it trains the rows of the corpus's tokens; ``embedding_rows.py``)."""
     gen = torch.Generator().manual_seed(seed)
-    return {name: make_delta(shape, gen, noise_share) for name, shape in shapes.items()}
+    deltas = {name: make_delta(shape, gen, noise_share) for name, shape in shapes.items()}
+    for name, d in deltas.items():
+        if changed_rows and "word_embeddings" in name and changed_rows < d.shape[0]:
+            keep = torch.zeros(d.shape[0], dtype=torch.bool)
+            keep[torch.randperm(d.shape[0], generator=gen)[:changed_rows]] = True
+            d[~keep] = 0.0
+    return deltas
 
 
 # ---- measuring --------------------------------------------------------------------------------------------
@@ -314,16 +323,17 @@ def _group(name: str, shape: tuple[int, ...]) -> str:
     return module_type(name) + " matrices"
 
 
-def step1(shapes, k, repeats, seed, noise_share, table: Table, results: dict):
+def step1(shapes, k, repeats, seed, noise_share, table: Table, results: dict, changed_rows: int = 0,
+          residual_scope: str = "changed"):
     """Denoise all deltas in place, then global top-k; returns the last repeat's deltas and mask."""
-    cfg = DenoiseConfig()
+    cfg = DenoiseConfig(residual_scope=residual_scope)
     t_den, t_topk, t_tot, extras, others, group_times = [], [], [], [], [], {}
     deltas = mask = records = None
     for rep in range(repeats):
         for attempt in range(_tries()):
             deltas = mask = records = None
             gc.collect()
-            deltas = make_deltas(shapes, seed, noise_share)  # untimed
+            deltas = make_deltas(shapes, seed, noise_share, changed_rows)  # untimed
             _quiet(f"step 1, repeat {rep + 1}")
             marks: list[tuple[str, float]] = []
             progress = lambda i, n, name: marks.append((name, time.perf_counter()))  # noqa: E731
@@ -356,7 +366,9 @@ def step1(shapes, k, repeats, seed, noise_share, table: Table, results: dict):
     mats = [r for r in records.values()]
     emb = next((r for n, r in records.items() if "word_embeddings" in n), None)
     other_ranks = sorted(r.rank for n, r in records.items() if "word_embeddings" not in n)
-    table.head(f"1. Denoise all + global top-k (k = {k:,})")
+    emb_rows = f"{changed_rows:,} changed rows" if changed_rows else "every row changed"
+    table.head(f"1. Denoise all + global top-k (k = {k:,}; word embeddings: {emb_rows}; residual scope "
+               f"{residual_scope})")
     table.row("maskable entries / 2-D matrices", f"{sum(math.prod(s) for s in shapes.values()):,} / {len(mats)}")
     table.row("other processes' CPU use during the timed repeats", _others(others))
     table.row("denoise all (energy 0.90, rho 0.05, inplace)", _med(t_den, repeats))
@@ -367,7 +379,8 @@ def step1(shapes, k, repeats, seed, noise_share, table: Table, results: dict):
     table.row("denoise + top-k total", _med(t_tot, repeats), f"<= {TARGETS['step1_total_s']:.0f} s",
               total <= TARGETS["step1_total_s"])
     if emb is not None:
-        table.row("rank chosen: word embeddings", f"{emb.rank} (energy kept {emb.energy_retained:.3f})")
+        table.row("rank chosen: word embeddings", f"{emb.rank} (energy kept {emb.energy_retained:.3f}; residual "
+                                                  f"entries kept {emb.residual_kept:,})")
     if other_ranks:
         table.row("rank chosen: other matrices (min / median / max)",
                   f"{other_ranks[0]} / {other_ranks[len(other_ranks) // 2]} / {other_ranks[-1]}")
@@ -698,6 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-share", type=float, default=0.05,
                    help="share of each generated matrix delta's energy that is Gaussian noise on top of the "
                         "rank-32, s_i = 1/i part (default 0.05)")
+    p.add_argument("--changed-rows", type=int, default=0,
+                   help="step 1: the word-embedding delta is nonzero in this many rows only, as phase 1 leaves it "
+                        "(default 0: every row, a dense delta)")
+    p.add_argument("--residual-scope", choices=["changed", "matrix"], default="changed",
+                   help="step 1: what rho is a share of (DenoiseConfig.residual_scope; default changed)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="for a shared machine: before each timed measurement wait up to SECONDS for other "
                         "processes to use < 0.15 cores, and measure again (at most twice) when they used > 0.25 "
@@ -728,7 +746,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.noise_share:.0%} of the energy, entry rms {DELTA_RMS:g}; generation not timed")
 
     t_start = time.perf_counter()
-    deltas, mask, mem = step1(shapes, k, args.repeats, args.seed, args.noise_share, table, results)
+    deltas, mask, mem = step1(shapes, k, args.repeats, args.seed, args.noise_share, table, results,
+                              args.changed_rows, args.residual_scope)
     step3(mem, model_numel * 4, table, results)
     svd_comparison(shapes, args.seed, args.noise_share, args.repeats, table, results)
     denoise_profile(shapes, args.seed, args.noise_share, args.repeats, results["step1_denoise_min_s"], table,

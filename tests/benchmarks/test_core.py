@@ -49,6 +49,7 @@ def test_a_revert_that_does_not_restore_is_reported(monkeypatch, capsys, broken_
     """revert() is checked against the copy of theta0 taken before apply, on every repeat: a revert that leaves
     the vector in the model (on its first call, or only on a later one) turns the row to NO and misses its
     target instead of being reported as bit-exact."""
+    from deftx_engine import vectors
     from deftx_engine.vectors import SparseVector
 
     core = load_core()
@@ -58,7 +59,7 @@ def test_a_revert_that_does_not_restore_is_reported(monkeypatch, capsys, broken_
     def revert(self, model, *, times=None):
         calls.append(1)
         if len(calls) == broken_call:
-            self._saved.pop()  # forget the saved entries: the model keeps theta0 + phi
+            vectors._APPLIED[model].pop()  # forget the saved entries: the model keeps theta0 + phi
             return model
         return real(self, model, times=times)
 
@@ -87,3 +88,25 @@ def test_xlmr_shapes_match_the_published_model():
 def test_repeats_must_be_positive():
     with pytest.raises(SystemExit):
         load_core().main(["--shapes", "tiny", "--repeats", "0"])
+
+
+def test_row_sparse_embeddings_and_the_residual_scope():
+    """--changed-rows leaves the word-embedding delta nonzero in that many rows; --residual-scope reaches
+    denoising: counted over the whole matrix the row-sparse delta keeps its whole residual, counted over its
+    changed rows it is denoised."""
+    import torch
+
+    from benchmarks import core
+
+    emb = "bert.embeddings.word_embeddings.weight"
+    shapes = {emb: (120, 16), "bert.encoder.layer.0.output.dense.weight": (16, 16)}
+    original = core.make_deltas(shapes, 0, 0.05, changed_rows=3)
+    assert int((original[emb] != 0).any(1).sum()) == 3
+    assert bool((original["bert.encoder.layer.0.output.dense.weight"] != 0).all())
+    for scope, kept in (("matrix", round(0.05 * 120 * 16)), ("changed", round(0.05 * 3 * 16))):
+        lines: list[str] = []
+        deltas, _, _ = core.step1(shapes, 50, 1, 0, 0.05, core.Table(lines.append), {}, changed_rows=3,
+                                  residual_scope=scope)
+        text = "\n".join(lines)
+        assert f"3 changed rows; residual scope {scope}" in text and f"residual entries kept {kept:,})" in text
+        assert torch.allclose(deltas[emb], original[emb], atol=1e-6) == (scope == "matrix")
