@@ -291,3 +291,14 @@ def test_push_with_model_card_and_metrics(client, trained, monkeypatch):
     with mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=OSError("403 for hf_abcdefghijklmnop")):
         msg, token_field = client.predict(task, "someone/deftx-task", False, "hf_abcdefghijklmnop", api_name="/push")
     assert "failed" in msg and "hf_abcdefghijklmnop" not in msg and token_field == ""
+
+
+@pytest.mark.parametrize("n_lines", [5, 30])
+def test_a_corpus_smaller_than_a_head_fit_batch_trains(client, tiny_model, n_lines):
+    """5 or 30 lines (fewer than the head fit's 32 a batch, which used to spin forever): the run finishes."""
+    corpus = Path(tiny_model).parent / f"small-{n_lines}.txt"
+    lines = (ASSETS / "target_corpus_id.txt").read_text(encoding="utf-8").splitlines()[:n_lines]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run_id = start(client, tiny_model, "language", corpus, name=f"small-{n_lines}")
+    st = wait_final(client, run_id, timeout=180)
+    assert st["state"] == "done", st
