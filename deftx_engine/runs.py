@@ -7,6 +7,8 @@ writes them, the web app only reads them (and sends SIGTERM to cancel). The one 
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -20,12 +22,14 @@ from .config import same_run
 from .errors import ConfigError, DeftxError
 from .fileio import write_json_atomic
 
+LOCK_FILE = ".lock"  # held (flock) by the one process that writes the folder
+_HELD_LOCKS: list[int] = []
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 SUBMITTED_CONFIG = "config.json"
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 # what a run folder may hold before its run.json exists (the app writes process.log and config.json first)
-RUN_ENTRIES = frozenset({"run.json", "status.json", "metrics.jsonl", "log.txt", "process.log", "config.json", "vector",
-                         "mask.safetensors", "spectra.json", "phase1", "phase2"})
+RUN_ENTRIES = frozenset({".lock", "run.json", "status.json", "metrics.jsonl", "log.txt", "process.log", "config.json",
+                         "vector", "mask.safetensors", "spectra.json", "phase1", "phase2"})
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -62,7 +66,9 @@ class RunDir:
         self.vector_dir = self.path / "vector"
         self.mask_file = self.path / "mask.safetensors"
         self.spectra_file = self.path / "spectra.json"
+        self.lock_file = self.path / LOCK_FILE
         self._status: Status | None = None
+        self._lock_fd: int | None = None
 
     # ---- claiming the folder -----------------------------------------------------------------------
     def claim(self, config: dict, *, resume: bool, overwrite: bool) -> bool:
@@ -79,21 +85,72 @@ class RunDir:
             if not resume:
                 raise ConfigError(f"{self.path} already holds this run; pass --resume to continue it "
                                   "or --overwrite to start again")
+            self.lock()
             return True
         if old is None:
             self._check_new_folder()
-        if overwrite and self.path.exists():
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{self.path}: the run folder cannot be written ({e.strerror or e}); "
+                              "choose another --output-dir") from None
+        self.lock()
+        if overwrite:
             import shutil
 
             for child in self.path.iterdir():
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                if child.name != LOCK_FILE:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.config_file, config)
         except OSError as e:  # e.g. under /proc or /sys, or read-only
             raise ConfigError(f"{self.path}: the run folder cannot be written ({e.strerror or e}); "
                               "choose another --output-dir") from None
         return False
+
+    def lock(self) -> None:
+        """Become the folder's one writer: an exclusive ``flock`` on ``.lock``, held until this process ends
+        (the kernel releases it however the process ends, ``kill -9`` included). A folder another live
+        process writes is refused, whatever a registry says about that process."""
+        if self._lock_fd is not None:
+            return
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"{self.path}: the run folder cannot be written ({e.strerror or e}); "
+                              "choose another --output-dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = self.writer() or "pid unknown"
+            raise ConfigError(f"{self.path} is being written by another training process ({holder}); wait for it "
+                              "to end or cancel it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+        self._lock_fd = fd
+        _HELD_LOCKS.append(fd)  # never closed before the process ends, even if this RunDir is dropped
+
+    def writer(self) -> str | None:
+        """``"pid N"`` of the live process that holds this folder's lock, or None if no process writes it."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                return os.pread(fd, 64, 0).decode(errors="replace").strip() or "pid unknown"
+            except OSError:
+                return "pid unknown"
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
 
     def _check_new_folder(self) -> None:
         """A folder without run.json becomes a run folder only if it is absent, empty, or holds nothing but

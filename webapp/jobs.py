@@ -119,6 +119,8 @@ class JobRegistry(RunDB):
             yield
         except Exception as e:  # noqa: BLE001 -- logged with its traceback; the run gets a one-line message
             log.exception("run %s could not be handled; marking it failed", row["id"])
+            if row.get("pid") and is_alive(row["pid"], row.get("pid_start")):  # a failed run has no live process
+                signal_group(row["pid"], signal.SIGKILL)
             with self._transaction() as db:
                 self._set(db, row["id"], state="failed", finished=time.time(), cancel_requested=None,
                           message=f"the app could not record this run's progress ({type(e).__name__}); "

@@ -197,6 +197,10 @@ class RunDB:
                                  f"{', '.join(RESUMABLE)} runs can be resumed")
             if not row["command"] or row["kind"] not in KINDS:
                 raise ValueError(f"{row['name']} was not trained here (pulled vector), so there is nothing to resume")
+            writer = RunDir(row["run_dir"]).writer()  # the folder's lock, whatever this row says of the process
+            if writer:
+                raise ValueError(f"run {row['name']} still has a live training process ({writer}); cancel it "
+                                 "first, then resume")
             self._check_queue(db, max_queued)
             argv = list(row["command"])
             if "--resume" not in argv:

@@ -36,7 +36,7 @@ def test_overwrite_empties_the_folder_first(tmp_path):
     run.log_file.write_text("old log\n")
     other = {**CONFIG, "k": 0.05}
     assert run.claim(other, resume=False, overwrite=True) is False
-    assert sorted(p.name for p in run.path.iterdir()) == ["run.json"]
+    assert sorted(p.name for p in run.path.iterdir()) == [".lock", "run.json"]  # the lock this process holds
     assert read_json(run.config_file) == other
 
 
@@ -49,7 +49,7 @@ def test_status_updates_are_whole_files_and_accumulate(tmp_path):
     assert {k: status[k] for k in ("state", "phase", "step", "total_steps", "loss")} == \
         {"state": "running", "phase": "full", "step": 3, "total_steps": 10, "loss": 1.5}
     assert status["pid"] == os.getpid() and status["updated"] >= status["started"]
-    assert [p.name for p in run.path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+    assert [p.name for p in run.path.iterdir() if p.name.startswith(".")] == [".lock"]  # no temporary files left
     again = RunDir(run.path)  # a new process (resume) continues from what is on disk
     again.update(step=4)
     assert again.status()["phase"] == "full" and again.status()["step"] == 4
@@ -145,3 +145,27 @@ def test_a_run_recorded_before_a_field_existed_resumes(tmp_path):
         run.claim({**config, "param_groups": "ffn"}, resume=True, overwrite=False)  # not the default: another run
     with pytest.raises(ConfigError, match="holds a different run"):
         run.claim({k: v for k, v in config.items() if k != "seed"}, resume=True, overwrite=False)
+
+
+def test_a_folder_another_live_process_writes_is_refused(tmp_path):
+    """One writer per run folder, enforced by a lock the kernel drops when the writer dies (kill -9 too)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    code = ("import sys, time; from deftx_engine.runs import RunDir; "
+            "RunDir(sys.argv[1]).claim({'a': 1}, resume=False, overwrite=False); print('held', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        assert RunDir(run).writer() == f"pid {holder.pid}"
+        for kw in (dict(resume=True, overwrite=False), dict(resume=False, overwrite=True)):
+            with pytest.raises(ConfigError, match=f"another training process \\(pid {holder.pid}\\)"):
+                RunDir(run).claim({"a": 1}, **kw)
+        assert json.loads((run / "run.json").read_text()) == {"a": 1}  # --overwrite deleted nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert RunDir(run).writer() is None
+    assert RunDir(run).claim({"a": 1}, resume=True, overwrite=False) is True

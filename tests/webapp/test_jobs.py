@@ -282,3 +282,40 @@ def test_registry_survives_corrupt_status(reg):
     row = reg.wait(rid, timeout=15)
     assert row["state"] == "failed"
     assert json.loads(json.dumps(row["config"])) == {}
+
+
+# a job that holds its run folder's lock (as the training CLI does) and reports a step SQLite cannot store
+LOCKED_OVERFLOW = r"""
+import json, os, sys, time
+from deftx_engine.runs import RunDir
+run = RunDir(sys.argv[1])
+run.path.mkdir(parents=True, exist_ok=True)
+run.lock()
+with open(run.status_file, "w") as f:
+    json.dump({"state": "running", "phase": "full", "step": 2 ** 70, "total_steps": 5, "pid": os.getpid(),
+               "updated": time.time()}, f)
+time.sleep(float(sys.argv[2]))
+"""
+HOLD = "import sys, time; from deftx_engine.runs import RunDir; RunDir(sys.argv[1]).lock(); print('held', flush=True); time.sleep(60)"
+
+
+def test_a_run_marked_failed_has_no_live_writer_and_resume_never_starts_a_second(reg):
+    from deftx_engine.runs import RunDir
+
+    rid = reg.submit("overflow", "task", [sys.executable, "-c", LOCKED_OVERFLOW, "{run_dir}", "60"])
+    reg.start()
+    row = reg.wait(rid, timeout=20)
+    assert row["state"] == "failed" and "could not record this run's progress" in row["message"]
+    folder = RunDir(row["run_dir"])
+    wait_for(lambda: folder.writer() is None, timeout=10)  # its process was killed with it: the lock is free
+    # a live writer, whatever the registry says (here: a process the registry never started), blocks resume
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder.path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(ValueError, match=f"still has a live training process \\(pid {holder.pid}\\)"):
+            reg.resume(rid)
+        assert reg.get(rid)["state"] == "failed"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert reg.resume(rid)["state"] == "queued"
