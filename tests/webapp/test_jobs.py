@@ -296,7 +296,8 @@ with open(run.status_file, "w") as f:
                "updated": time.time()}, f)
 time.sleep(float(sys.argv[2]))
 """
-HOLD = "import sys, time; from deftx_engine.runs import RunDir; RunDir(sys.argv[1]).lock(); print('held', flush=True); time.sleep(60)"
+HOLD = ("import sys, time; from deftx_engine.runs import RunDir; RunDir(sys.argv[1]).lock(); "
+        "print('held', flush=True); time.sleep(60)")
 
 
 def test_a_run_marked_failed_has_no_live_writer_and_resume_never_starts_a_second(reg):
