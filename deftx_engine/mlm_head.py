@@ -128,8 +128,12 @@ def _informed_start(model, tokenizer, lines: Sequence[str], max_length: int) -> 
 
 
 def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg: HeadFitConfig,
-             progress: Callable[[str], None] | None = None) -> dict:
-    """Fit the head of ``model`` in place (encoder frozen); returns the fit's record (steps, losses)."""
+             progress: Callable[[str], None] | None = None, *, stop: Callable[[], bool] | None = None,
+             on_step: Callable[[int, int], None] | None = None) -> dict:
+    """Fit the head of ``model`` in place (encoder frozen); returns the fit's record (steps, losses).
+
+    ``on_step(step, max_steps)`` after every step (progress for watchers); ``stop()`` is asked after every step,
+    and a true answer ends the fit there, as a stop signal ends a training phase (the record says "stopped")."""
     if not train:
         raise ValueError("fit_head() needs at least one line of text")
     params = head_parameters(model)
@@ -148,7 +152,8 @@ def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg
     # whole batches per pass over the text; a text smaller than one batch is one (smaller) batch, so every
     # pass takes at least one step and the loop ends after at most max_steps passes
     per_pass = max(1, len(train) // cfg.batch_size)
-    while step < cfg.max_steps:
+    stopped = False
+    while step < cfg.max_steps and not stopped:
         order = torch.randperm(len(train), generator=gen).tolist()
         for i in range(per_pass):
             batch = [train[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
@@ -160,6 +165,12 @@ def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg
             loss.backward()
             opt.step()
             step += 1
+            if on_step:
+                on_step(step, cfg.max_steps)
+            if stop and stop():
+                history.append({"step": step, **score()})
+                stopped = True
+                break
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 history.append({"step": step, **score()})
                 if progress:
@@ -174,7 +185,7 @@ def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg
     for p, was in zip(enc_params, frozen):
         p.requires_grad_(was)
     return {"steps": history[-1]["step"], "seconds": time.time() - t0, "history": history,
-            "heldout": history[-1], "config": asdict(cfg)}
+            "heldout": history[-1], "config": asdict(cfg), "stopped": stopped}
 
 
 def split_heldout(lines: Sequence[str], share: float) -> tuple[list[str], list[str]]:
@@ -187,8 +198,10 @@ def split_heldout(lines: Sequence[str], share: float) -> tuple[list[str], list[s
 
 
 def cached_fit(model, tokenizer, base_key: str, lines: Sequence[str], cfg: HeadFitConfig,
-               progress: Callable[[str], None] | None = None) -> dict:
-    """Load the head fitted for these inputs from the cache, or fit and cache it. Returns its record."""
+               progress: Callable[[str], None] | None = None, *, stop: Callable[[], bool] | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> dict:
+    """Load the head fitted for these inputs from the cache, or fit and cache it. Returns its record; a fit
+    ended by ``stop`` is not cached (``fit_head``)."""
     from safetensors.torch import load_file, save_file
 
     from .fileio import atomic_write_bytes
@@ -207,7 +220,10 @@ def cached_fit(model, tokenizer, base_key: str, lines: Sequence[str], cfg: HeadF
                     p.copy_(state[n])
             return {**json.loads(record_file.read_text(encoding="utf-8")), "cached": True}
     train, heldout = split_heldout(lines, 0.1)
-    record = fit_head(model, tokenizer, train, heldout or train[: cfg.batch_size], cfg, progress)
+    record = fit_head(model, tokenizer, train, heldout or train[: cfg.batch_size], cfg, progress, stop=stop,
+                      on_step=on_step)
+    if record["stopped"]:
+        return {**record, "cached": False}
     record.update(layer=getattr(model, "mlm_layer", None), text_sha256=text_hash, n_lines=len(lines))
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -192,6 +192,20 @@ def trainable_setup(model: nn.Module, roles, mask: dict | None) -> None:
             p.requires_grad_(name in mask and mask[name].numel() > 0)
 
 
+def _head_fit_progress(run: RunDir):
+    """Step, steps (at most: the fit ends early once the held-out loss stops falling) and ETA of the head fit in
+    status.json, at most every half second: the longest step on a new corpus shows progress like the phases."""
+    t0, last = time.time(), [0.0]
+
+    def update(step: int, total: int) -> None:
+        now = time.time()
+        if now - last[0] > 0.5 or step == total:
+            run.update(step=step, total_steps=total, eta_seconds=(now - t0) / step * (total - step))
+            last[0] = now
+
+    return update
+
+
 def _weights_key(model, name: str) -> str:
     """Identifies a base model's weights (not only its shapes) for caches: name + a sample of each tensor."""
     import hashlib
@@ -280,7 +294,13 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
                                                                       "and text; cached)")
             text = load_corpus(cfg.head_corpus, max_bytes=cfg.max_bytes) if cfg.head_corpus else dataset.lines
             head_fit = cached_fit(model, tokenizer, _weights_key(model, cfg.base_model), text,
-                                  HeadFitConfig(max_length=cfg.max_length), progress=say)
+                                  HeadFitConfig(max_length=cfg.max_length), progress=say,
+                                  stop=lambda: bool(stop), on_step=_head_fit_progress(run) if main else None)
+            if head_fit["stopped"]:
+                if main:
+                    run.update(step=head_fit["steps"])
+                say(f"MLM head fit stopped by a signal at step {head_fit['steps']} (not cached)")
+                return None
             say(f"MLM head {'loaded from the cache' if head_fit['cached'] else 'fitted'}: held-out loss "
                 f"{head_fit['heldout']['loss']:.3f}, top-1 {head_fit['heldout']['accuracy']:.1%}")
         theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}  # a fitted head is theta0's

@@ -9,8 +9,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-PHASES = {"head-fit": "fitting the MLM head (once per base model; cached)", "full": "phase 1 · full fine-tuning",
-          "denoise": "denoising + choosing the mask",
+PHASES = {"head-fit": "fitting the MLM head (once per base model and text; cached)",
+          "full": "phase 1 · full fine-tuning", "denoise": "denoising + choosing the mask",
           "sparse": "phase 2 · sparse fine-tuning", "save": "saving the vector", "done": "finished"}
 STATE_COLORS = {"queued": "#6b7280", "running": "#2563eb", "done": "#16a34a", "failed": "#dc2626",
                 "cancelled": "#d97706", "interrupted": "#9333ea"}

@@ -433,3 +433,29 @@ def test_resumed_no_retrain_run_equals_the_uninterrupted_one(tiny_dir, tmp_path)
         assert torch.allclose(a.values[n], b.values[n], atol=1e-6), n
     for n in a.heads:  # the phase-1 heads, not theta0's
         assert torch.allclose(a.heads[n], b.heads[n], atol=1e-6), n
+
+
+def test_a_stop_during_the_head_fit_ends_the_run_there_with_its_progress(tiny_dir, tmp_path, monkeypatch):
+    """SIGTERM (the StopFlag) is honoured at the next head-fit step, as in the phases: the run returns None
+    (the CLI marks it cancelled), status.json showed the head fit's step count, and no partial head is cached."""
+    from deftx_engine.config import TrainConfig
+    from deftx_engine.runs import RunDir, StopFlag
+    from deftx_engine.train import train_sft
+
+    monkeypatch.setenv("DEFTX_CACHE", str(tmp_path / "cache"))  # no head fitted yet
+
+    class StopAfter(StopFlag):  # a signal that arrives during the 3rd head-fit step
+        checks = 0
+
+        def __bool__(self) -> bool:
+            self.checks += 1
+            return self.checks >= 3
+
+    run = RunDir(tmp_path / "run")
+    cfg = TrainConfig(kind="language", base_model=tiny_dir, data=CORPUS, language="id", full_steps=2, sparse_steps=2,
+                      batch_size=8, max_length=32)
+    assert train_sft(cfg, run, stop=StopAfter()) is None
+    status = run.status()
+    assert (status["phase"], status["step"], status["total_steps"]) == ("head-fit", 3, 400)
+    assert "MLM head fit stopped by a signal at step 3" in run.log_file.read_text()
+    assert not list((tmp_path / "cache").rglob("*.safetensors")) and not run.vector_dir.exists()

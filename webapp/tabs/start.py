@@ -32,7 +32,7 @@ def intro() -> str:
             "one-time build of the model and fit of its MLM head (each a few minutes, cached). Your own data and "
             "settings: the **Data** and **Train** tabs.")
 # the steps of each run, in order, as status.json phases (a base with its own MLM head skips the head fit)
-STEPS = {"language": [("head-fit", "fit the MLM head (once per base model; cached)"),
+STEPS = {"language": [("head-fit", "fit the MLM head (once per base model and text; cached)"),
                       ("full", PHASES["full"]), ("denoise", PHASES["denoise"]), ("sparse", PHASES["sparse"])],
          "task": [("full", PHASES["full"]), ("denoise", PHASES["denoise"]), ("sparse", PHASES["sparse"])]}
 TITLES = {"language": "Language SFT on Indonesian text (target_corpus_id.txt, unlabelled)",
@@ -163,7 +163,7 @@ def run_steps(studio: Studio, n: int, kind: str, row: dict | None) -> str:
         if state == "done" or (now > i and state == "running"):
             mark = "✔"
         elif now == i and state == "running":
-            mark, label = "●", label + (f" · step {step} / {total}" if total and name != "head-fit" else " …")
+            mark, label = "●", label + (f" · step {step} / {total}" if total else " …")
         elif now == i and state != "queued":
             mark = "✖"
         else:
