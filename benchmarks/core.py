@@ -714,6 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--changed-rows", type=int, default=0,
                    help="step 1: the word-embedding delta is nonzero in this many rows only, as phase 1 leaves it "
                         "(default 0: every row, a dense delta)")
+    p.add_argument("--step1-only", action="store_true",
+                   help="only denoise + top-k and its memory (steps 1 and 3): to compare --residual-scope values")
     p.add_argument("--residual-scope", choices=["changed", "matrix"], default="changed",
                    help="step 1: what rho is a share of (DenoiseConfig.residual_scope; default changed)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
@@ -749,10 +751,11 @@ def main(argv: list[str] | None = None) -> dict:
     deltas, mask, mem = step1(shapes, k, args.repeats, args.seed, args.noise_share, table, results,
                               args.changed_rows, args.residual_scope)
     step3(mem, model_numel * 4, table, results)
-    svd_comparison(shapes, args.seed, args.noise_share, args.repeats, table, results)
-    denoise_profile(shapes, args.seed, args.noise_share, args.repeats, results["step1_denoise_min_s"], table,
-                    results)
-    step2(factory, shapes, deltas, mask, k, args.seed, args.noise_share, args.repeats, table, results)
+    if not args.step1_only:
+        svd_comparison(shapes, args.seed, args.noise_share, args.repeats, table, results)
+        denoise_profile(shapes, args.seed, args.noise_share, args.repeats, results["step1_denoise_min_s"], table,
+                        results)
+        step2(factory, shapes, deltas, mask, k, args.seed, args.noise_share, args.repeats, table, results)
     del deltas, mask
     gc.collect()
 

@@ -110,3 +110,13 @@ def test_row_sparse_embeddings_and_the_residual_scope():
         text = "\n".join(lines)
         assert f"3 changed rows; residual scope {scope}" in text and f"residual entries kept {kept:,})" in text
         assert torch.allclose(deltas[emb], original[emb], atol=1e-6) == (scope == "matrix")
+
+
+def test_step1_only_times_denoise_and_top_k_alone(capsys):
+    from benchmarks import core
+
+    results = core.main(["--shapes", "tiny", "--repeats", "1", "--step1-only", "--changed-rows", "5",
+                         "--residual-scope", "matrix"])
+    out = capsys.readouterr().out
+    assert "word embeddings: 5 changed rows; residual scope matrix" in out and results["step1_total_s"] > 0
+    assert "revert_bit_exact" not in results and "### 2." not in out  # the vector steps did not run
