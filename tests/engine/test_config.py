@@ -2,6 +2,7 @@
 one planned-steps count, and errors that carry their setting as data."""
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -124,3 +125,50 @@ def test_param_groups_are_checked(groups):
     with pytest.raises(ConfigError, match="param_groups") as e:
         TrainConfig(kind="language", data="x.txt", param_groups=groups)
     assert e.value.field == "param_groups"
+
+
+# ---- config files and values that used to hang, exhaust memory or fail after acceptance --------------------
+@pytest.mark.parametrize("make,message", [
+    (lambda p: os.mkfifo(p), "not a regular file"),  # opening a FIFO would block until a writer comes
+    (lambda p: os.symlink("/dev/zero", p), "not a regular file"),  # reading would never end
+    (lambda p: p.write_bytes(b'{"seed": ' + b"7" * 5000 + b"}"), "not JSON"),  # over Python's 4,300 digits
+    (lambda p: p.write_text("[" * 100_000 + "]" * 100_000), "nested too deeply|not JSON"),
+    (lambda p: p.write_bytes(b" " * (2 << 20) + b"{}"), "larger than 1,048,576 bytes"),
+])
+def test_config_files_that_cannot_be_configs_are_refused_at_once(tmp_path, make, message):
+    import time
+
+    from deftx_engine.config import read_config_file
+
+    path = tmp_path / "run.json"
+    make(path)
+    t = time.time()
+    with pytest.raises(ConfigError, match=message) as e:
+        read_config_file(path)
+    assert e.value.field == "config" and time.time() - t < 5
+
+
+@pytest.mark.parametrize("values,field", [({"logging_steps": 0}, "logging_steps"),
+                                          ({"language": "x" * 101}, "language"), ({"data": "d" * 5000}, "data")])
+def test_values_that_would_fail_later_are_refused_by_train_config(values, field):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**{"kind": "language", "data": "c.txt", **values})
+    assert e.value.field == field
+
+
+def test_the_model_is_checked_before_the_run_folder_is_claimed(tmp_path, capsys):
+    """A base model that is a folder but not a model, and a max_length beyond the model's positions, are
+    refused with the setting's option before anything is written."""
+    from deftx_engine.cli import main
+    from tiny import ASSETS, make_tiny_model_dir
+
+    corpus = str(ASSETS / "target_corpus_id.txt")
+    assert main(["train-language", "--data", corpus, "--base-model", str(tmp_path),
+                 "--output-dir", str(tmp_path / "a")]) != 0
+    assert "is not a model folder (no config.json)" in capsys.readouterr().err
+    tiny = str(make_tiny_model_dir(tmp_path / "tiny"))  # 128 positions
+    assert main(["train-language", "--data", corpus, "--base-model", tiny, "--max-length", "129",
+                 "--output-dir", str(tmp_path / "b")]) != 0
+    err = capsys.readouterr().err
+    assert "max_length 129 is more than" in err and "(128 tokens)" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
