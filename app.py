@@ -11,15 +11,19 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def main() -> None:
+    from deftx_engine.errors import ConfigError
     from webapp.settings import launch_kwargs, log_level, server_address
 
-    logging.basicConfig(level=log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from deftx_engine.errors import ConfigError
+    try:  # before Gradio is imported: it reads GRADIO_SERVER_PORT itself, with a traceback for a bad value
+        level = log_level()
+        server_name, server_port = server_address()
+    except ConfigError as e:  # a bad setting: one line, no traceback
+        raise SystemExit(f"DeFT-X Studio: {e}") from None
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from webapp.state import Studio
     from webapp.ui import build_app
 
     try:
-        server_name, server_port = server_address()
         studio = Studio()  # DEFTX_HOME; a bad DEFTX_* setting stops here
         # launch_kwargs: files served only from DEFTX_HOME/outputs, upload limit, DEFTX_AUTH logins
         kwargs = launch_kwargs(studio.home)

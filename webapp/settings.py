@@ -141,9 +141,16 @@ def has_env_token() -> bool:
     return bool(os.environ.get("HF_TOKEN", "").strip())
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def log_level() -> str:
-    """DEFTX_LOG_LEVEL (default INFO): the app's log level."""
-    return os.environ.get("DEFTX_LOG_LEVEL", "INFO")
+    """DEFTX_LOG_LEVEL (default INFO): the app's log level, one of LOG_LEVELS (any case)."""
+    level = os.environ.get("DEFTX_LOG_LEVEL", "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"DEFTX_LOG_LEVEL={os.environ['DEFTX_LOG_LEVEL'][:40]!r} is not a log level; use one of "
+                          f"{', '.join(LOG_LEVELS)}")
+    return level
 
 
 def auth_from_env() -> list[tuple[str, str]] | None:

@@ -6,7 +6,9 @@ the others wait in order) and DEFTX_MAX_QUEUE (runs waiting); a malformed value 
 request, and one line at start-up). Through the app's handlers (called directly) and, for uploads, a launched
 app.
 """
+import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +178,17 @@ def test_malformed_limits_are_messages(app, clean_env, tmp_path, api, var, value
     with pytest.raises(SystemExit) as e:
         app_module.main()
     assert var in str(e.value) and says in str(e.value)
+
+
+@pytest.mark.parametrize("var,value,says", [("DEFTX_LOG_LEVEL", "BOGUS", "not a log level"),
+                                            ("GRADIO_SERVER_PORT", "abc", "a whole number")])
+def test_a_bad_log_level_or_port_stops_the_app_with_one_line(var, value, says):
+    """Read before Gradio is imported (which reads GRADIO_SERVER_PORT itself, with a traceback)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, var: value, "DEFTX_WARMUP": "0"}
+    proc = subprocess.run([sys.executable, str(root / "app.py")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and var in proc.stderr and says in proc.stderr
