@@ -80,9 +80,9 @@ class JobRegistry(RunDB):
         """Queued: cancelled at once. Running: SIGTERM to its process group now, SIGKILL after ``grace``
         seconds if it is still alive. Returns the state after the call."""
         with self._transaction() as db:
-            row = self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+            row = self._select(db, run_id)
             if row is None:
-                raise KeyError(run_id)
+                raise KeyError(str(run_id)[:80])
             if row["state"] == "queued":
                 self._set(db, run_id, state="cancelled", finished=time.time(), message="cancelled before it started")
                 return "cancelled"

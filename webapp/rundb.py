@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_state ON runs(state, created);
 """
+MAX_ID_CHARS = 64  # ids are made by new_id (22 characters) or given by a caller
 COLUMNS = ("id", "name", "kind", "state", "created", "started", "finished", "pid", "run_dir", "config", "message",
            "phase", "step", "total_steps", "command", "vector_dir", "pid_start", "owner", "cancel_requested",
            "exit_code", "queued")
@@ -120,7 +121,14 @@ class RunDB:
 
     def get(self, run_id: str) -> dict | None:
         with self._connect() as db:
-            return self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+            return self._select(db, run_id)
+
+    def _select(self, db: sqlite3.Connection, run_id) -> dict | None:
+        """The row of ``run_id``, or None for an unknown id -- also for anything that is not an id at all (a
+        JSON object or list from the API, a 100,000-character string): one home for what an id may be."""
+        if not isinstance(run_id, str) or not 0 < len(run_id) <= MAX_ID_CHARS:
+            return None
+        return self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
 
     def list(self, states: Sequence[str] | None = None, kind: str | None = None) -> list[dict]:
         """Runs, newest first (optionally only some states / one kind)."""
@@ -189,9 +197,9 @@ class RunDB:
         checkpoint (or skips phase 1 if the mask exists). It waits behind the runs queued before it.
         Returns the updated row; ``ValueError`` if the run cannot be resumed, ``KeyError`` if unknown."""
         with self._transaction() as db:
-            row = self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+            row = self._select(db, run_id)
             if row is None:
-                raise KeyError(run_id)
+                raise KeyError(str(run_id)[:80])
             if row["state"] not in RESUMABLE:
                 raise ValueError(f"run {row['name']} is {row['state']}; only "
                                  f"{', '.join(RESUMABLE)} runs can be resumed")
@@ -224,25 +232,15 @@ class RunDB:
                         str(vector_dir), message))
         return run_id
 
-    def add_metrics(self, run_id: str, key: str, value: dict) -> dict:
+    def add_metrics(self, run_id: str, key: str, value: dict) -> dict | None:
         """Add one evaluation's metrics under ``key`` to a run's config (for its model card), read and written in
-        one transaction: concurrent evaluations of one vector all keep their metrics."""
+        one transaction: concurrent evaluations of one vector all keep their metrics. None if the run is gone."""
         with self._transaction() as db:
-            row = self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
-            if row is None:
-                raise KeyError(run_id)
+            row = self._select(db, run_id)
+            if row is None:  # deleted meanwhile (by another session): the scores are shown all the same
+                return None
             metrics = row["config"].get("metrics")
             config = {**row["config"], "metrics": {**(metrics if isinstance(metrics, dict) else {}), key: value}}
-            self._set(db, run_id, config=config)
-        return config
-
-    def update_config(self, run_id: str, **changes) -> dict:
-        """Merge ``changes`` into a run's config (e.g. evaluation metrics for its model card)."""
-        with self._transaction() as db:
-            row = self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
-            if row is None:
-                raise KeyError(run_id)
-            config = {**row["config"], **changes}
             self._set(db, run_id, config=config)
         return config
 
@@ -252,9 +250,9 @@ class RunDB:
         in the same transaction as the removal, so the scheduler cannot start it meanwhile. Returns the row;
         ``KeyError`` if unknown."""
         with self._transaction() as db:
-            row = self._row(db.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone())
+            row = self._select(db, run_id)
             if row is None:
-                raise KeyError(run_id)
+                raise KeyError(str(run_id)[:80])
             if row["state"] in ("running", "queued"):
                 raise ValueError(f"run {row['name']} is {row['state']}: cancel it first")
             db.execute("DELETE FROM runs WHERE id=?", (run_id,))

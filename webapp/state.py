@@ -190,7 +190,7 @@ class Studio(FilePolicy):
             raise DeftxError(f"choose a {what} first (train one in the Train tab or pull one in the Hub tab)")
         row = self.registry.get(run_id)
         if row is None:
-            raise DeftxError(f"unknown run {run_id!r}; refresh the page")
+            raise DeftxError(f"unknown run {str(run_id)[:80]!r}; refresh the page")
         if row["state"] != "done" or not row["vector_dir"] or not Path(row["vector_dir"]).is_dir():
             raise DeftxError(f"run {row['name']} ({row['state']}) has no vector yet")
         return row["vector_dir"]

@@ -358,3 +358,35 @@ def test_bad_start_up_settings_give_one_line(tmp_path, var, value, says):
     p = subprocess.run([sys.executable, "app.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode != 0 and len(lines) == 1 and says in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+# ---- run ids that are not ids; a vector deleted while it is scored (issue 20) ---------------------------
+@pytest.mark.parametrize("bad", [{"a": 1}, [1, 2], "x" * 100_000, 7])
+def test_run_ids_that_are_not_ids_are_unknown_runs(studio, api, bad):
+    fns = api(studio)
+    msg, *_ = fns["analyze"](bad, "", "")
+    refused(msg, "unknown run")
+    assert len(msg) < 400  # a 100,000-character id is not echoed back
+    msg, *_ = fns["predict"](bad, "", "text", "")
+    refused(msg, "unknown run")
+    for name, args in (("cancel_run", (bad,)), ("resume_run", (bad,))):
+        out = fns[name](*args)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        assert "unexpected error" not in str(first) and len(str(first)) < 400, (name, str(first)[:200])
+    assert studio.registry.get(bad) is None
+
+
+def test_scores_survive_their_run_being_deleted_meanwhile(studio, fake_model, api, monkeypatch):
+    """Session A scores a file while session B deletes the run: A keeps its scores (no KeyError)."""
+    run = task_run(studio)
+    f = studio.home / "eval.csv"
+    f.write_text("text,label\ngood,positive\nbad,negative\n")
+    real = studio.registry.add_metrics
+
+    def delete_first(*a, **kw):  # B deletes the run between A's scoring and A's recording of the metrics
+        studio.registry.delete(run)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(studio.registry, "add_metrics", delete_first)
+    msg, *_ = api(studio)["evaluate"](run, None, None, str(f), "", "", "label")
+    assert "unexpected error" not in msg and "macro-F1" in msg, msg

@@ -160,7 +160,7 @@ def delete_run(studio: Studio, run_id) -> Updates:
     try:
         row = studio.registry.delete(run_id or "")
     except KeyError:
-        raise DeftxError(f"unknown run {run_id!r}; refresh the page") from None
+        raise DeftxError(f"unknown run {str(run_id)[:80]!r}; refresh the page") from None
     except ValueError as e:
         raise DeftxError(f"{e} (Train tab, Cancel)") from None
     rows = studio.registry.list()

@@ -339,7 +339,7 @@ def cancel_run(studio: Studio, run_id) -> Updates:
         raise DeftxError("no run selected")
     row = studio.registry.get(run_id)
     if row is None:
-        raise DeftxError(f"unknown run {run_id!r}")
+        raise DeftxError(f"unknown run {str(run_id)[:80]!r}")
     state = studio.registry.cancel(run_id)
     row = studio.registry.get(run_id)
     if state == "cancelled":
@@ -360,7 +360,7 @@ def resume_run(studio: Studio, run_id) -> Updates:
     try:
         studio.registry.resume(run_id, max_queued=max_queue())
     except KeyError:
-        raise DeftxError(f"unknown run {run_id!r}") from None
+        raise DeftxError(f"unknown run {str(run_id)[:80]!r}") from None
     except ValueError as e:
         raise DeftxError(str(e)) from None
     except QueueFull as e:
