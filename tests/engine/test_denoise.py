@@ -143,3 +143,53 @@ def test_delta_with_zero_columns_is_denoised_within_its_changed_columns():
 def test_bad_residual_scope():
     with pytest.raises(ConfigError, match="residual_scope"):
         DenoiseConfig(residual_scope="rows")
+
+
+# ---- what mutation testing found unguarded (RESULTS.md, "Mutation testing") --------------------------------
+def test_times_names_every_step_and_records_name_their_matrix():
+    d, _ = row_sparse(m=300, n=20, share=0.1)
+    times: dict = {}
+    _, rec = denoise_matrix(d.T.contiguous(), DenoiseConfig(), "emb", times=times)  # wide: transposed
+    assert set(times) == {"support", "transpose", "gram", "eigh", "project", "threshold", "index", "scatter"}
+    assert all(t >= 0 for t in times.values())
+    assert (rec.name, rec.shape, rec.changed_shape) == ("emb", (20, 300), (20, 30))
+    _, rec = denoise_matrix(torch.randn(30, 10), DenoiseConfig(residual_scope="matrix"), "dense", times=times)
+    assert (rec.name, rec.shape, rec.changed_shape) == ("dense", (30, 10), None)
+    assert denoise_matrix(torch.randn(6, 4))[1].name == ""
+
+
+def test_progress_and_the_default_config_of_denoise_deltas():
+    calls = []
+    deltas = {"a": torch.randn(12, 4), "b": torch.randn(4), "c": torch.randn(5, 9)}
+    out, recs = denoise_deltas(deltas, progress=lambda i, n, name: calls.append((i, n, name)))
+    assert calls == [(1, 3, "a"), (2, 3, "b"), (3, 3, "c")]
+    assert set(recs) == {"a", "c"} and recs["a"].name == "a" and recs["a"].residual_kept == round(0.05 * 48)
+
+
+def test_a_delta_with_one_changed_row_or_none(monkeypatch):
+    import deftx_engine.denoise as dn
+
+    monkeypatch.setattr(dn, "CHUNK_ROWS", 7)  # the changed row in the 3rd of 6 chunks: the others change nothing
+    d = torch.zeros(40, 6)
+    d[17] = torch.arange(1.0, 7.0)
+    out, rec = denoise_matrix(d, DenoiseConfig(energy=0.9, residual_share=0.5))
+    assert rec.changed_shape == (1, 6) and rec.rank == 1 and torch.allclose(out, d, atol=1e-5)
+    out, rec = denoise_matrix(torch.zeros(7, 3), DenoiseConfig(), "z")
+    assert (rec.name, rec.shape, rec.singular_values, rec.rank, rec.energy_retained, rec.residual_kept,
+            rec.changed_shape) == ("z", (7, 3), [0.0, 0.0, 0.0], 0, 1.0, 0, (0, 0))
+
+
+def test_energy_retained_matches_the_svd(monkeypatch):
+    import deftx_engine.denoise as dn
+
+    monkeypatch.setattr(dn, "CHUNK_ROWS", 7)  # many row chunks, in the Gram, the projection and the support
+    d, _ = row_sparse(m=200, n=12, share=0.3)
+    out, rec = denoise_matrix(d, DenoiseConfig(energy=0.8, residual_share=0.05))
+    s = torch.linalg.svd(d.double()).S
+    assert rec.energy_retained == pytest.approx(float((s[:rec.rank] ** 2).sum() / (s ** 2).sum()), rel=1e-6)
+    assert torch.allclose(out, reference.denoise(d, 0.8, 0.05), atol=1e-4)
+
+
+def test_energy_rank_at_the_boundary():
+    sigma = torch.tensor([1.0, 1.0])  # cumulative energy 0.5, 1.0: 0.5 reaches tau = 0.5 with one component
+    assert choose_rank(sigma, DenoiseConfig(energy=0.5)) == 1

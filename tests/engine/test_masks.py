@@ -109,3 +109,39 @@ def test_top_k_over_matrices_that_span_several_chunks(monkeypatch, chunk):
         chosen = masks.select_top_k(scores, k)
         expected = reference.global_top_k(scores, k)
         assert {n: set(i.tolist()) for n, i in chosen.items()} == expected
+
+
+# ---- what mutation testing found unguarded (RESULTS.md, "Mutation testing") --------------------------------
+def test_ties_at_the_threshold_go_to_the_earliest_entries():
+    scores = {"a": torch.tensor([1.0, 3.0, 1.0, 1.0]), "b": torch.tensor([1.0, 2.0, 1.0])}
+    mask = select_top_k(scores, 4)
+    assert [m.tolist() for m in mask.values()] == [[0, 1, 2], [1]]
+    assert [m.tolist() for m in select_top_k(scores, 6).values()] == [[0, 1, 2, 3], [0, 1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_top_k_of_other_float_types(dtype):
+    import reference
+
+    g = torch.Generator().manual_seed(4)
+    scores = {"w": torch.randn(50, 7, generator=g).to(dtype), "e": torch.empty(0, 3, dtype=dtype)}
+    chosen = select_top_k(scores, 40)
+    assert chosen["e"].numel() == 0 and chosen["e"].dtype == torch.int64
+    if dtype == torch.float64:  # (half types have ties that topk breaks its own way)
+        assert set(chosen["w"].tolist()) == reference.global_top_k(scores, 40)["w"]
+    vals = scores["w"].float().abs().reshape(-1)
+    assert float(vals[chosen["w"]].min()) >= float(vals.topk(40).values.min())
+
+
+def test_k_from_counts_and_fractions():
+    assert (k_from(1.0, 100), k_from(3.0, 100), k_from(0, 10), k_from(0.25, 100)) == (1, 3, 0, 25)
+
+
+def test_overlap_sums_over_the_parameters_of_a_group():
+    q, k = "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.key.weight"
+    o = overlap({q: torch.tensor([1, 2]), k: torch.tensor([3])}, {q: torch.tensor([2]), k: torch.tensor([3, 4])})
+    assert (o["per_group"]["attention"]["a"], o["per_group"]["attention"]["shared"]) == (3, 2)
+    assert o["per_layer_module"]["layer.0|attn.Q"]["shared"] == 1
+    empty = overlap({}, {q: torch.tensor([1])})["overall"]
+    assert (empty["share_of_a"], empty["share_of_b"], empty["jaccard"]) == (0.0, 0.0, 0.0)
+    assert overlap({}, {})["overall"]["jaccard"] == 0.0

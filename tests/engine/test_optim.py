@@ -108,3 +108,18 @@ def test_several_parameters_follow_adamw_with_global_clipping(mask):
             outside = keep[n] == 0
             assert torch.equal(got[outside], theta0[n].view(-1)[outside]), (n, step)
     assert clipped_steps >= 6  # the clipping was really exercised
+
+
+# ---- what mutation testing found unguarded (RESULTS.md, "Mutation testing") --------------------------------
+def test_defaults_closure_and_a_parameter_without_gradient():
+    from deftx_engine.optim import SparseAdamW
+
+    frozen, p = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4))
+    opt = SparseAdamW([(frozen, None), (p, torch.tensor([1, 3]))])
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"], opt.max_grad_norm) == \
+        (5e-5, (0.9, 0.999), 1e-8, 0.0, 1.0)
+    p.grad = torch.ones(4)
+    assert opt.step(lambda: 7.0) == 7.0
+    assert torch.equal(frozen.data, torch.ones(3))  # no gradient: untouched, and the next parameter still steps
+    assert p.data[1] < 1 and p.data[3] < 1 and p.data[0] == 1 and p.data[2] == 1
