@@ -23,7 +23,6 @@ from .errors import ConfigError, DeftxError
 from .fileio import write_json_atomic
 
 LOCK_FILE = ".lock"  # held (flock) by the one process that writes the folder
-_HELD_LOCKS: list[int] = []
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 SUBMITTED_CONFIG = "config.json"
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
@@ -109,9 +108,9 @@ class RunDir:
         return False
 
     def lock(self) -> None:
-        """Become the folder's one writer: an exclusive ``flock`` on ``.lock``, held until this process ends
-        (the kernel releases it however the process ends, ``kill -9`` included). A folder another live
-        process writes is refused, whatever a registry says about that process."""
+        """Become the folder's one writer: an exclusive ``flock`` on ``.lock``, held until ``unlock`` or the
+        end of this process (the kernel releases it however the process ends, ``kill -9`` included). A folder
+        another live process (or another RunDir of this one) writes is refused, whatever a registry says."""
         if self._lock_fd is not None:
             return
         try:
@@ -131,7 +130,21 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}\n".encode())
         self._lock_fd = fd
-        _HELD_LOCKS.append(fd)  # never closed before the process ends, even if this RunDir is dropped
+
+    def unlock(self) -> None:
+        """Stop being the folder's writer (the run is over: done, failed or stopped)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases its flock
+            self._lock_fd = None
+
+    @contextmanager
+    def writing(self):
+        """The block during which this process writes the run: the lock taken by ``claim`` is released at its
+        end, however it ends."""
+        try:
+            yield
+        finally:
+            self.unlock()
 
     def writer(self) -> str | None:
         """``"pid N"`` of the live process that holds this folder's lock, or None if no process writes it."""

@@ -291,7 +291,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
                           field="k")
     if main:  # everything is checked: only now is the output folder claimed
         resume = run.claim(cfg.to_dict(), resume=resume, overwrite=overwrite)
-    with run.record_failure(main):  # any error from here on marks the run failed (with its message)
+    with run.writing(), run.record_failure(main):  # any error from here on marks the run failed (with its message)
         log = run.log_file.open("a", encoding="utf-8") if main else None
 
         def say(msg: str) -> None:

@@ -144,7 +144,7 @@ def test_default_configuration_plan_on_nusax(nusax_dir, tmp_path):
     """The default command's plan on the real data: 18 task runs + 45 language runs, all on disk paths."""
     bench = load_bench()
     result = bench.main(["--data", str(nusax_dir), "--dry-run", "--no-calibrate", "--work-dir", str(tmp_path)])
-    assert result["jobs"] == 3 * 6 + 3 * 3 * 5 and result["todo"] == result["jobs"]
+    assert result["jobs"] == 3 * 7 + 3 * 3 * 6 and result["todo"] == result["jobs"]
 
 
 def test_lang_groups_change_only_the_language_runs_and_keep_old_keys(tmp_path):
