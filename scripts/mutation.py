@@ -121,6 +121,24 @@ def mutmut(work: Path, *argv: str, log=None) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *argv], cwd=work, env=env, text=True, **kwargs)
 
 
+DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant
+print(json.dumps({n: get_diff_for_mutant(n, path=find_mutant(n).path) for n in json.load(sys.stdin)}))
+"""
+
+
+def mutant_diffs(work: Path, names: list[str]) -> dict[str, str]:
+    """``mutmut show``'s diff of each mutant, read in one process (``mutmut show`` per mutant is slow)."""
+    if not names:
+        return {}
+    res = subprocess.run([sys.executable, "-c", DIFFS], cwd=work, input=json.dumps(names), capture_output=True,
+                         text=True)
+    if res.returncode == 0:
+        return json.loads(res.stdout)
+    return {n: mutmut(work, "show", n).stdout for n in names}  # fallback: one `mutmut show` each
+
+
 def diff_hash(diff: str) -> str:
     """Hash of a mutant's changed lines (not its name: names are renumbered when a function changes)."""
     lines = [ln[0] + ln[1:].strip() for ln in diff.splitlines()
@@ -143,16 +161,22 @@ def run_module(module: str, tests: list[str], args, equivalents) -> dict:
     out = Path(args.out).resolve()
     work, report = out / "work" / module, out / "reports" / module
     report.mkdir(parents=True, exist_ok=True)
-    unwrapped = prepare(work, module, tests, args)
-    if unwrapped:
-        print(f"[{module}] undecorated for mutation: {', '.join(unwrapped)}", flush=True)
-    cmd = ["run", "--max-children", str(args.max_children)]
-    print(f"[{module}] mutmut {' '.join(cmd)}  (in {work.relative_to(ROOT) if work.is_relative_to(ROOT) else work};"
-          f" log {report / 'run.log'})", flush=True)
-    t0 = time.time()
-    with open(report / "run.log", "w") as log:
-        rc = mutmut(work, *cmd, log=log).returncode
-    seconds = round(time.time() - t0)
+    old = json.loads((report / "summary.json").read_text()) if (report / "summary.json").exists() else {}
+    if args.report_only:
+        if not (work / "mutants").is_dir():
+            raise SystemExit(f"[{module}] no earlier run in {work}")
+        unwrapped, rc, seconds = old.get("undecorated", []), old.get("mutmut_rc", 0), old.get("seconds", 0)
+    else:
+        unwrapped = prepare(work, module, tests, args)
+        if unwrapped:
+            print(f"[{module}] undecorated for mutation: {', '.join(unwrapped)}", flush=True)
+        cmd = ["run", "--max-children", str(args.max_children)]
+        where = work.relative_to(ROOT) if work.is_relative_to(ROOT) else work
+        print(f"[{module}] mutmut {' '.join(cmd)}  (in {where}; log {report / 'run.log'})", flush=True)
+        t0 = time.time()
+        with open(report / "run.log", "w") as log:
+            rc = mutmut(work, *cmd, log=log).returncode
+        seconds = round(time.time() - t0)
     res = mutmut(work, "results", "--all", "true")
     status = {}
     for line in res.stdout.splitlines():
@@ -164,12 +188,13 @@ def run_module(module: str, tests: list[str], args, equivalents) -> dict:
         print(f"[{module}] mutmut run failed (rc={rc}); end of {report / 'run.log'}:\n{tail}", file=sys.stderr)
     counts = Counter(status.values())
     survivors, equivalent = [], []
+    diffs = mutant_diffs(work, [n for n, st in status.items() if st != "killed"])
     with open(report / "survivors.md", "w") as md:
         md.write(f"# Surviving mutants of deftx_engine/{module}.py\n\n")
         for name, st in sorted(status.items()):
             if st in ("killed",):
                 continue
-            diff = mutmut(work, "show", name).stdout
+            diff = diffs.get(name, "")
             h = diff_hash(diff)
             eq = equivalents.get(name)
             is_eq = st == "survived" and eq is not None and eq[0] == h
@@ -218,11 +243,17 @@ def main() -> int:
                     help="reuse an earlier run's verdicts for unchanged functions (mutmut does not notice "
                          "changed tests: use it to resume, not after editing tests)")
     ap.add_argument("--no-unwrap", action="store_true", help="leave decorated functions alone (mutmut skips them)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="do not run mutmut: re-read the last run's results (e.g. after editing "
+                         "scripts/mutation_equivalent.txt)")
     args = ap.parse_args()
     unknown = [m for m in args.modules if not (ROOT / "deftx_engine" / f"{m.removesuffix('.py')}.py").is_file()]
     if unknown:
         ap.error(f"no such module in deftx_engine/: {unknown}")
     tests = FAST_TESTS + (SLOW_TESTS if args.with_mask_choice else [])
+    if args.report_only:
+        args.modules = [m for m in args.modules
+                        if (Path(args.out) / "work" / m.removesuffix(".py") / "mutants").is_dir()]
     equivalents = load_equivalents()
     rows = []
     for module in args.modules:
