@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from .constants import MERGES, TIES_DENSITY, TIES_LAMBDA
+from .constants import MERGES, PRECISIONS, TIES_DENSITY, TIES_LAMBDA
 from .errors import DeftxError, option
 from .fileio import atomic_open, atomic_write_text, check_output_file
 
@@ -138,11 +138,11 @@ def _evaluate(args) -> int:
     td = load_task_data(args.data, text_column=args.text_column, pair_column=args.pair_column,
                         label_column=args.label_column, label_names=names)
     result = {"data": args.data, "task": args.task, "language": args.language or [],
-              **evaluate_task_data(model, tok, td)}
+              **evaluate_task_data(model, tok, td, precision=args.precision)}
     if args.language:  # what the language vectors add or cost is never left for the user to work out
         from .inference import composed_model, language_effect
 
-        alone = evaluate_task_data(*composed_model(args.task, []), td)
+        alone = evaluate_task_data(*composed_model(args.task, []), td, precision=args.precision)
         diff = result["macro_f1"] - alone["macro_f1"]
         result["task_only"] = {k: alone[k] for k in ("macro_f1", "accuracy")}
         result["language_effect_macro_f1"] = diff
@@ -167,7 +167,7 @@ def _predict(args) -> int:
         if not args.text:
             raise DeftxError("give --text (and --text-pair for pair tasks) or --data FILE")
         texts, pairs = [args.text], [args.text_pair] if args.text_pair else None
-    probs = predict_proba(model, tok, texts, pairs).tolist()
+    probs = predict_proba(model, tok, texts, pairs, precision=args.precision).tolist()
     if not args.output:
         write_predictions(sys.stdout, names, probs, texts, pairs, gold)
         return 0
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--text-column", help="text column (default: auto-detect)")
         p.add_argument("--pair-column", help="second text column for pair tasks")
         p.add_argument("--label-column", default="label", help="label column (default: label)")
+        p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="number format of the matrix products: auto = bf16 autocast where the CPU or GPU "
+                            "multiplies bf16 natively, else float32 (default: auto)")
 
     p = command("compose", _compose, "theta0 + task + language vectors -> a standard HF model folder")
     model_args(p)

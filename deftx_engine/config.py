@@ -16,7 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from .constants import DEFAULT_K, KINDS, METHODS, PARAM_GROUPS, Kind, Method
+from .constants import DEFAULT_K, KINDS, METHODS, PARAM_GROUPS, PRECISIONS, Kind, Method, Precision
 from .data import MAX_BYTES_DEFAULT
 from .errors import ConfigError
 from .presets import preset
@@ -147,6 +147,10 @@ class TrainConfig:
     heldout_share: float = field(default=0.1, metadata=_help(
         "language SFT: share of the corpus held out to score theta0 against theta0 + phi "
         "(masked-token loss and top-1)"))
+    precision: Precision = field(default="auto", metadata=_help(
+        "number format of the matrix products (both phases, the MLM-head fit, held-out checks): auto = bf16 "
+        "autocast on a CPU with native bf16 matrix units (amx_bf16/avx512_bf16) and on CUDA, float32 elsewhere; "
+        "weights, optimizer state, masks and the saved vector stay float32"))
 
     def __post_init__(self) -> None:
         # the one boundary every entry point passes (CLI, --config files, the app, Python): a value that gets
@@ -181,6 +185,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}", field=name)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be {', '.join(map(repr, PRECISIONS))}, got {self.precision!r}",
+                              field="precision")
         if not 0 <= self.heldout_share <= 0.5:
             raise ConfigError(f"heldout_share must be between 0 and 0.5, got {self.heldout_share}",
                               field="heldout_share")
@@ -247,7 +254,8 @@ FIELDS: dict[str, Any] = {f.name: f for f in fields(TrainConfig)}
 # fields added after run folders, phase-1 files and benchmark caches were first written, each with the value that
 # a record written before it means: at that value the field is left out of a recorded config's identity, so what
 # was recorded before it still matches (and a run with another value never matches an old record)
-ADDED_LATER: dict[str, Any] = {"param_groups": "all", "residual_scope": "matrix"}
+# (precision "fp32": records before it ran in float32 on a CPU, where every recorded benchmark ran)
+ADDED_LATER: dict[str, Any] = {"param_groups": "all", "residual_scope": "matrix", "precision": "fp32"}
 
 
 def settings_key(settings: dict) -> dict:

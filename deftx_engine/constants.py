@@ -9,9 +9,13 @@ from typing import Literal, get_args
 
 Kind = Literal["language", "task"]
 Method = Literal["deftx", "lt-sft"]  # deftx: SVD-denoise the phase-1 delta before the top-k; lt-sft: no denoising
+# auto: bf16 autocast on a CPU with native bf16 matrix units and on CUDA (fp16 where the GPU lacks bf16), float32
+# elsewhere; see precision.py
+Precision = Literal["auto", "fp32", "bf16"]
 
 KINDS: tuple[str, ...] = get_args(Kind)
 METHODS: tuple[str, ...] = get_args(Method)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # The paper's k: 2.8 % (language) and 5.2 % (task) of the maskable parameters.
 DEFAULT_K: dict[str, float] = {"language": 0.028, "task": 0.052}
 # How vectors are combined: "sum" adds them (theta0 + phi_task + phi_language); "ties" is TIES merging

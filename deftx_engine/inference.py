@@ -10,9 +10,11 @@ from typing import IO, Sequence
 
 import torch
 
+from .constants import Precision
 from .data import TaskData, load_corpus, load_task_data
 from .errors import DeftxError, VectorError
 from .models import device, load_cls_model, load_tokenizer
+from .precision import resolve as resolve_precision
 from .vectors import SparseVector, compose
 
 
@@ -88,8 +90,9 @@ def _cut(texts: Sequence[str], n: int) -> list[str]:
 @torch.no_grad()
 def predict_proba(model, tokenizer, texts: Sequence[str], pairs: Sequence[str] | None = None,
                   batch_size: int = 32, max_length: int = 128,
-                  stop: Callable[[], str | None] | None = None) -> torch.Tensor:
-    """Label probabilities, one row per input (pairs for NLI-style tasks).
+                  stop: Callable[[], str | None] | None = None, precision: Precision = "auto") -> torch.Tensor:
+    """Label probabilities, one row per input (pairs for NLI-style tasks), in float32; ``precision`` is what
+    the matrix products run in (``precision.resolve``: bf16 autocast where the hardware has it).
 
     The model reads ``max_length`` tokens, so each text is first cut to ``max_length * CHARS_PER_TOKEN``
     characters: a tokenizer truncating a pair needs memory growing with the square of its length (a 1 MB pair
@@ -102,7 +105,7 @@ def predict_proba(model, tokenizer, texts: Sequence[str], pairs: Sequence[str] |
     # longest first, so batches hold texts of similar length (little padding) and memory peaks at once
     order = sorted(range(len(texts)), key=lambda i: -len(enc["input_ids"][i]))
     out = torch.empty(len(texts), model.config.num_labels)
-    with torch.inference_mode():
+    with torch.inference_mode(), resolve_precision(precision, dev).autocast():
         for i in range(0, len(order), batch_size):
             why = stop() if stop is not None else None
             if why:
@@ -114,10 +117,10 @@ def predict_proba(model, tokenizer, texts: Sequence[str], pairs: Sequence[str] |
 
 
 def evaluate_task_data(model, tokenizer, td: TaskData, batch_size: int = 32,
-                       stop: Callable[[], str | None] | None = None) -> dict:
+                       stop: Callable[[], str | None] | None = None, precision: Precision = "auto") -> dict:
     """Scores ``model`` on labelled data whose labels were checked against the model's labels."""
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    probs = predict_proba(model, tokenizer, td.texts, td.text_pairs, batch_size, stop=stop)
+    probs = predict_proba(model, tokenizer, td.texts, td.text_pairs, batch_size, stop=stop, precision=precision)
     lid = {l: i for i, l in enumerate(names)}
     return classification_metrics([lid[l] for l in td.labels], probs.argmax(-1).tolist(), names)
 

@@ -47,6 +47,7 @@ class Status:
     loss: float | None = None
     eta_seconds: float | None = None
     message: str = ""
+    precision: str = ""  # "fp32" | "bf16" | "fp16": what the matrix products run in (precision.py)
     pid: int = field(default_factory=os.getpid)
     started: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)

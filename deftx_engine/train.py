@@ -30,6 +30,7 @@ from .models import load_cls_model, load_mlm_model, load_tokenizer
 from .optim import SparseAdamW
 from .params import parameter_roles, restrict
 from .phase1 import load_deltas, save_deltas
+from .precision import Amp, resolve as resolve_precision
 from .runs import RunDir, StopFlag, read_json
 from .vectors import SparseVector, VectorMeta, base_fingerprint
 
@@ -156,7 +157,7 @@ def _last_checkpoint(folder: Path) -> str | None:
 
 
 def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir, phase: str, offset: int,
-               total: int, stop: StopFlag | None, optimizer=None, resume: bool = False) -> bool:
+               total: int, stop: StopFlag | None, amp: Amp, optimizer=None, resume: bool = False) -> bool:
     """Train one phase with ``Trainer``; False if a stop signal ended it early (a checkpoint was saved)."""
     from transformers import Trainer, TrainingArguments
 
@@ -166,8 +167,8 @@ def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", logging_steps=cfg.logging_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to="none",
-        seed=cfg.seed, use_cpu=not cuda, fp16=cuda and not torch.cuda.is_bf16_supported(),
-        bf16=cuda and torch.cuda.is_bf16_supported(), remove_unused_columns=False,
+        seed=cfg.seed, use_cpu=not cuda, fp16=amp.dtype == torch.float16, bf16=amp.dtype == torch.bfloat16,
+        remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=True,  # our own bar names the phase (_progress_callback)
         ddp_find_unused_parameters=cfg.kind == "language",  # MLM heads carry a bias the loss may not use
         max_grad_norm=0.0 if optimizer is not None else 1.0,  # the sparse optimizer clips masked grads itself
@@ -228,20 +229,24 @@ def _weights_key(model, name: str) -> str:
     return h.hexdigest()
 
 
-def _heldout_scores(model, tokenizer, lines: list[str], cfg: TrainConfig) -> dict | None:
-    return masked_lm_scores(model, tokenizer, lines, max_length=cfg.max_length, seed=cfg.seed) if lines else None
+def _heldout_scores(model, tokenizer, lines: list[str], cfg: TrainConfig, amp: Amp) -> dict | None:
+    if not lines:
+        return None
+    with amp.autocast():
+        return masked_lm_scores(model, tokenizer, lines, max_length=cfg.max_length, seed=cfg.seed)
 
 
-def _heldout_report(model, tokenizer, lines, cfg: TrainConfig, before: dict, theta0: dict, heads: list[str]) -> dict:
+def _heldout_report(model, tokenizer, lines, cfg: TrainConfig, amp: Amp, before: dict, theta0: dict,
+                    heads: list[str]) -> dict:
     """Masked-token loss / top-1 on the held-out lines: theta0 (with its fitted head), theta0 + phi (the
     whole vector), and theta0 + phi's encoder under theta0's head -- the part that composition uses."""
-    after = _heldout_scores(model, tokenizer, lines, cfg)
+    after = _heldout_scores(model, tokenizer, lines, cfg, amp)
     params = dict(model.named_parameters())
     trained = {n: params[n].detach().clone() for n in heads}
     with torch.no_grad():
         for n in heads:
             params[n].copy_(theta0[n])
-        encoder_only = _heldout_scores(model, tokenizer, lines, cfg)
+        encoder_only = _heldout_scores(model, tokenizer, lines, cfg, amp)
         for n in heads:
             params[n].copy_(trained[n])
     summary = (f"held-out masked-token loss on {len(lines)} lines: theta0 {before['loss']:.3f} "
@@ -272,6 +277,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
     set_seed(cfg.seed)
     model = (load_mlm_model(cfg.base_model, cfg.mlm_layer) if cfg.kind == "language"
              else load_cls_model(cfg.base_model, label_names))
+    amp = resolve_precision(cfg.precision)
     positions = _max_positions(model, tokenizer)
     if cfg.max_length > positions:
         raise ConfigError(f"max_length {cfg.max_length:,} is more than {cfg.base_model} reads ({positions:,} tokens)",
@@ -301,6 +307,9 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
                 if sys.stderr.isatty():  # a person at a terminal reads the same story as log.txt
                     print(msg, file=sys.stderr, flush=True)
 
+        say(f"precision: {amp.why}")
+        if main:
+            run.update(precision=amp.name)
         heads = [n for n in roles.heads if params[n].requires_grad]
         head_fit = None
         if cfg.kind == "language" and cfg.fit_head and model.head_is_new:
@@ -308,9 +317,12 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
                 run.update(state="running", phase="head-fit", message="fitting the MLM head (once per base model "
                                                                       "and text; cached)")
             text = load_corpus(cfg.head_corpus, max_bytes=cfg.max_bytes) if cfg.head_corpus else dataset.lines
-            head_fit = cached_fit(model, tokenizer, _weights_key(model, cfg.base_model), text,
-                                  HeadFitConfig(max_length=cfg.max_length), progress=say,
-                                  stop=lambda: bool(stop), on_step=_head_fit_progress(run) if main else None)
+            # a head fitted in bf16 is cached apart from a float32 one, so a float32 run stays reproducible
+            key = _weights_key(model, cfg.base_model) + ("" if amp.dtype is None else f"-{amp.name}")
+            with amp.autocast():
+                head_fit = cached_fit(model, tokenizer, key, text, HeadFitConfig(max_length=cfg.max_length),
+                                      progress=say, stop=lambda: bool(stop),
+                                      on_step=_head_fit_progress(run) if main else None)
             if head_fit["stopped"]:
                 if main:
                     run.update(step=head_fit["steps"])
@@ -319,7 +331,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             say(f"MLM head {'loaded from the cache' if head_fit['cached'] else 'fitted'}: held-out loss "
                 f"{head_fit['heldout']['loss']:.3f}, top-1 {head_fit['heldout']['accuracy']:.1%}")
         theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}  # a fitted head is theta0's
-        heldout = _heldout_scores(model, tokenizer, dataset.heldout, cfg) if cfg.kind == "language" else None
+        heldout = _heldout_scores(model, tokenizer, dataset.heldout, cfg, amp) if cfg.kind == "language" else None
         full, sparse = cfg.planned_steps(len(dataset), world)
         total = full + sparse
         rows = used_rows(dataset.rows, tokenizer)
@@ -348,7 +360,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
                 trainable_setup(model, roles, None)
                 with _rows_only(model, roles, cfg, rows):
                     finished = _run_phase(model, cfg, dataset, collator, run.path / "phase1", full, run, "full", 0,
-                                          total, stop, resume=resume)
+                                          total, stop, amp, resume=resume)
                 if not finished:
                     return None
                 deltas = {n: params[n].detach().float() - theta0[n].float() for n in roles.maskable + heads}
@@ -384,7 +396,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             opt = SparseAdamW([(params[n], mask[n]) for n in roles.maskable if params[n].requires_grad] +
                               [(params[n], None) for n in heads], lr=cfg.lr, weight_decay=cfg.weight_decay)
             finished = _run_phase(model, cfg, dataset, collator, run.path / "phase2", sparse, run, "sparse", full,
-                                  total, stop, optimizer=opt, resume=resume)
+                                  total, stop, amp, optimizer=opt, resume=resume)
             if not finished:
                 return None
             say(f"sparse phase optimizer state: {opt.state_bytes():,} bytes")
@@ -392,7 +404,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
         if not main:
             return run.vector_dir
         if heldout is not None:
-            heldout = _heldout_report(model, tokenizer, dataset.heldout, cfg, heldout, theta0, heads)
+            heldout = _heldout_report(model, tokenizer, dataset.heldout, cfg, amp, heldout, theta0, heads)
             run.log_metrics({"phase": "heldout", **heldout})
             say(heldout["summary"])
         run.update(phase="save", step=total, message="saving the vector")
