@@ -93,7 +93,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet  # noqa: E402
 from deftx_engine.config import settings_key  # noqa: E402
-from deftx_engine.constants import DEFAULT_K, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
+from deftx_engine.constants import DEFAULT_K, PRECISIONS, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
 from deftx_engine.data import TaskData, load_task_data  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
 from deftx_engine.fileio import atomic_dir, atomic_write_text, write_json_atomic  # noqa: E402
@@ -232,12 +232,13 @@ class Settings:
     ties_density: float
     ties_lambda: float
     eval_batch_size: int
+    precision: str = "auto"
 
 
 def _common(s: Settings, seed: int) -> dict:
     return dict(base_model=s.model, batch_size=s.batch_size, max_length=s.max_length, seed=seed,
                 method="deftx", energy=s.energy, residual_share=s.residual_share, save_steps=10 ** 6,
-                logging_steps=10)
+                logging_steps=10, precision=s.precision)
 
 
 def task_config(s: Settings, variant: str, seed: int, paths: Paths, source_vector: Path | None = None) -> TrainConfig:
@@ -433,7 +434,8 @@ class Evaluator:
 
     def _score(self, model, tok, path: Path) -> dict:
         names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        return evaluate_task_data(model, tok, self._task_data(path, names), batch_size=self.s.eval_batch_size)
+        return evaluate_task_data(model, tok, self._task_data(path, names), batch_size=self.s.eval_batch_size,
+                                  precision=self.s.precision)
 
     def evaluate(self, method: Method, seed: int, where: str, task: Job, lang: Job | None) -> dict:
         """macro-F1 etc. of ``method`` on ``where`` ("source" or a target), cached on disk by what the
@@ -442,7 +444,8 @@ class Evaluator:
         key = _hash([method.merge, str(task.folder), str(lang.folder) if lang else None,
                      self.s.lang_scale if lang and self.s.lang_scale != 1.0 else None,
                      [self.s.ties_density, self.s.ties_lambda] if method.merge == "ties" else None,
-                     str(test), test.stat().st_size])
+                     str(test), test.stat().st_size]
+                    + ([self.s.precision] if self.s.precision != "fp32" else []))  # fp32: as recorded before
         cache = self.cache / f"{where}-seed{seed}-{key}.json"
         hit = read_json(cache)
         if hit:
@@ -769,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ties-density", type=float, default=TIES_DENSITY, help="TIES: share of each vector's entries kept")
     p.add_argument("--ties-lambda", type=float, default=TIES_LAMBDA, help="TIES: scale of the merged vector")
     p.add_argument("--eval-batch-size", type=int, default=32, help="evaluation batch size")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="training and scoring precision (TrainConfig.precision; results recorded before it were "
+                        "fp32)")
     p.add_argument("--work-dir", default=str(DEFAULT_WORK), help="run cache (re-running reuses finished runs)")
     p.add_argument("--out", help="results prefix (default: <work-dir>/<model>/results)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
@@ -796,7 +802,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Paths, Path]:
                  task_k=args.task_k, lang_k=args.lang_k,
                  energy=args.energy, residual_share=args.residual_share, fixed_rank=args.fixed_rank,
                  ties_density=args.ties_density, ties_lambda=args.ties_lambda,
-                 eval_batch_size=args.eval_batch_size)
+                 eval_batch_size=args.eval_batch_size, precision=args.precision)
     return s, paths, Path(args.work_dir).expanduser() / model_tag(s.model)
 
 

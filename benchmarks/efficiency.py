@@ -38,19 +38,23 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from benchmarks.common import OtherCpu, machine_info, prefixed
 from benchmarks.perf import Phases, engine_mask, load, make_batches, model_source
+from deftx_engine.constants import PRECISIONS
+from deftx_engine.models import resolve_model
 from deftx_engine.fileio import atomic_write_text, write_json_atomic
+from deftx_engine.precision import resolve as resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
 NUSAX_TEST = ROOT.parent / "shared" / "data" / "nusax" / "sentiment" / "indonesian" / "test.csv"
 
 
-def matmul_rate(hidden: int, tokens: int, repeats: int) -> float:
-    """Median GFLOP/s of float32 ``torch.mm`` at a dense layer's shapes (tokens x H @ H x 4H and back)."""
-    a, w1, w2 = torch.randn(tokens, hidden), torch.randn(hidden, 4 * hidden), torch.randn(4 * hidden, hidden)
+def matmul_rate(hidden: int, tokens: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """Median GFLOP/s of ``torch.mm`` in ``dtype`` at a dense layer's shapes (tokens x H @ H x 4H and back)."""
+    a, w1, w2 = (torch.randn(s, dtype=dtype) for s in ((tokens, hidden), (hidden, 4 * hidden), (4 * hidden, hidden)))
     flops = 2 * tokens * hidden * 4 * hidden * 2
     times = []
     for i in range(repeats + 1):
@@ -120,9 +124,19 @@ def profile_groups(ph: Phases, batch: dict) -> dict[str, float]:
     return {g: v / total for g, v in out.items()}
 
 
-def step_rates(source: str, kind: str, batch: int, seq: int, repeats: int, peak: float) -> list[dict]:
+def matmul_rates(hiddens: set[int], tokens: int, repeats: int) -> dict[str, float]:
+    """``{"fp32 H=384": GFLOP/s, "bf16 H=384": ...}``: the practical peak of each number format at each width."""
+    return {f"{name} H={h}": statistics.median(matmul_rate(h, tokens, repeats, dtype) for _ in range(3))
+            for h in sorted(hiddens) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+
+def step_rates(source: str, kind: str, batch: int, seq: int, repeats: int, peaks: dict[str, float],
+               precision: str) -> list[dict]:
+    """Step times of ``kind`` at ``precision``; float32 also with the embedding's other paths (section 3)."""
     model = load(kind, source)
-    ph = Phases(model, kind)
+    amp = resolve_precision(precision)
+    ph = Phases(model, kind, amp=amp)
+    peak = peaks[f"{'bf16' if amp.dtype is torch.bfloat16 else 'fp32'} H={model.config.hidden_size}"]
     batches = make_batches(model, kind, repeats + 1, batch, seq)
     theta0 = {n: ph.params[n].detach().float().clone() for n in ph.roles.maskable}
     ph.full_step(batches[0])
@@ -130,22 +144,25 @@ def step_rates(source: str, kind: str, batch: int, seq: int, repeats: int, peak:
     del theta0
     rows = []
     flops = step_flops(model, kind, batches[1])
-    for label, step, mode in (("full, embedding rows only (engine)", ph.full_step, "rows"),
-                              ("full, whole embedding (dense)", ph.full_step, "dense"),
-                              ("full, embedding frozen", ph.full_step, "frozen"),
-                              ("sparse (engine)", ph.sparse_step, "dense")):
+    paths = (("full, embedding rows only (engine)", ph.full_step, "rows"),
+             ("full, whole embedding (dense)", ph.full_step, "dense"),
+             ("full, embedding frozen", ph.full_step, "frozen"),
+             ("sparse (engine)", ph.sparse_step, "dense"))
+    for label, step, mode in paths if amp.dtype is None else (paths[0], paths[3]):
         with _embedding(ph, mode, batches), OtherCpu() as other:
             step(batches[0])  # warm-up (and the optimizer's state)
             times = [step(b) for b in batches[1:]]
         med = statistics.median(times)
-        rows.append({"kind": kind, "step": label, "median_s": med, "gflops": flops / med / 1e9,
+        rows.append({"kind": kind, "step": label, "precision": precision, "amp": amp.name, "median_s": med,
+                     "gflops": flops / med / 1e9,
                      "share_of_matmul": flops / med / 1e9 / peak, "other_cores": other.cores})
     rows[0]["profile"] = profile_groups(ph, batches[1])
     return rows
 
 
 def scoring(source: str, repeats: int) -> dict:
-    """Sentences per second: the engine's predict_proba vs a plain text-classification pipeline."""
+    """Sentences per second: the engine's predict_proba (float32 and ``auto``) vs a plain float32
+    text-classification pipeline, in one run."""
     from transformers import pipeline
 
     from deftx_engine.data import load_task_data
@@ -157,17 +174,35 @@ def scoring(source: str, repeats: int) -> dict:
     model, tok = load_cls_model(source, data.label_names).eval(), load_tokenizer(source)
     pipe = pipeline("text-classification", model=model, tokenizer=tok, device="cpu")
     length = min(128, model.config.max_position_embeddings)
-    ours, plain = [], []
+    ours, plain = {"fp32": [], "auto": []}, []
     for _ in range(repeats):
-        t = time.perf_counter()
-        predict_proba(model, tok, texts, max_length=length)
-        ours.append(time.perf_counter() - t)
+        for precision, times in ours.items():
+            t = time.perf_counter()
+            predict_proba(model, tok, texts, max_length=length, precision=precision)
+            times.append(time.perf_counter() - t)
         t = time.perf_counter()
         pipe(texts, batch_size=32, truncation=True, max_length=length)
         plain.append(time.perf_counter() - t)
-    n = len(texts)
-    return {"sentences": n, "engine_per_s": n / statistics.median(ours), "pipeline_per_s": n / statistics.median(plain),
-            "speedup": statistics.median(plain) / statistics.median(ours)}
+    n, base = len(texts), statistics.median(plain)
+    return {"sentences": n, "pipeline_per_s": n / base,
+            "engine": {p: {"per_s": n / statistics.median(t), "speedup": base / statistics.median(t)}
+                       for p, t in ours.items()}}
+
+
+def head_fit(source: str, precision: str) -> dict:
+    """The one-time MLM-head fit of the README's CLI block (the demo corpus, the trainer's settings), uncached:
+    what the first language SFT on a new base model and text waits for."""
+    from deftx_engine.data import load_corpus
+    from deftx_engine.mlm_head import HeadFitConfig, fit_head, split_heldout
+    from deftx_engine.models import load_mlm_model, load_tokenizer
+
+    model, tok = load_mlm_model(source), load_tokenizer(source)
+    train, heldout = split_heldout(load_corpus(EXAMPLES / "target_corpus_id.txt"), 0.1)
+    t = time.perf_counter()
+    with resolve_precision(precision).autocast():
+        record = fit_head(model, tok, train, heldout, HeadFitConfig(max_length=64))
+    return {"precision": precision, "seconds": time.perf_counter() - t, "steps": record["steps"],
+            "heldout_loss": record["heldout"]["loss"], "heldout_top1": record["heldout"]["accuracy"]}
 
 
 def whole_sft(source: str, steps: int) -> dict:
@@ -204,23 +239,30 @@ def whole_sft(source: str, steps: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"Machine: {res['machine']}; matmul rate {res['matmul_gflops']:.1f} GFLOP/s (float32, all threads).", "",
-             "| model | kind | step | median s | GFLOP/s | share of matmul rate | other cores |", "|---" * 7 + "|"]
+    rates = ", ".join(f"{k} {v:.0f}" for k, v in res["matmul_gflops"].items())
+    lines = [f"Machine: {res['machine']}; bf16 autocast (precision auto): {res['auto']}.",
+             f"Matmul rate, GFLOP/s (torch.mm, all threads, tokens x H x 4H and back): {rates}.", "",
+             "| model | kind | step | precision | median s | GFLOP/s | share of its matmul rate | other cores |",
+             "|---" * 8 + "|"]
     for m, rows in res["steps"].items():
         for r in rows:
             other = "n/a" if r["other_cores"] is None else f"{r['other_cores']:.2f}"
-            lines.append(f"| {m} | {r['kind']} | {r['step']} | {r['median_s']:.3f} | {r['gflops']:.1f} | "
-                         f"{r['share_of_matmul']:.0%} | {other} |")
-    lines += ["", "Where a full step's time goes (share of self CPU time, one profiled step):", "",
-              "| model | kind | " + " | ".join(next(iter(res["steps"].values()))[0]["profile"]) + " |",
-              "|---" * (2 + len(next(iter(res["steps"].values()))[0]["profile"])) + "|"]
-    for m, rows in res["steps"].items():
-        for r in rows:
-            if "profile" in r:
-                lines.append(f"| {m} | {r['kind']} | " + " | ".join(f"{v:.0%}" for v in r["profile"].values()) + " |")
+            lines.append(f"| {m} | {r['kind']} | {r['step']} | {r['precision']} ({r['amp']}) | {r['median_s']:.3f} | "
+                         f"{r['gflops']:.1f} | {r['share_of_matmul']:.0%} | {other} |")
+    profiled = [(m, r) for m, rows in res["steps"].items() for r in rows if "profile" in r]
+    if profiled:
+        groups = list(profiled[0][1]["profile"])
+        lines += ["", "Where a full step's time goes (share of self CPU time, one profiled step):", "",
+                  "| model | kind | precision | " + " | ".join(groups) + " |", "|---" * (3 + len(groups)) + "|"]
+        lines += [f"| {m} | {r['kind']} | {r['amp']} | " + " | ".join(f"{r['profile'][g]:.0%}" for g in groups) + " |"
+                  for m, r in profiled]
     for m, s in res.get("scoring", {}).items():
-        lines.append(f"\nScoring ({m}, {s['sentences']} sentences): engine {s['engine_per_s']:.1f}/s, pipeline "
-                     f"{s['pipeline_per_s']:.1f}/s: {s['speedup']:.2f}x")
+        lines.append(f"\nScoring ({m}, {s['sentences']} sentences): float32 pipeline {s['pipeline_per_s']:.1f}/s; "
+                     + "; ".join(f"engine {p} {e['per_s']:.1f}/s ({e['speedup']:.2f}x)" for p, e in s["engine"].items()))
+    for m, fits in res.get("head_fit", {}).items():
+        lines.append(f"\nMLM-head fit ({m}, demo corpus): " + "; ".join(
+            f"{f['precision']} {f['seconds']:.1f} s ({f['steps']} steps, held-out loss {f['heldout_loss']:.3f}, "
+            f"top-1 {f['heldout_top1']:.1%})" for f in fits))
     for m, w in res.get("whole", {}).items():
         lines.append(f"\nWhole task SFT ({m}, {w['steps']} steps): {w['sft_s']:.1f} s vs dense Trainer "
                      f"{w['dense_trainer_s']:.1f} s ({w['ratio']:.2f}x); outside training steps "
@@ -233,23 +275,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", nargs="+", default=["minilm", "multilingual-e5-small"],
                    help="minilm, multilingual-e5-small, tiny (random 2-layer BERT) or a model folder")
     p.add_argument("--kinds", nargs="+", default=["language", "task"], help="language and/or task steps")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=PRECISIONS,
+                   help="precisions to time the steps in (TrainConfig.precision)")
     p.add_argument("--batch", type=int, default=16, help="examples per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per example")
     p.add_argument("--repeats", type=int, default=5, help="timed steps (and scoring runs) per measurement")
     p.add_argument("--whole-steps", type=int, default=20, help="steps per phase of the whole-SFT comparison")
-    p.add_argument("--skip-whole", action="store_true", help="skip the scoring and whole-SFT comparisons")
+    p.add_argument("--skip-whole", action="store_true", help="skip the scoring, head-fit and whole-SFT comparisons")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "efficiency" / "results"))
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         sources = {m: model_source(m, Path(tmp)) if m == "tiny" else m for m in args.models}
+        hiddens = {AutoConfig.from_pretrained(resolve_model(src)).hidden_size for src in sources.values()}
         res = {"machine": machine_info("torch", "transformers"), "settings": vars(args),
-               "matmul_gflops": statistics.median(matmul_rate(384, args.batch * args.seq, args.repeats)
-                                                  for _ in range(3)), "steps": {}, "scoring": {}, "whole": {}}
+               "auto": resolve_precision("auto").why,
+               "matmul_gflops": matmul_rates(hiddens, args.batch * args.seq, args.repeats), "steps": {},
+               "scoring": {}, "head_fit": {}, "whole": {}}
         for m, src in sources.items():
-            res["steps"][m] = [r for kind in args.kinds for r in step_rates(src, kind, args.batch, args.seq,
-                                                                            args.repeats, res["matmul_gflops"])]
+            res["steps"][m] = [r for kind in args.kinds for precision in args.precisions
+                               for r in step_rates(src, kind, args.batch, args.seq, args.repeats,
+                                                   res["matmul_gflops"], precision)]
             if not args.skip_whole:
                 res["scoring"][m] = scoring(src, args.repeats)
+                res["head_fit"][m] = [head_fit(src, precision) for precision in args.precisions]
                 res["whole"][m] = whole_sft(src, args.whole_steps)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

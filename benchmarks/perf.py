@@ -68,6 +68,7 @@ from deftx_engine.fileio import atomic_dir, atomic_write_text, write_json_atomic
 from deftx_engine.masks import k_from, select_top_k  # noqa: E402
 from deftx_engine.models import load_cls_model, load_mlm_model  # noqa: E402
 from deftx_engine.optim import SparseAdamW  # noqa: E402
+from deftx_engine.precision import Amp, resolve as resolve_precision  # noqa: E402
 from deftx_engine.params import parameter_roles  # noqa: E402
 from deftx_engine.train import trainable_setup  # noqa: E402
 from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
@@ -148,8 +149,9 @@ def dense_optimizer(model, lr: float = 5e-5):
 class Phases:
     """One model that can take a phase-1 (full) or a phase-2 (sparse) step, as ``train_sft`` sets them up."""
 
-    def __init__(self, model, kind: str, mask: dict | None = None):
+    def __init__(self, model, kind: str, mask: dict | None = None, amp: Amp | None = None):
         self.model, self.kind = model, kind
+        self.amp = amp or resolve_precision("fp32")  # forward passes under its autocast, as Trainer runs them
         self.roles = parameter_roles(model)
         self.params = dict(model.named_parameters())
         self.loaded_flags = {n: p.requires_grad for n, p in self.params.items()}  # e.g. the frozen MLM decoder
@@ -180,7 +182,9 @@ class Phases:
             self.full_opt = dense_optimizer(self.model)
         self.model.train()
         t = time.perf_counter()
-        _loss(self.model(**batch)).backward()
+        with self.amp.autocast():
+            loss = _loss(self.model(**batch))
+        loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
         self.full_opt.step()
         self.model.zero_grad(set_to_none=True)
@@ -190,7 +194,9 @@ class Phases:
         self._sparse_setup()
         self.model.train()
         t = time.perf_counter()
-        _loss(self.model(**batch)).backward()
+        with self.amp.autocast():
+            loss = _loss(self.model(**batch))
+        loss.backward()
         self.sparse_opt.step()  # Trainer passes max_grad_norm=0 in phase 2: the optimizer clips itself
         self.model.zero_grad(set_to_none=True)
         return time.perf_counter() - t
