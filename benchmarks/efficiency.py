@@ -131,8 +131,10 @@ def matmul_rates(hiddens: set[int], tokens: int, repeats: int) -> dict[str, floa
 
 
 def step_rates(source: str, kind: str, batch: int, seq: int, repeats: int, peaks: dict[str, float],
-               precision: str) -> list[dict]:
-    """Step times of ``kind`` at ``precision``; float32 also with the embedding's other paths (section 3)."""
+               precision: str, compiled: bool = False) -> list[dict]:
+    """Step times of ``kind`` at ``precision``; float32 also with the embedding's other paths (section 3);
+    ``compiled``: the engine's steps again with the model under ``torch.compile`` (inductor), and what the
+    compilation costs (first step minus a compiled step)."""
     model = load(kind, source)
     amp = resolve_precision(precision)
     ph = Phases(model, kind, amp=amp)
@@ -157,6 +159,16 @@ def step_rates(source: str, kind: str, batch: int, seq: int, repeats: int, peaks
                      "gflops": flops / med / 1e9,
                      "share_of_matmul": flops / med / 1e9 / peak, "other_cores": other.cores})
     rows[0]["profile"] = profile_groups(ph, batches[1])
+    if compiled:
+        ph.model = torch.compile(model)
+        for label, step, mode in (paths[0], paths[3]):
+            with _embedding(ph, mode, batches), OtherCpu() as other:
+                first = step(batches[0])  # compiles
+                times = [step(b) for b in batches[1:]]
+            med = statistics.median(times)
+            rows.append({"kind": kind, "step": f"{label}, torch.compile", "precision": precision, "amp": amp.name,
+                         "median_s": med, "gflops": flops / med / 1e9, "share_of_matmul": flops / med / 1e9 / peak,
+                         "other_cores": other.cores, "compile_s": first - med})
     return rows
 
 
@@ -247,8 +259,9 @@ def markdown(res: dict) -> str:
     for m, rows in res["steps"].items():
         for r in rows:
             other = "n/a" if r["other_cores"] is None else f"{r['other_cores']:.2f}"
-            lines.append(f"| {m} | {r['kind']} | {r['step']} | {r['precision']} ({r['amp']}) | {r['median_s']:.3f} | "
-                         f"{r['gflops']:.1f} | {r['share_of_matmul']:.0%} | {other} |")
+            compiled = f" (compiling: {r['compile_s']:.0f} s)" if "compile_s" in r else ""
+            lines.append(f"| {m} | {r['kind']} | {r['step']}{compiled} | {r['precision']} ({r['amp']}) | "
+                         f"{r['median_s']:.3f} | {r['gflops']:.1f} | {r['share_of_matmul']:.0%} | {other} |")
     profiled = [(m, r) for m, rows in res["steps"].items() for r in rows if "profile" in r]
     if profiled:
         groups = list(profiled[0][1]["profile"])
@@ -277,6 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kinds", nargs="+", default=["language", "task"], help="language and/or task steps")
     p.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=PRECISIONS,
                    help="precisions to time the steps in (TrainConfig.precision)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the engine's steps under torch.compile (at each precision but fp32), with "
+                        "the compilation time")
     p.add_argument("--batch", type=int, default=16, help="examples per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per example")
     p.add_argument("--repeats", type=int, default=5, help="timed steps (and scoring runs) per measurement")
@@ -294,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
         for m, src in sources.items():
             res["steps"][m] = [r for kind in args.kinds for precision in args.precisions
                                for r in step_rates(src, kind, args.batch, args.seq, args.repeats,
-                                                   res["matmul_gflops"], precision)]
+                                                   res["matmul_gflops"], precision,
+                                                   compiled=args.compile and precision != "fp32")]
             if not args.skip_whole:
                 res["scoring"][m] = scoring(src, args.repeats)
                 res["head_fit"][m] = [head_fit(src, precision) for precision in args.precisions]
