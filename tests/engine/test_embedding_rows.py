@@ -125,8 +125,8 @@ def test_mlm_collator_masks_the_bert_way_at_its_own_probability():
     targets ~80 % <mask>, ~10 % a corpus token (never a special one), ~10 % kept; non-targets unchanged. Rows
     carrying ragged 'labels' (a dataset's own column) are padded without them."""
     tok = _tokenizer()
-    rows = [{"input_ids": tok(" ".join(f"w{i}" for i in range(10 - r % 3)))["input_ids"], "labels": [0] * (r % 5)}
-            for r in range(200)]
+    rows = [{"input_ids": tok(" ".join(f"w{i}" for i in range(10 - r % 3)))["input_ids"],
+             "labels": [0] * (1 + r % 5)} for r in range(200)]
     allowed = used_rows(rows, tok)
     collator = MLMCollator(tok, 0.5, allowed)
     assert collator.candidates.tolist() == list(range(5, 15))
