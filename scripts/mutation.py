@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["denoise", "masks", "optim", "vectors", "merge", "embedding_rows", "mlm_head"]
 FAST_TESTS = [f"tests/engine/test_{n}.py" for n in
-              ["denoise", "masks", "optim", "vectors", "merge", "embedding_rows"]]
+              ["denoise", "masks", "optim", "vectors", "merge", "embedding_rows", "mlm_head"]]
 SLOW_TESTS = ["tests/engine/test_mask_choice.py"]  # trains a tiny model (~10 s per parameter)
 EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
 COPY = ["deftx_engine", "tests", "assets"]

@@ -76,3 +76,54 @@ def test_half_written_folder_is_never_used(monkeypatch, tmp_path):
     (first / e5_small._DONE).unlink()  # as if a build died after writing the weights
     assert e5_small.model_dir(progress=None) == first and len(calls) == 2
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def _fake_build(calls):
+    """What ``_build`` writes, small: a config, weights and a tokenizer."""
+    def build(image, tok, out):
+        calls.append(out)
+        (out / "config.json").write_text('{"model_type": "bert"}')
+        (out / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+        (out / "tokenizer.json").write_text("{}")
+    return build
+
+
+def _truncate(folder):
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    return folder / "model.safetensors"
+
+
+def _rot(folder):  # the same size, other bytes: only the checksum sees it
+    (folder / "model.safetensors").write_bytes(bytes(256) * 64)
+    return folder / "model.safetensors"
+
+
+def _drop_config(folder):
+    (folder / "config.json").unlink()
+    return folder / "config.json"
+
+
+def _garble_record(folder):
+    (folder / e5_small._DONE).write_text("[1, 2")
+    return folder / e5_small._DONE
+
+
+def _old_record(folder):  # a build record without the file list (written before it had one)
+    (folder / e5_small._DONE).write_text('{"builder": 1}')
+    return folder / e5_small._DONE
+
+
+@needs_packages
+@pytest.mark.parametrize("damage", [_truncate, _rot, _drop_config, _garble_record, _old_record])
+def test_a_damaged_built_model_is_named_and_built_again(monkeypatch, tmp_path, damage):
+    monkeypatch.setenv("DEFTX_CACHE", str(tmp_path))
+    calls, log = [], []
+    monkeypatch.setattr(e5_small, "_build", _fake_build(calls))
+    first = e5_small.model_dir(progress=log.append)
+    assert e5_small.model_dir(progress=log.append) == first and len(calls) == 1  # whole: used as it is
+    named = damage(first)
+    log.clear()
+    assert e5_small.model_dir(progress=log.append) == first and len(calls) == 2
+    assert str(named) in log[0] and "building it again" in log[0], log
+    assert (first / "config.json").is_file() and (first / "model.safetensors").stat().st_size == 256 * 64
+    assert e5_small.model_dir(progress=log.append) == first and len(calls) == 2  # whole again

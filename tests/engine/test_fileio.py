@@ -164,7 +164,6 @@ WRITERS_OUTSIDE_FILEIO = {  # (file, function): why its own file writes are safe
     ("deftx_engine/e5_small.py", "model_dir"): INSIDE_A_TEMPORARY_FOLDER + " (its mkdtemp, by hand)",
     ("deftx_engine/hub.py", "_strip_local_paths"): "into push_vector's staging folder, uploaded, never read back",
     ("deftx_engine/hub.py", "push_vector"): "into its staging folder, uploaded, never read back",
-    ("deftx_engine/mlm_head.py", "cached_fit"): "a hidden temporary file renamed onto the cache file (by hand)",
     ("webapp/files.py", "FilePolicy.store_upload"): "a hidden mkstemp file renamed onto its content-hash name "
                                                     "(by hand)",
     ("deftx_engine/runs.py", "RunDir.log_metrics"): LOG,

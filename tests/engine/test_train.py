@@ -437,7 +437,8 @@ def test_resumed_no_retrain_run_equals_the_uninterrupted_one(tiny_dir, tmp_path)
 
 def test_a_stop_during_the_head_fit_ends_the_run_there_with_its_progress(tiny_dir, tmp_path, monkeypatch):
     """SIGTERM (the StopFlag) is honoured at the next head-fit step, as in the phases: the run returns None
-    (the CLI marks it cancelled), status.json showed the head fit's step count, and no partial head is cached."""
+    (the CLI marks it cancelled), status.json showed the head fit's step count, and what it fitted is kept in the
+    cache as a partial fit (the next run resumes it), never as a finished head."""
     from deftx_engine.config import TrainConfig
     from deftx_engine.runs import RunDir, StopFlag
     from deftx_engine.train import train_sft
@@ -458,4 +459,5 @@ def test_a_stop_during_the_head_fit_ends_the_run_there_with_its_progress(tiny_di
     status = run.status()
     assert (status["phase"], status["step"], status["total_steps"]) == ("head-fit", 3, 400)
     assert "MLM head fit stopped by a signal at step 3" in run.log_file.read_text()
-    assert not list((tmp_path / "cache").rglob("*.safetensors")) and not run.vector_dir.exists()
+    kept = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "cache").rglob("*.*"))
+    assert kept == ["partial.json", "partial.safetensors"] and not run.vector_dir.exists()
