@@ -326,7 +326,8 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             if head_fit["stopped"]:
                 if main:
                     run.update(step=head_fit["steps"])
-                say(f"MLM head fit stopped by a signal at step {head_fit['steps']} (not cached)")
+                say(f"MLM head fit stopped by a signal at step {head_fit['steps']}; kept: the next run on this "
+                    "base model and text goes on from there")
                 return None
             say(f"MLM head {'loaded from the cache' if head_fit['cached'] else 'fitted'}: held-out loss "
                 f"{head_fit['heldout']['loss']:.3f}, top-1 {head_fit['heldout']['accuracy']:.1%}")

@@ -144,7 +144,9 @@ def _damage(kind: str, weights: Path, record_file: Path) -> None:
         record_file.write_text(json.dumps(record))
     elif kind == "record missing":
         record_file.unlink()
-    elif kind == "record of an older version":  # no checksum at all
+    elif kind.endswith("record of an older version"):  # no checksum at all
+        if kind.startswith("nan"):
+            save_file({n: torch.full_like(t, float("nan")) for n, t in state.items()}, str(weights))
         record = json.loads(record_file.read_text())
         del record["sha256"]
         record_file.write_text(json.dumps(record))
@@ -154,7 +156,7 @@ def _damage(kind: str, weights: Path, record_file: Path) -> None:
 
 DAMAGES = ["truncated", "garbage", "nan", "nan, checksum matching", "wrong shapes, checksum matching",
            "a tensor missing, checksum matching", "record garbage", "record a list", "record edited",
-           "record missing", "record of an older version"]
+           "record missing", "nan, record of an older version"]
 
 
 @pytest.mark.parametrize("kind", DAMAGES)
@@ -168,6 +170,18 @@ def test_a_damaged_cached_head_is_named_and_fitted_again(fitted, new_model, toke
     assert same_head(head(model), fitted[0])  # the same fit again, not the damaged values
     again = new_model()
     assert fit_cached(again, tokenizer)["cached"] and same_head(head(again), fitted[0])  # the entry is whole again
+
+
+def test_an_older_version_s_entry_that_passes_the_checks_is_loaded_and_given_a_checksum(fitted, new_model,
+                                                                                        tokenizer, cache):
+    weights, record_file = entry(cache)
+    _damage("record of an older version", weights, record_file)
+    model, log = new_model(), []
+    record = fit_cached(model, tokenizer, log)
+    assert record["cached"] and same_head(head(model), fitted[0]) and log == []
+    upgraded = json.loads(record_file.read_text())
+    assert upgraded["sha256"] == mlm_head._digest(weights.read_bytes(), upgraded)
+    assert fit_cached(new_model(), tokenizer)["cached"]
 
 
 def test_a_read_only_cache_costs_a_refit_never_the_run(new_model, tokenizer, cache):
@@ -524,14 +538,14 @@ def test_cache_messages_in_full(fitted, new_model, tokenizer, cache, tmp_path, m
     log.clear()
     fit_cached(new_model(), tokenizer, log)
     assert log[0].endswith("is damaged (it holds NaN or infinite values); it is not used")
-    _damage("record of an older version", weights, record_file)
+    _damage("nan, record of an older version", weights, record_file)
     log.clear()
     fit_cached(new_model(), tokenizer, log)
-    assert log[0].endswith("is damaged (no checksum: written by an older version); it is not used")
+    assert log[0].endswith("is damaged (it holds NaN or infinite values); it is not used")
     _damage("record a list", weights, record_file)
     log.clear()
     fit_cached(new_model(), tokenizer, log)
-    assert log[0].endswith("is damaged (no checksum: written by an older version); it is not used")
+    assert log[0].endswith("is damaged (its record is not a JSON object); it is not used")
     weights.write_bytes(b"")
     assert fit_cached(new_model(), tokenizer)["steps"] == CFG.max_steps  # damaged, nobody told: no message, no error
     monkeypatch.setenv("DEFTX_CACHE", str(tmp_path / "other"))
