@@ -22,10 +22,10 @@ from ..components import FIELD_LABELS, UI, Updates, handler
 from ..files import bounded
 from ..render import cut, ok, run_choices
 from ..render import text as shown_text
-from ..rundb import QueueFull
+from ..rundb import QueueFull, Submission
 from ..settings import default_model, max_lines, max_queue, max_steps
 from ..state import Studio
-from .train_checks import check_hardware, language_for_data, require_language, unique_name
+from .train_checks import check_hardware, language_for_data, new_name, require_language
 
 BASE_MODELS = ["multilingual-e5-small", "minilm", "FacebookAI/xlm-roberta-base", "FacebookAI/xlm-roberta-large"]
 PRESETS = list(engine_presets.PRESETS)  # cpu-demo, paper-xlmr-base
@@ -267,13 +267,13 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
         p = engine_presets.preset(preset, kind)
         values.update({k_: p[k_] for k_ in ("save_steps", "logging_steps") if k_ in p})
     cfg = TrainConfig(kind=kind, **values)  # ConfigError -> inline message
-    name = bounded(name, "run name", 100) or unique_name(studio, f"{cfg.language}-{kind}-{cfg.method}")
+    name = new_name(studio, bounded(name, "run name", 100)) or f"{cfg.language}-{kind}-{cfg.method}"
     run_id = queue_run(studio, cfg, name)
     row = wait_until_started(studio, run_id)
     pos = studio.registry.queue_position(run_id)
     what = "started" if row["state"] == "running" else (f"queued (#{pos})" if pos else "queued")
     shown = shown_run(studio, row)
-    return {"train.status": ok(f"Run **{shown_text(name)}** {what}. Progress appears on the right."),
+    return {"train.status": ok(f"Run **{shown_text(row['name'])}** {what}. Progress appears on the right."),
             "train.run_id": run_id, "train.progress": studio.progress(shown),
             "train.watch": gr.update(choices=run_choices(studio.registry.list()), value=shown["id"])}
 
@@ -289,8 +289,21 @@ def shown_run(studio: Studio, row: dict) -> dict:
 
 
 def queue_run(studio: Studio, cfg: TrainConfig, name: str) -> str:
-    """Check ``cfg`` against this server's limits and its data (line and field), then queue ``deftx train-<kind>
-    --config`` on it; returns the run id."""
+    """Check ``cfg`` (``job``), then queue it under ``name`` (``-2``, ``-3``… added if another run has it);
+    returns the run id."""
+    try:
+        return studio.registry.submit_group(None, [job(cfg, name)], max_queued=max_queue(), distinct=True)[0]
+    except QueueFull as e:
+        raise DeftxError(queue_full(e)) from None
+
+
+def queue_full(e: QueueFull) -> str:
+    return f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again when a run has finished, or cancel one of yours"
+
+
+def job(cfg: TrainConfig, name: str) -> Submission:
+    """Check ``cfg`` against this server's limits and its data (line and field): the run ``deftx train-<kind>
+    --config`` on it, ready to queue."""
     kind, data, full_steps, sparse_steps = cfg.kind, cfg.data, cfg.full_steps, cfg.sparse_steps
     lines_limit, steps_limit = max_lines(), max_steps()
     if steps_limit and (full_steps > steps_limit or sparse_steps > steps_limit):
@@ -314,11 +327,7 @@ def queue_run(studio: Studio, cfg: TrainConfig, name: str) -> str:
                                  f"server allows at most {steps_limit:,} per phase (DEFTX_MAX_STEPS)")
     argv = [sys.executable, "-m", "deftx_engine.cli", f"train-{kind}", "--config", f"{{run_dir}}/{SUBMITTED_CONFIG}",
             "--output-dir", "{run_dir}"]
-    try:
-        return studio.registry.submit(name, kind, argv, config=cfg.to_dict(), max_queued=max_queue())
-    except QueueFull as e:
-        raise DeftxError(f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again when a run has "
-                         "finished, or cancel one of yours") from None
+    return Submission(name, kind, argv, cfg.to_dict())
 
 
 def wait_until_started(studio: Studio, run_id: str) -> dict:
@@ -364,7 +373,7 @@ def resume_run(studio: Studio, run_id) -> Updates:
     except ValueError as e:
         raise DeftxError(str(e)) from None
     except QueueFull as e:
-        raise DeftxError(f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again later") from None
+        raise DeftxError(queue_full(e)) from None
     row = wait_until_started(studio, run_id)
     pos = studio.registry.queue_position(run_id)
     what = "resumed" if row["state"] == "running" else (f"queued to resume (#{pos})" if pos else "queued")

@@ -9,6 +9,7 @@ from pathlib import PurePath
 from deftx_engine.errors import DeftxError
 
 from ..components import Updates, handler
+from ..render import text
 from ..state import Studio
 
 # a language code at the end of a file name: target_corpus_id.txt, wiki-sw.csv, hub:org/name#text (none)
@@ -44,14 +45,13 @@ def require_language(language: str | None, kind: str) -> str:
     return language
 
 
-def unique_name(studio: Studio, name: str) -> str:
-    """``name``, or ``name-2``, ``name-3``… when another run has it already (default names repeat)."""
-    taken = {r["name"] for r in studio.registry.list()}
-    n, candidate = 1, name
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}-{n}"
-    return candidate
+def new_name(studio: Studio, name: str) -> str:
+    """A run name typed by the user, refused if another run has it (a run is found by its name in every list);
+    an empty name stays empty: the default name gets ``-2``, ``-3``… when it repeats (``RunDB.submit``)."""
+    if name and any(r["name"] == name for r in studio.registry.list()):
+        raise DeftxError(f"a run named {text(name)} exists already: choose another name (or leave the field empty "
+                         "for a new one)")
+    return name
 
 
 def has_gpu() -> bool:
