@@ -390,3 +390,37 @@ def test_scores_survive_their_run_being_deleted_meanwhile(studio, fake_model, ap
     monkeypatch.setattr(studio.registry, "add_metrics", delete_first)
     msg, *_ = api(studio)["evaluate"](run, None, None, str(f), "", "", "label")
     assert "unexpected error" not in msg and "macro-F1" in msg, msg
+
+
+def test_scores_survive_their_vectors_being_deleted_while_scored(studio, fake_model, api, monkeypatch):
+    """Session A scores a file with a task and a language vector; session B deletes the task run while A's
+    composed model is scoring: A gets both scores (once: "unknown run" when the task vector alone was built
+    after the composed model's scoring, and the scores computed were lost)."""
+    from deftx_engine import inference
+    from webapp.tabs import predict
+
+    task = task_run(studio)
+    lang_dir = studio.home / "vectors" / "lang"
+    lang_dir.mkdir(parents=True)
+    lang = studio.registry.add_vector("lang", "language", lang_dir, config={})
+
+    def resolving(studio, task_run, language_run, *a, **kw):  # the real one's look-ups, a stand-in model
+        studio.run_vector_dir(task_run, "task vector")
+        if language_run:
+            studio.run_vector_dir(language_run, "language vector")
+        return (None, None, ["negative", "positive"]), True
+
+    scores = inference.evaluate_task_data
+
+    def deleted_while_scoring(*a, **kw):
+        if studio.registry.get(task):
+            studio.registry.delete(task)
+        return scores(*a, **kw)
+
+    monkeypatch.setattr(predict, "composed", resolving)
+    monkeypatch.setattr(inference, "evaluate_task_data", deleted_while_scoring)
+    f = studio.home / "eval.csv"
+    f.write_text("text,label\ngood,positive\nbad,negative\n")
+    msg, *_ = api(studio)["evaluate"](task, lang, None, str(f), "", "", "label")
+    assert "unexpected error" not in msg and "task only" in msg and "macro-F1" in msg, msg
+    assert studio.registry.get(task) is None and "metrics" in studio.registry.get(lang)["config"]
