@@ -328,10 +328,34 @@ def test_failed_logins_are_throttled(monkeypatch, tmp_path):
 
     now = [0.0]
     gate = LoginThrottle([("alice", "right")], clock=lambda: now[0])
-    answered = [gate.check("alice", f"guess{i}") for i in range(300)]
-    assert not any(answered) and gate.check("alice", "right") is False  # locked: even the right one waits
-    now[0] += LoginThrottle.LOCK + 1
-    assert gate.check("alice", "right") is True and gate.check("bob", "right") is False
+    answered = [gate.check("alice", f"guess{i}", "10.0.0.66") for i in range(300)]
+    assert not any(answered) and gate.check("alice", "right", "10.0.0.66") is False  # the guessing source waits
+    assert gate.check("bob", "right", "10.0.0.7") is False
+
+
+def test_a_login_throttle_slows_the_source_and_never_locks_the_account():
+    """Once the lock was per user name only: 5 wrong passwords from anyone locked a real user out (30 s doubling
+    to 15 min, never reset by a successful login), so about 20 requests an hour kept them out indefinitely."""
+    from webapp.settings import LoginThrottle as T
+
+    now = [0.0]
+    gate = T([("alice", "right")], clock=lambda: now[0])
+    for i in range(300):  # one guessing source: locked after FAILURES, its lock doubling while it goes on
+        gate.check("alice", f"guess{i}", "10.0.0.66")
+        now[0] += 1
+    assert gate.check("alice", "right", "10.0.0.66") is False
+    assert gate.check("alice", "right", "10.0.0.7") is True  # the account is not locked: its user logs in
+    assert gate.wait("alice") == T.DELAY  # ... and that cleared the user's failures
+    for _ in range(3):  # a user mistyping, then logging in: the success resets the client's count too
+        for _ in range(T.FAILURES - 1):
+            assert gate.check("alice", "typo", "10.0.0.7") is False
+        assert gate.check("alice", "right", "10.0.0.7") is True
+    many = [gate.check("alice", f"g{i}", f"10.1.{i // 250}.{i % 250}") for i in range(1000)]  # many sources
+    assert not any(many) and gate.wait("alice") == T.MAX_DELAY  # slowed, per user, from any source...
+    assert gate.check("alice", "right", "10.0.0.8") is True  # ...and never locked
+    now[0] += T.MAX_LOCK + 1
+    assert gate.check("alice", "right", "10.0.0.66") is True  # a source's lock ends
+    assert len(gate._failures) <= T.TABLE and len(gate._locked) <= T.TABLE + 1
 
 
 # ---- 15: every string bounded -----------------------------------------------------------------------
