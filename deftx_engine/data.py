@@ -213,7 +213,8 @@ def _default_column(src: Path | HubSource, column: str | None) -> str | None:
 def _read_text(path: Path, supported: tuple[str, ...], max_bytes: int) -> str:
     """The checks every file loader shares; returns the text without BOM and with '\\n' newlines."""
     if not path.exists():
-        raise DataError(f"{path} does not exist. Check the path (relative paths start from {Path.cwd()}).")
+        hint = "" if path.is_absolute() else f" (relative paths start from {Path.cwd()})"
+        raise DataError(f"{path} does not exist. Check the path{hint}.")
     if not path.is_file():
         raise DataError(f"{path} is not a file. Pass the path of a {', '.join(supported)} file.")
     if path.suffix.lower() not in supported:

@@ -227,7 +227,7 @@ def test_an_empty_base_model_is_the_default_and_start_names_it(studio, monkeypat
 
     assert studio.check_base_model("") == "multilingual-e5-small"
     monkeypatch.setenv("DEFTX_DEFAULT_MODEL", "minilm")
-    assert studio.check_base_model(None) == "minilm" and "`minilm`" in intro()
+    assert studio.check_base_model(None) == "minilm" and "`minilm`" in intro(studio)
 
 
 def tiny_vector(folder: Path, **meta) -> Path:

@@ -142,3 +142,24 @@ def test_a_pulled_vector_is_named_by_its_repository(studio, task_run, monkeypatc
     monkeypatch.setattr(deftx_engine.hub, "pull_vector", fake_pull)
     hub.pull(studio, "someone/deftx-id-language", "", "", "", "")
     assert studio.registry.list()[0]["name"] == "someone/deftx-id-language"
+
+
+def test_path_boxes_after_an_upload_hold_no_server_path(studio, task_run, tmp_path):
+    """Once the Data tab's result put the upload's server path (/…/DEFTX_HOME/uploads/…) in the Train data box
+    and the Predict path box; now the page's form of it, which the handlers read back."""
+    import tempfile
+
+    from webapp.tabs import data, predict
+
+    upload = Path(tempfile.mkdtemp()) / "my eval.csv"  # where Gradio keeps an upload: the system temp folder
+    upload.write_text("text,label\nmakanan enak,pos\nburuk sekali,neg\n", encoding="utf-8")
+    source = data.validate_data(studio, "eval", str(upload), "", "", "", "label")["data.source"]
+    assert source.startswith("DEFTX_HOME/uploads/") and source.endswith("-my_eval.csv"), source
+    assert data.use_source(studio, "eval", source, "", "", "label", "task")["predict.spec"] == source
+    assert "macro-F1" in predict.evaluate_file(studio, task_run, "", None, source, "", "", "label")[
+        "predict.file_status"]
+    corpus = upload.with_name("corpus_id.txt")
+    corpus.write_text("satu dua tiga\nempat lima\n", encoding="utf-8")
+    source = data.validate_data(studio, "corpus", str(corpus), "", "", "", "label")["data.source"]
+    assert data.use_source(studio, "corpus", source, "", "", "label", "language")["train.data"] == source
+    assert source.startswith("DEFTX_HOME/uploads/")

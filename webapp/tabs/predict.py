@@ -52,7 +52,7 @@ def layout(ui: UI) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             file = gr.File(label="Upload a file", file_types=DATA_SUFFIXES, type="filepath", height=110)
-            spec = gr.Textbox(str(EXAMPLE["eval"]), label="…or a path / Hub dataset")
+            spec = gr.Textbox(ui.studio.shown_path(EXAMPLE["eval"]), label="…or a path / Hub dataset")
             with gr.Accordion("Columns of this file", open=False):  # this tab's own: the Data tab's never apply
                 with gr.Row():
                     textcol = gr.Textbox("", label=FIELD_LABELS["text_column"], placeholder="auto")

@@ -24,14 +24,14 @@ from .predict import composition, evaluate_file, side_by_side
 from .train import job, queue_full
 
 
-def intro() -> str:
+def intro(studio: Studio) -> str:
     """The Start tab's opening text, naming the base model the demo will use (DEFTX_DEFAULT_MODEL)."""
     return ("**New here?** One click trains the two vectors of a cross-lingual transfer and scores the result: a "
             "**language** SFT on 400 unlabelled Indonesian sentences, a **task** SFT on 300 labelled English "
             "sentiment sentences, then θ0 + φ_task + φ_language classifies Indonesian test sentences. It uses the "
-            f"`cpu-demo` preset on `{default_model()}`: a few minutes on 2 CPU cores for the offline default, plus a "
-            "one-time build of the model and fit of its MLM head (each a few minutes, cached). Your own data and "
-            "settings: the **Data** and **Train** tabs.")
+            f"`cpu-demo` preset on `{studio.shown_model()}`: a few minutes on 2 CPU cores for the offline default, "
+            "plus a one-time build of the model and fit of its MLM head (each a few minutes, cached). Your own data "
+            "and settings: the **Data** and **Train** tabs.")
 # the steps of each run, in order, as status.json phases (a base with its own MLM head skips the head fit)
 STEPS = {"language": [("head-fit", "fit the MLM head (once per base model and text; cached)"),
                       ("full", PHASES["full"]), ("denoise", PHASES["denoise"]), ("sparse", PHASES["sparse"])],
@@ -46,7 +46,7 @@ STOPPED = ("The demo stopped: a run did not finish (see its step below, and the 
 
 
 def layout(ui: UI) -> None:
-    gr.Markdown(intro(), elem_classes="dx-help")
+    gr.Markdown(intro(ui.studio), elem_classes="dx-help")
     with gr.Row():
         run = gr.Button("▶ Run the demo", variant="primary", elem_id="dx-demo", scale=0, min_width=220)
         status = gr.Markdown(elem_classes="dx-status", elem_id="dx-demo-status")
@@ -150,7 +150,7 @@ def demo_progress(studio: Studio, demo) -> Updates:
             "app.tabs": gr.Tabs(selected="predict"),
             "predict.task": gr.update(choices=run_choices(studio.vector_runs("task")), value=demo["task"]),
             "predict.lang": gr.update(choices=[("none", "")] + run_choices(langs), value=demo["language"]),
-            "predict.lang_touched": True, "predict.spec": str(EXAMPLE["eval"]), "predict.scale": 1.0,
+            "predict.lang_touched": True, "predict.spec": studio.shown_path(EXAMPLE["eval"]), "predict.scale": 1.0,
             "predict.merge": "sum"}
 
 

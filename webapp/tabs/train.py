@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from deftx_engine import presets as engine_presets
-from deftx_engine.config import TrainConfig, defaults
+from deftx_engine.config import MAX_NAME_CHARS, TrainConfig, defaults
 from deftx_engine.constants import KINDS
 from deftx_engine.constants import METHODS as METHOD_NAMES
 from deftx_engine.data import load_corpus, load_task_data
@@ -23,13 +23,14 @@ from ..files import bounded
 from ..render import cut, ok, run_choices
 from ..render import text as shown_text
 from ..rundb import QueueFull, Submission
-from ..settings import default_model, max_lines, max_queue, max_steps
+from ..settings import max_lines, max_queue, max_steps
 from ..state import Studio
 from .train_checks import check_hardware, language_for_data, new_name, require_language
 
 BASE_MODELS = ["multilingual-e5-small", "minilm", "FacebookAI/xlm-roberta-base", "FacebookAI/xlm-roberta-large"]
 PRESETS = list(engine_presets.PRESETS)  # cpu-demo, paper-xlmr-base
 CUSTOM = "custom"
+MAX_RUN_NAME = 100  # characters of a run name
 METHOD_LABELS = {"deftx": "DeFT-X (SVD-denoised)", "lt-sft": "LT-SFT (no denoising)"}
 METHODS = [(METHOD_LABELS[m], m) for m in METHOD_NAMES]  # the engine's list, labelled
 # xlm-roberta-base's maskable entries (every encoder parameter but LayerNorm; benchmarks/core.py). Only used
@@ -46,7 +47,7 @@ START_INPUTS = ["train.kind", "train.base", "train.data", "train.lang", "train.n
 
 def layout(ui: UI) -> None:
     init = engine_presets.preset("cpu-demo", "language")
-    model0 = default_model()
+    model0 = ui.studio.shown_model()  # the page holds no server path
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, elem_classes="dx-panel"):
             with gr.Row():
@@ -59,14 +60,18 @@ def layout(ui: UI) -> None:
                                info="multilingual-e5-small and minilm (English only) work offline; or any Hub id / "
                                     "local model folder")
             with gr.Row():
-                data = gr.Textbox(str(EXAMPLE["corpus"]), label=FIELD_LABELS["data"], scale=3, elem_id="dx-data",
-                                  info="set from the Data tab (or type a path / hub: spec)")
+                data = gr.Textbox(ui.studio.shown_path(EXAMPLE["corpus"]), label=FIELD_LABELS["data"], scale=3,
+                                  elem_id="dx-data", info="set from the Data tab (or type a path / hub: spec)")
                 lang = gr.Textbox(EXAMPLE_LANG["language"], label=FIELD_LABELS["language"], scale=1,
+                                  max_length=MAX_NAME_CHARS,
                                   info="the data's language, stored in the vector (from the file name)")
+            # any run id is taken (the API has no per-session choices); start_training checks it
             srclang = gr.Dropdown([("none", "")], value="", label="Source-language vector", visible=False,
+                                  allow_custom_value=True,
                                   info="optional: train the task SFT on top of θ0 + a language vector of the task "
                                        "data's language (LT-SFT's protocol); same base model only")
-            name = gr.Textbox("", label="Run name (optional)", placeholder="e.g. id-language-demo")
+            name = gr.Textbox("", label="Run name (optional)", placeholder="e.g. id-language-demo",
+                              max_length=MAX_RUN_NAME)
             method = gr.Radio(METHODS, value="deftx", label="Method")
             with gr.Group(visible=True) as denoise:
                 with gr.Row():
@@ -118,11 +123,11 @@ def layout(ui: UI) -> None:
            k_exact=gr.State(None))  # (shown %, exact count) when a preset's k is a count
 
 
-def preset_values(name: str, kind: str) -> dict[str, Any]:
+def preset_values(studio: Studio, name: str, kind: str) -> dict[str, Any]:
     """Control values for a preset (explicit engine defaults for what the preset leaves out)."""
     v = {**defaults(), **engine_presets.preset(name, kind)}
     if name == "cpu-demo":  # DEFTX_DEFAULT_MODEL replaces the preset's offline model
-        v["base_model"] = default_model()
+        v["base_model"] = studio.shown_model()
     return v
 
 
@@ -131,14 +136,14 @@ def preset_values(name: str, kind: str) -> dict[str, Any]:
 def apply_preset(studio: Studio, name, kind, corpus, task) -> Updates:
     """Fill the controls from a preset (and the data checked in the Data tab for this kind)."""
     src = corpus if kind == "language" else task
-    example = str(EXAMPLE["corpus" if kind == "language" else "task"])
+    example = studio.shown_path(EXAMPLE["corpus" if kind == "language" else "task"])
     out = {"train.data": src["data"], "train.textcol": src["text"], "train.paircol": src["pair"],
            "train.labelcol": src["label"], "train.status": ""}
     if src["data"] == example:
         out["train.lang"] = EXAMPLE_LANG[kind]
     if name == CUSTOM or not name:
         return {**out, "train.k_exact": None}
-    v = preset_values(name, kind)
+    v = preset_values(studio, name, kind)
     k = v["k"]
     if 0 < k < 1:
         k_pct, exact = round(k * 100, 2), None
@@ -157,6 +162,10 @@ def source_choices(studio: Studio, kind, base_model, current) -> Updates:
     """The Source-language vector picker: shown for task SFTs, offering the language vectors of the chosen base
     model (a vector of another base cannot be composed with it)."""
     base = (base_model or "").strip()
+    try:  # as the vectors' configs name it (the page shows a local folder by shown_path)
+        base = studio.check_base_model(base, reachable=False)
+    except DeftxError:
+        pass
     langs = [r for r in studio.vector_runs("language") if r["config"].get("base_model") == base]
     ids = [r["id"] for r in langs]
     return {"train.srclang": gr.update(visible=kind == "task", choices=[("none", "")] + run_choices(langs),
@@ -267,7 +276,7 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
         p = engine_presets.preset(preset, kind)
         values.update({k_: p[k_] for k_ in ("save_steps", "logging_steps") if k_ in p})
     cfg = TrainConfig(kind=kind, **values)  # ConfigError -> inline message
-    name = new_name(studio, bounded(name, "run name", 100)) or f"{cfg.language}-{kind}-{cfg.method}"
+    name = new_name(studio, bounded(name, "run name", MAX_RUN_NAME)) or f"{cfg.language}-{kind}-{cfg.method}"
     run_id = queue_run(studio, cfg, name)
     row = wait_until_started(studio, run_id)
     pos = studio.registry.queue_position(run_id)
