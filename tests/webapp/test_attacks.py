@@ -279,6 +279,18 @@ def test_a_vector_without_spectra_says_so_and_shows_no_empty_plot(studio, api):
     assert "pulled vector" in msg and spectrum["visible"] is False
 
 
+def test_comparing_a_vector_with_itself_says_so(studio, api):
+    """Once "Compare with" equal to the chosen vector gave an empty overlap chart and no word."""
+    fns = api(studio)
+    run_id = studio.registry.add_vector("pulled", "task", tiny_vector(studio.home / "vectors" / "pulled"))
+    msg, summary, *_, overlap, _ = fns["analyze"](run_id, None, run_id)
+    assert msg == "" and "same vector" in summary and "choose another" in summary, summary
+    assert overlap["visible"] is False and overlap["value"] is None
+    other = studio.registry.add_vector("other", "task", tiny_vector(studio.home / "vectors" / "other"))
+    *_, overlap, _ = fns["analyze"](run_id, None, other)
+    assert overlap["visible"] is True and overlap["value"] is not None
+
+
 EVIL = "<img src=http://evil.example/x.png>![y](http://evil.example/y.png)`"
 
 
