@@ -106,11 +106,33 @@ def test_picker_labels_are_short_and_runs_can_be_deleted(studio, task_run):
     out = runs.delete_run(studio, task_run)
     assert "deleted" in out["runs.status"] and studio.registry.get(task_run) is None
     assert not Path(folder).exists()
-    queued = studio.registry.submit("waiting", "language", ["true"])
-    for step in (runs.ask_delete, runs.delete_run):
-        msg = step(studio, queued)["runs.status"]
-        assert msg.startswith(ERR) and "cancel it first" in msg
-    assert studio.registry.get(queued) is not None
+
+
+@pytest.mark.parametrize("state", ["queued", "running"])
+def test_deleting_a_running_or_queued_run_cancels_it_first(studio, state):
+    """README: "a running or queued run is cancelled first" (once the app refused: "cancel it first")."""
+    import sys
+    import time
+
+    from webapp.tabs import runs
+
+    reg = studio.registry
+    reg.grace = 2.0
+    rid = reg.submit("going", "language", [sys.executable, "-c", "import time; time.sleep(60)"])
+    if state == "running":
+        reg.tick()
+        assert reg.get(rid)["state"] == "running"
+        pid = reg.get(rid)["pid"]
+    asked = runs.ask_delete(studio, rid)
+    assert asked["runs.confirm"]["visible"] and f"It is {state}: it is cancelled first" in asked["runs.question"]
+    out = runs.delete_run(studio, rid)
+    assert "deleted" in out["runs.status"] and reg.get(rid) is None
+    assert not Path(reg.runs_root / rid).exists()
+    if state == "running":
+        time.sleep(0.5)
+        from webapp.processes import is_alive
+
+        assert not is_alive(pid, None)
 
 
 def test_train_message_follows_the_started_run_to_its_end(studio):

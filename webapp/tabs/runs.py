@@ -16,6 +16,7 @@ from ..render import err, ok, run_choices
 from ..render import text as shown_text
 from ..state import Studio
 
+ACTIVE = ("running", "queued")
 STATUS_OUTPUTS = ("train.progress", "train.loss", "train.log", "train.details", "runs.watch_sig")
 
 
@@ -142,28 +143,37 @@ def started_outcome(studio: Studio, rows: list[dict], started: str | None, rsig:
 
 @handler("runs.confirm", "runs.question", "runs.status", status=2)
 def ask_delete(studio: Studio, run_id) -> Updates:
-    """Delete, step 1: say what goes (the run and its folder) and ask; a running or queued run must be cancelled
-    first."""
+    """Delete, step 1: say what goes (the run and its folder; a running or queued run is cancelled first) and
+    ask."""
     row = studio.registry.get(run_id) if run_id else None
     if row is None:
         raise DeftxError("choose the run to delete")
-    if row["state"] in ("running", "queued"):
-        raise DeftxError(f"run {row['name']} is {row['state']}: cancel it first (Train tab, Cancel)")
+    first = (f" It is {row['state']}: it is cancelled first"
+             + (" (with the other run of its group)" if row["grp"] else "") + "." if row["state"] in ACTIVE else "")
     return {"runs.confirm": gr.update(visible=True), "runs.status": "",
             "runs.question": f"Delete **{shown_text(row['name'])}** ({row['kind']}, {row['state']}) with its folder "
-                             "and vector? This cannot be undone."}
+                             f"and vector?{first} This cannot be undone."}
 
 
 @handler("runs.status", "runs.confirm", "runs.table", "runs.pick", "train.watch")
 def delete_run(studio: Studio, run_id) -> Updates:
-    """Delete, step 2: remove a finished run's registry row and its folder (vector, checkpoints, log)."""
+    """Delete, step 2: remove a run's registry row and its folder (vector, checkpoints, log); a running or queued
+    run is cancelled first, and deleted once it has stopped (within the cancel's grace period)."""
+    reg = studio.registry
+    row = reg.get(run_id) if run_id else None
+    if row is not None and row["state"] in ACTIVE:
+        reg.cancel(run_id)
+        try:
+            reg.wait(run_id, timeout=reg.grace + 10)
+        except TimeoutError:
+            raise DeftxError(f"run {row['name']} is still stopping; delete it once it has stopped") from None
     try:
-        row = studio.registry.delete(run_id or "")
+        row = reg.delete(run_id or "")
     except KeyError:
         raise DeftxError(f"unknown run {str(run_id)[:80]!r}; refresh the page") from None
-    except ValueError as e:
+    except ValueError as e:  # resumed by another session meanwhile
         raise DeftxError(f"{e} (Train tab, Cancel)") from None
-    rows = studio.registry.list()
+    rows = reg.list()
     return {"runs.status": ok(f"Run **{shown_text(row['name'])}** and its folder deleted."),
             "runs.confirm": gr.update(visible=False), "runs.table": studio.runs_table(),
             "runs.pick": gr.update(choices=run_choices(rows), value=None),
