@@ -303,7 +303,8 @@ def _csv_table(name: str, text: str, *, tsv: bool) -> _Table:
                 end = reader.line_num
                 spans = f" (the record runs on to line {end}; look for an unclosed quote)" if end > start else ""
                 raise DataError(
-                    f"{name} line {start} has {len(cells)} fields but the header has {len(header)}{spans}. "
+                    f"{name} line {start} has {len(cells)} field{'s' * (len(cells) != 1)} but the header has "
+                    f"{len(header)}{spans}. "
                     f"Fix the row{'' if tsv else ' or quote fields that contain commas'}."
                 )
             rows.append((f"{name} line {start}", dict(zip(header, cells))))

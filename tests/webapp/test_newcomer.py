@@ -64,10 +64,33 @@ def test_a_file_that_fails_the_check_leaves_no_stale_preview(studio, tmp_path):
     bad.write_text("sentence\nhello\n", encoding="utf-8")
     out = data.validate_data(studio, "task", None, str(bad), "", "", "label")
     assert out["data.status"].startswith(ERR)
-    assert out["data.preview"] is None and out["data.chart"]["visible"] is False and out["data.source"] == ""
+    assert out["data.chart"]["visible"] is False and out["data.source"] == ""
+    assert list(out["data.preview"].columns) == ["what is wrong"] and "Text column" in out["data.preview"].iloc[0, 0]
     assert data.use_source(studio, "task", "", "", "", "label", "task") == {"data.use": ""}
     used = data.use_source(studio, "eval", str(bad), "sentence", "", "gold", "task")
     assert used["predict.textcol"] == "sentence" and used["predict.labelcol"] == "gold"
+
+
+def test_a_malformed_csv_preview_says_what_is_wrong_and_a_cleared_upload_is_checked_again(studio, tmp_path):
+    """Once a malformed CSV's preview was an empty table headed "1 2 3" ("1 fields"), and clearing an upload left
+    its ✔ result on screen."""
+    import os
+
+    from webapp.state import Studio
+    from webapp.tabs import data
+    from webapp.ui import build_app
+
+    bad = tmp_path / "data" / "bad.csv"
+    bad.write_text('text,label\n"unclosed,pos\nok,neg\n', encoding="utf-8")
+    out = data.validate_data(studio, "task", None, str(bad), "", "", "label")
+    preview = out["data.preview"]
+    assert list(preview.columns) == ["what is wrong"] and "line 2 has 1 field but" in preview.iloc[0, 0]
+    os.environ.setdefault("DEFTX_WARMUP", "0")
+    config = build_app(Studio(tmp_path / "home2")).get_config_file()
+    cleared = [d for d in config["dependencies"] if any(event == "clear" for _, event in d["targets"])]
+    assert [d["api_name"].startswith("validate_data") for d in cleared] == [True]  # the Data tab's upload
+    again = data.validate_data(studio, "task", None, "examples/source_task_en.csv", "", "", "label")  # file cleared
+    assert "source&#95;task" in again["data.status"] and again["data.source"] == "examples/source_task_en.csv"
 
 
 def test_new_training_data_brings_its_language_or_asks(studio, monkeypatch):

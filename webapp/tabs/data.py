@@ -47,11 +47,16 @@ def layout(ui: UI) -> None:
            task=gr.State({"data": shown["task"], "text": "", "pair": "", "label": "label"}))
 
 
-# a file that fails the check leaves no preview, chart or "the Train tab will use this file" of the last one
-STALE = {"data.preview": None, "data.chart": gr.update(value=None, visible=False), "data.source": ""}
+def failed_check(msg: str) -> Updates:
+    """A file that fails the check leaves no preview, chart or "the Train tab will use this file" of the last one;
+    the preview says what is wrong (not an empty table headed 1 2 3)."""
+    import pandas as pd
+
+    return {"data.preview": pd.DataFrame({"what is wrong": [msg]}), "data.chart": gr.update(value=None, visible=False),
+            "data.source": ""}
 
 
-@handler("data.status", "data.preview", "data.chart", "data.source", on_error=STALE)
+@handler("data.status", "data.preview", "data.chart", "data.source", on_error=failed_check)
 def validate_data(studio: Studio, role, file, spec, text_column, pair_column, label_column) -> Updates:
     """Check a corpus / task file; returns (message, preview table, label chart, source used: as the page shows
     paths, ``shown_path``)."""
@@ -123,6 +128,8 @@ def remember(studio: Studio, role, source, text_column, pair_column, label_colum
 def wire(ui: UI) -> None:
     ui.on(ui["data.check"].click, validate_data, CHECK_INPUTS, api_name="validate_data")
     ui.on(ui["data.file"].upload, validate_data, CHECK_INPUTS, api_visibility="private")
+    # a cleared upload: the form names the typed path again, so its check replaces the upload's result
+    ui.on(ui["data.file"].clear, validate_data, CHECK_INPUTS, api_visibility="private")
     changed = ui.on(ui["data.role"].change, role_changed, ["data.role"], api_visibility="private")
     ui.on(changed.then, validate_data, CHECK_INPUTS, api_visibility="private")
     checked = ["data.role", "data.source", "data.text", "data.pair", "data.label"]
