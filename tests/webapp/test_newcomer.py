@@ -208,3 +208,30 @@ def test_path_boxes_after_an_upload_hold_no_server_path(studio, task_run, tmp_pa
     source = data.validate_data(studio, "corpus", str(corpus), "", "", "", "label")["data.source"]
     assert data.use_source(studio, "corpus", source, "", "", "label", "language")["train.data"] == source
     assert source.startswith("DEFTX_HOME/uploads/")
+
+
+def test_a_stopping_message_does_not_outlive_the_stop(studio):
+    """Once "Stopping <run>" stayed on the Train tab after the next run had started."""
+    import sys
+    import time
+
+    from webapp.tabs import runs, train
+
+    reg = studio.registry
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    first, second = reg.submit("first", "language", sleep), reg.submit("second", "language", sleep)
+    reg.tick()
+    said = train.cancel_run(studio, first)
+    assert "Stopping" in said["train.status"] and said["train.stopping"] == first
+    shown = runs.poll(studio, first, "", "", None, first)
+    assert "train.status" not in shown  # still stopping: the message stays
+    end = time.time() + 20
+    while reg.get(second)["state"] != "running":
+        assert time.time() < end
+        reg.tick()
+        time.sleep(0.1)
+    tick = runs.poll(studio, first, shown["runs.watch_sig"], shown["runs.runs_sig"], None, first)
+    assert "first" in tick["train.status"] and "cancelled" in tick["train.status"], tick["train.status"]
+    assert "Stopping" not in tick["train.status"] and tick["train.stopping"] == ""
+    assert "train.status" not in runs.poll(studio, second, tick["runs.watch_sig"], tick["runs.runs_sig"], None, "")
+    reg.shutdown(cancel_running=True)

@@ -104,14 +104,16 @@ def list_runs(studio: Studio) -> Updates:
     return {"runs.table": studio.runs_table()}
 
 
-@handler(*STATUS_OUTPUTS, "runs.table", "train.watch", "runs.runs_sig", "train.status", status=None)
-def poll(studio: Studio, run_id, sig, rsig, started=None) -> Updates:
+@handler(*STATUS_OUTPUTS, "runs.table", "train.watch", "runs.runs_sig", "train.status", "train.stopping",
+         status=None)
+def poll(studio: Studio, run_id, sig, rsig, started=None, stopping=None) -> Updates:
     """Timer tick: the shown run's progress and, when the set of runs changed, the tables/lists. When the shown
-    run ends while others run or wait, the panel follows the next one (the one running, else the first queued)."""
+    run ends while others run or wait, the panel follows the next one (the one running, else the first queued).
+    The Train tab's "Stopping …" is replaced once that run has stopped."""
     follow = next_active(studio) if ended(studio, run_id, sig) else None
     if follow:
         run_id, sig = follow, ""
-    out = status_of(studio, run_id, sig)
+    out = {**status_of(studio, run_id, sig), **stopped_outcome(studio, stopping)}
     rows = studio.registry.list()
     new_rsig = json.dumps([(r["id"], r["state"], r["step"], r["message"]) for r in rows])
     if new_rsig == rsig and not follow:
@@ -121,7 +123,19 @@ def poll(studio: Studio, run_id, sig, rsig, started=None) -> Updates:
         watch = gr.update(choices=run_choices(rows), value=run_id or rows[0]["id"])
     outcome = started_outcome(studio, rows, started, rsig)  # the Train tab's "Run … started" does not outlive the run
     return {**out, "runs.table": studio.runs_table(), "train.watch": watch, "runs.runs_sig": new_rsig,
-            **({"train.status": outcome} if outcome else {})}
+            **({"train.status": outcome} if outcome and "train.stopping" not in out else {})}
+
+
+def stopped_outcome(studio: Studio, stopping: str | None) -> Updates:
+    """The Train tab's message once the run it said was stopping has stopped (or is gone); {} before."""
+    if not stopping:
+        return {}
+    row = studio.registry.get(stopping)
+    if row is not None and row["state"] in ACTIVE:
+        return {}
+    said = f"Run **{shown_text(row['name'])}** {row['state']}." if row else ""
+    return {"train.status": ok(said) if row and row["state"] in ("cancelled", "done") else said,
+            "train.stopping": ""}
 
 
 def started_outcome(studio: Studio, rows: list[dict], started: str | None, rsig: str | None) -> str | None:
@@ -230,6 +244,7 @@ def wire(ui: UI) -> None:
     ui.on(ui["runs.delete"].click, ask_delete, ["runs.pick"], api_visibility="private")
     ui.on(ui["runs.yes"].click, delete_run, ["runs.pick"], api_name="delete_run")
     ui.on(ui["runs.keep"].click, keep_run, api_visibility="private")
-    ui.on(ui["train.timer"].tick, poll, ["train.watch", "runs.watch_sig", "runs.runs_sig", "train.run_id"],
+    ui.on(ui["train.timer"].tick, poll, ["train.watch", "runs.watch_sig", "runs.runs_sig", "train.run_id",
+                                         "train.stopping"],
           api_visibility="private",
           show_progress="hidden", queue=False)

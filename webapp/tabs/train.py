@@ -120,6 +120,7 @@ def layout(ui: UI) -> None:
            labelcol=labelcol, start=start, cancel=cancel, resume=resume, status=status, watch=watch,
            progress=progress, loss=loss, log=log, details=details, timer=gr.Timer(2.0),
            run_id=gr.Textbox(visible=False), status_button=gr.Button(visible=False), srclang=srclang,
+           stopping=gr.State(""),  # the run the status says is stopping: the poll replaces the message once it has
            k_exact=gr.State(None))  # (shown %, exact count) when a preset's k is a count
 
 
@@ -226,7 +227,7 @@ def number(value: Any, what: str, *, integer: bool = False, minimum: float | Non
     return x
 
 
-@handler("train.status", "train.run_id", "train.progress", "train.watch")
+@handler("train.status", "train.run_id", "train.progress", "train.watch", "train.stopping")
 def start_training(studio: Studio, kind, base_model, data, language, name, method, rank_policy, energy, rank,
                    residual_share, k_percent, full_steps, sparse_steps, epochs, lr, batch_size, max_length, seed,
                    text_column, pair_column, label_column, preset, k_exact_value,
@@ -284,7 +285,8 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
     shown = shown_run(studio, row)
     return {"train.status": ok(f"Run **{shown_text(row['name'])}** {what}. Progress appears on the right."),
             "train.run_id": run_id, "train.progress": studio.progress(shown),
-            "train.watch": gr.update(choices=run_choices(studio.registry.list()), value=shown["id"])}
+            "train.watch": gr.update(choices=run_choices(studio.registry.list()), value=shown["id"]),
+            "train.stopping": ""}
 
 
 def shown_run(studio: Studio, row: dict) -> dict:
@@ -350,7 +352,7 @@ def wait_until_started(studio: Studio, run_id: str) -> dict:
     return row
 
 
-@handler("train.status", "train.progress")
+@handler("train.status", "train.progress", "train.stopping")
 def cancel_run(studio: Studio, run_id) -> Updates:
     """Cancel a queued or running run; returns (message, progress)."""
     if not run_id:
@@ -366,10 +368,11 @@ def cancel_run(studio: Studio, run_id) -> Updates:
         msg = ok(f"Stopping **{shown_text(row['name'])}**: it saves a checkpoint and stops within seconds.")
     else:
         msg = f"Run **{shown_text(row['name'])}** is already {state}."
-    return {"train.status": msg, "train.progress": studio.progress(row)}
+    return {"train.status": msg, "train.progress": studio.progress(row),
+            "train.stopping": run_id if state == "running" else ""}
 
 
-@handler("train.status", "train.progress")
+@handler("train.status", "train.progress", "train.stopping")
 def resume_run(studio: Studio, run_id) -> Updates:
     """Continue an interrupted, cancelled or failed run from its last checkpoint: the same run (id and
     folder) is queued again with ``--resume``. Returns (message, progress)."""
@@ -387,7 +390,7 @@ def resume_run(studio: Studio, run_id) -> Updates:
     pos = studio.registry.queue_position(run_id)
     what = "resumed" if row["state"] == "running" else (f"queued to resume (#{pos})" if pos else "queued")
     return {"train.status": ok(f"Run **{shown_text(row['name'])}** {what}: it continues from its last checkpoint."),
-            "train.progress": studio.progress(row)}
+            "train.progress": studio.progress(row), "train.stopping": ""}
 
 
 def wire(ui: UI) -> None:
