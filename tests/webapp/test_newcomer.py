@@ -235,3 +235,17 @@ def test_a_stopping_message_does_not_outlive_the_stop(studio):
     assert "Stopping" not in tick["train.status"] and tick["train.stopping"] == ""
     assert "train.status" not in runs.poll(studio, second, tick["runs.watch_sig"], tick["runs.runs_sig"], None, "")
     reg.shutdown(cancel_running=True)
+
+
+def test_a_run_name_another_run_has_is_made_distinct(studio):
+    """Once two runs could share a name (every list shows runs by name)."""
+    from webapp.tabs import train
+
+    args = dict(kind="language", base_model="minilm", data="examples/target_corpus_id.txt", language="id",
+                name="mine", method="deftx", rank_policy="energy", energy=0.9, rank=10, residual_share=0.05,
+                k_percent=5, full_steps=1, sparse_steps=1, epochs=1, lr=1e-3, batch_size=8, max_length=32, seed=1,
+                text_column="", pair_column="", label_column="label", preset="custom", k_exact_value=None)
+    first = train.start_training(studio, **args)
+    second = train.start_training(studio, **args)
+    assert "**mine**" in first["train.status"] and "**mine-2** (mine is taken)" in second["train.status"]
+    assert sorted(r["name"] for r in studio.registry.list()) == ["mine", "mine-2"]

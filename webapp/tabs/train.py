@@ -25,7 +25,7 @@ from ..render import text as shown_text
 from ..rundb import QueueFull, Submission
 from ..settings import max_lines, max_queue, max_steps
 from ..state import Studio
-from .train_checks import check_hardware, language_for_data, new_name, require_language
+from .train_checks import check_hardware, language_for_data, require_language
 
 BASE_MODELS = ["multilingual-e5-small", "minilm", "FacebookAI/xlm-roberta-base", "FacebookAI/xlm-roberta-large"]
 PRESETS = list(engine_presets.PRESETS)  # cpu-demo, paper-xlmr-base
@@ -277,13 +277,15 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
         p = engine_presets.preset(preset, kind)
         values.update({k_: p[k_] for k_ in ("save_steps", "logging_steps") if k_ in p})
     cfg = TrainConfig(kind=kind, **values)  # ConfigError -> inline message
-    name = new_name(studio, bounded(name, "run name", MAX_RUN_NAME)) or f"{cfg.language}-{kind}-{cfg.method}"
+    # a name another run has gets -2, -3… (in the queueing transaction): every run is found by its name
+    name = bounded(name, "run name", MAX_RUN_NAME) or f"{cfg.language}-{kind}-{cfg.method}"
     run_id = queue_run(studio, cfg, name)
     row = wait_until_started(studio, run_id)
     pos = studio.registry.queue_position(run_id)
     what = "started" if row["state"] == "running" else (f"queued (#{pos})" if pos else "queued")
     shown = shown_run(studio, row)
-    return {"train.status": ok(f"Run **{shown_text(row['name'])}** {what}. Progress appears on the right."),
+    renamed = f" ({shown_text(name)} is taken)" if row["name"] != name else ""
+    return {"train.status": ok(f"Run **{shown_text(row['name'])}**{renamed} {what}. Progress appears on the right."),
             "train.run_id": run_id, "train.progress": studio.progress(shown),
             "train.watch": gr.update(choices=run_choices(studio.registry.list()), value=shown["id"]),
             "train.stopping": ""}

@@ -1,6 +1,6 @@
 """What the Train tab settles before a run is queued: the language of the data (derived from the file name or
-asked for, never left over from the previous file), a run name no other run has, and whether this server's
-hardware can run the chosen preset."""
+asked for, never left over from the previous file) and whether this server's hardware can run the chosen
+preset."""
 from __future__ import annotations
 
 import re
@@ -9,7 +9,6 @@ from pathlib import PurePath
 from deftx_engine.errors import DeftxError
 
 from ..components import Updates, handler
-from ..render import text
 from ..state import Studio
 
 # a language code at the end of a file name: target_corpus_id.txt, wiki-sw.csv, hub:org/name#text (none)
@@ -43,15 +42,6 @@ def require_language(language: str | None, kind: str) -> str:
         raise DeftxError(f"which language is this data in? Set the Language field (the {what}, e.g. id, sw or en): "
                          "it is stored in the vector")
     return language
-
-
-def new_name(studio: Studio, name: str) -> str:
-    """A run name typed by the user, refused if another run has it (a run is found by its name in every list);
-    an empty name stays empty: the default name gets ``-2``, ``-3``… when it repeats (``RunDB.submit``)."""
-    if name and any(r["name"] == name for r in studio.registry.list()):
-        raise DeftxError(f"a run named {text(name)} exists already: choose another name (or leave the field empty "
-                         "for a new one)")
-    return name
 
 
 def has_gpu() -> bool:
