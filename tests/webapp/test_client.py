@@ -176,8 +176,8 @@ def test_analyze_spectrum_density_overlap(client, trained):
     assert "language vector (id)" in summary and "overlap with **task-en**" in summary and "Jaccard" in summary
     assert "  - embeddings: " in summary and "  - attention: " in summary  # the overlap per parameter group
     assert matrix["value"] in [c[1] for c in matrix["choices"]]
-    assert spectrum["visible"] is True
-    spectrum = spectrum["value"]
+    assert spectrum["visible"] is True and overlap["visible"] is True  # updates: hidden when there is nothing
+    spectrum, overlap = spectrum["value"], overlap["value"]
     for fig in (spectrum, density, overlap):
         assert fig["type"] == "plotly"
     assert "singular value" in spectrum["plot"] and "Jaccard" in overlap["plot"]
