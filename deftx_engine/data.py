@@ -213,7 +213,8 @@ def _default_column(src: Path | HubSource, column: str | None) -> str | None:
 def _read_text(path: Path, supported: tuple[str, ...], max_bytes: int) -> str:
     """The checks every file loader shares; returns the text without BOM and with '\\n' newlines."""
     if not path.exists():
-        raise DataError(f"{path} does not exist. Check the path (relative paths start from {Path.cwd()}).")
+        hint = "" if path.is_absolute() else f" (relative paths start from {Path.cwd()})"
+        raise DataError(f"{path} does not exist. Check the path{hint}.")
     if not path.is_file():
         raise DataError(f"{path} is not a file. Pass the path of a {', '.join(supported)} file.")
     if path.suffix.lower() not in supported:
@@ -302,7 +303,8 @@ def _csv_table(name: str, text: str, *, tsv: bool) -> _Table:
                 end = reader.line_num
                 spans = f" (the record runs on to line {end}; look for an unclosed quote)" if end > start else ""
                 raise DataError(
-                    f"{name} line {start} has {len(cells)} fields but the header has {len(header)}{spans}. "
+                    f"{name} line {start} has {len(cells)} field{'s' * (len(cells) != 1)} but the header has "
+                    f"{len(header)}{spans}. "
                     f"Fix the row{'' if tsv else ' or quote fields that contain commas'}."
                 )
             rows.append((f"{name} line {start}", dict(zip(header, cells))))

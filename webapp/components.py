@@ -44,10 +44,12 @@ def error_text(e: DeftxError) -> str:
     return e.render(lambda field: f"the {FIELD_LABELS.get(field, field.replace('_', ' ') + ' setting')}", "set")
 
 
-def handler(*outputs: str, status: int | None = 0, on_error: Updates | None = None) -> Callable:
+def handler(*outputs: str, status: int | None = 0,
+            on_error: Updates | Callable[[str], Updates] | None = None) -> Callable:
     """Declare a handler's outputs (component ids). ``outputs[status]`` is a status field (None: none): a
     ``DeftxError`` is shown there as is, any other exception as one line (its traceback, scrubbed, goes to the
-    log), with a toast; ``on_error`` gives more updates on failure (e.g. clearing a token field)."""
+    log), with a toast; ``on_error`` gives more updates on failure (e.g. clearing a token field), or makes them
+    from the message shown."""
 
     def deco(fn: Callable[..., Updates]) -> Callable[..., Updates]:
         if status is None:
@@ -66,7 +68,7 @@ def handler(*outputs: str, status: int | None = 0, on_error: Updates | None = No
                 first = (str(e).strip().splitlines() or [""])[0][:300]
                 msg = studio.pretty(f"unexpected error ({type(e).__name__}): {first}")
             gr.Warning(msg)
-            return {outputs[status]: err(msg), **(on_error or {})}
+            return {outputs[status]: err(msg), **((on_error(msg) if callable(on_error) else on_error) or {})}
 
         safe.outputs = outputs
         return safe

@@ -179,21 +179,36 @@ class FilePolicy:
             return spec, spec
         return str(self.check_path(spec)), self._short(Path(spec).name)
 
+    def _shown_roots(self) -> list[tuple[Path, str]]:
+        return [(self.home.resolve(), "DEFTX_HOME"), (EXAMPLES.resolve(), "examples"),
+                *((d, "DEFTX_DATA_DIRS") for d in self.read_roots[2:])]
+
     def shown_path(self, path: str | Path) -> str:
         """A server path as the page shows it: relative to DEFTX_HOME, the examples or a DEFTX_DATA_DIRS folder
-        (named by the variable), never absolute; other text (a Hub id, a hub: spec) is returned as is."""
+        (named by the variable), never absolute; other text (a Hub id, a hub: spec) is returned as is. Every path
+        the page holds is in this form, and ``server_path`` turns it back."""
         text = str(path)
         if not text.startswith("/"):
             return text
-        names = [(self.home.resolve(), "DEFTX_HOME"), (EXAMPLES.resolve(), "examples"),
-                 *((d, "DEFTX_DATA_DIRS") for d in self.read_roots[2:])]
-        for root, name in names:
+        for root, name in self._shown_roots():
             try:
                 rel = Path(text).relative_to(root)
             except ValueError:
                 continue
             return f"{name}/{rel}" if str(rel) != "." else name
         return Path(text).name
+
+    def server_path(self, spec: str) -> str | None:
+        """The server path of a path as ``shown_path`` shows it (``examples/x.csv``, ``DEFTX_HOME/uploads/…``,
+        ``DEFTX_DATA_DIRS/…``: the first such folder that has it), else None. Not checked: ``check_path`` is."""
+        head, _, rest = spec.partition("/")
+        roots = [root for root, name in self._shown_roots() if name == head]
+        candidates = [root / rest for root in roots]
+        return str(next((c for c in candidates if c.exists()), candidates[0])) if candidates else None
+
+    def shown_model(self) -> str:
+        """DEFTX_DEFAULT_MODEL as the page shows it (a local folder by ``shown_path``)."""
+        return self.shown_path(default_model())
 
     def check_base_model(self, name: str | None, where: str = "base model", *, local: bool = True,
                          reachable: bool = True) -> str:
@@ -203,8 +218,11 @@ class FilePolicy:
         paths may name (a vector pulled from the Hub may name none). Errors never say what a refused path
         holds."""
         name = bounded(name, where, 300) or default_model()
+        if name == self.shown_model():
+            name = default_model()
         if name in OFFLINE_MODELS or name == default_model():
             return name
+        name = self.server_path(name) or name
         looks_local = name.startswith(("/", ".", "~", "\\")) or ".." in name or name.count("/") > 1
         if not looks_local and HUB_ID.fullmatch(name) and not Path(name).exists():
             why = hub_model_available(name) if reachable else None
@@ -225,14 +243,15 @@ class FilePolicy:
         return str(real)
 
     def check_path(self, spec: str) -> Path:
-        """A typed local path must lie in DEFTX_HOME, the bundled examples, or a DEFTX_DATA_DIRS folder
-        (after resolving ``..`` and symlinks), and be a regular file or a folder (never a FIFO or device,
-        which could block a reader)."""
+        """A typed local path (or one as the page shows it: ``shown_path``) must lie in DEFTX_HOME, the bundled
+        examples, or a DEFTX_DATA_DIRS folder (after resolving ``..`` and symlinks), and be a regular file or a
+        folder (never a FIFO or device, which could block a reader)."""
         shown = self._short(spec)
         if "\0" in spec:
             raise DeftxError(f"{shown}: a path cannot contain a NUL byte")
         if len(spec) > 4096:
             raise DeftxError(f"{shown}: the path is too long")
+        spec = self.server_path(spec) or spec
         try:
             p = Path(spec).expanduser()
             if not p.is_absolute():

@@ -78,22 +78,44 @@ class JobRegistry(RunDB):
     # ---- cancelling ---------------------------------------------------------------------------------
     def cancel(self, run_id: str) -> str:
         """Queued: cancelled at once. Running: SIGTERM to its process group now, SIGKILL after ``grace``
-        seconds if it is still alive. Returns the state after the call."""
+        seconds if it is still alive. The other runs of its group (``submit_group``: the guided demo) are
+        cancelled with it: they stand or fall together. Returns the state of ``run_id`` after the call."""
         with self._transaction() as db:
             row = self._select(db, run_id)
             if row is None:
                 raise KeyError(str(run_id)[:80])
-            if row["state"] == "queued":
-                self._set(db, run_id, state="cancelled", finished=time.time(), message="cancelled before it started")
-                return "cancelled"
-            if row["state"] != "running":
+            if row["state"] not in ("queued", "running"):
                 return row["state"]
-            if row["cancel_requested"] is None:
-                self._set(db, run_id, cancel_requested=time.time(), message="stopping...")
-        if row["pid"] and is_alive(row["pid"], row["pid_start"]):
-            signal_group(row["pid"], signal.SIGTERM)
+            stopping = self._stop_rows(db, [row], "cancelled before it started")
+            if row["grp"]:
+                stopping += self._stop_rows(db, self._partners(db, row), f"cancelled with {row['name']}, the other "
+                                                                         "run of its group")
+        self._signal(stopping)
+        return "cancelled" if row["state"] == "queued" else "running"
+
+    def _partners(self, db, row: dict) -> list[dict]:
+        """The other runs of ``row``'s group that are queued or running."""
+        return [self._row(r) for r in db.execute("SELECT * FROM runs WHERE grp=? AND id!=? AND state IN "
+                                                 "('queued', 'running')", (row["grp"], row["id"]))]
+
+    def _stop_rows(self, db, rows: list[dict], queued_message: str) -> list[dict]:
+        """In a transaction: each queued row cancelled, each running row marked to stop; returns the running
+        rows, whose process groups get SIGTERM once the transaction is committed (``_signal``)."""
+        running = []
+        for row in rows:
+            if row["state"] == "queued":
+                self._set(db, row["id"], state="cancelled", finished=time.time(), message=queued_message)
+            elif row["state"] == "running":
+                if row["cancel_requested"] is None:
+                    self._set(db, row["id"], cancel_requested=time.time(), message="stopping...")
+                running.append(row)
+        return running
+
+    def _signal(self, running: list[dict]) -> None:
+        for row in running:
+            if row["pid"] and is_alive(row["pid"], row["pid_start"]):
+                signal_group(row["pid"], signal.SIGTERM)
         self._wake.set()
-        return "running"
 
     # ---- recovery -----------------------------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -239,6 +261,11 @@ class JobRegistry(RunDB):
             if cur is None or cur["state"] != "running":
                 return False
             self._set(db, row["id"], **changes)
+            # a run of a group that ends without its vector ends the group: its other runs would only cost time
+            stopping = self._stop_rows(db, self._partners(db, row), f"cancelled: {row['name']}, the other run of "
+                                                                    f"its group, is {state}") \
+                if row.get("grp") and state != "done" else []
+        self._signal(stopping)
         log.info("run %s: %s", row["id"], state)
         return True
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deftx_engine.constants import KINDS
@@ -41,16 +42,17 @@ CREATE TABLE IF NOT EXISTS runs (
     owner TEXT,
     cancel_requested REAL,
     exit_code INTEGER,
-    queued REAL
+    queued REAL,
+    grp TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_state ON runs(state, created);
 """
 MAX_ID_CHARS = 64  # ids are made by new_id (22 characters) or given by a caller
 COLUMNS = ("id", "name", "kind", "state", "created", "started", "finished", "pid", "run_dir", "config", "message",
            "phase", "step", "total_steps", "command", "vector_dir", "pid_start", "owner", "cancel_requested",
-           "exit_code", "queued")
+           "exit_code", "queued", "grp")
 # columns added after the first release: (name, type) added to an older registry file on open
-MIGRATIONS = (("queued", "REAL"),)
+MIGRATIONS = (("queued", "REAL"), ("grp", "TEXT"))
 # queue order: when a run was (re)queued; a resumed run waits behind the runs queued before it
 QUEUE_ORDER = "COALESCE(queued, created), rowid"
 RESUMABLE = ("interrupted", "cancelled", "failed")
@@ -58,6 +60,24 @@ RESUMABLE = ("interrupted", "cancelled", "failed")
 
 class QueueFull(Exception):
     """``submit`` / ``resume`` refused: ``max_queued`` runs are waiting already."""
+
+
+class GroupBusy(Exception):
+    """``submit_group`` refused: a group of that name is under way (its runs' ids in ``ids``)."""
+
+    def __init__(self, ids: list[str]):
+        super().__init__(f"runs {', '.join(ids)} are under way")
+        self.ids = ids
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One run to queue: its name, kind, the argv of its process (``{run_dir}`` is replaced by the run folder)
+    and the configuration the row holds and the run folder's ``config.json`` repeats."""
+    name: str
+    kind: str
+    command: Sequence[str]
+    config: dict = field(default_factory=dict)
 
 
 class RunDB:
@@ -163,32 +183,72 @@ class RunDB:
         return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
     def submit(self, name: str, kind: str, command: Sequence[str], *, config: dict | None = None,
-               run_id: str | None = None, max_queued: int | None = None) -> str:
+               run_id: str | None = None, max_queued: int | None = None, distinct: bool = False) -> str:
         """Queue a run. ``command`` is the argv of its process; ``{run_dir}`` in it is replaced by the
         run folder (``<home>/runs/<id>``), which is where the process must write ``status.json``. ``config`` is
         the row's and is written to the run folder as ``config.json`` (``RunDir.submitted_file``), which a
         training command reads (``--config``): the registry and the run hold one configuration.
         With ``max_queued``, ``QueueFull`` is raised if that many runs are waiting already (checked in the
-        same transaction as the insert, so concurrent sessions cannot overshoot it)."""
-        run_id = run_id or self.new_id()
-        run_dir = self.runs_root / run_id
-        argv = [str(a).replace("{run_dir}", str(run_dir)) for a in command]
+        same transaction as the insert, so concurrent sessions cannot overshoot it). With ``distinct``, a name
+        another run has gets ``-2``, ``-3``… (in the same transaction, so two sessions never share one)."""
+        return self.submit_group(None, [Submission(name, kind, command, config or {})], max_queued=max_queued,
+                                 distinct=distinct, run_ids=[run_id] if run_id else None)[0]
+
+    def submit_group(self, group: str | None, runs: Sequence[Submission], *, max_queued: int | None = None,
+                     distinct: bool = False, run_ids: Sequence[str] | None = None) -> list[str]:
+        """Queue ``runs`` together, in one transaction, as one instance of ``group`` (e.g. the guided demo's two
+        runs): ``GroupBusy`` if an instance of ``group`` is under way (a run of it running or queued and not
+        being stopped), checked in the same transaction as the inserts, so two sessions pressing at the same
+        moment queue one. The runs of an instance stand or fall together (``JobRegistry.cancel``). Returns the
+        run ids in the order of ``runs``; ``QueueFull`` if ``max_queued`` would be passed."""
+        stamp = self.new_id()
+        ids = list(run_ids or [])
+        ids += [self.new_id() for _ in range(len(runs) - len(ids))]
         with self._transaction() as db:
-            self._check_queue(db, max_queued)
-            write_json_atomic(RunDir(run_dir).submitted_file, config or {})
+            if group:
+                busy = self._group_rows(db, group, under_way=True)
+                if busy:
+                    raise GroupBusy([r["id"] for r in busy])
+            self._check_queue(db, max_queued, len(runs))
+            taken = {r[0] for r in db.execute("SELECT name FROM runs")} if distinct else set()
             now = time.time()
-            db.execute("INSERT INTO runs (id, name, kind, state, created, queued, run_dir, config, command, "
-                       "vector_dir) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                       (run_id, name, kind, now, now, str(run_dir), json.dumps(config or {}), json.dumps(argv),
-                        str(RunDir(run_dir).vector_dir)))
+            for run_id, sub in zip(ids, runs, strict=True):
+                run_dir = self.runs_root / run_id
+                argv = [str(a).replace("{run_dir}", str(run_dir)) for a in sub.command]
+                name, n = sub.name, 1
+                while name in taken:
+                    n += 1
+                    name = f"{sub.name}-{n}"
+                taken.add(name)
+                write_json_atomic(RunDir(run_dir).submitted_file, sub.config)
+                db.execute("INSERT INTO runs (id, name, kind, state, created, queued, run_dir, config, command, "
+                           "vector_dir, grp) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                           (run_id, name, sub.kind, now, now, str(run_dir), json.dumps(sub.config), json.dumps(argv),
+                            str(RunDir(run_dir).vector_dir), f"{group}:{stamp}" if group else None))
         self._wake.set()
-        return run_id
+        return ids
+
+    def group(self, group: str) -> list[dict]:
+        """The runs of the instance of ``group`` under way, else of its newest instance (in the order they were
+        queued); [] if there is none."""
+        with self._connect() as db:
+            return self._group_rows(db, group, under_way=True) or self._group_rows(db, group, under_way=False)
+
+    def _group_rows(self, db: sqlite3.Connection, group: str, *, under_way: bool) -> list[dict]:
+        where = "substr(grp, 1, ?) = ?"
+        if under_way:
+            where += " AND state IN ('running', 'queued') AND cancel_requested IS NULL"
+        found = db.execute(f"SELECT grp FROM runs WHERE {where} ORDER BY created DESC, rowid DESC LIMIT 1",
+                           (len(group) + 1, group + ":")).fetchone()
+        if found is None:
+            return []
+        return [self._row(r) for r in db.execute("SELECT * FROM runs WHERE grp=? ORDER BY rowid", (found[0],))]
 
     @staticmethod
-    def _check_queue(db: sqlite3.Connection, max_queued: int | None) -> None:
+    def _check_queue(db: sqlite3.Connection, max_queued: int | None, adding: int = 1) -> None:
         if max_queued is not None:
             waiting = db.execute("SELECT COUNT(*) FROM runs WHERE state='queued'").fetchone()[0]
-            if waiting >= max_queued:
+            if waiting + adding > max_queued:
                 raise QueueFull(f"{waiting} runs are waiting already (the limit is {max_queued})")
 
     def resume(self, run_id: str, *, max_queued: int | None = None) -> dict:

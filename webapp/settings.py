@@ -5,6 +5,7 @@ start (``check_settings``), so it stops the app with one line naming the variabl
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import importlib.util
 import os
@@ -184,10 +185,12 @@ def server_address() -> tuple[str, int]:
 
 
 def launch_kwargs(home: str | Path | None = None) -> dict:
-    """The launch() settings app.py uses: theme, CSS, upload limit, login (DEFTX_AUTH), and the only files
-    served: those the app writes for download (DEFTX_HOME/outputs). Uploads, run folders, vectors and the
-    registry are never served, and Gradio refuses any other path (and symlinks out of outputs/)."""
+    """The launch() settings app.py uses: theme, CSS, upload limit, login (DEFTX_AUTH, throttled per client and per
+    user: ``LoginThrottle``), and the only files served: those the app writes for download (DEFTX_HOME/outputs).
+    Uploads, run folders, vectors and the registry are never served, and Gradio refuses any other path (and
+    symlinks out of outputs/)."""
     import gradio as gr
+    from starlette.middleware import Middleware
 
     home = Path(home) if home else default_home()
     outputs = home / "outputs"
@@ -195,53 +198,104 @@ def launch_kwargs(home: str | Path | None = None) -> dict:
     return dict(theme=gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald", neutral_hue="slate"),
                 css=CSS_FILE.read_text(encoding="utf-8") if CSS_FILE.exists() else None,
                 allowed_paths=[str(outputs.resolve())], max_file_size=max(1, int(max_upload_mb() * 2 ** 20)),
-                show_error=False,
+                show_error=False, app_kwargs={"middleware": [Middleware(ClientAddress)]},
                 auth=LoginThrottle(pairs).login if (pairs := auth_from_env()) else None)
 
 
-class LoginThrottle:
-    """Gradio's login check for DEFTX_AUTH, throttled: after ``FAILURES`` wrong passwords for a user within
-    ``WINDOW`` seconds, every attempt for that user (even the right password) is refused for ``LOCK`` seconds,
-    doubling with each lock up to ``MAX_LOCK``; each wrong password also waits ``DELAY`` seconds (without
-    blocking the server). So 300 guesses in a second get 5 answers, not 300."""
+CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("deftx_client", default="")
 
-    FAILURES, WINDOW, LOCK, MAX_LOCK, DELAY = 5, 300.0, 30.0, 900.0, 0.5
+
+def client_of(scope: dict) -> str:
+    """Where an HTTP request comes from: the peer address; on a Space, whose proxy is the peer of every request,
+    the last X-Forwarded-For entry (the one that proxy added: a client cannot forge it)."""
+    peer = str((scope.get("client") or ("",))[0])
+    if on_space():
+        forwarded = [v for k, v in scope.get("headers", []) if k == b"x-forwarded-for"]
+        last = forwarded[-1].decode("latin-1").split(",")[-1].strip() if forwarded else ""
+        if last:
+            return last[:100]
+    return peer
+
+
+class ClientAddress:
+    """ASGI middleware: each HTTP request's client address in ``CLIENT`` while it is handled, for
+    ``LoginThrottle`` (Gradio's login check is given the user name and password only)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        token = CLIENT.set(client_of(scope))
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            CLIENT.reset(token)
+
+
+class LoginThrottle:
+    """Gradio's login check for DEFTX_AUTH, throttled so that guessing is slow and nobody can lock a user out:
+
+    - per client (``CLIENT``): after ``FAILURES`` wrong passwords within ``WINDOW`` seconds, every attempt from that
+      client (the right password too) is refused for ``LOCK`` seconds, doubling with each lock that follows
+      within ``WINDOW`` up to ``MAX_LOCK``: the source is slowed down, never the account;
+    - per user: each wrong password waits ``DELAY`` seconds (without blocking the server), doubling with each
+      failure beyond ``FAILURES`` for that user within ``WINDOW``, from any client, up to ``MAX_DELAY``; the right
+      password from a client that is not locked is accepted at once, however many guesses others made;
+    - a successful login clears the failures of that user and of that client, and the client's lock."""
+
+    FAILURES, WINDOW, LOCK, MAX_LOCK, DELAY, MAX_DELAY = 5, 300.0, 30.0, 900.0, 0.5, 8.0
+    TABLE = 10_000  # users / clients remembered: guessed names and forged addresses cannot grow the tables unbounded
 
     def __init__(self, pairs: list[tuple[str, str]], clock=time.monotonic):
         self.passwords = dict(pairs)
         self.clock = clock
         self._lock = threading.Lock()
-        self._failures: dict[str, list[float]] = {}  # user -> times of recent failures
-        self._locked: dict[str, tuple[float, float]] = {}  # user -> (locked until, length of that lock)
+        self._failures: dict[tuple[str, str], list[float]] = {}  # ("user"|"client", name) -> times of failures
+        self._locked: dict[str, tuple[float, float]] = {}  # client -> (locked until, length of that lock)
 
-    def check(self, username: str, password: str) -> bool:
-        """True for a right password of a user who is not locked out; records a failure otherwise."""
-        user = str(username)[:200]
+    def check(self, username: str, password: str, client: str = "") -> bool:
+        """True for a right password from a client that is not locked; records a failure otherwise."""
+        user, client = str(username)[:200], str(client)[:100]
         now = self.clock()
         with self._lock:
-            until, _ = self._locked.get(user, (0.0, 0.0))
+            until, _ = self._locked.get(client, (0.0, 0.0))
             if now < until:
                 return False
-            right = user in self.passwords and hmac.compare_digest(str(password).encode(),
-                                                                   self.passwords[user].encode())
-            if right:
-                self._failures.pop(user, None)
+            if user in self.passwords and hmac.compare_digest(str(password).encode(), self.passwords[user].encode()):
+                self._failures.pop(("user", user), None)
+                self._failures.pop(("client", client), None)
+                self._locked.pop(client, None)
                 return True
-            recent = [t for t in self._failures.get(user, []) if now - t < self.WINDOW] + [now]
-            self._failures[user] = recent
-            if len(recent) >= self.FAILURES:
-                length = min(self.MAX_LOCK, 2 * self._locked.get(user, (0.0, self.LOCK / 2))[1])
-                self._locked[user] = (now + length, length)
-                self._failures.pop(user, None)
-            while len(self._failures) > 10_000:  # guessed user names cannot grow the tables without bound
-                self._failures.pop(next(iter(self._failures)))
-            if len(self._locked) > 10_000:
-                self._locked = {u: v for u, v in self._locked.items() if v[0] > now}
+            self._fail(("user", user), now)
+            if len(self._fail(("client", client), now)) >= self.FAILURES:
+                last_until, last = self._locked.get(client, (0.0, 0.0))
+                length = min(self.MAX_LOCK, 2 * last) if last and now - last_until < self.WINDOW else self.LOCK
+                self._locked[client] = (now + length, length)
+                self._failures.pop(("client", client), None)
+            if len(self._locked) > self.TABLE:
+                self._locked = {c: v for c, v in self._locked.items() if now - v[0] < self.WINDOW}
             return False
 
+    def _fail(self, key: tuple[str, str], now: float) -> list[float]:
+        recent = [t for t in self._failures.pop(key, []) if now - t < self.WINDOW][-self.TABLE:] + [now]
+        self._failures[key] = recent  # (re)inserted last: the oldest entries go first
+        while len(self._failures) > self.TABLE:
+            self._failures.pop(next(iter(self._failures)))
+        return recent
+
+    def wait(self, username: str) -> float:
+        """Seconds the answer to a wrong password for ``username`` waits."""
+        now = self.clock()
+        with self._lock:
+            n = sum(now - t < self.WINDOW for t in self._failures.get(("user", str(username)[:200]), []))
+        return min(self.MAX_DELAY, self.DELAY * 2 ** max(0, n - self.FAILURES))
+
     async def login(self, username: str, password: str) -> bool:
-        """Gradio's ``auth`` callable (a coroutine function, so Gradio awaits it)."""
-        ok = self.check(username, password)
+        """Gradio's ``auth`` callable (a coroutine function, so Gradio awaits it); the client is ``CLIENT``, set by
+        ``ClientAddress``."""
+        ok = self.check(username, password, CLIENT.get())
         if not ok:
-            await asyncio.sleep(self.DELAY)
+            await asyncio.sleep(self.wait(username))
         return ok

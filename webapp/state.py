@@ -67,8 +67,9 @@ class Studio(FilePolicy):
 
     # ---- messages -------------------------------------------------------------------------------------
     def pretty(self, msg: str) -> str:
-        """A message for the page: stored upload paths replaced by the names the user uploaded, DEFTX_HOME
-        by its name, and anything shaped like a token removed. (Engine errors name settings in the app's words
+        """A message for the page: stored upload paths replaced by the names the user uploaded, DEFTX_HOME, the
+        examples and DEFTX_DATA_DIRS folders by their names (``shown_path``), and anything shaped like a token
+        removed. (Engine errors name settings in the app's words
         already: ``components.error_text``.)"""
         uploads = str(self.uploads)
 
@@ -76,7 +77,9 @@ class Studio(FilePolicy):
             return self.display_names.get(m.group(0), m.group(1))
 
         msg = re.sub(re.escape(uploads) + r"/([0-9a-f]{12}-[A-Za-z0-9._-]*)", shown, msg)
-        return scrub(msg.replace(str(self.home), "DEFTX_HOME"))
+        for root, name in sorted(self._shown_roots(), key=lambda r: -len(str(r[0]))):  # the deepest folder first
+            msg = msg.replace(str(root), name)
+        return scrub(msg)
 
     def progress(self, row: dict | None) -> str:
         """The progress card of a registry row (or of no run), and below it every other run running or queued,

@@ -216,7 +216,7 @@ def test_csv_ragged_row_names_line(tmp_path):
 
 def test_csv_unclosed_quote_is_pointed_out(tmp_path):
     path = write(tmp_path, "q.csv", 'text,label\n"satu,a\ndua,b\n')
-    with pytest.raises(DataError, match=r"q\.csv line 2 has 1 fields .*runs on to line 3; look for an unclosed quote"):
+    with pytest.raises(DataError, match=r"q\.csv line 2 has 1 field but .*runs on to line 3; look for an unclosed"):
         load_task_data(path)
 
 

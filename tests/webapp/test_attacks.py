@@ -227,7 +227,7 @@ def test_an_empty_base_model_is_the_default_and_start_names_it(studio, monkeypat
 
     assert studio.check_base_model("") == "multilingual-e5-small"
     monkeypatch.setenv("DEFTX_DEFAULT_MODEL", "minilm")
-    assert studio.check_base_model(None) == "minilm" and "`minilm`" in intro()
+    assert studio.check_base_model(None) == "minilm" and "`minilm`" in intro(studio)
 
 
 def tiny_vector(folder: Path, **meta) -> Path:
@@ -279,6 +279,18 @@ def test_a_vector_without_spectra_says_so_and_shows_no_empty_plot(studio, api):
     assert "pulled vector" in msg and spectrum["visible"] is False
 
 
+def test_comparing_a_vector_with_itself_says_so(studio, api):
+    """Once "Compare with" equal to the chosen vector gave an empty overlap chart and no word."""
+    fns = api(studio)
+    run_id = studio.registry.add_vector("pulled", "task", tiny_vector(studio.home / "vectors" / "pulled"))
+    msg, summary, *_, overlap, _ = fns["analyze"](run_id, None, run_id)
+    assert msg == "" and "same vector" in summary and "choose another" in summary, summary
+    assert overlap["visible"] is False and overlap["value"] is None
+    other = studio.registry.add_vector("other", "task", tiny_vector(studio.home / "vectors" / "other"))
+    *_, overlap, _ = fns["analyze"](run_id, None, other)
+    assert overlap["visible"] is True and overlap["value"] is not None
+
+
 EVIL = "<img src=http://evil.example/x.png>![y](http://evil.example/y.png)`"
 
 
@@ -328,10 +340,34 @@ def test_failed_logins_are_throttled(monkeypatch, tmp_path):
 
     now = [0.0]
     gate = LoginThrottle([("alice", "right")], clock=lambda: now[0])
-    answered = [gate.check("alice", f"guess{i}") for i in range(300)]
-    assert not any(answered) and gate.check("alice", "right") is False  # locked: even the right one waits
-    now[0] += LoginThrottle.LOCK + 1
-    assert gate.check("alice", "right") is True and gate.check("bob", "right") is False
+    answered = [gate.check("alice", f"guess{i}", "10.0.0.66") for i in range(300)]
+    assert not any(answered) and gate.check("alice", "right", "10.0.0.66") is False  # the guessing source waits
+    assert gate.check("bob", "right", "10.0.0.7") is False
+
+
+def test_a_login_throttle_slows_the_source_and_never_locks_the_account():
+    """Once the lock was per user name only: 5 wrong passwords from anyone locked a real user out (30 s doubling
+    to 15 min, never reset by a successful login), so about 20 requests an hour kept them out indefinitely."""
+    from webapp.settings import LoginThrottle as T
+
+    now = [0.0]
+    gate = T([("alice", "right")], clock=lambda: now[0])
+    for i in range(300):  # one guessing source: locked after FAILURES, its lock doubling while it goes on
+        gate.check("alice", f"guess{i}", "10.0.0.66")
+        now[0] += 1
+    assert gate.check("alice", "right", "10.0.0.66") is False
+    assert gate.check("alice", "right", "10.0.0.7") is True  # the account is not locked: its user logs in
+    assert gate.wait("alice") == T.DELAY  # ... and that cleared the user's failures
+    for _ in range(3):  # a user mistyping, then logging in: the success resets the client's count too
+        for _ in range(T.FAILURES - 1):
+            assert gate.check("alice", "typo", "10.0.0.7") is False
+        assert gate.check("alice", "right", "10.0.0.7") is True
+    many = [gate.check("alice", f"g{i}", f"10.1.{i // 250}.{i % 250}") for i in range(1000)]  # many sources
+    assert not any(many) and gate.wait("alice") == T.MAX_DELAY  # slowed, per user, from any source...
+    assert gate.check("alice", "right", "10.0.0.8") is True  # ...and never locked
+    now[0] += T.MAX_LOCK + 1
+    assert gate.check("alice", "right", "10.0.0.66") is True  # a source's lock ends
+    assert len(gate._failures) <= T.TABLE and len(gate._locked) <= T.TABLE + 1
 
 
 # ---- 15: every string bounded -----------------------------------------------------------------------
@@ -390,3 +426,37 @@ def test_scores_survive_their_run_being_deleted_meanwhile(studio, fake_model, ap
     monkeypatch.setattr(studio.registry, "add_metrics", delete_first)
     msg, *_ = api(studio)["evaluate"](run, None, None, str(f), "", "", "label")
     assert "unexpected error" not in msg and "macro-F1" in msg, msg
+
+
+def test_scores_survive_their_vectors_being_deleted_while_scored(studio, fake_model, api, monkeypatch):
+    """Session A scores a file with a task and a language vector; session B deletes the task run while A's
+    composed model is scoring: A gets both scores (once: "unknown run" when the task vector alone was built
+    after the composed model's scoring, and the scores computed were lost)."""
+    from deftx_engine import inference
+    from webapp.tabs import predict
+
+    task = task_run(studio)
+    lang_dir = studio.home / "vectors" / "lang"
+    lang_dir.mkdir(parents=True)
+    lang = studio.registry.add_vector("lang", "language", lang_dir, config={})
+
+    def resolving(studio, task_run, language_run, *a, **kw):  # the real one's look-ups, a stand-in model
+        studio.run_vector_dir(task_run, "task vector")
+        if language_run:
+            studio.run_vector_dir(language_run, "language vector")
+        return (None, None, ["negative", "positive"]), True
+
+    scores = inference.evaluate_task_data
+
+    def deleted_while_scoring(*a, **kw):
+        if studio.registry.get(task):
+            studio.registry.delete(task)
+        return scores(*a, **kw)
+
+    monkeypatch.setattr(predict, "composed", resolving)
+    monkeypatch.setattr(inference, "evaluate_task_data", deleted_while_scoring)
+    f = studio.home / "eval.csv"
+    f.write_text("text,label\ngood,positive\nbad,negative\n")
+    msg, *_ = api(studio)["evaluate"](task, lang, None, str(f), "", "", "label")
+    assert "unexpected error" not in msg and "task only" in msg and "macro-F1" in msg, msg
+    assert studio.registry.get(task) is None and "metrics" in studio.registry.get(lang)["config"]

@@ -174,6 +174,9 @@ def test_guided_demo_run(driver, app):
     tab(d, "Start")
     wait(d, lambda d: "held-out masked-token loss" in text_of(d, "#dx-demo-steps"), what="the held-out evidence")
     d.save_screenshot(str(ARTIFACTS / "webapp_guided_steps.png"))
+    d.refresh()  # a reload shows the finished demo with its score (once: an empty Start tab)
+    wait(d, lambda d: "task only" in text_of(d, "#dx-demo-steps"), timeout=60, what="the finished demo after a reload")
+    assert "The demo is done" in text_of(d, "#dx-demo-status") and "held-out" in text_of(d, "#dx-demo-steps")
 
 
 @pytest.fixture

@@ -45,12 +45,16 @@ def client(app):
     return Client(demo.local_url, verbose=False, download_files=str(app[1] / "client-downloads"))
 
 
+START = dict(kind="task", data=str(ASSETS / "source_task_en.csv"), language="en", name="", method="deftx",
+             rank_policy="energy", energy=0.9, rank=100, residual_share=0.05, k_percent=5, full_steps=2,
+             sparse_steps=2, epochs=1, lr=1e-3, batch_size=8, max_length=32, seed=1, text_column="", pair_column="",
+             label_column="label", preset="custom")
+
+
 def start(client, tiny_model, kind, data, steps=2, **kw):
-    args = dict(kind=kind, base_model=tiny_model, data=str(data), language="id" if kind == "language" else "en",
-                name=kw.pop("name", f"{kind}-test"), method="deftx", rank_policy="energy", energy=0.9, rank=100,
-                residual_share=0.05, k_percent=5, full_steps=steps, sparse_steps=steps, epochs=1, lr=1e-3,
-                batch_size=8, max_length=32, seed=1, text_column="", pair_column="", label_column="label",
-                preset="custom")
+    args = {**START, "kind": kind, "base_model": tiny_model, "data": str(data),
+            "language": "id" if kind == "language" else "en", "name": kw.pop("name", f"{kind}-test"),
+            "full_steps": steps, "sparse_steps": steps}
     args.update(kw)
     msg, run_id, _progress, _watch = client.predict(**args, api_name="/start_training")
     assert run_id, msg
@@ -172,8 +176,8 @@ def test_analyze_spectrum_density_overlap(client, trained):
     assert "language vector (id)" in summary and "overlap with **task-en**" in summary and "Jaccard" in summary
     assert "  - embeddings: " in summary and "  - attention: " in summary  # the overlap per parameter group
     assert matrix["value"] in [c[1] for c in matrix["choices"]]
-    assert spectrum["visible"] is True
-    spectrum = spectrum["value"]
+    assert spectrum["visible"] is True and overlap["visible"] is True  # updates: hidden when there is nothing
+    spectrum, overlap = spectrum["value"], overlap["value"]
     for fig in (spectrum, density, overlap):
         assert fig["type"] == "plotly"
     assert "singular value" in spectrum["plot"] and "Jaccard" in overlap["plot"]
@@ -302,3 +306,53 @@ def test_a_corpus_smaller_than_a_head_fit_batch_trains(client, tiny_model, n_lin
     run_id = start(client, tiny_model, "language", corpus, name=f"small-{n_lines}")
     st = wait_final(client, run_id, timeout=180)
     assert st["state"] == "done", st
+
+
+def test_no_server_path_on_the_page_or_in_responses(client, app, tiny_model):
+    """README: the page and the responses show DEFTX_HOME/…, examples/… or DEFTX_DATA_DIRS/…, never an absolute
+    path (once: the page config and the cpu-demo preset held the example files' server paths, and an example
+    file's error named it); a path in that form is a valid input."""
+    import json
+    import urllib.request
+
+    demo, home = app
+    server = [str(Path(__file__).resolve().parents[2]), str(home), str(Path(tiny_model).parent)]
+
+    def leaks(value) -> list[str]:
+        text = json.dumps(value, default=str)
+        return [s for s in server if s in text]
+
+    with urllib.request.urlopen(demo.local_url + "config", timeout=30) as r:
+        assert not leaks(json.load(r))
+    preset = client.predict("cpu-demo", "language", api_name="/apply_preset")
+    corpus = next(v for v in preset if isinstance(v, str) and v.endswith("target_corpus_id.txt"))
+    assert not leaks(preset) and corpus == "examples/target_corpus_id.txt", preset
+    said = client.predict("task", None, corpus, "", "", "label", api_name="/validate_data")
+    assert "dx-err" in said[0] and "target_corpus_id.txt" in said[0] and not leaks(said), said[0]
+    said = client.predict("corpus", None, "examples/none.txt", "", "", "label", api_name="/validate_data")
+    assert "does not exist" in said[0] and not leaks(said), said[0]
+    run_id = start(client, tiny_model, "language", corpus, name="shown-path")
+    assert client.predict(run_id, api_name="/cancel_run")
+
+
+def test_start_training_takes_a_source_language_vector_through_the_api(client, app, tiny_model):
+    """The source-language option was unusable through the API (its choices are filled per browser session:
+    "not in the list of choices"); now any run id is taken and checked by start_training."""
+    from deftx_engine.models import load_cls_model
+    from tiny import make_vector
+    from webapp.rundb import RunDB
+
+    _, home = app
+    reg = RunDB(home)
+    base = str(Path(tiny_model).resolve())
+    lang = reg.new_id()
+    make_vector(load_cls_model(base, ["negative", "neutral", "positive"]), kind="language",
+                base_model=base).save(reg.vectors_root / lang)
+    reg.add_vector("src-lang", "language", reg.vectors_root / lang, run_id=lang, config={"base_model": base})
+    run_id = start(client, tiny_model, "task", ASSETS / "source_task_en.csv", name="on-source",
+                   source_language_vector=lang)
+    assert reg.get(run_id)["config"]["source_language_vector"] == str(reg.vectors_root / lang)
+    client.predict(run_id, api_name="/cancel_run")
+    msg, run_id, *_ = client.predict(**{**START, "base_model": tiny_model, "source_language_vector": "nope"},
+                                     api_name="/start_training")
+    assert "dx-err" in msg and "unknown run" in msg and not isinstance(run_id, str)

@@ -119,7 +119,7 @@ def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatc
         assert st["state"] == "interrupted", st
 
         # ---- resume, then kill 2: phase 2, after the app itself went away
-        msg, _ = fns["resume_run"](victim)
+        msg, *_ = fns["resume_run"](victim)
         assert "continues from its last checkpoint" in msg, msg
         reg = app.registry
         row = reg.get(victim)
@@ -141,7 +141,7 @@ def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatc
         assert "resume" in st["message"]
 
         # ---- resume again: finishes, equal to the uninterrupted reference
-        msg, _ = fns["resume_run"](victim)
+        msg, *_ = fns["resume_run"](victim)
         assert "continues from its last checkpoint" in msg, msg
         reg = app.registry
         for rid in (reference, victim):
@@ -150,7 +150,7 @@ def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatc
         log = (run_dir / "log.txt").read_text(encoding="utf-8")
         assert "resumed: mask found, phase 1 skipped" in log
         assert not (run_dir / "phase1").exists(), "checkpoints are deleted once the vector is saved"
-        msg, _ = fns["resume_run"](victim)  # a finished run cannot be resumed: a message, not a crash
+        msg, *_ = fns["resume_run"](victim)  # a finished run cannot be resumed: a message, not a crash
         assert "done" in msg and "can be resumed" in msg
 
         a = SparseVector.load(Path(reg.get(reference)["vector_dir"]))

@@ -55,14 +55,101 @@ def test_progress_panel_shows_the_running_run_and_the_queue_and_follows_it(studi
     assert "running" in followed["train.progress"] and "second-run" in followed["train.progress"]
 
 
-def test_a_reloaded_page_follows_the_demo_and_a_second_demo_is_refused(studio):
+@pytest.fixture
+def idle(studio):
+    """The scheduler starts nothing: the demo's runs stay queued (their rows are what these tests need)."""
+    studio.registry._draining = True
+    return studio
+
+
+def test_a_reloaded_page_follows_the_demo_and_a_second_demo_is_refused(idle):
     from webapp.tabs import start
 
-    assert start.demo_reloaded(studio) == {}
-    ids = {kind: sleeper(studio, start.NAMES[kind]) for kind in ("language", "task")}
-    assert start.demo_reloaded(studio)["start.demo"] == ids
-    assert "already under way" in start.run_demo(studio)["start.status"]
-    assert len(studio.registry.list()) == 2  # nothing more queued
+    assert start.demo_reloaded(idle) == {}
+    ids = start.run_demo(idle)["start.demo"]
+    assert start.demo_reloaded(idle)["start.demo"] == ids
+    assert "already under way" in start.run_demo(idle)["start.status"]
+    assert len(idle.registry.list()) == 2  # nothing more queued
+
+
+def test_the_start_tab_follows_the_demo_not_the_runs_named_like_it(idle):
+    """Runs named like the demo's (a duplicate demo cancelled since, or a Train run so named) queued after it:
+    the Start tab still follows the demo, and a second demo is still refused (once: they hid it)."""
+    from webapp.tabs import start
+
+    ids = start.run_demo(idle)["start.demo"]
+    for kind in ids:
+        idle.registry.cancel(idle.registry.submit(start.NAMES[kind], kind, ["true"]))
+    assert start.demo_reloaded(idle)["start.demo"] == ids
+    assert "already under way" in start.run_demo(idle)["start.status"]
+
+
+def test_cancelling_one_demo_run_stops_the_demo_and_a_new_one_can_start(idle):
+    """Once, the other run trained on and "Run the demo" refused ("already under way") until it was cancelled
+    by hand."""
+    from webapp.tabs import start, train
+
+    ids = start.run_demo(idle)["start.demo"]
+    assert "cancelled" in train.cancel_run(idle, ids["language"])["train.status"]
+    assert idle.registry.get(ids["task"])["state"] == "cancelled"
+    assert "stopped" in start.demo_progress(idle, ids)["start.status"]
+    again = start.run_demo(idle)
+    assert "queued" in again["start.status"] and not set(again["start.demo"].values()) & set(ids.values())
+    assert start.demo_reloaded(idle)["start.demo"] == again["start.demo"]
+    assert {r["name"] for r in idle.registry.list()} == {"demo-id-language", "demo-en-task", "demo-id-language-2",
+                                                         "demo-en-task-2"}
+
+
+def test_a_reloaded_page_shows_a_finished_demo_and_its_score(idle):
+    """Once, a reload forgot a finished demo: an empty Start tab."""
+    from webapp.tabs import predict, start
+
+    ids = start.run_demo(idle)["start.demo"]
+    with idle.registry._transaction() as db:
+        db.execute("UPDATE runs SET state='done', phase='done'")
+    shown = start.demo_reloaded(idle)
+    assert shown["start.demo"]["finished"] and "done" in shown["start.status"] and "Score a labelled" in shown[
+        "start.status"]
+    assert start.demo_progress(idle, shown["start.demo"]) == {}  # nothing opens or is scored again
+    key = f"target_eval_id.csv ({predict.composition(ids['language'], 1.0, 'sum')})"
+    idle.registry.add_metrics(ids["task"], key, {"macro_f1": 0.933, "task_only_macro_f1": 0.9, "difference": 0.033})
+    steps = start.demo_reloaded(idle)["start.steps"]
+    assert "macro-F1 <b>0.933</b>; task only: <b>0.900</b>" in steps and steps.count("✔") >= 8
+
+
+def test_two_sessions_pressing_run_the_demo_at_once_queue_one_demo(tmp_path, monkeypatch, launch_app):
+    """Through the running app: two clients call run_demo at the same moment (both past any check before the
+    runs are queued); one demo is queued, the other session is told it is under way."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    monkeypatch.setenv("DEFTX_WARMUP", "0")
+    monkeypatch.setenv("DEFTX_DEFAULT_MODEL", str(make_tiny_model_dir(tmp_path / "tiny")))
+    demo, studio = launch_app(tmp_path / "home")
+    studio.registry._draining = True  # the rows are the point; nothing trains
+    both = threading.Barrier(2, timeout=20)
+    real = studio.check_base_model
+
+    def together(*a, **kw):
+        out = real(*a, **kw)
+        try:
+            both.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return out
+
+    monkeypatch.setattr(studio, "check_base_model", together)
+    try:
+        clients = [Client(demo.local_url, verbose=False) for _ in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            said = list(pool.map(lambda c: c.predict(api_name="/run_demo")[0], clients))
+        assert sorted("already under way" in s for s in said) == [False, True], said
+        assert len(studio.registry.list()) == 2
+    finally:
+        studio.registry.shutdown(cancel_running=True)
+        demo.close()
 
 
 def test_evidence_and_side_by_side_say_when_a_language_vector_hurts():

@@ -320,3 +320,38 @@ def test_a_run_marked_failed_has_no_live_writer_and_resume_never_starts_a_second
         holder.kill()
         holder.wait()
     assert reg.resume(rid)["state"] == "queued"
+
+
+# ---- groups: runs that stand or fall together (the guided demo; issue 20) ---------------------------------
+@pytest.mark.parametrize("how", ["cancel", "fail"])
+def test_a_group_stops_together(tmp_path, how):
+    """Two runs of one group running side by side: cancelling one, or one failing, stops the other (once it
+    trained on alone), and the group is no longer under way, so a new one may be queued at once."""
+    from webapp.rundb import GroupBusy, Submission
+
+    reg = JobRegistry(tmp_path, max_concurrent=2, poll=0.05, grace=1.0)
+    try:
+        first = fake("ok", 60) if how == "cancel" else [sys.executable, "-c", "import time, sys; time.sleep(1); "
+                                                                              "sys.exit(2)"]
+        a, b = reg.submit_group("g", [Submission("a", "language", first), Submission("b", "task", fake("ok", 60))])
+        with pytest.raises(GroupBusy):
+            reg.submit_group("g", [Submission("c", "task", ["true"])])
+        reg.start()
+        wait_for(lambda: reg.get(b)["step"] >= 1)
+        if how == "cancel":
+            assert reg.cancel(a) == "running"
+        assert reg.wait(a, timeout=15)["state"] == ("cancelled" if how == "cancel" else "failed")
+        assert reg.wait(b, timeout=15)["state"] == "cancelled"
+        assert [r["id"] for r in reg.group("g")] == [a, b]  # the newest instance, ended
+        c, = reg.submit_group("g", [Submission("c", "task", ["true"])])
+        assert [r["id"] for r in reg.group("g")] == [c]
+    finally:
+        reg.shutdown(cancel_running=True)
+
+
+def test_group_names_are_made_distinct_in_the_transaction(reg):
+    from webapp.rundb import Submission
+
+    ids = reg.submit_group(None, [Submission("x", "task", ["true"])] * 3, distinct=True)
+    assert [reg.get(i)["name"] for i in ids] == ["x", "x-2", "x-3"]
+    assert reg.get(reg.submit("x", "task", ["true"]))["name"] == "x"  # only when asked

@@ -143,7 +143,7 @@ def test_max_jobs_and_queue(tmp_path, clean_env, api):
         assert reg.get(second)["state"] == "running"
         msg, third, *_ = train(fns, base=tiny, full=500, sparse=500)  # waits as #1 again
         assert "queued (#1)" in msg, msg
-        msg, _ = fns["resume_run"](first)  # a resume is a start too: refused while the queue is full
+        msg, *_ = fns["resume_run"](first)  # a resume is a start too: refused while the queue is full
         refused(msg, "the queue is full")
         assert reg.get(first)["state"] == "cancelled"
     finally:

@@ -64,10 +64,33 @@ def test_a_file_that_fails_the_check_leaves_no_stale_preview(studio, tmp_path):
     bad.write_text("sentence\nhello\n", encoding="utf-8")
     out = data.validate_data(studio, "task", None, str(bad), "", "", "label")
     assert out["data.status"].startswith(ERR)
-    assert out["data.preview"] is None and out["data.chart"]["visible"] is False and out["data.source"] == ""
+    assert out["data.chart"]["visible"] is False and out["data.source"] == ""
+    assert list(out["data.preview"].columns) == ["what is wrong"] and "Text column" in out["data.preview"].iloc[0, 0]
     assert data.use_source(studio, "task", "", "", "", "label", "task") == {"data.use": ""}
     used = data.use_source(studio, "eval", str(bad), "sentence", "", "gold", "task")
     assert used["predict.textcol"] == "sentence" and used["predict.labelcol"] == "gold"
+
+
+def test_a_malformed_csv_preview_says_what_is_wrong_and_a_cleared_upload_is_checked_again(studio, tmp_path):
+    """Once a malformed CSV's preview was an empty table headed "1 2 3" ("1 fields"), and clearing an upload left
+    its ✔ result on screen."""
+    import os
+
+    from webapp.state import Studio
+    from webapp.tabs import data
+    from webapp.ui import build_app
+
+    bad = tmp_path / "data" / "bad.csv"
+    bad.write_text('text,label\n"unclosed,pos\nok,neg\n', encoding="utf-8")
+    out = data.validate_data(studio, "task", None, str(bad), "", "", "label")
+    preview = out["data.preview"]
+    assert list(preview.columns) == ["what is wrong"] and "line 2 has 1 field but" in preview.iloc[0, 0]
+    os.environ.setdefault("DEFTX_WARMUP", "0")
+    config = build_app(Studio(tmp_path / "home2")).get_config_file()
+    cleared = [d for d in config["dependencies"] if any(event == "clear" for _, event in d["targets"])]
+    assert [d["api_name"].startswith("validate_data") for d in cleared] == [True]  # the Data tab's upload
+    again = data.validate_data(studio, "task", None, "examples/source_task_en.csv", "", "", "label")  # file cleared
+    assert "source&#95;task" in again["data.status"] and again["data.source"] == "examples/source_task_en.csv"
 
 
 def test_new_training_data_brings_its_language_or_asks(studio, monkeypatch):
@@ -106,11 +129,33 @@ def test_picker_labels_are_short_and_runs_can_be_deleted(studio, task_run):
     out = runs.delete_run(studio, task_run)
     assert "deleted" in out["runs.status"] and studio.registry.get(task_run) is None
     assert not Path(folder).exists()
-    queued = studio.registry.submit("waiting", "language", ["true"])
-    for step in (runs.ask_delete, runs.delete_run):
-        msg = step(studio, queued)["runs.status"]
-        assert msg.startswith(ERR) and "cancel it first" in msg
-    assert studio.registry.get(queued) is not None
+
+
+@pytest.mark.parametrize("state", ["queued", "running"])
+def test_deleting_a_running_or_queued_run_cancels_it_first(studio, state):
+    """README: "a running or queued run is cancelled first" (once the app refused: "cancel it first")."""
+    import sys
+    import time
+
+    from webapp.tabs import runs
+
+    reg = studio.registry
+    reg.grace = 2.0
+    rid = reg.submit("going", "language", [sys.executable, "-c", "import time; time.sleep(60)"])
+    if state == "running":
+        reg.tick()
+        assert reg.get(rid)["state"] == "running"
+        pid = reg.get(rid)["pid"]
+    asked = runs.ask_delete(studio, rid)
+    assert asked["runs.confirm"]["visible"] and f"It is {state}: it is cancelled first" in asked["runs.question"]
+    out = runs.delete_run(studio, rid)
+    assert "deleted" in out["runs.status"] and reg.get(rid) is None
+    assert not Path(reg.runs_root / rid).exists()
+    if state == "running":
+        time.sleep(0.5)
+        from webapp.processes import is_alive
+
+        assert not is_alive(pid, None)
 
 
 def test_train_message_follows_the_started_run_to_its_end(studio):
@@ -142,3 +187,65 @@ def test_a_pulled_vector_is_named_by_its_repository(studio, task_run, monkeypatc
     monkeypatch.setattr(deftx_engine.hub, "pull_vector", fake_pull)
     hub.pull(studio, "someone/deftx-id-language", "", "", "", "")
     assert studio.registry.list()[0]["name"] == "someone/deftx-id-language"
+
+
+def test_path_boxes_after_an_upload_hold_no_server_path(studio, task_run, tmp_path):
+    """Once the Data tab's result put the upload's server path (/…/DEFTX_HOME/uploads/…) in the Train data box
+    and the Predict path box; now the page's form of it, which the handlers read back."""
+    import tempfile
+
+    from webapp.tabs import data, predict
+
+    upload = Path(tempfile.mkdtemp()) / "my eval.csv"  # where Gradio keeps an upload: the system temp folder
+    upload.write_text("text,label\nmakanan enak,pos\nburuk sekali,neg\n", encoding="utf-8")
+    source = data.validate_data(studio, "eval", str(upload), "", "", "", "label")["data.source"]
+    assert source.startswith("DEFTX_HOME/uploads/") and source.endswith("-my_eval.csv"), source
+    assert data.use_source(studio, "eval", source, "", "", "label", "task")["predict.spec"] == source
+    assert "macro-F1" in predict.evaluate_file(studio, task_run, "", None, source, "", "", "label")[
+        "predict.file_status"]
+    corpus = upload.with_name("corpus_id.txt")
+    corpus.write_text("satu dua tiga\nempat lima\n", encoding="utf-8")
+    source = data.validate_data(studio, "corpus", str(corpus), "", "", "", "label")["data.source"]
+    assert data.use_source(studio, "corpus", source, "", "", "label", "language")["train.data"] == source
+    assert source.startswith("DEFTX_HOME/uploads/")
+
+
+def test_a_stopping_message_does_not_outlive_the_stop(studio):
+    """Once "Stopping <run>" stayed on the Train tab after the next run had started."""
+    import sys
+    import time
+
+    from webapp.tabs import runs, train
+
+    reg = studio.registry
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    first, second = reg.submit("first", "language", sleep), reg.submit("second", "language", sleep)
+    reg.tick()
+    said = train.cancel_run(studio, first)
+    assert "Stopping" in said["train.status"] and said["train.stopping"] == first
+    shown = runs.poll(studio, first, "", "", None, first)
+    assert "train.status" not in shown  # still stopping: the message stays
+    end = time.time() + 20
+    while reg.get(second)["state"] != "running":
+        assert time.time() < end
+        reg.tick()
+        time.sleep(0.1)
+    tick = runs.poll(studio, first, shown["runs.watch_sig"], shown["runs.runs_sig"], None, first)
+    assert "first" in tick["train.status"] and "cancelled" in tick["train.status"], tick["train.status"]
+    assert "Stopping" not in tick["train.status"] and tick["train.stopping"] == ""
+    assert "train.status" not in runs.poll(studio, second, tick["runs.watch_sig"], tick["runs.runs_sig"], None, "")
+    reg.shutdown(cancel_running=True)
+
+
+def test_a_run_name_another_run_has_is_made_distinct(studio):
+    """Once two runs could share a name (every list shows runs by name)."""
+    from webapp.tabs import train
+
+    args = dict(kind="language", base_model="minilm", data="examples/target_corpus_id.txt", language="id",
+                name="mine", method="deftx", rank_policy="energy", energy=0.9, rank=10, residual_share=0.05,
+                k_percent=5, full_steps=1, sparse_steps=1, epochs=1, lr=1e-3, batch_size=8, max_length=32, seed=1,
+                text_column="", pair_column="", label_column="label", preset="custom", k_exact_value=None)
+    first = train.start_training(studio, **args)
+    second = train.start_training(studio, **args)
+    assert "**mine**" in first["train.status"] and "**mine-2** (mine is taken)" in second["train.status"]
+    assert sorted(r["name"] for r in studio.registry.list()) == ["mine", "mine-2"]

@@ -320,6 +320,27 @@ def test_auth_refuses_requests_without_a_login(launched, monkeypatch, tmp_path):
     assert Client(url, verbose=False, auth=("bob", "other")).predict(api_name="/list_runs")["headers"][0] == "run"
 
 
+def test_logins_are_throttled_per_client_through_the_app(launched, monkeypatch):
+    """Through the running app (on a Space, where the client is the proxy's X-Forwarded-For entry): a client
+    that guesses is refused, the real user from another address logs in."""
+    import httpx
+
+    from webapp.settings import LoginThrottle
+
+    monkeypatch.setenv("DEFTX_AUTH", "alice:right")
+    monkeypatch.setenv("SPACE_ID", "someone/space")
+    monkeypatch.setattr(LoginThrottle, "DELAY", 0.0)
+    demo, _ = launched()
+
+    def login(password, client):
+        return httpx.post(demo.local_url + "login", data={"username": "alice", "password": password},
+                          headers={"X-Forwarded-For": f"1.2.3.4, {client}"}, timeout=30).status_code
+
+    assert [login(f"guess{i}", "10.0.0.66") for i in range(LoginThrottle.FAILURES + 1)] == [400] * 6
+    assert login("right", "10.0.0.66") == 400
+    assert login("right", "10.0.0.7") == 200
+
+
 @pytest.mark.parametrize("value", ["alice", "alice:", ":pw", "alice:pw,", "alice:pw,bob"])
 def test_a_malformed_auth_setting_stops_the_app(value, monkeypatch, tmp_path, capsys):
     import app as app_module

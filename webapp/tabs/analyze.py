@@ -111,8 +111,11 @@ def analyze(studio: Studio, run_id, matrix, other_id) -> Updates:
         mat_update = gr.update(choices=list(records), value=matrix)
         spec_fig = gr.update(value=spectrum_figure(records[matrix], f"Spectrum: {matrix}"), visible=True)
     density = density_heatmap(vec.mask(), vec.shapes, f"Mask density: {row['name']}")
-    ov_fig = None
-    if other_id and other_id != run_id:
+    ov_fig = gr.update(value=None, visible=False)  # no empty chart without a second vector
+    if other_id and other_id == run_id:
+        lines.append("- overlap: *Compare with* is this same vector (it overlaps itself entirely); choose another "
+                     "vector there to compare the two masks")
+    elif other_id:
         other = studio.vector(studio.run_vector_dir(other_id, "vector to compare with"))
         orow = studio.registry.get(other_id)
         if other.meta.base_fingerprint != vec.meta.base_fingerprint:
@@ -120,7 +123,7 @@ def analyze(studio: Studio, run_id, matrix, other_id) -> Updates:
                              f"({studio.shown_path(vec.meta.base_model)} vs {studio.shown_path(other.meta.base_model)}"
                              "); their masks cannot be compared")
         o = overlap(vec.mask(), other.mask())
-        ov_fig = overlap_heatmap(o, f"{row['name']} (A) vs {orow['name']} (B)")
+        ov_fig = gr.update(value=overlap_heatmap(o, f"{row['name']} (A) vs {orow['name']} (B)"), visible=True)
         ov = o["overall"]
         lines.append(f"- overlap with **{text(orow['name'])}**: {ov['shared']:,} shared entries, "
                      f"Jaccard {ov['jaccard']:.3f} ({ov['share_of_a']:.1%} of A, {ov['share_of_b']:.1%} of B)")

@@ -17,6 +17,7 @@ CHECK_INPUTS = ["data.role", "data.file", "data.spec", "data.text", "data.pair",
 
 
 def layout(ui: UI) -> None:
+    shown = {role: ui.studio.shown_path(path) for role, path in EXAMPLE.items()}  # no server path on the page
     gr.Markdown("Check a file before training: the preview shows what the trainer will read, and "
                 "errors name the line and field to fix. The example files are preselected.",
                 elem_classes="dx-help")
@@ -27,7 +28,7 @@ def layout(ui: UI) -> None:
                              ("Labelled target-language evaluation data", "eval")],
                             value="corpus", label="What is this data?")
             file = gr.File(label="Upload a file", file_types=DATA_SUFFIXES, type="filepath", height=110)
-            spec = gr.Textbox(str(EXAMPLE["corpus"]), label="…or a path / Hub dataset",
+            spec = gr.Textbox(shown["corpus"], label="…or a path / Hub dataset",
                               info=".txt, .csv, .tsv or .jsonl; hub:org/name[:config][@split][#column] "
                                    "loads a Hub split")
             with gr.Accordion("Columns", open=False):
@@ -41,18 +42,24 @@ def layout(ui: UI) -> None:
             chart = gr.Plot(label="Label distribution", visible=False, show_label=False)
     use = gr.Markdown(elem_classes="dx-help")
     ui.add("data", role=role, file=file, spec=spec, text=text, pair=pair, label=label, check=check, status=status,
-           preview=preview, chart=chart, use=use, source=gr.State(str(EXAMPLE["corpus"])),
-           corpus=gr.State({"data": str(EXAMPLE["corpus"]), "text": "", "pair": "", "label": "label"}),
-           task=gr.State({"data": str(EXAMPLE["task"]), "text": "", "pair": "", "label": "label"}))
+           preview=preview, chart=chart, use=use, source=gr.State(shown["corpus"]),
+           corpus=gr.State({"data": shown["corpus"], "text": "", "pair": "", "label": "label"}),
+           task=gr.State({"data": shown["task"], "text": "", "pair": "", "label": "label"}))
 
 
-# a file that fails the check leaves no preview, chart or "the Train tab will use this file" of the last one
-STALE = {"data.preview": None, "data.chart": gr.update(value=None, visible=False), "data.source": ""}
+def failed_check(msg: str) -> Updates:
+    """A file that fails the check leaves no preview, chart or "the Train tab will use this file" of the last one;
+    the preview says what is wrong (not an empty table headed 1 2 3)."""
+    import pandas as pd
+
+    return {"data.preview": pd.DataFrame({"what is wrong": [msg]}), "data.chart": gr.update(value=None, visible=False),
+            "data.source": ""}
 
 
-@handler("data.status", "data.preview", "data.chart", "data.source", on_error=STALE)
+@handler("data.status", "data.preview", "data.chart", "data.source", on_error=failed_check)
 def validate_data(studio: Studio, role, file, spec, text_column, pair_column, label_column) -> Updates:
-    """Check a corpus / task file; returns (message, preview table, label chart, source used)."""
+    """Check a corpus / task file; returns (message, preview table, label chart, source used: as the page shows
+    paths, ``shown_path``)."""
     import pandas as pd
 
     source, shown = studio.resolve_source(file, spec)
@@ -67,7 +74,7 @@ def validate_data(studio: Studio, role, file, spec, text_column, pair_column, la
         msg = ok(f"**{shown_text(shown)}**: {d['n_lines']:,} lines, {d['n_chars']:,} characters, "
                  f"{d['mean_words']} words per line on average. Used for language SFTs.")
         return {"data.status": msg, "data.preview": df, "data.chart": gr.update(value=None, visible=False),
-                "data.source": source}
+                "data.source": studio.shown_path(source)}
     td = load_task_data(source, text_column=text_column, pair_column=pair_column, label_column=label_column,
                         max_rows=limit)
     d = describe_task(td)
@@ -81,13 +88,14 @@ def validate_data(studio: Studio, role, file, spec, text_column, pair_column, la
     msg = ok(f"**{shown_text(shown)}**: {d['n_rows']:,} {'sentence pairs' if td.is_pair else 'texts'}, "
              f"{len(counts)} labels ({', '.join(names)}). Used for {use}.")
     return {"data.status": msg, "data.preview": pd.DataFrame(cols),
-            "data.chart": gr.update(value=label_bar(counts, "Label distribution"), visible=True), "data.source": source}
+            "data.chart": gr.update(value=label_bar(counts, "Label distribution"), visible=True),
+            "data.source": studio.shown_path(source)}
 
 
 @handler("data.spec", "data.file", status=None)
 def role_changed(studio: Studio, role) -> Updates:
     """A new role preselects its example file."""
-    return {"data.spec": str(EXAMPLE[role]), "data.file": None}
+    return {"data.spec": studio.shown_path(EXAMPLE[role]), "data.file": None}
 
 
 @handler("train.data", "train.textcol", "train.paircol", "train.labelcol", "predict.spec", "data.use",
@@ -120,6 +128,8 @@ def remember(studio: Studio, role, source, text_column, pair_column, label_colum
 def wire(ui: UI) -> None:
     ui.on(ui["data.check"].click, validate_data, CHECK_INPUTS, api_name="validate_data")
     ui.on(ui["data.file"].upload, validate_data, CHECK_INPUTS, api_visibility="private")
+    # a cleared upload: the form names the typed path again, so its check replaces the upload's result
+    ui.on(ui["data.file"].clear, validate_data, CHECK_INPUTS, api_visibility="private")
     changed = ui.on(ui["data.role"].change, role_changed, ["data.role"], api_visibility="private")
     ui.on(changed.then, validate_data, CHECK_INPUTS, api_visibility="private")
     checked = ["data.role", "data.source", "data.text", "data.pair", "data.label"]

@@ -107,7 +107,7 @@ def pull(studio: Studio, source, base_model, kind, language, token="",
     if not source:
         raise DeftxError("give a Hub repository id (owner/name) or a folder")
     local = Path(source).expanduser()
-    if local.is_absolute() or source.startswith((".", "~")) or local.exists():
+    if studio.server_path(source) or local.is_absolute() or source.startswith((".", "~")) or local.exists():
         source = str(studio.check_path(source))
     elif not REPO_ID.fullmatch(source):
         raise DeftxError(f"{source[:100]!r} is neither an existing folder nor a Hub repository id (owner/name)")

@@ -52,7 +52,7 @@ def layout(ui: UI) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             file = gr.File(label="Upload a file", file_types=DATA_SUFFIXES, type="filepath", height=110)
-            spec = gr.Textbox(str(EXAMPLE["eval"]), label="…or a path / Hub dataset")
+            spec = gr.Textbox(ui.studio.shown_path(EXAMPLE["eval"]), label="…or a path / Hub dataset")
             with gr.Accordion("Columns of this file", open=False):  # this tab's own: the Data tab's never apply
                 with gr.Row():
                     textcol = gr.Textbox("", label=FIELD_LABELS["text_column"], placeholder="auto")
@@ -195,12 +195,14 @@ def evaluate_file(studio: Studio, task_run, language_run, file, spec, text_colum
     td = load_task_data(source, text_column=(text_column or "").strip() or None,
                         pair_column=(pair_column or "").strip() or None,
                         label_column=(label_column or "").strip() or "label", label_names=names, max_rows=max_lines())
+    # the task vector alone is built before anything is scored: a run deleted meanwhile by another session
+    # (its folder gone) then costs no score computed
+    task_only = composed(studio, task_run, None)[0] if language_run else None
     alone = None
     with scoring(studio, request) as stop:
         m = evaluate_task_data(model, tok, td, stop=stop)
-        if language_run:
-            (model0, tok0, _), _ = composed(studio, task_run, None)
-            alone = evaluate_task_data(model0, tok0, td, stop=stop)
+        if task_only:
+            alone = evaluate_task_data(task_only[0], task_only[1], td, stop=stop)
     name = Path(shown).name
     summary = {"macro_f1": round(m["macro_f1"], 4), "accuracy": round(m["accuracy"], 4), "n": m["n"]}
     if alone:  # recorded with its composition, beside the task vector's own score (shown in the model cards)

@@ -16,6 +16,7 @@ from ..render import err, ok, run_choices
 from ..render import text as shown_text
 from ..state import Studio
 
+ACTIVE = ("running", "queued")
 STATUS_OUTPUTS = ("train.progress", "train.loss", "train.log", "train.details", "runs.watch_sig")
 
 
@@ -103,14 +104,16 @@ def list_runs(studio: Studio) -> Updates:
     return {"runs.table": studio.runs_table()}
 
 
-@handler(*STATUS_OUTPUTS, "runs.table", "train.watch", "runs.runs_sig", "train.status", status=None)
-def poll(studio: Studio, run_id, sig, rsig, started=None) -> Updates:
+@handler(*STATUS_OUTPUTS, "runs.table", "train.watch", "runs.runs_sig", "train.status", "train.stopping",
+         status=None)
+def poll(studio: Studio, run_id, sig, rsig, started=None, stopping=None) -> Updates:
     """Timer tick: the shown run's progress and, when the set of runs changed, the tables/lists. When the shown
-    run ends while others run or wait, the panel follows the next one (the one running, else the first queued)."""
+    run ends while others run or wait, the panel follows the next one (the one running, else the first queued).
+    The Train tab's "Stopping …" is replaced once that run has stopped."""
     follow = next_active(studio) if ended(studio, run_id, sig) else None
     if follow:
         run_id, sig = follow, ""
-    out = status_of(studio, run_id, sig)
+    out = {**status_of(studio, run_id, sig), **stopped_outcome(studio, stopping)}
     rows = studio.registry.list()
     new_rsig = json.dumps([(r["id"], r["state"], r["step"], r["message"]) for r in rows])
     if new_rsig == rsig and not follow:
@@ -120,7 +123,19 @@ def poll(studio: Studio, run_id, sig, rsig, started=None) -> Updates:
         watch = gr.update(choices=run_choices(rows), value=run_id or rows[0]["id"])
     outcome = started_outcome(studio, rows, started, rsig)  # the Train tab's "Run … started" does not outlive the run
     return {**out, "runs.table": studio.runs_table(), "train.watch": watch, "runs.runs_sig": new_rsig,
-            **({"train.status": outcome} if outcome else {})}
+            **({"train.status": outcome} if outcome and "train.stopping" not in out else {})}
+
+
+def stopped_outcome(studio: Studio, stopping: str | None) -> Updates:
+    """The Train tab's message once the run it said was stopping has stopped (or is gone); {} before."""
+    if not stopping:
+        return {}
+    row = studio.registry.get(stopping)
+    if row is not None and row["state"] in ACTIVE:
+        return {}
+    said = f"Run **{shown_text(row['name'])}** {row['state']}." if row else ""
+    return {"train.status": ok(said) if row and row["state"] in ("cancelled", "done") else said,
+            "train.stopping": ""}
 
 
 def started_outcome(studio: Studio, rows: list[dict], started: str | None, rsig: str | None) -> str | None:
@@ -142,28 +157,37 @@ def started_outcome(studio: Studio, rows: list[dict], started: str | None, rsig:
 
 @handler("runs.confirm", "runs.question", "runs.status", status=2)
 def ask_delete(studio: Studio, run_id) -> Updates:
-    """Delete, step 1: say what goes (the run and its folder) and ask; a running or queued run must be cancelled
-    first."""
+    """Delete, step 1: say what goes (the run and its folder; a running or queued run is cancelled first) and
+    ask."""
     row = studio.registry.get(run_id) if run_id else None
     if row is None:
         raise DeftxError("choose the run to delete")
-    if row["state"] in ("running", "queued"):
-        raise DeftxError(f"run {row['name']} is {row['state']}: cancel it first (Train tab, Cancel)")
+    first = (f" It is {row['state']}: it is cancelled first"
+             + (" (with the other run of its group)" if row["grp"] else "") + "." if row["state"] in ACTIVE else "")
     return {"runs.confirm": gr.update(visible=True), "runs.status": "",
             "runs.question": f"Delete **{shown_text(row['name'])}** ({row['kind']}, {row['state']}) with its folder "
-                             "and vector? This cannot be undone."}
+                             f"and vector?{first} This cannot be undone."}
 
 
 @handler("runs.status", "runs.confirm", "runs.table", "runs.pick", "train.watch")
 def delete_run(studio: Studio, run_id) -> Updates:
-    """Delete, step 2: remove a finished run's registry row and its folder (vector, checkpoints, log)."""
+    """Delete, step 2: remove a run's registry row and its folder (vector, checkpoints, log); a running or queued
+    run is cancelled first, and deleted once it has stopped (within the cancel's grace period)."""
+    reg = studio.registry
+    row = reg.get(run_id) if run_id else None
+    if row is not None and row["state"] in ACTIVE:
+        reg.cancel(run_id)
+        try:
+            reg.wait(run_id, timeout=reg.grace + 10)
+        except TimeoutError:
+            raise DeftxError(f"run {row['name']} is still stopping; delete it once it has stopped") from None
     try:
-        row = studio.registry.delete(run_id or "")
+        row = reg.delete(run_id or "")
     except KeyError:
         raise DeftxError(f"unknown run {str(run_id)[:80]!r}; refresh the page") from None
-    except ValueError as e:
+    except ValueError as e:  # resumed by another session meanwhile
         raise DeftxError(f"{e} (Train tab, Cancel)") from None
-    rows = studio.registry.list()
+    rows = reg.list()
     return {"runs.status": ok(f"Run **{shown_text(row['name'])}** and its folder deleted."),
             "runs.confirm": gr.update(visible=False), "runs.table": studio.runs_table(),
             "runs.pick": gr.update(choices=run_choices(rows), value=None),
@@ -220,6 +244,7 @@ def wire(ui: UI) -> None:
     ui.on(ui["runs.delete"].click, ask_delete, ["runs.pick"], api_visibility="private")
     ui.on(ui["runs.yes"].click, delete_run, ["runs.pick"], api_name="delete_run")
     ui.on(ui["runs.keep"].click, keep_run, api_visibility="private")
-    ui.on(ui["train.timer"].tick, poll, ["train.watch", "runs.watch_sig", "runs.runs_sig", "train.run_id"],
+    ui.on(ui["train.timer"].tick, poll, ["train.watch", "runs.watch_sig", "runs.runs_sig", "train.run_id",
+                                         "train.stopping"],
           api_visibility="private",
           show_progress="hidden", queue=False)

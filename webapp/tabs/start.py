@@ -17,20 +17,21 @@ from deftx_engine.runs import RunDir
 from .. import EXAMPLE, EXAMPLE_LANG
 from ..components import UI, Updates, handler
 from ..render import PHASES, STATE_COLORS, evidence_html, ok, run_choices
-from ..settings import default_model, max_lines
+from ..rundb import GroupBusy, QueueFull
+from ..settings import default_model, max_lines, max_queue
 from ..state import Studio
-from .predict import evaluate_file
-from .train import queue_run
+from .predict import composition, evaluate_file, side_by_side
+from .train import job, queue_full
 
 
-def intro() -> str:
+def intro(studio: Studio) -> str:
     """The Start tab's opening text, naming the base model the demo will use (DEFTX_DEFAULT_MODEL)."""
     return ("**New here?** One click trains the two vectors of a cross-lingual transfer and scores the result: a "
             "**language** SFT on 400 unlabelled Indonesian sentences, a **task** SFT on 300 labelled English "
             "sentiment sentences, then θ0 + φ_task + φ_language classifies Indonesian test sentences. It uses the "
-            f"`cpu-demo` preset on `{default_model()}`: a few minutes on 2 CPU cores for the offline default, plus a "
-            "one-time build of the model and fit of its MLM head (each a few minutes, cached). Your own data and "
-            "settings: the **Data** and **Train** tabs.")
+            f"`cpu-demo` preset on `{studio.shown_model()}`: a few minutes on 2 CPU cores for the offline default, "
+            "plus a one-time build of the model and fit of its MLM head (each a few minutes, cached). Your own data "
+            "and settings: the **Data** and **Train** tabs.")
 # the steps of each run, in order, as status.json phases (a base with its own MLM head skips the head fit)
 STEPS = {"language": [("head-fit", "fit the MLM head (once per base model and text; cached)"),
                       ("full", PHASES["full"]), ("denoise", PHASES["denoise"]), ("sparse", PHASES["sparse"])],
@@ -38,11 +39,14 @@ STEPS = {"language": [("head-fit", "fit the MLM head (once per base model and te
 TITLES = {"language": "Language SFT on Indonesian text (target_corpus_id.txt, unlabelled)",
           "task": "Task SFT on English sentiment data (source_task_en.csv, labelled)"}
 ORDER = ["head-fit", "full", "denoise", "sparse", "save", "done"]
-NAMES = {kind: f"demo-{EXAMPLE_LANG[kind]}-{kind}" for kind in KINDS}  # the demo's runs, as the registry names them
+NAMES = {kind: f"demo-{EXAMPLE_LANG[kind]}-{kind}" for kind in KINDS}  # the demo's runs' names (-2, -3… added)
+DEMO = "demo"  # the registry group of the demo's runs (RunDB.submit_group)
+STOPPED = ("The demo stopped: a run did not finish (see its step below, and the Train tab's log). Press **Run the "
+           "demo** to try again.")
 
 
 def layout(ui: UI) -> None:
-    gr.Markdown(intro(), elem_classes="dx-help")
+    gr.Markdown(intro(ui.studio), elem_classes="dx-help")
     with gr.Row():
         run = gr.Button("▶ Run the demo", variant="primary", elem_id="dx-demo", scale=0, min_width=220)
         status = gr.Markdown(elem_classes="dx-status", elem_id="dx-demo-status")
@@ -52,23 +56,23 @@ def layout(ui: UI) -> None:
 
 @handler("start.status", "start.steps", "start.demo", "train.watch")
 def run_demo(studio: Studio) -> Updates:
-    """Queue the demo's language SFT and task SFT (cpu-demo preset, default base model, example files); returns
-    (message, steps, the demo's run ids, the Train tab's shown run)."""
-    if current_demo(studio):
-        raise DeftxError("the demo is already under way: its steps are below (cancel its runs in the Train tab to "
-                         "start again)")
+    """Queue the demo's language SFT and task SFT (cpu-demo preset, default base model, example files) as one
+    group: refused while a demo is under way (checked in the transaction that queues them, so two sessions
+    pressing at once queue one demo); returns (message, steps, the demo's run ids, the Train tab's shown run)."""
     base = studio.check_base_model(default_model())
-    ids: dict[str, str] = {}
+    runs = []
+    for kind, role in (("language", "corpus"), ("task", "task")):
+        cfg = resolve(kind, preset_name="cpu-demo", values={"data": str(EXAMPLE[role]), "base_model": base,
+                                                            "language": EXAMPLE_LANG[kind], "max_lines": max_lines()})
+        runs.append(job(cfg, NAMES[kind]))
     try:
-        for kind, role in (("language", "corpus"), ("task", "task")):
-            cfg = resolve(kind, preset_name="cpu-demo", values={"data": str(EXAMPLE[role]), "base_model": base,
-                                                                "language": EXAMPLE_LANG[kind],
-                                                                "max_lines": max_lines()})
-            ids[kind] = queue_run(studio, cfg, NAMES[kind])
-    except Exception:
-        for run_id in ids.values():  # never half a demo: the language run alone would only cost time
-            studio.registry.cancel(run_id)
-        raise
+        ids = dict(zip(("language", "task"), studio.registry.submit_group(DEMO, runs, max_queued=max_queue(),
+                                                                          distinct=True), strict=True))
+    except GroupBusy:
+        raise DeftxError("the demo is already under way: its steps are below (cancel one of its runs in the Train "
+                         "tab to stop it)") from None
+    except QueueFull as e:
+        raise DeftxError(queue_full(e)) from None
     rows = studio.registry.list()
     return {"start.status": ok("The demo is queued: the two runs below train one after the other. Predict opens "
                                "when both are done."),
@@ -76,23 +80,54 @@ def run_demo(studio: Studio) -> Updates:
             "train.watch": gr.update(choices=run_choices(rows), value=ids["language"])}
 
 
-def current_demo(studio: Studio) -> dict[str, str] | None:
-    """The run ids of a demo under way (the newest demo runs, one of them running or queued), else None."""
-    rows = studio.registry.list()
-    newest = {kind: next((r for r in rows if r["name"] == NAMES[kind]), None) for kind in KINDS}
-    if all(newest.values()) and any(r["state"] in ("running", "queued") for r in newest.values()):
-        return {kind: r["id"] for kind, r in newest.items()}
-    return None
+def current_demo(studio: Studio) -> tuple[dict[str, str], str] | None:
+    """(the run ids of the demo, its state): the demo under way, else the newest one ("done" when both vectors
+    are, else "stopped"); None if there is none, or a run of it was deleted. The demo's runs are found by their
+    group in the registry, never by their names (a Train run may be named like them)."""
+    rows = studio.registry.group(DEMO)
+    ids = {r["kind"]: r["id"] for r in rows}
+    if set(ids) != set(KINDS) or len(rows) != len(KINDS):
+        return None
+    states = {r["state"] for r in rows}
+    if states == {"done"}:
+        return ids, "done"
+    if states & {"running", "queued"} and not states & {"failed", "cancelled", "interrupted"}:
+        return ids, "under way"
+    return ids, "stopped"
 
 
 @handler("start.demo", "start.steps", "start.status", status=None)
 def demo_reloaded(studio: Studio) -> Updates:
-    """A page opened (or reloaded) while the demo runs follows it, as the page that started it does."""
-    ids = current_demo(studio)
-    if not ids:
+    """A page opened (or reloaded) shows the demo as the page that started it does: one under way is followed,
+    a finished one shows its steps and the score recorded for it."""
+    found = current_demo(studio)
+    if not found:
         return {}
-    return {"start.demo": ids, "start.steps": steps_html(studio, ids),
-            "start.status": ok("The demo is under way: Predict opens when both runs are done.")}
+    ids, state = found
+    if state == "under way":
+        return {"start.demo": ids, "start.steps": steps_html(studio, ids),
+                "start.status": ok("The demo is under way: Predict opens when both runs are done.")}
+    if state == "stopped":
+        return {"start.demo": {**ids, "finished": True}, "start.steps": steps_html(studio, ids),
+                "start.status": STOPPED}
+    score = recorded_score(studio, ids)
+    return {"start.demo": {**ids, "finished": True}, "start.steps": steps_html(studio, ids, score),
+            "start.status": ok("The demo is done: its two vectors are in the Predict tab" +
+                               ("." if score else "; score the example file there (Score a labelled file)."))}
+
+
+def recorded_score(studio: Studio, demo: dict) -> str:
+    """The example file's score recorded for the demo's vectors (task + language vector beside the task vector
+    alone), in Predict's words; "" if it was not scored."""
+    row = studio.registry.get(demo["task"])
+    key = f"{EXAMPLE['eval'].name} ({composition(demo['language'], 1.0, 'sum')})"
+    both = (row["config"].get("metrics") or {}).get(key) if row else None
+    if not isinstance(both, dict) or "task_only_macro_f1" not in both:
+        return ""
+    try:
+        return side_by_side({"macro_f1": float(both["macro_f1"])}, {"macro_f1": float(both["task_only_macro_f1"])})
+    except (TypeError, ValueError):
+        return ""
 
 
 @handler("start.steps", "start.demo", "start.status", "app.tabs", "predict.task", "predict.lang",
@@ -105,9 +140,7 @@ def demo_progress(studio: Studio, demo) -> Updates:
     rows = {kind: studio.registry.get(demo[kind]) for kind in KINDS}
     out = {"start.steps": steps_html(studio, demo)}
     if any(r is None or r["state"] in ("failed", "cancelled", "interrupted") for r in rows.values()):
-        return {**out, "start.demo": {**demo, "finished": True},
-                "start.status": "The demo stopped: a run did not finish (see its step below, and the Train tab's "
-                                "log). Press **Run the demo** to try again."}
+        return {**out, "start.demo": {**demo, "finished": True}, "start.status": STOPPED}
     if any(r["state"] != "done" for r in rows.values()):
         return out
     langs = studio.vector_runs("language")
@@ -117,7 +150,7 @@ def demo_progress(studio: Studio, demo) -> Updates:
             "app.tabs": gr.Tabs(selected="predict"),
             "predict.task": gr.update(choices=run_choices(studio.vector_runs("task")), value=demo["task"]),
             "predict.lang": gr.update(choices=[("none", "")] + run_choices(langs), value=demo["language"]),
-            "predict.lang_touched": True, "predict.spec": str(EXAMPLE["eval"]), "predict.scale": 1.0,
+            "predict.lang_touched": True, "predict.spec": studio.shown_path(EXAMPLE["eval"]), "predict.scale": 1.0,
             "predict.merge": "sum"}
 
 

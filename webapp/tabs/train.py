@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from deftx_engine import presets as engine_presets
-from deftx_engine.config import TrainConfig, defaults
+from deftx_engine.config import MAX_NAME_CHARS, TrainConfig, defaults
 from deftx_engine.constants import KINDS
 from deftx_engine.constants import METHODS as METHOD_NAMES
 from deftx_engine.data import load_corpus, load_task_data
@@ -22,14 +22,15 @@ from ..components import FIELD_LABELS, UI, Updates, handler
 from ..files import bounded
 from ..render import cut, ok, run_choices
 from ..render import text as shown_text
-from ..rundb import QueueFull
-from ..settings import default_model, max_lines, max_queue, max_steps
+from ..rundb import QueueFull, Submission
+from ..settings import max_lines, max_queue, max_steps
 from ..state import Studio
-from .train_checks import check_hardware, language_for_data, require_language, unique_name
+from .train_checks import check_hardware, language_for_data, require_language
 
 BASE_MODELS = ["multilingual-e5-small", "minilm", "FacebookAI/xlm-roberta-base", "FacebookAI/xlm-roberta-large"]
 PRESETS = list(engine_presets.PRESETS)  # cpu-demo, paper-xlmr-base
 CUSTOM = "custom"
+MAX_RUN_NAME = 100  # characters of a run name
 METHOD_LABELS = {"deftx": "DeFT-X (SVD-denoised)", "lt-sft": "LT-SFT (no denoising)"}
 METHODS = [(METHOD_LABELS[m], m) for m in METHOD_NAMES]  # the engine's list, labelled
 # xlm-roberta-base's maskable entries (every encoder parameter but LayerNorm; benchmarks/core.py). Only used
@@ -46,7 +47,7 @@ START_INPUTS = ["train.kind", "train.base", "train.data", "train.lang", "train.n
 
 def layout(ui: UI) -> None:
     init = engine_presets.preset("cpu-demo", "language")
-    model0 = default_model()
+    model0 = ui.studio.shown_model()  # the page holds no server path
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, elem_classes="dx-panel"):
             with gr.Row():
@@ -59,14 +60,18 @@ def layout(ui: UI) -> None:
                                info="multilingual-e5-small and minilm (English only) work offline; or any Hub id / "
                                     "local model folder")
             with gr.Row():
-                data = gr.Textbox(str(EXAMPLE["corpus"]), label=FIELD_LABELS["data"], scale=3, elem_id="dx-data",
-                                  info="set from the Data tab (or type a path / hub: spec)")
+                data = gr.Textbox(ui.studio.shown_path(EXAMPLE["corpus"]), label=FIELD_LABELS["data"], scale=3,
+                                  elem_id="dx-data", info="set from the Data tab (or type a path / hub: spec)")
                 lang = gr.Textbox(EXAMPLE_LANG["language"], label=FIELD_LABELS["language"], scale=1,
+                                  max_length=MAX_NAME_CHARS,
                                   info="the data's language, stored in the vector (from the file name)")
+            # any run id is taken (the API has no per-session choices); start_training checks it
             srclang = gr.Dropdown([("none", "")], value="", label="Source-language vector", visible=False,
+                                  allow_custom_value=True,
                                   info="optional: train the task SFT on top of θ0 + a language vector of the task "
                                        "data's language (LT-SFT's protocol); same base model only")
-            name = gr.Textbox("", label="Run name (optional)", placeholder="e.g. id-language-demo")
+            name = gr.Textbox("", label="Run name (optional)", placeholder="e.g. id-language-demo",
+                              max_length=MAX_RUN_NAME)
             method = gr.Radio(METHODS, value="deftx", label="Method")
             with gr.Group(visible=True) as denoise:
                 with gr.Row():
@@ -115,14 +120,15 @@ def layout(ui: UI) -> None:
            labelcol=labelcol, start=start, cancel=cancel, resume=resume, status=status, watch=watch,
            progress=progress, loss=loss, log=log, details=details, timer=gr.Timer(2.0),
            run_id=gr.Textbox(visible=False), status_button=gr.Button(visible=False), srclang=srclang,
+           stopping=gr.State(""),  # the run the status says is stopping: the poll replaces the message once it has
            k_exact=gr.State(None))  # (shown %, exact count) when a preset's k is a count
 
 
-def preset_values(name: str, kind: str) -> dict[str, Any]:
+def preset_values(studio: Studio, name: str, kind: str) -> dict[str, Any]:
     """Control values for a preset (explicit engine defaults for what the preset leaves out)."""
     v = {**defaults(), **engine_presets.preset(name, kind)}
     if name == "cpu-demo":  # DEFTX_DEFAULT_MODEL replaces the preset's offline model
-        v["base_model"] = default_model()
+        v["base_model"] = studio.shown_model()
     return v
 
 
@@ -131,14 +137,14 @@ def preset_values(name: str, kind: str) -> dict[str, Any]:
 def apply_preset(studio: Studio, name, kind, corpus, task) -> Updates:
     """Fill the controls from a preset (and the data checked in the Data tab for this kind)."""
     src = corpus if kind == "language" else task
-    example = str(EXAMPLE["corpus" if kind == "language" else "task"])
+    example = studio.shown_path(EXAMPLE["corpus" if kind == "language" else "task"])
     out = {"train.data": src["data"], "train.textcol": src["text"], "train.paircol": src["pair"],
            "train.labelcol": src["label"], "train.status": ""}
     if src["data"] == example:
         out["train.lang"] = EXAMPLE_LANG[kind]
     if name == CUSTOM or not name:
         return {**out, "train.k_exact": None}
-    v = preset_values(name, kind)
+    v = preset_values(studio, name, kind)
     k = v["k"]
     if 0 < k < 1:
         k_pct, exact = round(k * 100, 2), None
@@ -157,6 +163,10 @@ def source_choices(studio: Studio, kind, base_model, current) -> Updates:
     """The Source-language vector picker: shown for task SFTs, offering the language vectors of the chosen base
     model (a vector of another base cannot be composed with it)."""
     base = (base_model or "").strip()
+    try:  # as the vectors' configs name it (the page shows a local folder by shown_path)
+        base = studio.check_base_model(base, reachable=False)
+    except DeftxError:
+        pass
     langs = [r for r in studio.vector_runs("language") if r["config"].get("base_model") == base]
     ids = [r["id"] for r in langs]
     return {"train.srclang": gr.update(visible=kind == "task", choices=[("none", "")] + run_choices(langs),
@@ -217,7 +227,7 @@ def number(value: Any, what: str, *, integer: bool = False, minimum: float | Non
     return x
 
 
-@handler("train.status", "train.run_id", "train.progress", "train.watch")
+@handler("train.status", "train.run_id", "train.progress", "train.watch", "train.stopping")
 def start_training(studio: Studio, kind, base_model, data, language, name, method, rank_policy, energy, rank,
                    residual_share, k_percent, full_steps, sparse_steps, epochs, lr, batch_size, max_length, seed,
                    text_column, pair_column, label_column, preset, k_exact_value,
@@ -267,15 +277,18 @@ def start_training(studio: Studio, kind, base_model, data, language, name, metho
         p = engine_presets.preset(preset, kind)
         values.update({k_: p[k_] for k_ in ("save_steps", "logging_steps") if k_ in p})
     cfg = TrainConfig(kind=kind, **values)  # ConfigError -> inline message
-    name = bounded(name, "run name", 100) or unique_name(studio, f"{cfg.language}-{kind}-{cfg.method}")
+    # a name another run has gets -2, -3… (in the queueing transaction): every run is found by its name
+    name = bounded(name, "run name", MAX_RUN_NAME) or f"{cfg.language}-{kind}-{cfg.method}"
     run_id = queue_run(studio, cfg, name)
     row = wait_until_started(studio, run_id)
     pos = studio.registry.queue_position(run_id)
     what = "started" if row["state"] == "running" else (f"queued (#{pos})" if pos else "queued")
     shown = shown_run(studio, row)
-    return {"train.status": ok(f"Run **{shown_text(name)}** {what}. Progress appears on the right."),
+    renamed = f" ({shown_text(name)} is taken)" if row["name"] != name else ""
+    return {"train.status": ok(f"Run **{shown_text(row['name'])}**{renamed} {what}. Progress appears on the right."),
             "train.run_id": run_id, "train.progress": studio.progress(shown),
-            "train.watch": gr.update(choices=run_choices(studio.registry.list()), value=shown["id"])}
+            "train.watch": gr.update(choices=run_choices(studio.registry.list()), value=shown["id"]),
+            "train.stopping": ""}
 
 
 def shown_run(studio: Studio, row: dict) -> dict:
@@ -289,8 +302,21 @@ def shown_run(studio: Studio, row: dict) -> dict:
 
 
 def queue_run(studio: Studio, cfg: TrainConfig, name: str) -> str:
-    """Check ``cfg`` against this server's limits and its data (line and field), then queue ``deftx train-<kind>
-    --config`` on it; returns the run id."""
+    """Check ``cfg`` (``job``), then queue it under ``name`` (``-2``, ``-3``… added if another run has it);
+    returns the run id."""
+    try:
+        return studio.registry.submit_group(None, [job(cfg, name)], max_queued=max_queue(), distinct=True)[0]
+    except QueueFull as e:
+        raise DeftxError(queue_full(e)) from None
+
+
+def queue_full(e: QueueFull) -> str:
+    return f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again when a run has finished, or cancel one of yours"
+
+
+def job(cfg: TrainConfig, name: str) -> Submission:
+    """Check ``cfg`` against this server's limits and its data (line and field): the run ``deftx train-<kind>
+    --config`` on it, ready to queue."""
     kind, data, full_steps, sparse_steps = cfg.kind, cfg.data, cfg.full_steps, cfg.sparse_steps
     lines_limit, steps_limit = max_lines(), max_steps()
     if steps_limit and (full_steps > steps_limit or sparse_steps > steps_limit):
@@ -314,11 +340,7 @@ def queue_run(studio: Studio, cfg: TrainConfig, name: str) -> str:
                                  f"server allows at most {steps_limit:,} per phase (DEFTX_MAX_STEPS)")
     argv = [sys.executable, "-m", "deftx_engine.cli", f"train-{kind}", "--config", f"{{run_dir}}/{SUBMITTED_CONFIG}",
             "--output-dir", "{run_dir}"]
-    try:
-        return studio.registry.submit(name, kind, argv, config=cfg.to_dict(), max_queued=max_queue())
-    except QueueFull as e:
-        raise DeftxError(f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again when a run has "
-                         "finished, or cancel one of yours") from None
+    return Submission(name, kind, argv, cfg.to_dict())
 
 
 def wait_until_started(studio: Studio, run_id: str) -> dict:
@@ -332,7 +354,7 @@ def wait_until_started(studio: Studio, run_id: str) -> dict:
     return row
 
 
-@handler("train.status", "train.progress")
+@handler("train.status", "train.progress", "train.stopping")
 def cancel_run(studio: Studio, run_id) -> Updates:
     """Cancel a queued or running run; returns (message, progress)."""
     if not run_id:
@@ -348,10 +370,11 @@ def cancel_run(studio: Studio, run_id) -> Updates:
         msg = ok(f"Stopping **{shown_text(row['name'])}**: it saves a checkpoint and stops within seconds.")
     else:
         msg = f"Run **{shown_text(row['name'])}** is already {state}."
-    return {"train.status": msg, "train.progress": studio.progress(row)}
+    return {"train.status": msg, "train.progress": studio.progress(row),
+            "train.stopping": run_id if state == "running" else ""}
 
 
-@handler("train.status", "train.progress")
+@handler("train.status", "train.progress", "train.stopping")
 def resume_run(studio: Studio, run_id) -> Updates:
     """Continue an interrupted, cancelled or failed run from its last checkpoint: the same run (id and
     folder) is queued again with ``--resume``. Returns (message, progress)."""
@@ -364,12 +387,12 @@ def resume_run(studio: Studio, run_id) -> Updates:
     except ValueError as e:
         raise DeftxError(str(e)) from None
     except QueueFull as e:
-        raise DeftxError(f"the queue is full: {e} (DEFTX_MAX_QUEUE); try again later") from None
+        raise DeftxError(queue_full(e)) from None
     row = wait_until_started(studio, run_id)
     pos = studio.registry.queue_position(run_id)
     what = "resumed" if row["state"] == "running" else (f"queued to resume (#{pos})" if pos else "queued")
     return {"train.status": ok(f"Run **{shown_text(row['name'])}** {what}: it continues from its last checkpoint."),
-            "train.progress": studio.progress(row)}
+            "train.progress": studio.progress(row), "train.stopping": ""}
 
 
 def wire(ui: UI) -> None:

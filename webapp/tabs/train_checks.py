@@ -1,6 +1,6 @@
 """What the Train tab settles before a run is queued: the language of the data (derived from the file name or
-asked for, never left over from the previous file), a run name no other run has, and whether this server's
-hardware can run the chosen preset."""
+asked for, never left over from the previous file) and whether this server's hardware can run the chosen
+preset."""
 from __future__ import annotations
 
 import re
@@ -42,16 +42,6 @@ def require_language(language: str | None, kind: str) -> str:
         raise DeftxError(f"which language is this data in? Set the Language field (the {what}, e.g. id, sw or en): "
                          "it is stored in the vector")
     return language
-
-
-def unique_name(studio: Studio, name: str) -> str:
-    """``name``, or ``name-2``, ``name-3``… when another run has it already (default names repeat)."""
-    taken = {r["name"] for r in studio.registry.list()}
-    n, candidate = 1, name
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}-{n}"
-    return candidate
 
 
 def has_gpu() -> bool:
