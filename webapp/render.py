@@ -161,6 +161,8 @@ def progress_html(row: dict | None, status: Mapping[str, Any], queue_position: i
         if row["started"]:
             end = row["finished"] or time.time()
             foot.append(f"elapsed {fmt_duration(end - row['started'])}")
+        if status.get("precision"):  # what the matrix products ran in (TrainConfig.precision)
+            foot.append(status["precision"])
     return (f"<div class='dx-progress'>"
             f"<div class='dx-progress-head'><span class='dx-badge' style='background:{color}'>{state}</span>"
             f" <b>{html.escape(row['name'])}</b> <span class='dx-muted'>{html.escape(row['kind'])} SFT · "

@@ -152,6 +152,9 @@ def test_language_and_task_runs_finish(client, trained):
     assert "deftx" in rows[lang]["settings"] and "k=5.0%" in rows[lang]["settings"]
     st = client.predict(task, api_name="/run_status")
     assert st["step"] == st["total_steps"] == 4 and st["message"].startswith("vector saved")
+    from deftx_engine.precision import resolve
+
+    assert st["precision"] == resolve("auto").name  # what the run's matrix products ran in
 
 
 def test_start_and_cancel(client, tiny_model, trained):

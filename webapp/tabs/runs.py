@@ -79,7 +79,8 @@ def status_of(studio: Studio, run_id, sig) -> Updates:
     details = {"run": row["id"], "name": row["name"], "kind": row["kind"], "state": row["state"],
                "phase": st.get("phase") or row["phase"], "step": st.get("step", row["step"]),
                "total_steps": st.get("total_steps", row["total_steps"]), "loss": st.get("loss"),
-               "eta_seconds": st.get("eta_seconds"), "message": studio.pretty(row["message"] or ""),
+               "eta_seconds": st.get("eta_seconds"), "precision": st.get("precision") or None,
+               "message": studio.pretty(row["message"] or ""),
                "vector": studio.shown_path(row["vector_dir"]) if row["state"] == "done" else None,
                "queue_position": studio.registry.queue_position(row["id"]), "heldout_mlm": studio.heldout(row)}
     return {**out, "train.progress": studio.progress(row), "train.log": studio.pretty(log_text),
