@@ -11,7 +11,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -177,7 +177,8 @@ def _base_model_from_config(src: Path) -> str:
 
 
 def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str = "", kind: str = "language",
-                           language: str = "", model: nn.Module | None = None) -> SparseVector:
+                           language: str = "", model: nn.Module | None = None,
+                           label_names: Sequence[str] = ()) -> SparseVector:
     """Convert a composable-sft vector folder (``pytorch_diff.bin``) into a DeFT-X vector saved at ``dest``.
 
     Reads the released layout ``{'diffs': {param: encoded diff}, 'abs': {param: whole tensor}}``
@@ -186,7 +187,8 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
     their HF names, LayerNorm diffs included (composable-sft trains them by default). Parameters outside
     the encoder (MLM / classification head diffs) are skipped: decided by ``parameter_roles(model)`` if a
     model is given, else by the name prefixes lm_head / cls. / classifier. Whole heads (an 'abs' or 'head'
-    section) are kept for task vectors only. With ``model`` the vector gets its fingerprint and is validated.
+    section) are kept for task vectors only, with ``label_names`` in head order (the file does not hold them).
+    With ``model`` the vector gets its fingerprint and is validated.
     """
     src, dest = Path(src), Path(dest)
     path = src / CSFT_FILE
@@ -222,7 +224,7 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
         base_model = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     meta = VectorMeta(kind=kind, base_model=base_model or _base_model_from_config(src),
                       base_fingerprint=base_fingerprint(model) if model is not None else "",
-                      language=language, method="lt-sft", denoise=None,
+                      language=language, label_names=list(label_names), method="lt-sft", denoise=None,
                       extra={"converted_from": "composable-sft"})
     vec = SparseVector(meta)
     skipped: list[str] = []

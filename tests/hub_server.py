@@ -198,6 +198,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _authorized(self) -> bool:
         return self.headers.get("Authorization", "") == f"Bearer {self.hub.token}"
 
+    def _unauthorized(self) -> None:
+        """401, quoting the credentials received, as careless servers and proxies do: whatever shows the
+        error must hide them."""
+        self._error(401, f"Invalid credentials in Authorization header {self.headers.get('Authorization')!r}")
+
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
@@ -241,8 +246,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo(self, repo_id: str, rev: str | None = None) -> Repo | None:
         """The repo, or None after answering 404 (the client maps X-Error-Code to its exceptions)."""
         repo = self.hub.repos.get(repo_id)
-        if repo is None or (repo.private and not self._authorized()):
+        if repo is None:
             self._error(404, f"Repository Not Found for url: {self.path}", "RepoNotFound")
+            return None
+        if repo.private and not self._authorized():
+            self._unauthorized()
             return None
         if rev not in (None, "main", repo.sha):
             self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
@@ -319,7 +327,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _create(self, method, query) -> None:
         body = json.loads(self._body() or b"{}")
         if not self._authorized():
-            self._error(401, "Invalid credentials in Authorization header")
+            self._unauthorized()
             return
         if body.get("type", "model") != "model":
             self._error(400, "the test Hub holds model repos only")
@@ -333,7 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
                 message = "You already created this model repo"
                 self._json({"error": message, "url": f"{self.hub.url}/{repo_id}"}, 409, {"X-Error-Message": message})
                 return
-            self.hub.repos[repo_id] = Repo(repo_id, private=bool(body.get("private")))
+            private = body.get("visibility", "private" if body.get("private") else "public") == "private"
+            self.hub.repos[repo_id] = Repo(repo_id, private=private)
         self._json({"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
 
     def _validate_yaml(self, method, query) -> None:
@@ -376,6 +385,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write_target(self, repo: str, rev: str) -> Repo | None:
         if not self._authorized():
-            self._error(401, "Invalid credentials in Authorization header")
+            self._unauthorized()
             return None
         return self._repo(repo, rev)
