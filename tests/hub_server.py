@@ -309,8 +309,9 @@ class _Handler(BaseHTTPRequestHandler):
         if file.endswith(LFS_SUFFIXES):
             sha256 = hashlib.sha256(data).hexdigest()
             self.hub.blobs[sha256] = data
-            self._send(302, b"", {**common, "Location": f"{self.hub.cdn_url}/blobs/{sha256}", "X-Linked-Etag": f'"{sha256}"',
-                                  "X-Linked-Size": len(data), "ETag": f'"{git_blob_sha1(data)}"'}, head=head)
+            self._send(302, b"", {**common, "Location": f"{self.hub.cdn_url}/blobs/{sha256}",
+                                  "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": len(data),
+                                  "ETag": f'"{git_blob_sha1(data)}"'}, head=head)
             return
         self._send(200, data, {**common, "ETag": f'"{git_blob_sha1(data)}"',
                                "Content-Type": "application/octet-stream"}, head=head)

@@ -12,8 +12,15 @@ import pytest
 
 from deftx_engine.cli import main
 from deftx_engine.errors import DeftxError
-from deftx_engine.gallery import (NEEDS_HUB, GalleryEntry, base_key, catalogue_gallery, check_same_base,
-                                  load_gallery, pull_entries)
+from deftx_engine.gallery import (
+    NEEDS_HUB,
+    GalleryEntry,
+    base_key,
+    catalogue_gallery,
+    check_same_base,
+    load_gallery,
+    pull_entries,
+)
 from deftx_engine.vectors import SparseVector
 from tiny import make_vector, write_released_sft
 

@@ -67,8 +67,8 @@ def test_push_uploads_vector_and_card(hub_server, vector_dir, tmp_path, no_env_t
     assert all(hub_server.token.encode() not in data for data in repo.files.values())
     assert hub_server.token not in caplog.text
     assert [r for r in hub_server.requests if r[0] == "POST"] == [
-        ("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"), ("POST", "/api/models/me/tiny-xx/preupload/main"),
-        ("POST", "/api/models/me/tiny-xx/commit/main")]
+        ("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"),
+        ("POST", "/api/models/me/tiny-xx/preupload/main"), ("POST", "/api/models/me/tiny-xx/commit/main")]
 
     card = ModelCard.load(uploaded / "README.md")
     assert card.data.base_model == "tiny"
@@ -238,8 +238,10 @@ def test_pull_converts_released_composable_sft_layout(hub_server, mlm_model, tin
     """A language and a task SFT as composable-sft's SFT.save writes the released ones ({'diffs', 'abs'}, index
     steps led by a numpy int64), served over HTTP (pytorch_diff.bin through the CDN redirect): pulled, they
     compose on a classifier to theta0 + the diffs, with the task's head and labels."""
-    lang_diffs, _ = write_released_sft(mlm_model, tmp_path / "lang", kind="language", seed=1)
+    lang_diffs, _ = write_released_sft(mlm_model, tmp_path / "lang", kind="language", seed=0)
     task_diffs, task_abs = write_released_sft(tiny_cls_model, tmp_path / "task", kind="task", seed=2)
+    assert lang_diffs["cls.predictions.transform.LayerNorm.weight"].any()  # a head diff that must be left out
+    assert any(not d.any() for d in lang_diffs.values())  # and an empty diff ("index_steps": [])
     hub_server.add_repo("cambridgeltl/xlmr-lang-sft-jav-small", tmp_path / "lang")
     hub_server.add_repo("cambridgeltl/xlmr-task-sft-nusax_senti", tmp_path / "task")
     lang = SparseVector.load(pull_vector("cambridgeltl/xlmr-lang-sft-jav-small", tmp_path / "jav", model=mlm_model))
