@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from .constants import MERGES, PRECISIONS, TIES_DENSITY, TIES_LAMBDA
+from .constants import KINDS, MERGES, PRECISIONS, TIES_DENSITY, TIES_LAMBDA
 from .errors import DeftxError, option
 from .fileio import atomic_open, atomic_write_text, check_output_file
 
@@ -204,6 +204,26 @@ def _pull(args) -> int:
     return 0
 
 
+def _gallery(args) -> int:
+    """List released and pushed vectors; says whether the Hub answered or the shipped catalogue was used."""
+    from .gallery import load_gallery
+
+    gallery = load_gallery(timeout=args.timeout).select(base=args.base, kind=args.kind, language=args.language)
+    if args.json:
+        print(json.dumps(gallery.to_dict(), indent=2))
+        return 0
+    print(gallery.status)
+    rows = [("id", "kind", "base model", "language", "task", "note")] + [
+        (e.id, e.kind, e.base_model, f"{e.language} {e.language_name}".strip(), e.task,
+         "needs the Hub" if e.source == "catalogue" else e.note) for e in gallery.entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    n = len(gallery.entries)
+    print(f"{n} vector{'s' if n != 1 else ''}" + ("" if gallery.hub_answered else "; downloading any needs the Hub"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deftx", description="DeFT-X: composable, SVD-denoised sparse "
                                      "fine-tunings for zero-shot cross-lingual transfer.")
@@ -274,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="where to put the vector folder")
     p.add_argument("--revision", help="branch, tag or commit")
     p.add_argument("--token", help="Hugging Face token for private repos (default: $HF_TOKEN)")
+
+    from .gallery import HUB_TIMEOUT
+
+    p = command("gallery", _gallery, "released (composable-sft) and pushed language and task vectors, from the Hub "
+                "or, when it does not answer, the catalogue shipped with DeFT-X")
+    p.add_argument("--base", help="only vectors for this base model (e.g. xlmr, mbert, FacebookAI/xlm-roberta-base)")
+    p.add_argument("--kind", choices=KINDS, help="only language or only task vectors")
+    p.add_argument("--language", help="only vectors for this language (code such as jav, or name such as Javanese)")
+    p.add_argument("--timeout", type=float, default=HUB_TIMEOUT,
+                   help=f"seconds to wait for the Hub before using the catalogue (default: {HUB_TIMEOUT:g})")
+    p.add_argument("--json", action="store_true", help="print the gallery as JSON")
     return parser
 
 

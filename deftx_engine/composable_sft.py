@@ -11,7 +11,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,13 +26,27 @@ CSFT_FILE = "pytorch_diff.bin"  # composable-sft's weights file (a torch pickle)
 HEAD_PREFIXES = ("lm_head", "cls.", "classifier")  # outside the encoder when no model tells us
 
 
+def _numpy_scalar_globals() -> list:
+    """What a numpy integer scalar unpickles through, under both of numpy's module names: composable-sft's
+    ``encode_sparse_tensor`` stores each diff's first index step as a numpy int64 (``[indices[0]] + steps``).
+    Rebuilding a scalar from a dtype and raw bytes runs no code, so ``weights_only`` loading may allow it."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    # a dtype is rebuilt as np.dtype, then its state is set on the instance, whose class is np.dtypes.Int64DType
+    int_dtypes = [getattr(np.dtypes, f"{c}{b}DType") for c in ("Int", "UInt") for b in (8, 16, 32, 64)]
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *int_dtypes]
+
+
 def _load_csft(path: Path) -> Any:
-    """torch.load with weights_only=True: only tensors and plain containers; never runs pickled code."""
+    """torch.load with weights_only=True: only tensors, plain containers and numpy integer scalars; never runs
+    pickled code."""
     if not path.is_file():
         raise VectorError(f"{path}: file not found (a composable-sft vector holds {CSFT_FILE})")
     try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says enough
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_scalar_globals()):
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says enough
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- UnpicklingError, RuntimeError, EOFError, ... all mean "refused"
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -63,7 +77,10 @@ def _size(name: str, size: Any, where: Path) -> tuple[int, ...]:
 
 def _numbers(name: str, what: str, obj: Any, where: Path, *, integer: bool) -> Tensor:
     """A field of a diff as a tensor of whole numbers (``integer``) or real numbers; complex, boolean or
-    (for indices) fractional values are refused, never truncated."""
+    (for indices) fractional values are refused, never truncated. An empty list (a parameter the mask left
+    untouched: composable-sft stores it as ``[]``) is an empty tensor of whole numbers."""
+    if isinstance(obj, (list, tuple)) and not obj:
+        return torch.zeros(0, dtype=torch.long if integer else torch.float32)
     try:
         t = obj if isinstance(obj, Tensor) else torch.as_tensor(obj)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -160,37 +177,45 @@ def _base_model_from_config(src: Path) -> str:
 
 
 def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str = "", kind: str = "language",
-                           language: str = "", model: nn.Module | None = None) -> SparseVector:
+                           language: str = "", model: nn.Module | None = None,
+                           label_names: Sequence[str] = ()) -> SparseVector:
     """Convert a composable-sft vector folder (``pytorch_diff.bin``) into a DeFT-X vector saved at ``dest``.
 
-    Reads ``{param: dense diff}`` (also the later ``{'body': {...}, 'head': {...}}`` layout, sparse COO
-    tensors and the coordinate-list encodings) with ``weights_only=True``. Encoder diffs are kept under
+    Reads the released layout ``{'diffs': {param: encoded diff}, 'abs': {param: whole tensor}}``
+    (composable-sft's ``SFT.save``), ``{param: dense diff}`` and ``{'body': {...}, 'head': {...}}``, with sparse
+    COO tensors and the coordinate-list encodings, with ``weights_only=True``. Encoder diffs are kept under
     their HF names, LayerNorm diffs included (composable-sft trains them by default). Parameters outside
     the encoder (MLM / classification head diffs) are skipped: decided by ``parameter_roles(model)`` if a
-    model is given, else by the name prefixes lm_head / cls. / classifier. Whole heads from a 'head' section
-    are kept for task vectors only. With ``model`` the vector gets its fingerprint and is validated.
+    model is given, else by the name prefixes lm_head / cls. / classifier. Whole heads (an 'abs' or 'head'
+    section) are kept for task vectors only, with ``label_names`` in head order (the file does not hold them).
+    With ``model`` the vector gets its fingerprint and is validated.
     """
     src, dest = Path(src), Path(dest)
     path = src / CSFT_FILE
     raw = _load_csft(path)
     if not isinstance(raw, Mapping):
         raise VectorError(f"{path}: expected a dict of parameter diffs, found a {type(raw).__name__}")
-    if "body" in raw and isinstance(raw.get("body"), Mapping):
-        body, head = raw["body"], raw.get("head") or {}
+    sections = next((s for s in (("diffs", "abs"), ("body", "head")) if isinstance(raw.get(s[0]), Mapping)), None)
+    if sections is not None:
+        body, head = raw[sections[0]], raw.get(sections[1]) or {}
     else:
         body, head = raw, {}
     if not isinstance(head, Mapping):
-        raise VectorError(f"{path}: 'head' is a {type(head).__name__}, expected a dict of tensors")
+        raise VectorError(f"{path}: {sections[1]!r} is a {type(head).__name__}, expected a dict of tensors")
 
     roles = parameter_roles(model) if model is not None else None
-    encoder = set(roles.maskable + roles.frozen) if roles is not None else None
+    # the frozen LayerNorms include the MLM head's (cls.predictions.transform.LayerNorm, lm_head.layer_norm):
+    # encoder only within the base model, or a language vector would not fit a classifier
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    encoder = None if roles is None else set(roles.maskable) | {
+        n for n in roles.frozen if not (prefix and hasattr(model, prefix)) or n.startswith(prefix + ".")}
 
     def in_encoder(name: str) -> bool:
         if encoder is None:
             return not name.startswith(HEAD_PREFIXES)
         if name in encoder:
             return True
-        if name in roles.heads or name.startswith(HEAD_PREFIXES):
+        if name in roles.heads or name in roles.frozen or name.startswith(HEAD_PREFIXES):
             return False
         raise VectorError(f"{path}: parameter {name!r} is not in the given model (was the vector made for "
                           f"another model class or base model?)")
@@ -199,7 +224,7 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
         base_model = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     meta = VectorMeta(kind=kind, base_model=base_model or _base_model_from_config(src),
                       base_fingerprint=base_fingerprint(model) if model is not None else "",
-                      language=language, method="lt-sft", denoise=None,
+                      language=language, label_names=list(label_names), method="lt-sft", denoise=None,
                       extra={"converted_from": "composable-sft"})
     vec = SparseVector(meta)
     skipped: list[str] = []

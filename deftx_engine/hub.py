@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
@@ -23,6 +23,7 @@ from torch import nn
 from .composable_sft import CSFT_FILE, convert_composable_sft, guess_from_name
 from .errors import DeftxError, VectorError
 from .fileio import check_replaceable, replace_dir, sibling_tempdir
+from .gallery import pushed_tags
 from .secrets import scrub
 from .vectors import CONFIG_FILE, FORMAT, WEIGHTS_FILE, SparseVector, VectorMeta
 
@@ -97,7 +98,9 @@ def build_model_card(vec: SparseVector, repo_id: str, metrics: Mapping | None = 
     """The README.md of a pushed vector: YAML front matter for the Hub, then what it is and how to use it."""
     meta = vec.meta
     languages = [x for x in meta.language.split("+") if x] if meta.language else []
-    tags = list(dict.fromkeys(BASE_TAGS + [t for t in (meta.kind, meta.method) if t]))
+    # the gallery finds pushed vectors by these tags and reads base_model and language back from the card data
+    tags = list(dict.fromkeys(BASE_TAGS + pushed_tags(meta.kind, languages) + [t for t in (meta.kind, meta.method)
+                                                                                if t]))
     extra = meta.extra if isinstance(meta.extra, dict) else {}
     license_ = extra.get("license") if isinstance(extra.get("license"), str) else None
     data = ModelCardData(base_model=meta.base_model or None,
@@ -247,13 +250,14 @@ def _is_ours(folder: Path) -> bool:
 
 def pull_vector(repo_id_or_path: str, dest: str | Path, *, token: str | None = None,
                 revision: str | None = None, api=None, base_model: str = "", kind: str | None = None,
-                language: str | None = None, model: nn.Module | None = None) -> Path:
+                language: str | None = None, model: nn.Module | None = None,
+                label_names: Sequence[str] = ()) -> Path:
     """Fetch a vector into ``dest`` (a Hub repo id, or a local folder: then nothing is downloaded).
 
     A DeFT-X folder (``sft_config.json``) is validated (also against ``model`` if given) and moved into
-    place atomically, bytes unchanged; a composable-sft
-    folder (``pytorch_diff.bin``) is converted (``base_model``/``kind``/``language``/``model`` are passed to
-    ``convert_composable_sft``; kind and language default to a guess from the repo name, else "language").
+    place atomically, bytes unchanged; a composable-sft folder (``pytorch_diff.bin``) is converted
+    (``base_model``/``kind``/``language``/``model``/``label_names`` are passed to ``convert_composable_sft``;
+    kind and language default to a guess from the repo name, else "language").
     ``dest`` is either the complete new vector or untouched: work happens in a hidden sibling folder that
     is removed at the end, also on failure.
     """
@@ -304,7 +308,8 @@ def pull_vector(repo_id_or_path: str, dest: str | Path, *, token: str | None = N
         elif (snap / CSFT_FILE).is_file():
             g_kind, g_lang = guess_from_name(str(repo_id_or_path) if not is_local else local.name)
             convert_composable_sft(snap, dest, base_model=base_model, kind=kind or g_kind or "language",
-                                   language=language if language is not None else (g_lang or ""), model=model)
+                                   language=language if language is not None else (g_lang or ""), model=model,
+                                   label_names=label_names)
         else:
             raise VectorError(f"{where} holds neither a DeFT-X vector ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a "
                               f"composable-sft vector ({CSFT_FILE})")

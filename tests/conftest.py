@@ -34,6 +34,25 @@ def mlm_model():
 
 
 @pytest.fixture
+def hub_server(monkeypatch, tmp_path_factory):
+    """The local Hub (hub_server.py) with the real ``huggingface_hub`` client pointed at it: the client reads
+    ``constants.ENDPOINT``/``HF_HUB_OFFLINE`` at call time; ``HF_ENDPOINT`` carries it into child processes."""
+    from hub_server import HubServer
+    from huggingface_hub import constants
+
+    with HubServer() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        yield hub
+
+
+@pytest.fixture
 def nusax_dir():
     """The real NusaX data; skipped with the reason when it is absent, but a failure in CI (CI=true)."""
     return require_nusax(NUSAX)

@@ -1,7 +1,10 @@
 """Helpers shared by the test folders (importable as ``tiny``: pyproject puts tests/ on the path): tiny BERT
 configurations and model folders (random weights, no downloads) and random sparse vectors."""
+import json
 import os
+import pickle
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,55 @@ def write_composable_sft(model, folder: Path, seed: int = 0) -> dict:
     torch.save(diffs, folder / "pytorch_diff.bin")
     (folder / "config.json").write_text('{"_name_or_path": "tiny-bert", "model_type": "bert"}')
     return diffs
+
+
+def _encode_like_composable_sft(diff: torch.Tensor) -> dict:
+    """composable-sft's ``encode_sparse_tensor`` (src/sft/sft.py), restated: column-major flat indices (first
+    dimension fastest), sorted, stored as steps whose first entry is a numpy int64 (``[indices[0]] + steps``)."""
+    import numpy as np
+
+    sp = diff.to_sparse().coalesce()
+    multipliers = np.cumprod([1] + list(sp.size())[:-1], dtype=np.int64)
+    flat = multipliers @ sp.indices().numpy().astype(np.int64)
+    order = np.argsort(flat, kind="stable")
+    flat = flat[order]
+    steps = [flat[0]] + (flat[1:] - flat[:-1]).tolist() if len(flat) else []
+    return {"size": sp.size(), "index_steps": steps, "values": sp.values()[torch.from_numpy(order)]}
+
+
+class _Numpy1Pickler(pickle._Pickler):
+    """Names numpy scalars as numpy 1.x did (``numpy.core.multiarray.scalar``): the released files were written
+    so in 2021-2022."""
+
+    def save_global(self, obj, name=None):
+        import numpy as np
+
+        if obj is getattr(getattr(np, "_core", np.core), "multiarray").scalar:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\nscalar\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def write_released_sft(model, folder: Path, kind: str = "language", seed: int = 0,
+                       base_model: str = "tiny-bert") -> tuple[dict, dict]:
+    """A composable-sft SFT as ``SFT.save`` writes the released ones: ``{'diffs': {name: encoded diff},
+    'abs': {name: whole tensor}}`` in ``pytorch_diff.bin``, plus the model's config.json. Language: diffs over
+    the encoder and the MLM head; task: diffs over the encoder, the classifier whole in 'abs'.
+    Returns (dense diffs, abs)."""
+    g = torch.Generator().manual_seed(seed)
+    roles = parameter_roles(model)
+    params = dict(model.named_parameters())
+    names = roles.maskable + roles.frozen + (roles.heads if kind == "language" else [])
+    diffs = {}
+    for name in names:
+        keep = torch.rand(params[name].shape, generator=g) < 0.1
+        diffs[name] = torch.randn(params[name].shape, generator=g) * 0.01 * keep
+    abs_ = {n: torch.randn(params[n].shape, generator=g) for n in roles.heads} if kind == "task" else {}
+    folder.mkdir(parents=True, exist_ok=True)
+    pickler = types.SimpleNamespace(__name__="numpy1_pickle", Pickler=_Numpy1Pickler)
+    torch.save({"diffs": {n: _encode_like_composable_sft(d) for n, d in diffs.items()}, "abs": abs_},
+               folder / "pytorch_diff.bin", pickle_module=pickler)
+    (folder / "config.json").write_text(json.dumps({"_name_or_path": base_model,
+                                                    "model_type": model.config.model_type}))
+    return diffs, abs_

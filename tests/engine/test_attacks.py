@@ -222,27 +222,14 @@ def test_pull_replaces_only_a_vector_folder_and_follows_no_link(vector_dir, tmp_
 
 
 # ---- 13: nothing local leaves the machine ---------------------------------------------------------
-class FakeApi:
-    """create_repo / upload_folder without the Hub: the upload is copied to ``store / "uploaded"``."""
-
-    def __init__(self, store: Path):
-        self.store = store
-
-    def create_repo(self, repo_id, **kw):
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, **kw):
-        shutil.copytree(kw["folder_path"], self.store / "uploaded")
-
-
-def test_push_strips_local_paths_from_config_and_card(model, tmp_path):
+def test_push_strips_local_paths_from_config_and_card(hub_server, model, tmp_path):
     vec = make_vector(model, base_model="/srv/secret-models/tiny-bert")
     vec.meta.extra = {"train": {"data": "/home/alice/.deftx/uploads/0123abcd-reviews.csv", "seed": 1},
                       "n_maskable": 10}
     folder = vec.save(tmp_path / "vec")
-    api = FakeApi(tmp_path)
-    push_vector(folder, "user/x", token="hf_x", api=api)
-    pushed = "".join(p.read_text() for p in (tmp_path / "uploaded").iterdir() if p.suffix in (".json", ".md"))
+    push_vector(folder, "user/x")  # to the local Hub (tests/hub_server.py), through the real client
+    files = hub_server.repos["user/x"].files
+    pushed = "".join(data.decode() for name, data in files.items() if name.endswith((".json", ".md")))
     assert "/home/alice" not in pushed and "/srv/secret-models" not in pushed
     assert "0123abcd-reviews.csv" in pushed and "tiny-bert" in pushed
     assert "/home/alice" in (folder / CONFIG_FILE).read_text()  # the local folder itself is unchanged

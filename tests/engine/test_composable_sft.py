@@ -13,15 +13,18 @@ from deftx_engine.vectors import SparseVector, base_fingerprint
 from tiny import assert_same_vector, write_composable_sft
 
 
-def test_convert_with_model_sets_fingerprint_and_uses_roles(mlm_model, tmp_path):
+def test_convert_with_model_sets_fingerprint_and_uses_roles(mlm_model, tiny_cls_model, tmp_path):
     src = tmp_path / "csft"
     diffs = write_composable_sft(mlm_model, src, seed=1)
     vec = convert_composable_sft(src, tmp_path / "v", base_model="tiny", kind="language", language="yo",
                                  model=mlm_model)
     assert vec.meta.base_fingerprint == base_fingerprint(mlm_model)
     roles = parameter_roles(mlm_model)
-    assert set(vec.indices) == {n for n in roles.maskable + roles.frozen if bool((diffs[n] != 0).any())}
-    assert set(vec.meta.extra["skipped_parameters"]) == set(roles.heads)
+    encoder = [n for n in roles.maskable + roles.frozen if n.startswith("bert.")]
+    head_norms = [n for n in roles.frozen if n.startswith("cls.")]  # the MLM head's LayerNorm: head, not encoder
+    assert head_norms and set(vec.indices) == {n for n in encoder if bool((diffs[n] != 0).any())}
+    assert set(vec.meta.extra["skipped_parameters"]) == set(roles.heads + head_norms)
+    vec.validate(tiny_cls_model, where="a classifier")  # a language vector fits the task model it is composed on
     assert_same_vector(SparseVector.load(tmp_path / "v"), vec)
 
 
