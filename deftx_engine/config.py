@@ -151,6 +151,9 @@ class TrainConfig:
         "number format of the matrix products (both phases, the MLM-head fit, held-out checks): auto = bf16 "
         "autocast on a CPU with native bf16 matrix units (amx_bf16/avx512_bf16) and on CUDA, float32 elsewhere; "
         "weights, optimizer state, masks and the saved vector stay float32"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile (inductor) the model for both phases: fuses the elementwise work between the matrix "
+        "products, but compiling takes minutes on a CPU, so it pays only on long runs (the paper preset)"))
 
     def __post_init__(self) -> None:
         # the one boundary every entry point passes (CLI, --config files, the app, Python): a value that gets
@@ -255,7 +258,8 @@ FIELDS: dict[str, Any] = {f.name: f for f in fields(TrainConfig)}
 # a record written before it means: at that value the field is left out of a recorded config's identity, so what
 # was recorded before it still matches (and a run with another value never matches an old record)
 # (precision "fp32": records before it ran in float32 on a CPU, where every recorded benchmark ran)
-ADDED_LATER: dict[str, Any] = {"param_groups": "all", "residual_scope": "matrix", "precision": "fp32"}
+ADDED_LATER: dict[str, Any] = {"param_groups": "all", "residual_scope": "matrix", "precision": "fp32",
+                               "compile": False}
 
 
 def settings_key(settings: dict) -> dict:

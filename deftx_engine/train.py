@@ -168,7 +168,7 @@ def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir
         warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", logging_steps=cfg.logging_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to="none",
         seed=cfg.seed, use_cpu=not cuda, fp16=amp.dtype == torch.float16, bf16=amp.dtype == torch.bfloat16,
-        remove_unused_columns=False,
+        remove_unused_columns=False, torch_compile=cfg.compile,
         dataloader_num_workers=0, disable_tqdm=True,  # our own bar names the phase (_progress_callback)
         ddp_find_unused_parameters=cfg.kind == "language",  # MLM heads carry a bias the loss may not use
         max_grad_norm=0.0 if optimizer is not None else 1.0,  # the sparse optimizer clips masked grads itself

@@ -461,3 +461,30 @@ def test_a_stop_during_the_head_fit_ends_the_run_there_with_its_progress(tiny_di
     assert "MLM head fit stopped by a signal at step 3" in run.log_file.read_text()
     kept = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "cache").rglob("*.*"))
     assert kept == ["partial.json", "partial.safetensors"] and not run.vector_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_the_same_vector_up_to_rounding(tiny_dir, tmp_path):
+    """--compile true: the same mask and values (within fused-kernel rounding) as the eager run; ~1 min compiling.
+    Without dropout: compiled dropout draws its own random numbers, so with it the two runs differ by design."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                   "attention_probs_dropout_prob": 0.0}))
+    common = ["train-task", "--data", TASK, "--base-model", str(model), "--lr", "1e-3", "--full-steps", "3",
+              "--sparse-steps", "3", "--precision", "fp32", *FAST]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert main([*common, "--output-dir", str(tmp_path / "eager")]) == 0
+    assert counters["stats"]["unique_graphs"] == 0
+    assert main([*common, "--compile", "true", "--output-dir", str(tmp_path / "compiled")]) == 0
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo really compiled the model
+    eager, compiled = (SparseVector.load(tmp_path / r / "vector") for r in ("eager", "compiled"))
+    assert json.loads((tmp_path / "compiled" / "run.json").read_text())["compile"] is True
+    assert eager.indices.keys() == compiled.indices.keys() and eager.nnz == compiled.nnz
+    same = sum(int(torch.isin(eager.indices[n], compiled.indices[n]).sum()) for n in eager.indices)
+    assert same >= 0.99 * eager.nnz
+    for n in eager.heads:
+        assert torch.allclose(eager.heads[n], compiled.heads[n], atol=1e-4)
