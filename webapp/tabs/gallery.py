@@ -44,7 +44,8 @@ def layout(ui: UI) -> None:
         base = gr.Dropdown(BASES, value="", label="Base model", allow_custom_value=True, scale=2)
         kind = gr.Radio(KINDS, value="", label="Kind", scale=1)
         lang = gr.Textbox("", label="Language", placeholder="code or name: jav, Javanese", scale=1,
-                          info="language vectors for it (task vectors transfer to any language)")
+                          info="language vectors for it (task vectors transfer to any language)",
+                          elem_id="dx-gallery-language")
         refresh = gr.Button("Ask the Hub again", scale=0, min_width=160)
     table = gr.Dataframe(headers=COLUMNS, value=[], interactive=False, wrap=True, max_height=320,
                          elem_id="dx-gallery", show_label=False)

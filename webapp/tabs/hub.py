@@ -35,7 +35,7 @@ def layout(ui: UI) -> None:
             gr.Markdown("### Push a vector\nUploads the vector folder with a generated model card "
                         "(base model, language, method, k, rank policy, metrics).")
             run = gr.Dropdown([], label="Vector", allow_custom_value=True)
-            repo = gr.Textbox(label="Repository id", placeholder="your-name/deftx-id-language")
+            repo = gr.Textbox(label="Repository id", placeholder="your-name/deftx-id-language", elem_id="dx-push-repo")
             private = gr.Checkbox(False, label="Private repository")
             if oauth:
                 gr.LoginButton()
@@ -43,7 +43,7 @@ def layout(ui: UI) -> None:
             token = gr.Textbox(type="password", label="Hugging Face token",
                                placeholder=f"hf_… (leave empty to use {fallback})",
                                info="for this push (or a private pull) only: never stored, logged or shown")
-            push_button = gr.Button("Push", variant="primary")
+            push_button = gr.Button("Push", variant="primary", elem_id="dx-push")
             push_status = gr.Markdown(elem_classes="dx-status")
         with gr.Column(elem_classes="dx-panel"):
             gr.Markdown("### Pull a vector\nA Hub repo id or a local folder; composable-sft "
