@@ -32,7 +32,9 @@ KIND_TAG = "deftx-kind-"  # + language | task: the Hub's list filter can select 
 LANGUAGE_TAG = "deftx-lang-"  # + each language code
 HUB_TIMEOUT = 5.0  # seconds the gallery waits for the Hub before it answers from the catalogue
 LIST_LIMIT = 1000  # most repos read per listing
-SOURCES = ("hub", "pushed", "catalogue")  # released and listed by the Hub; pushed by DeFT-X; shipped list only
+# released and listed by the Hub; pushed by DeFT-X; shipped list only; on this machine (a caller's own entries)
+SOURCES = ("hub", "pushed", "catalogue", "here")
+OFFLINE = "offline mode: HF_HUB_OFFLINE is set"  # hub_unavailable's reason in offline mode
 NEEDS_HUB = "needs the Hub: the Hub did not answer, so this is the shipped list; downloading it needs the Hub"
 _RELEASED = re.compile(r"(?P<base>xlmr|mbert)-(?:lang-sft-(?P<lang>[a-z]{2,3}(?:_[a-z]+)?)-small"
                        r"|task-sft-(?P<task>[\w.-]+))")
@@ -163,6 +165,12 @@ def check_same_base(*items: Any) -> str:
 
 
 # ---- the catalogue --------------------------------------------------------------------------------
+def language_name(code: str) -> str:
+    """The name of a language code the catalogue knows ("" if it does not): a vector trained here says only
+    its code, and the gallery is filtered by code or name."""
+    return _catalogue()["languages"].get(str(code).strip().lower(), "")
+
+
 def _catalogue_entries() -> list[GalleryEntry]:
     cat = _catalogue()
     names = cat["languages"]
@@ -253,6 +261,57 @@ def _unreachable(endpoint: str, timeout: float) -> str:
     return ""
 
 
+def hub_unavailable(timeout: float = HUB_TIMEOUT) -> str:
+    """Why the Hub cannot be used now ("" when a connection to it opens): offline mode, or an endpoint that
+    refuses connections or has no address. Answers at once, without the client's retries."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return OFFLINE
+    return _unreachable(constants.ENDPOINT, timeout)
+
+
+def hub_off_words(why: str) -> str:
+    """The Hub being off or out of reach (``why``: ``hub_unavailable``'s reason), in words for a user."""
+    from huggingface_hub import constants
+
+    if why == OFFLINE:
+        return "the Hugging Face Hub is switched off on this server (HF_HUB_OFFLINE is set)"
+    return f"the Hugging Face Hub at {urlsplit(constants.ENDPOINT).netloc} cannot be reached from this server ({why})"
+
+
+def hub_error_words(exc: BaseException) -> str:
+    """A failed Hub call in words a user can act on, never the client's text (which names its own settings and
+    URLs); "" for a failure these words do not cover (the caller shows its first line)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    if isinstance(exc, OfflineModeIsEnabled) or (isinstance(exc, LocalEntryNotFoundError)
+                                                 and constants.is_offline_mode()):
+        return hub_off_words(OFFLINE)
+    # the client's transport errors (its own httpx), a download that found neither the Hub nor a cached copy
+    transport = {"TransportError", "TimeoutException"} & {c.__name__ for c in type(exc).__mro__}
+    if transport or isinstance(exc, (LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+        return hub_off_words(_unreachable(constants.ENDPOINT, 2.0) or "no answer")
+    if isinstance(exc, GatedRepoError):
+        return "the repository is gated: accept its conditions on the Hub, then give a token of that account"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "the Hub has no such repository, or it is private and the token given (if any) has no access to it"
+    status = getattr(getattr(exc, "response", None), "status_code", None) if isinstance(exc, HfHubHTTPError) else None
+    if status in (401, 403):
+        return (f"the Hub refused the token (HTTP {status}): a push needs a token with write access to the "
+                "repository's owner")
+    if isinstance(status, int) and status >= 500:
+        return f"the Hub answered with a server error (HTTP {status}); try again later"
+    return ""
+
+
 def load_gallery(*, timeout: float = HUB_TIMEOUT, token: str | None = None) -> Gallery:
     """The gallery from the Hub if it answers within ``timeout`` seconds, else from the catalogue.
 
@@ -262,10 +321,8 @@ def load_gallery(*, timeout: float = HUB_TIMEOUT, token: str | None = None) -> G
     connection never keeps the process alive."""
     from huggingface_hub import constants
 
-    if constants.is_offline_mode():
-        return catalogue_gallery("offline mode: HF_HUB_OFFLINE is set")
     start = time.monotonic()
-    why = _unreachable(constants.ENDPOINT, timeout)
+    why = hub_unavailable(timeout)
     if why:
         return catalogue_gallery(why)
     result: dict[str, Any] = {}
@@ -275,7 +332,8 @@ def load_gallery(*, timeout: float = HUB_TIMEOUT, token: str | None = None) -> G
             result["entries"] = _query_hub(token)
         except Exception as e:  # noqa: BLE001 -- any failure means "the Hub did not answer": use the catalogue
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            result["error"] = scrub(f"{type(e).__name__}: {first}" if first else type(e).__name__, token)
+            result["error"] = hub_error_words(e) or scrub(f"{type(e).__name__}: {first}" if first
+                                                          else type(e).__name__, token)
 
     worker = threading.Thread(target=run, name="deftx-gallery-hub", daemon=True)
     worker.start()
@@ -291,13 +349,18 @@ def load_gallery(*, timeout: float = HUB_TIMEOUT, token: str | None = None) -> G
 # ---- pulling --------------------------------------------------------------------------------------
 def pull_entries(entries: Sequence[GalleryEntry], folder: str | Path, *, token: str | None = None) -> list[Path]:
     """Download ``entries`` (e.g. a task vector and a language vector) into ``folder``/<owner>--<name>, after
-    checking that they share a base model (before anything is downloaded). composable-sft releases are
-    converted with the entry's kind, language, base model and labels. Returns the vector folders."""
+    checking that they share a base model (before anything is downloaded). Returns the vector folders."""
+    check_same_base(*entries)
+    return [pull_entry(e, Path(folder) / e.id.replace("/", "--"), token=token) for e in entries]
+
+
+def pull_entry(entry: GalleryEntry, dest: str | Path, *, token: str | None = None, model=None) -> Path:
+    """Download one entry into the vector folder ``dest``; a composable-sft release is converted with the entry's
+    kind, language, base model and labels, and with ``model`` (the base model with a head for the task's labels)
+    if given: the vector is then checked against it and gets its fingerprint, without which it composes only
+    with other converted releases, not with vectors trained on that base model."""
     from .hub import pull_vector
 
-    check_same_base(*entries)
-    return [pull_vector(e.id, Path(folder) / e.id.replace("/", "--"), token=token, kind=e.kind,
-                        language=e.language if e.kind == "language" else "", base_model=e.base_model,
-                        label_names=e.labels)
-            for e in entries]
-
+    return pull_vector(entry.id, dest, token=token, kind=entry.kind,
+                       language=entry.language if entry.kind == "language" else "", base_model=entry.base_model,
+                       label_names=entry.labels, model=model)

@@ -23,7 +23,7 @@ from torch import nn
 from .composable_sft import CSFT_FILE, convert_composable_sft, guess_from_name
 from .errors import DeftxError, VectorError
 from .fileio import check_replaceable, replace_dir, sibling_tempdir
-from .gallery import pushed_tags
+from .gallery import hub_error_words, pushed_tags
 from .secrets import scrub
 from .vectors import CONFIG_FILE, FORMAT, WEIGHTS_FILE, SparseVector, VectorMeta
 
@@ -43,6 +43,10 @@ def _resolve_token(token: str | None) -> str | None:
 
 
 def _describe(exc: BaseException, token: str | None) -> str:
+    """A failed Hub call in words (``gallery.hub_error_words``), else its first line; without the token."""
+    words = hub_error_words(exc)
+    if words:
+        return words
     msg = str(exc).strip().splitlines()
     first = msg[0] if msg else ""
     return scrub(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, token)

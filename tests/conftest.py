@@ -37,18 +37,10 @@ def mlm_model():
 def hub_server(monkeypatch, tmp_path_factory):
     """The local Hub (hub_server.py) with the real ``huggingface_hub`` client pointed at it: the client reads
     ``constants.ENDPOINT``/``HF_HUB_OFFLINE`` at call time; ``HF_ENDPOINT`` carries it into child processes."""
-    from hub_server import HubServer
-    from huggingface_hub import constants
+    from hub_server import HubServer, point_client_at
 
     with HubServer() as hub:
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_TOKEN", hub.token)
+        point_client_at(monkeypatch, hub, tmp_path_factory.mktemp("hf-cache"))
         yield hub
 
 

@@ -1,8 +1,10 @@
 """A local stand-in for the Hugging Face Hub, spoken to by the real ``huggingface_hub`` client over HTTP.
 
-Tests point the client at it (``hub_endpoint`` in conftest.py sets ``huggingface_hub.constants.ENDPOINT``,
-which ``HfApi`` and ``hf_hub_download`` read at call time, and ``HF_ENDPOINT`` for child processes), so
-push, pull and the gallery are tested through the client's own requests, never by replacing its functions.
+Tests point the client at it (``point_client_at``, used by the ``hub_server`` fixture in conftest.py, sets
+``huggingface_hub.constants.ENDPOINT``, which ``HfApi``, ``hf_hub_download`` and transformers'
+``from_pretrained`` read at call time, and ``HF_ENDPOINT`` for child processes), so push, pull, the gallery
+and a base model fetched on first use are tested through the client's own requests, never by replacing its
+functions.
 No PyPI package serves these endpoints without a separate binary, hence this file.
 
 It speaks the part of the Hub API our code uses (model repos only; one branch, ``main``):
@@ -103,6 +105,21 @@ def front_matter(text: str):
     return yaml.safe_load(m.group(1)) if m else {}
 
 
+def point_client_at(mp, hub: HubServer, cache_dir: str | Path) -> None:
+    """Point the ``huggingface_hub`` client at ``hub`` with the ``pytest.MonkeyPatch`` ``mp`` (undone with it):
+    this process through the client's constants (read at call time; ``HF_ENDPOINT`` itself is read once, at
+    import), child processes through ``HF_ENDPOINT``; a fresh download cache, ``hub``'s token."""
+    from huggingface_hub import constants
+
+    mp.setattr(constants, "ENDPOINT", hub.url)
+    mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    mp.setattr(constants, "HF_HUB_OFFLINE", False)
+    mp.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
+    mp.setenv("HF_ENDPOINT", hub.url)
+    mp.setenv("HF_HUB_OFFLINE", "0")
+    mp.setenv("HF_TOKEN", hub.token)
+
+
 def git_blob_sha1(data: bytes) -> str:
     """The ETag the Hub gives a regular file: the git blob id."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -190,7 +207,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, obj, status: int = 200, headers: dict | None = None) -> None:
-        self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
+        # a HEAD answer has no body (its Content-Length is the GET's): a body would be read as the next answer
+        self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})},
+                   head=self.command == "HEAD")
 
     def _error(self, status: int, message: str, code: str = "") -> None:
         self._json({"error": message}, status, {"X-Error-Message": message, **({"X-Error-Code": code} if code else {})})

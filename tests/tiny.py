@@ -155,3 +155,27 @@ def write_released_sft(model, folder: Path, kind: str = "language", seed: int = 
     (folder / "config.json").write_text(json.dumps({"_name_or_path": base_model,
                                                     "model_type": model.config.model_type}))
     return diffs, abs_
+
+
+XLMR = "FacebookAI/xlm-roberta-base"  # the released vectors' base model, served by the local Hub as a tiny BERT
+RELEASED = {"language": "cambridgeltl/xlmr-lang-sft-jav-small", "task": "cambridgeltl/xlmr-task-sft-nusax_senti",
+            "other base": "cambridgeltl/mbert-lang-sft-wol-small"}
+
+
+def publish_tiny_release(hub, folder: Path) -> Path:
+    """On the local Hub ``hub`` (tests/hub_server.py): a tiny base model as ``XLMR`` (config, weights,
+    tokenizer), composable-sft releases made for it (a Javanese language SFT, the NusaX sentiment task SFT) and
+    an mBERT one that holds no vector (it must never be downloaded). Returns the base model's folder."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    base = make_tiny_model_dir(folder / "base")
+    config = BertConfig.from_pretrained(base)
+    torch.manual_seed(0)
+    write_released_sft(BertForMaskedLM(config), folder / "lang", kind="language", seed=1, base_model=XLMR)
+    write_released_sft(BertForSequenceClassification(BertConfig.from_pretrained(base, num_labels=3)),
+                       folder / "task", kind="task", seed=2, base_model=XLMR)
+    hub.add_repo(XLMR, base)
+    hub.add_repo(RELEASED["language"], folder / "lang")
+    hub.add_repo(RELEASED["task"], folder / "task")
+    hub.add_repo(RELEASED["other base"], {"pytorch_diff.bin": b"never downloaded"})
+    return base

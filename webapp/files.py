@@ -37,14 +37,16 @@ def hub_model_available(repo_id: str) -> str | None:
     """None if the Hub model ``repo_id`` is in the local cache or the Hub answers for it, else why not (one
     line): the app says so at Start instead of queueing a job that fails to download it."""
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.utils import RepositoryNotFoundError
 
     if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
         return None
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if (constants.is_offline_mode()
+            or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")):
         return "it is not in this server's model cache and the Hub is switched off (HF_HUB_OFFLINE)"
-    try:
-        huggingface_hub.model_info(repo_id, timeout=10)
+    try:  # a new client reads the endpoint now (the module-level one kept the one it was imported with)
+        huggingface_hub.HfApi().model_info(repo_id, timeout=10)
     except RepositoryNotFoundError:
         return "the Hugging Face Hub has no such model (or it is private)"
     except Exception:  # noqa: BLE001 -- DNS, proxy, timeout, HTTP 5xx: all mean "cannot be reached"

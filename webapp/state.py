@@ -54,6 +54,7 @@ class Studio(FilePolicy):
         self._vectors: OrderedDict[tuple, Any] = OrderedDict()
         self._vector_lock = threading.Lock()
         self.model_cache_size = model_cache_size()
+        self._gallery = None  # the last gallery asked of the Hub (Studio.gallery)
 
     def start(self) -> Studio:
         """Start the services: mark runs whose process is gone, run the scheduler, warm up in the background."""
@@ -182,6 +183,16 @@ class Studio(FilePolicy):
             while len(self._models) > self.model_cache_size:
                 self._models.popitem(last=False)
             return self._models[key], False
+
+    def gallery(self, refresh: bool = False):
+        """The gallery of released and pushed vectors (``deftx_engine.gallery.load_gallery``, from the Hub within
+        its timeout, else the shipped catalogue): asked anew when ``refresh`` or never asked, so filtering it or
+        picking from it asks the Hub nothing."""
+        from deftx_engine.gallery import load_gallery
+
+        if refresh or self._gallery is None:
+            self._gallery = load_gallery()
+        return self._gallery
 
     # ---- runs -----------------------------------------------------------------------------------------
     def vector_runs(self, kind: str | None = None) -> list[dict]:

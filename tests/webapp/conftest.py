@@ -56,3 +56,18 @@ def launch_app() -> Callable:
         return demo, studio
 
     return launch
+
+
+@pytest.fixture(scope="module")
+def released_hub(tmp_path_factory):
+    """The local Hub (tests/hub_server.py) for a module's apps, the ``huggingface_hub`` client pointed at it,
+    serving a tiny base model as FacebookAI/xlm-roberta-base and composable-sft releases made for it
+    (``tiny.publish_tiny_release``); yields (hub, the base model's folder). The apps run in this process: they
+    use the client's constants."""
+    from hub_server import HubServer, point_client_at
+
+    from tiny import publish_tiny_release
+
+    with HubServer() as hub, pytest.MonkeyPatch.context() as mp:
+        point_client_at(mp, hub, tmp_path_factory.mktemp("hf-cache"))
+        yield hub, publish_tiny_release(hub, tmp_path_factory.mktemp("release"))

@@ -278,3 +278,58 @@ def test_tabs_titles_labels_and_deleting_a_run(driver, app_with_vectors):
     d.find_element(By.ID, "dx-delete-yes").click()
     wait(d, lambda d: "deleted" in text_of(d, "#dx-runs-status"), what="the deletion")
     assert "tiny-id-language" not in text_of(d, "#dx-runs")
+
+
+@pytest.fixture
+def hub_app(released_hub, tmp_path, monkeypatch, launch_app):
+    """An app on the local Hub (``released_hub``): nothing on the server yet."""
+    monkeypatch.setenv("DEFTX_WARMUP", "0")
+    demo, studio = launch_app(tmp_path / "home")
+    yield demo
+    studio.registry.shutdown(cancel_running=True)
+    demo.close()
+
+
+def test_gallery_pick_to_prediction_then_push(driver, hub_app, released_hub):
+    """Issue 22 in a real browser: the Hub tab says the Hub answered and lists the released vectors; "jav" picks
+    the Javanese language vector beside the sentiment task vector; Use in Predict pulls both, fetches the base
+    model from the Hub and opens Predict with them, which predicts; pushing a vector lists it in the gallery."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from tiny import RELEASED
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    d = driver
+    d.get(hub_app.local_url)
+    wait(d, lambda d: "DeFT-X Studio" in d.title, what="page title")
+    tab(d, "Hub")
+    wait(d, lambda d: "Hub answered" in text_of(d, "#dx-hub-status"), what="the Hub's answer")
+    d.find_element(By.CSS_SELECTOR, "#dx-gallery-language textarea").send_keys("jav", Keys.ENTER)
+    wait(d, lambda d: RELEASED["language"] in d.find_element(By.CSS_SELECTOR, "#dx-gallery-lang input")
+         .get_attribute("value"), what="the Javanese vector picked")
+    assert RELEASED["task"] in d.find_element(By.CSS_SELECTOR, "#dx-gallery-task input").get_attribute("value")
+    time.sleep(0.5)
+    d.save_screenshot(str(ARTIFACTS / "webapp_gallery.png"))
+
+    start = time.perf_counter()
+    d.find_element(By.ID, "dx-gallery-use").click()
+    wait(d, lambda d: d.find_element(By.ID, "dx-predict").is_displayed(), timeout=90, what="Predict to open")
+    picked = wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-task-vector input").get_attribute("value"),
+                  what="the task vector chosen")
+    assert RELEASED["task"] in picked
+    d.find_element(By.CSS_SELECTOR, "#dx-text textarea").send_keys("Makanannya enak sekali!")
+    d.find_element(By.ID, "dx-predict").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#dx-probs .js-plotly-plot"), timeout=90,
+         what="the probability chart")
+    status = wait(d, lambda d: "%" in text_of(d, "#dx-predict-status") and text_of(d, "#dx-predict-status"),
+                  what="the predicted label")
+    print(f"browser: pick to first prediction {time.perf_counter() - start:.2f} s")
+    assert any(label in status for label in ("negative", "neutral", "positive"))
+    d.save_screenshot(str(ARTIFACTS / "webapp_gallery_predict.png"))
+
+    tab(d, "Hub")
+    d.find_element(By.CSS_SELECTOR, "#dx-push-repo textarea").send_keys("me/deftx-browser")
+    d.find_element(By.ID, "dx-push").click()  # HF_TOKEN: the local Hub's
+    wait(d, lambda d: "me/deftx-browser" in text_of(d, "#dx-gallery"), timeout=60, what="the pushed vector listed")
+    assert "pushed with DeFT-X" in text_of(d, "#dx-gallery") and "1 pushed" in text_of(d, "#dx-hub-status")

@@ -1,6 +1,7 @@
-"""Hub tab: push a vector with a generated model card; pull a vector (Hub repo or local folder, composable-sft
-vectors converted) into the runs list. A token is used for one call only: never stored, logged or shown, and
-the field is cleared after each push or pull."""
+"""Hub tab: the gallery of released and pushed vectors (``gallery``, from a pick to Predict); push a vector with
+a generated model card; pull a vector (Hub repo or local folder, composable-sft vectors converted) into the runs
+list. A token is used for one call only: never stored, logged or shown, and the field is cleared after each push
+or pull."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,7 @@ from ..files import bounded
 from ..render import ok, text
 from ..settings import has_env_token, oauth_enabled
 from ..state import Studio
+from . import gallery
 from .pickers import refresh_on_open
 
 log = logging.getLogger(__name__)
@@ -26,13 +28,14 @@ REPO_ID = re.compile(r"[\w.-]{1,96}/[\w.-]{1,96}")
 
 
 def layout(ui: UI) -> None:
+    gallery.layout(ui)
     oauth = oauth_enabled()
     with gr.Row(equal_height=False):
         with gr.Column(elem_classes="dx-panel"):
             gr.Markdown("### Push a vector\nUploads the vector folder with a generated model card "
                         "(base model, language, method, k, rank policy, metrics).")
             run = gr.Dropdown([], label="Vector", allow_custom_value=True)
-            repo = gr.Textbox(label="Repository id", placeholder="your-name/deftx-id-language")
+            repo = gr.Textbox(label="Repository id", placeholder="your-name/deftx-id-language", elem_id="dx-push-repo")
             private = gr.Checkbox(False, label="Private repository")
             if oauth:
                 gr.LoginButton()
@@ -40,7 +43,7 @@ def layout(ui: UI) -> None:
             token = gr.Textbox(type="password", label="Hugging Face token",
                                placeholder=f"hf_… (leave empty to use {fallback})",
                                info="for this push (or a private pull) only: never stored, logged or shown")
-            push_button = gr.Button("Push", variant="primary")
+            push_button = gr.Button("Push", variant="primary", elem_id="dx-push")
             push_status = gr.Markdown(elem_classes="dx-status")
         with gr.Column(elem_classes="dx-panel"):
             gr.Markdown("### Pull a vector\nA Hub repo id or a local folder; composable-sft "
@@ -122,23 +125,12 @@ def pull(studio: Studio, source, base_model, kind, language, token="",
         pull_vector(source, dest, token=tok, base_model=base_model, kind=kind or None, language=language or None)
     except Exception as e:  # noqa: BLE001 -- whatever it says, without the token (even a non-hf_ one)
         raise scrubbed(e, tok) from None
-    try:  # a vector naming a base model the app may not load is not kept, nor listed; one from the Hub names none
-        m = studio.vector(dest).meta  # of this machine's folders
-        if m.base_model:
-            studio.check_base_model(m.base_model, "the vector's base model", local=Path(source).is_dir(),
-                                    reachable=False)
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
     if Path(source).is_dir():
         folder = Path(source)
         name = folder.parent.name if folder.name == "vector" else folder.name  # a run folder's vector/
     else:  # named by its repository (owner/name), as the user typed it
         name = source
-    shown = studio.shown_path(source)
-    cfg = {"source": shown, "base_model": m.base_model, "language": m.language, "method": m.method,
-           "k": m.k, "denoise": m.denoise, **({"metrics": m.extra["metrics"]} if "metrics" in m.extra else {})}
-    studio.registry.add_vector(name, m.kind, dest, config=cfg, run_id=run_id, message=f"pulled from {shown}")
+    m = register_pulled(studio, dest, run_id, name, source, local=Path(source).is_dir())
     return {"hub.pull_status": ok(f"Pulled **{text(name)}**: a {text(m.kind)} vector"
                                   + (f" ({text(m.language)})" if m.language else "")
                                   + f" for <code>{text(m.base_model)}</code>, {m.k:,} entries. It is listed in the "
@@ -146,7 +138,28 @@ def pull(studio: Studio, source, base_model, kind, language, token="",
             "hub.token": ""}
 
 
+def register_pulled(studio: Studio, dest: Path, run_id: str, name: str, source: str, *, local: bool = False):
+    """List the vector just pulled into ``dest`` as the finished run ``run_id`` named ``name``; returns its
+    metadata. One naming a base model the app may not load is removed, not listed (one from the Hub may name
+    none of this machine's folders: ``local`` is whether ``source`` is a folder here)."""
+    try:
+        m = studio.vector(dest).meta
+        if m.base_model:
+            studio.check_base_model(m.base_model, "the vector's base model", local=local, reachable=False)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    shown = studio.shown_path(source)
+    cfg = {"source": shown, "base_model": m.base_model, "language": m.language, "method": m.method,
+           "k": m.k, "denoise": m.denoise, **({"metrics": m.extra["metrics"]} if "metrics" in m.extra else {})}
+    studio.registry.add_vector(name, m.kind, dest, config=cfg, run_id=run_id, message=f"pulled from {shown}")
+    return m
+
+
 def wire(ui: UI) -> None:
-    ui.on(ui["hub.push"].click, push, ["hub.run", "hub.repo", "hub.private", "hub.token"], api_name="push")
+    pushed = ui.on(ui["hub.push"].click, push, ["hub.run", "hub.repo", "hub.private", "hub.token"], api_name="push")
+    gallery.wire(ui)
+    ui.on(pushed.then, gallery.gallery, ["hub.g_base", "hub.g_kind", "hub.g_lang", "hub.g_task", "hub.g_language"],
+          api_visibility="private")  # a vector pushed shows in the gallery
     ui.on(ui["hub.pull"].click, pull, ["hub.source", "hub.base", "hub.kind", "hub.lang", "hub.token"], api_name="pull")
     refresh_on_open(ui, "hub")
