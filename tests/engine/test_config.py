@@ -157,8 +157,8 @@ def test_values_that_would_fail_later_are_refused_by_train_config(values, field)
 
 
 def test_the_model_is_checked_before_the_run_folder_is_claimed(tmp_path, capsys):
-    """A base model that is a folder but not a model, and a max_length beyond the model's positions, are
-    refused with the setting's option before anything is written."""
+    """A base model that is a folder but not a model, a max_length beyond the model's positions and a head
+    corpus that is not a file are refused with the setting's option before anything is written."""
     from deftx_engine.cli import main
     from tiny import ASSETS, make_tiny_model_dir
 
@@ -171,4 +171,7 @@ def test_the_model_is_checked_before_the_run_folder_is_claimed(tmp_path, capsys)
                  "--output-dir", str(tmp_path / "b")]) != 0
     err = capsys.readouterr().err
     assert "max_length 129 is more than" in err and "(128 tokens)" in err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["train-language", "--data", corpus, "--base-model", tiny, "--head-corpus", "/dev/zero",
+                 "--output-dir", str(tmp_path / "c")]) != 0  # the head's text is read before, not during, the run
+    assert "/dev/zero is not a file" in capsys.readouterr().err
+    assert not any((tmp_path / x).exists() for x in "abc")
