@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .constants import MERGES, TIES_DENSITY, TIES_LAMBDA
-from .errors import DeftxError, option
+from .errors import DeftxError, clipped, option
 from .fileio import atomic_open, atomic_write_text, check_output_file
 
 
@@ -368,11 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DeftxError as e:
-        print(f"deftx: error: {e}", file=sys.stderr)
+        print(f"deftx: error: {clipped(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file or folder that cannot be read or written: one line naming it
-        where = e.filename if e.filename is not None else ""
-        print(f"deftx: error: {where}{': ' if where else ''}{e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"deftx: error: {clipped(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
 
 
