@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--language", action="append", help="language vector folder (repeatable)")
         p.add_argument("--scale", type=float, nargs="+", help="one scale per vector (task first); default 1")
         p.add_argument("--merge", choices=MERGES, default="sum",
-                       help="sum = theta0 + the vectors; ties = TIES merging (trim each vector to --ties-density "
+                       help="sum = θ0 + the vectors; ties = TIES merging (trim each vector to --ties-density "
                             "of its entries, elect a sign per entry, average the agreeing values) (default: sum)")
         p.add_argument("--ties-density", type=float, default=TIES_DENSITY,
                        help=f"--merge ties: share of each vector's entries kept (default: {TIES_DENSITY})")
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pair-column", help="second text column for pair tasks")
         p.add_argument("--label-column", default="label", help="label column (default: label)")
 
-    p = command("compose", _compose, "theta0 + task + language vectors -> a standard HF model folder")
+    p = command("compose", _compose, "θ0 + task + language vectors -> a standard HF model folder")
     model_args(p)
     p.add_argument("--output-dir", required=True, help="where to write the model (loads with transformers.pipeline)")
 
@@ -358,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # θ0, φ or a user's text never stop a command on an ASCII console
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 

@@ -36,8 +36,8 @@ def heldout_line(held: dict | None) -> str | None:
     except (TypeError, KeyError, ValueError):  # absent (task vectors, older vectors) or not numbers
         return None
     verdict = "lower: it learned its language" if e["loss"] < a["loss"] else "NOT lower: it did not learn its language"
-    return (f"held-out masked-token loss ({held['lines']} lines): theta0 {a['loss']:.3f} (top-1 {a['accuracy']:.1%}), "
-            f"theta0 + phi {b['loss']:.3f} (top-1 {b['accuracy']:.1%}); with theta0's head {e['loss']:.3f} -- "
+    return (f"held-out masked-token loss ({held['lines']} lines): θ0 {a['loss']:.3f} (top-1 {a['accuracy']:.1%}), "
+            f"θ0 + φ {b['loss']:.3f} (top-1 {b['accuracy']:.1%}); with θ0's head {e['loss']:.3f} -- "
             f"{verdict}")
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,18 @@ def test_every_field_has_help_and_the_cli_shows_it(capsys, monkeypatch):
         assert f.metadata["help"], name
         if name != "kind":
             assert option(name) in text and " ".join(f.metadata["help"].split()) in text, name
+
+
+def test_help_says_theta_and_phi_and_prints_on_an_ascii_console():
+    """θ0, φ, ρ and σ² as the paper and README write them (the help said theta0, phi, rho, sigma^2); a console
+    that cannot show them gets escapes, never a UnicodeEncodeError."""
+    texts = " ".join(f.metadata["help"] for f in FIELDS.values())
+    assert "θ0 + φ" in texts and "ρ:" in texts and "σ²" in texts and "theta" not in texts and "rho" not in texts
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PYTHONPATH": str(root), "COLUMNS": "10000"}
+    res = subprocess.run([sys.executable, "-m", "deftx_engine.cli", "compose", "--help"], capture_output=True,
+                         text=True, env=env, cwd=root, timeout=120)
+    assert res.returncode == 0 and "sum = \\u03b80 + the vectors" in res.stdout, res.stderr[-500:]
 
 
 def test_options_have_the_fields_types():
