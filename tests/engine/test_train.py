@@ -248,6 +248,16 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(tiny_dir, tmp_path, 
     assert not any("Loading weights" in line for line in err)  # transformers' bars are off too
 
 
+def test_a_terminal_gets_the_bars_and_no_plain_lines(tiny_dir, tmp_path, capsys, monkeypatch):
+    """At a terminal the phases' bars and log.txt's story are shown by the trainer; the plain lines stay off."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["train-task", "--data", TASK, "--base-model", tiny_dir, "--full-steps", "2", "--sparse-steps", "2",
+                 "--output-dir", str(tmp_path / "run"), *FAST, "--logging-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "phase 2/2: sparse fine-tuning: 100%" in err and "vector saved to" in err  # tqdm's bar, say()
+    assert "(run 4/4)" not in err and "step 2/2" not in err
+
+
 # ---- processes: cancel, kill + resume, torchrun ------------------------------------------------------
 def _cli(*args, **kw):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
