@@ -140,7 +140,8 @@ def _train(args, kind: str) -> int:
     from .train import train_sft
 
     if args.resume:  # before anything is read: a deleted run folder is said, not found out mid-run
-        RunDir(args.output_dir).require_run("--resume: --output-dir", queued=True)
+        RunDir(args.output_dir).require_run("--resume: --output-dir", queued=True,
+                                            hint="There is nothing to resume: start the run anew.")
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     cfg = resolve(kind, preset_name=args.preset, file=args.config, values=given)
     print("configuration:", json.dumps(cfg.to_dict(), indent=2), file=sys.stderr)

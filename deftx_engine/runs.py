@@ -107,7 +107,7 @@ class RunDir:
                               "choose another --output-dir") from None
         return False
 
-    def require_run(self, what: str, *, queued: bool = False) -> None:
+    def require_run(self, what: str, *, queued: bool = False, hint: str = "") -> None:
         """Refuse, naming the folder, a path given as a run that holds none (no run.json; with ``queued`` also
         a front end's config.json counts: a run queued but never started): ``inspect --run /etc`` or ``--resume``
         of a deleted folder is said at once, not found out later."""
@@ -115,7 +115,7 @@ class RunDir:
             return
         why = ("does not exist (was it deleted?)" if not os.path.lexists(self.path)
                else "is not a DeFT-X run folder (it has no run.json)")
-        raise DeftxError(f"{what} {self.path} {why}")
+        raise DeftxError(f"{what} {self.path} {why}.", hint=hint)
 
     def lock(self) -> None:
         """Become the folder's one writer: an exclusive ``flock`` on ``.lock``, held until ``unlock`` or the

@@ -205,6 +205,7 @@ def test_a_folder_that_holds_no_run_is_refused_naming_it(trained, tiny_dir, tmp_
     gone = tmp_path / "deleted-run"
     msg = _err(capsys, ["train-task", "--data", TASK, "--base-model", tiny_dir, "--resume", "--output-dir", str(gone)])
     assert f"--resume: --output-dir {gone} does not exist (was it deleted?)" in msg and not gone.exists()
+    assert "nothing to resume: start the run anew" in msg
     gone.mkdir()  # the app's form: the folder made again for its process.log, its config.json gone
     (gone / "process.log").write_text("")
     msg = _err(capsys, ["train-task", "--config", str(gone / "config.json"), "--resume", "--output-dir", str(gone)])
