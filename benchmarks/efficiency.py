@@ -114,7 +114,8 @@ def profile_groups(ph: Phases, batch: dict) -> dict[str, float]:
     groups = {"matmul": ("addmm", "mm", "bmm", "matmul", "linear", "baddbmm"), "optimizer": ("adam", "_foreach"),
               "embedding backward": ("embedding_dense_backward", "index_add", "embedding_backward"),
               "softmax / cross-entropy": ("softmax", "nll", "cross_entropy"),
-              "attention kernel": ("scaled_dot_product", "_flash", "attention")}
+              "attention kernel": ("scaled_dot_product", "_flash", "attention"),
+              "dtype casts": ("copy_", "_to_copy"), "dropout": ("bernoulli", "dropout")}
     out = {g: 0.0 for g in groups} | {"other": 0.0}
     for ev in prof.key_averages():
         name = ev.key.lower()

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import signal
 import sys
+import time
 import typing
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from .constants import KINDS, MERGES, PRECISIONS, TIES_DENSITY, TIES_LAMBDA
-from .errors import DeftxError, option
+from .errors import DeftxError, clipped, option
 from .fileio import atomic_open, atomic_write_text, check_output_file
 
 
@@ -68,18 +71,89 @@ def _add_train_parser(sub, kind: str):
     return p
 
 
+def _plain_progress_run(path: str, logging_steps: int):
+    """The run folder for a stderr that is not a terminal (nohup, CI logs, a pipe), where the trainer shows
+    neither its bars nor log.txt's story: a ``RunDir`` that also prints, as plain lines, what the trainer tells
+    it -- each logged step of a phase, the head fit's step every ``logging_steps`` steps, each new status message
+    -- and log.txt's new lines before them. Nothing is polled: the lines come from the trainer's own calls."""
+    from .runs import RunDir
+    from .train import PHASE_NAMES
+
+    def say(line: str) -> None:  # stamped like log.txt's lines, which come through as written
+        print(time.strftime("%H:%M:%S"), line, file=sys.stderr, flush=True)
+
+    def eta(seconds: float | None) -> str:
+        return f", ETA {timedelta(seconds=round(seconds))}" if seconds is not None and seconds >= 0 else ""
+
+    class PlainProgress(RunDir):
+        log_at: int | None = None  # bytes of log.txt already shown; None until this process claims the folder
+        head_fit_shown = 0
+        message = ""
+
+        def claim(self, config: dict, *, resume: bool, overwrite: bool) -> bool:
+            resumed = super().claim(config, resume=resume, overwrite=overwrite)
+            self.log_at = self.log_file.stat().st_size if self.log_file.is_file() else 0  # an earlier attempt's
+            return resumed
+
+        def show_log(self) -> None:
+            """log.txt's lines written since the last call (the trainer's story: head fit, mask, vector)."""
+            if self.log_at is None:
+                return
+            try:
+                with self.log_file.open("rb") as f:
+                    f.seek(self.log_at)
+                    new = f.read()
+            except OSError:
+                return
+            new = new[:new.rfind(b"\n") + 1]  # whole lines only
+            self.log_at += len(new)
+            for line in new.decode("utf-8", errors="replace").splitlines():
+                print(line, file=sys.stderr, flush=True)
+
+        def update(self, **changes) -> None:
+            super().update(**changes)
+            self.show_log()
+            st = self._status
+            if st.message and st.message != self.message and st.state != "done":  # log.txt says "vector saved"
+                say(st.message)
+            self.message = st.message
+            if st.phase == "head-fit" and "step" in changes and st.total_steps:
+                if st.step // logging_steps > self.head_fit_shown // logging_steps or st.step == st.total_steps:
+                    say(f"MLM head fit: step {st.step} of at most {st.total_steps}{eta(st.eta_seconds)}")
+                    self.head_fit_shown = st.step
+
+        def log_metrics(self, record: dict) -> None:
+            super().log_metrics(record)
+            self.show_log()
+            if record.get("phase") in PHASE_NAMES and "phase_step" in record:
+                st = self.status()  # this step's, written just before its log
+                say(f"{PHASE_NAMES[record['phase']]}: step {record['phase_step']}/{record['phase_steps']} (run "
+                    f"{record['step']}/{st.get('total_steps', '?')}), loss {record['loss']:.4f}"
+                    f"{eta(st.get('eta_seconds'))}")
+
+    return PlainProgress(path)
+
+
 def _train(args, kind: str) -> int:
     from .config import FIELDS, resolve
     from .runs import RunDir, StopFlag
     from .train import train_sft
 
+    if args.resume:  # before anything is read: a deleted run folder is said, not found out mid-run
+        RunDir(args.output_dir).require_run("--resume: --output-dir", queued=True,
+                                            hint="There is nothing to resume: start the run anew.")
     given = {k: v for k, v in vars(args).items() if k in FIELDS}
     cfg = resolve(kind, preset_name=args.preset, file=args.config, values=given)
     print("configuration:", json.dumps(cfg.to_dict(), indent=2), file=sys.stderr)
     stop = StopFlag().install()
-    run = RunDir(args.output_dir)
-    out = train_sft(cfg, run, stop=stop, resume=args.resume, overwrite=args.overwrite,
-                    keep_checkpoints=args.keep_checkpoints)
+    plain = not sys.stderr.isatty()  # a terminal gets the trainer's bars and story instead
+    run = _plain_progress_run(args.output_dir, cfg.logging_steps) if plain else RunDir(args.output_dir)
+    try:
+        out = train_sft(cfg, run, stop=stop, resume=args.resume, overwrite=args.overwrite,
+                        keep_checkpoints=args.keep_checkpoints)
+    finally:
+        if plain:
+            run.show_log()  # the story's last lines (vector saved, stopped, ...)
     if out is None:
         run.update(state="cancelled", message="stopped by a signal; resume with --resume")
         print(f"cancelled; the last checkpoint is in {args.output_dir}", file=sys.stderr)
@@ -146,12 +220,17 @@ def _evaluate(args) -> int:
         diff = result["macro_f1"] - alone["macro_f1"]
         result["task_only"] = {k: alone[k] for k in ("macro_f1", "accuracy")}
         result["language_effect_macro_f1"] = diff
-        print(f"macro-F1 {result['macro_f1']:.3f} with the language vector, {alone['macro_f1']:.3f} with the task "
-              f"vector alone: {language_effect(diff)}", file=sys.stderr)
+        summary = (f"macro-F1 {result['macro_f1']:.3f} with the language vector, {alone['macro_f1']:.3f} with the "
+                   f"task vector alone, on {result['n']:,} rows of {args.data}: {language_effect(diff)}")
+    else:
+        summary = (f"macro-F1 {result['macro_f1']:.3f}, accuracy {result['accuracy']:.3f}, on {result['n']:,} rows "
+                   f"of {args.data}")
     text = json.dumps(result, indent=2)
     if args.output:  # written aside and renamed: a reader never sees half a file
         atomic_write_text(args.output, text + "\n")
-    print(text)
+    print(summary, file=sys.stderr if args.json else sys.stdout)  # stdout stays pure JSON with --json
+    if args.json:
+        print(text)
     return 0
 
 
@@ -182,6 +261,10 @@ def _inspect(args) -> int:
     for flag, path in (("--html", args.html), ("--output", args.output)):
         if path:
             check_output_file(path, flag)
+    if args.run:
+        from .runs import RunDir
+
+        RunDir(args.run).require_run("--run")
     report = inspect_report(args.vectors, run=args.run, html=args.html)
     text = json.dumps(report, indent=2)
     if args.output:
@@ -241,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--language", action="append", help="language vector folder (repeatable)")
         p.add_argument("--scale", type=float, nargs="+", help="one scale per vector (task first); default 1")
         p.add_argument("--merge", choices=MERGES, default="sum",
-                       help="sum = theta0 + the vectors; ties = TIES merging (trim each vector to --ties-density "
+                       help="sum = θ0 + the vectors; ties = TIES merging (trim each vector to --ties-density "
                             "of its entries, elect a sign per entry, average the agreeing values) (default: sum)")
         p.add_argument("--ties-density", type=float, default=TIES_DENSITY,
                        help=f"--merge ties: share of each vector's entries kept (default: {TIES_DENSITY})")
@@ -257,15 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="number format of the matrix products: auto = bf16 autocast where the CPU or GPU "
                             "multiplies bf16 natively, else float32 (default: auto)")
 
-    p = command("compose", _compose, "theta0 + task + language vectors -> a standard HF model folder")
+    p = command("compose", _compose, "θ0 + task + language vectors -> a standard HF model folder")
     model_args(p)
     p.add_argument("--output-dir", required=True, help="where to write the model (loads with transformers.pipeline)")
 
-    p = command("evaluate", _evaluate, "macro-F1, accuracy and confusion matrix of a composed model (JSON); with "
-                "--language also the task vector alone, and the difference")
+    p = command("evaluate", _evaluate, "macro-F1 and accuracy of a composed model (--json: also per class and the "
+                "confusion matrix); with --language also the task vector alone, and the difference")
     model_args(p)
     data_args(p, True)
-    p.add_argument("--output", help="also write the JSON to this file")
+    p.add_argument("--output", help="also write the whole result as JSON to this file")
+    p.add_argument("--json", action="store_true", help="print the whole result (per-class scores, confusion "
+                                                       "matrix) as JSON instead of the one-line summary")
 
     p = command("predict", _predict, "label probabilities for --text or every line of --data (CSV)")
     model_args(p)
@@ -309,19 +394,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # θ0, φ or a user's text never stop a command on an ASCII console
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
-    if not os.environ.get("DEFTX_VERBOSE"):  # transformers' load reports list every new head weight
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
+    if not os.environ.get("DEFTX_VERBOSE"):  # transformers' load reports list every new head weight
         hf_logging.set_verbosity_error()
+    if not sys.stderr.isatty():  # a log file gets no "Loading weights" bars
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except DeftxError as e:
-        print(f"deftx: error: {e}", file=sys.stderr)
+        print(f"deftx: error: {clipped(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file or folder that cannot be read or written: one line naming it
-        where = e.filename if e.filename is not None else ""
-        print(f"deftx: error: {where}{': ' if where else ''}{e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"deftx: error: {clipped(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
 
 

@@ -95,14 +95,14 @@ class TrainConfig:
     method: Method = field(default="deftx", metadata=_help(
         "deftx = SVD-denoise the phase-1 delta before masking; lt-sft = plain magnitude mask"))
     rank_policy: RankPolicy = field(default="energy", metadata=_help(
-        "energy = smallest rank keeping --energy of sum(sigma^2); fixed = --rank"))
-    energy: float = field(default=0.90, metadata=_help("share of the spectrum's energy (sigma^2) the low-rank "
+        "energy = smallest rank keeping --energy of Σσ²; fixed = --rank"))
+    energy: float = field(default=0.90, metadata=_help("share of the spectrum's energy (σ²) the low-rank "
                                                        "part keeps"))
     rank: int = field(default=100, metadata=_help("rank r for --rank-policy fixed (clipped to each matrix)"))
     residual_share: float = field(default=0.05, metadata=_help(
-        "rho: share of each matrix's residual entries kept after the low-rank part (0 drops it)"))
+        "ρ: share of each matrix's residual entries kept after the low-rank part (0 drops it)"))
     residual_scope: ResidualScope = field(default="changed", metadata=_help(
-        "what rho is a share of: changed = the rows of the matrix that phase 1 changed (a word-embedding delta "
+        "what ρ is a share of: changed = the rows of the matrix that phase 1 changed (a word-embedding delta "
         "lives in the rows of the corpus's tokens); matrix = all its entries (older runs; such a delta is then "
         "kept whole, not denoised)"))
     k: float | None = field(default=None, metadata=_help(
@@ -130,7 +130,7 @@ class TrainConfig:
     max_bytes: int = field(default=MAX_BYTES_DEFAULT, metadata=_help("refuse data files larger than this many "
                                                                      "bytes"))
     source_language_vector: str | None = field(default=None, metadata=_help(
-        "task SFT only: train on top of theta0 + this source-language vector (LT-SFT's setting)"))
+        "task SFT only: train on top of θ0 + this source-language vector (LT-SFT's setting)"))
     sparse_phase: bool = field(default=True, metadata=_help(
         "run phase 2 (false: keep the masked phase-1 delta; an ablation)"))
     fit_head: bool = field(default=True, metadata=_help(
@@ -143,9 +143,9 @@ class TrainConfig:
         "the layers above it are left out of the language vector"))
     param_groups: str = field(default="all", metadata=_help(
         "parameters the vector may change: all, or a comma list of " + ", ".join(PARAM_GROUPS) +
-        " (the others stay at theta0; k is a share of the allowed ones)"))
+        " (the others stay at θ0; k is a share of the allowed ones)"))
     heldout_share: float = field(default=0.1, metadata=_help(
-        "language SFT: share of the corpus held out to score theta0 against theta0 + phi "
+        "language SFT: share of the corpus held out to score θ0 against θ0 + φ "
         "(masked-token loss and top-1)"))
     precision: Precision = field(default="auto", metadata=_help(
         "number format of the matrix products (both phases, the MLM-head fit, held-out checks): auto = bf16 "

@@ -48,3 +48,15 @@ class VectorError(DeftxError, ValueError):
 
 class ConfigError(DeftxError, ValueError):
     """A setting is out of range or contradicts another (e.g. k larger than the maskable parameters)."""
+
+
+MAX_MESSAGE_CHARS = 1000  # a few paths of any sensible length; a 100,000-character argument is not echoed back
+
+
+def clipped(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` cut in the middle to at most about ``limit`` characters: its start (what went wrong, where)
+    and its end (the reason, e.g. "File name too long") stay."""
+    if len(message) <= limit:
+        return message
+    head, tail = limit * 2 // 3, limit // 3
+    return f"{message[:head]} [... {len(message) - head - tail:,} characters left out ...] {message[-tail:]}"

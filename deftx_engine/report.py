@@ -6,6 +6,7 @@ from html import escape as html_escape
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from .errors import DeftxError
 from .fileio import atomic_write_text
 from .masks import densities, overlap
 from .params import layer_of, module_type
@@ -35,8 +36,8 @@ def heldout_line(held: dict | None) -> str | None:
     except (TypeError, KeyError, ValueError):  # absent (task vectors, older vectors) or not numbers
         return None
     verdict = "lower: it learned its language" if e["loss"] < a["loss"] else "NOT lower: it did not learn its language"
-    return (f"held-out masked-token loss ({held['lines']} lines): theta0 {a['loss']:.3f} (top-1 {a['accuracy']:.1%}), "
-            f"theta0 + phi {b['loss']:.3f} (top-1 {b['accuracy']:.1%}); with theta0's head {e['loss']:.3f} -- "
+    return (f"held-out masked-token loss ({held['lines']} lines): θ0 {a['loss']:.3f} (top-1 {a['accuracy']:.1%}), "
+            f"θ0 + φ {b['loss']:.3f} (top-1 {b['accuracy']:.1%}); with θ0's head {e['loss']:.3f} -- "
             f"{verdict}")
 
 
@@ -64,7 +65,8 @@ def text_summary(report: dict) -> str:
         out += ["  " + line for line in overlap_by_group(o)]
     if "spectra" in report:
         ranks = [r["rank"] for r in report["spectra"].values()]
-        out.append(f"spectra: {len(ranks)} matrices, rank median {sorted(ranks)[len(ranks) // 2] if ranks else 0}")
+        out.append(f"spectra: {len(ranks)} matrices, rank median {sorted(ranks)[len(ranks) // 2]}" if ranks else
+                   "spectra: none in this run (an LT-SFT run has none; a DeFT-X run has them once its mask is chosen)")
     return "\n".join(out)
 
 
@@ -78,11 +80,17 @@ def overlap_by_group(o: Mapping) -> list[str]:
 
 
 def spectra_summary(run: str | Path) -> dict:
-    records = read_json(RunDir(run).spectra_file, {}) or {}
-    return {n: {"shape": r["shape"], "rank": r["rank"], "energy_retained": r["energy_retained"],
-                "residual_kept": r["residual_kept"],
-                "sigma_max": r["singular_values"][0] if r["singular_values"] else 0}
-            for n, r in records.items()}
+    """Per matrix of a run's spectra.json: shape, rank, energy and residual kept, largest singular value; {} for a
+    run without one (LT-SFT, or before its mask was chosen). A file of another shape is named, never a traceback."""
+    file = RunDir(run).spectra_file
+    records = read_json(file, {}) or {}
+    try:
+        return {n: {"shape": r["shape"], "rank": r["rank"], "energy_retained": r["energy_retained"],
+                    "residual_kept": r["residual_kept"],
+                    "sigma_max": r["singular_values"][0] if r["singular_values"] else 0}
+                for n, r in records.items()}
+    except (AttributeError, KeyError, TypeError, IndexError):
+        raise DeftxError(f"{file} is damaged: it does not hold a spectrum per matrix") from None
 
 
 def inspect_report(paths: Sequence[str | Path], run: str | Path | None = None, html: str | Path | None = None) -> dict:

@@ -108,6 +108,16 @@ class RunDir:
                               "choose another --output-dir") from None
         return False
 
+    def require_run(self, what: str, *, queued: bool = False, hint: str = "") -> None:
+        """Refuse, naming the folder, a path given as a run that holds none (no run.json; with ``queued`` also
+        a front end's config.json counts: a run queued but never started): ``inspect --run /etc`` or ``--resume``
+        of a deleted folder is said at once, not found out later."""
+        if self.config_file.is_file() or (queued and self.submitted_file.is_file()):
+            return
+        why = ("does not exist (was it deleted?)" if not os.path.lexists(self.path)
+               else "is not a DeFT-X run folder (it has no run.json)")
+        raise DeftxError(f"{what} {self.path} {why}.", hint=hint)
+
     def lock(self) -> None:
         """Become the folder's one writer: an exclusive ``flock`` on ``.lock``, held until ``unlock`` or the
         end of this process (the kernel releases it however the process ends, ``kill -9`` included). A folder

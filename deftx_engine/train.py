@@ -30,7 +30,8 @@ from .models import load_cls_model, load_mlm_model, load_tokenizer
 from .optim import SparseAdamW
 from .params import parameter_roles, restrict
 from .phase1 import load_deltas, save_deltas
-from .precision import Amp, resolve as resolve_precision
+from .precision import Amp
+from .precision import resolve as resolve_precision
 from .runs import RunDir, StopFlag, read_json
 from .vectors import SparseVector, VectorMeta, base_fingerprint
 
@@ -140,7 +141,8 @@ def _progress_callback(run: RunDir, phase: str, offset: int, total: int, stop: S
                 if self.bar is not None:
                     self.bar.set_postfix(loss=f"{self.loss:.3f}", refresh=False)
                 run.log_metrics({"phase": phase, "step": offset + state.global_step, "loss": self.loss,
-                                 "lr": logs.get("learning_rate")})
+                                 "lr": logs.get("learning_rate"),
+                                 "phase_step": state.global_step, "phase_steps": state.max_steps})  # the CLI's lines
 
     return Progress()
 
@@ -295,6 +297,8 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
     if k > n_maskable:
         raise ConfigError(f"k = {k:,} is larger than the {n_maskable:,} maskable parameters of {cfg.base_model}",
                           field="k")
+    fits_head = cfg.kind == "language" and cfg.fit_head and model.head_is_new
+    head_text = load_corpus(cfg.head_corpus, max_bytes=cfg.max_bytes) if fits_head and cfg.head_corpus else None
     if main:  # everything is checked: only now is the output folder claimed
         resume = run.claim(cfg.to_dict(), resume=resume, overwrite=overwrite)
     with run.writing(), run.record_failure(main):  # any error from here on marks the run failed (with its message)
@@ -312,17 +316,16 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             run.update(precision=amp.name)
         heads = [n for n in roles.heads if params[n].requires_grad]
         head_fit = None
-        if cfg.kind == "language" and cfg.fit_head and model.head_is_new:
+        if fits_head:
             if main:
                 run.update(state="running", phase="head-fit", message="fitting the MLM head (once per base model "
                                                                       "and text; cached)")
-            text = load_corpus(cfg.head_corpus, max_bytes=cfg.max_bytes) if cfg.head_corpus else dataset.lines
             # a head fitted in bf16 is cached apart from a float32 one, so a float32 run stays reproducible
             key = _weights_key(model, cfg.base_model) + ("" if amp.dtype is None else f"-{amp.name}")
             with amp.autocast():
-                head_fit = cached_fit(model, tokenizer, key, text, HeadFitConfig(max_length=cfg.max_length),
-                                      progress=say, stop=lambda: bool(stop),
-                                      on_step=_head_fit_progress(run) if main else None)
+                head_fit = cached_fit(model, tokenizer, key, head_text or dataset.lines,
+                                      HeadFitConfig(max_length=cfg.max_length), progress=say,
+                                      stop=lambda: bool(stop), on_step=_head_fit_progress(run) if main else None)
             if head_fit["stopped"]:
                 if main:
                     run.update(step=head_fit["steps"])

@@ -249,3 +249,18 @@ def test_cli_output_paths_give_one_line(vector_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("deftx: error:") and says in err and len(err.splitlines()) == 1, (argv, err)
     assert a_file.read_text() == "keep"
+
+
+def test_cli_errors_never_echo_a_huge_argument_whole(vector_dir, tmp_path, capsys):
+    """A 100,000-character path or repo id came back whole in the one-line error (the app cuts ids to 80
+    characters); the CLI keeps the start and the reason of a message and says how much it left out."""
+    long_path = "/tmp/" + "/".join(["y" * 200] * 500)
+    cases = [(["inspect", str(vector_dir), "--run", long_path], "File name too long"),  # an OSError
+             (["inspect", long_path], "File name too long"),
+             (["pull", "x" * 100_000, "--output-dir", str(tmp_path / "p")], "File name too long"),
+             (["inspect", str(vector_dir), "--run", "/" + "/".join(["z" * 200] * 20)], "does not exist")]  # DeftxError
+    for argv, says in cases:
+        assert main(argv) == 2, argv[:1]
+        (err,) = capsys.readouterr().err.strip().splitlines()
+        assert err.startswith("deftx: error:") and says in err and len(err) < 1100, (argv[:1], err[:200], len(err))
+        assert "characters left out" in err

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,18 @@ def test_every_field_has_help_and_the_cli_shows_it(capsys, monkeypatch):
         assert f.metadata["help"], name
         if name != "kind":
             assert option(name) in text and " ".join(f.metadata["help"].split()) in text, name
+
+
+def test_help_says_theta_and_phi_and_prints_on_an_ascii_console():
+    """θ0, φ, ρ and σ² as the paper and README write them (the help said theta0, phi, rho, sigma^2); a console
+    that cannot show them gets escapes, never a UnicodeEncodeError."""
+    texts = " ".join(f.metadata["help"] for f in FIELDS.values())
+    assert "θ0 + φ" in texts and "ρ:" in texts and "σ²" in texts and "theta" not in texts and "rho" not in texts
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PYTHONPATH": str(root), "COLUMNS": "10000"}
+    res = subprocess.run([sys.executable, "-m", "deftx_engine.cli", "compose", "--help"], capture_output=True,
+                         text=True, env=env, cwd=root, timeout=120)
+    assert res.returncode == 0 and "sum = \\u03b80 + the vectors" in res.stdout, res.stderr[-500:]
 
 
 def test_options_have_the_fields_types():
@@ -157,8 +170,8 @@ def test_values_that_would_fail_later_are_refused_by_train_config(values, field)
 
 
 def test_the_model_is_checked_before_the_run_folder_is_claimed(tmp_path, capsys):
-    """A base model that is a folder but not a model, and a max_length beyond the model's positions, are
-    refused with the setting's option before anything is written."""
+    """A base model that is a folder but not a model, a max_length beyond the model's positions and a head
+    corpus that is not a file are refused with the setting's option before anything is written."""
     from deftx_engine.cli import main
     from tiny import ASSETS, make_tiny_model_dir
 
@@ -171,4 +184,7 @@ def test_the_model_is_checked_before_the_run_folder_is_claimed(tmp_path, capsys)
                  "--output-dir", str(tmp_path / "b")]) != 0
     err = capsys.readouterr().err
     assert "max_length 129 is more than" in err and "(128 tokens)" in err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["train-language", "--data", corpus, "--base-model", tiny, "--head-corpus", "/dev/zero",
+                 "--output-dir", str(tmp_path / "c")]) != 0  # the head's text is read before, not during, the run
+    assert "/dev/zero is not a file" in capsys.readouterr().err
+    assert not any((tmp_path / x).exists() for x in "abc")

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from deftx_engine.errors import ConfigError
+from deftx_engine.errors import ConfigError, DeftxError
 from deftx_engine.runs import RunDir, StopFlag, read_json
 
 CONFIG = {"kind": "language", "data": "corpus.txt", "k": 0.028}
@@ -38,6 +38,22 @@ def test_overwrite_empties_the_folder_first(tmp_path):
     assert run.claim(other, resume=False, overwrite=True) is False
     assert sorted(p.name for p in run.path.iterdir()) == [".lock", "run.json"]  # the lock this process holds
     assert read_json(run.config_file) == other
+
+
+def test_require_run_names_a_folder_without_a_run(tmp_path):
+    """A claimed run passes; an absent folder, a folder of other files, or one holding only a front end's
+    config.json (a queued run; accepted with ``queued``, as --resume does) is refused naming it."""
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(DeftxError, match=f"--run {run.path} does not exist"):
+        run.require_run("--run")
+    run.path.mkdir()
+    run.submitted_file.write_text("{}")
+    with pytest.raises(DeftxError, match=r"is not a DeFT-X run folder \(it has no run.json\)\. Try again\.$"):
+        run.require_run("--run", hint="Try again.")
+    run.require_run("--resume", queued=True)
+    run.submitted_file.unlink()
+    run.claim(CONFIG, resume=False, overwrite=False)
+    run.require_run("--run")
 
 
 def test_status_updates_are_whole_files_and_accumulate(tmp_path):

@@ -96,13 +96,17 @@ def test_compose_evaluate_predict_inspect(trained, tmp_path, capsys):
     assert result["n"] == 90 and 0 <= result["macro_f1"] <= 1 and sum(map(sum, result["confusion"])) == 90
     alone = result["task_only"]["macro_f1"]  # the task vector alone beside the composed model, and the difference
     assert result["language_effect_macro_f1"] == pytest.approx(result["macro_f1"] - alone)
-    err = capsys.readouterr().err
-    assert f"{result['macro_f1']:.3f} with the language vector, {alone:.3f} with the task vector alone" in err
-    assert ("COSTS" in err) == (result["macro_f1"] < alone)
+    (line,) = capsys.readouterr().out.splitlines()  # one line; the whole result with --json or --output
+    assert f"{result['macro_f1']:.3f} with the language vector, {alone:.3f} with the task vector alone" in line
+    assert f"on 90 rows of {EVAL}" in line and ("COSTS" in line) == (result["macro_f1"] < alone)
+    assert main(["evaluate", "--task", task, "--language", lang, "--data", EVAL, "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == result and line in out.err  # stdout stays pure JSON for a script
     assert main(["evaluate", "--task", task, "--data", EVAL, "--output", str(tmp_path / "alone.json")]) == 0
     only = json.loads((tmp_path / "alone.json").read_text())
     assert only["macro_f1"] == pytest.approx(alone) and "task_only" not in only
-    capsys.readouterr()
+    assert capsys.readouterr().out == (f"macro-F1 {only['macro_f1']:.3f}, accuracy {only['accuracy']:.3f}, "
+                                       f"on 90 rows of {EVAL}\n")
     assert main(["predict", "--task", task, "--language", lang, "--text", "makanan ini enak"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0] == "text,prediction,p_negative,p_neutral,p_positive" and len(rows) == 2
@@ -188,6 +192,71 @@ def test_output_dir_holding_another_run(trained, tiny_dir, capsys):
     assert "different run" in msg and "--overwrite" in msg
     assert (trained / "task" / "run.json").read_bytes() == before
     assert (trained / "task" / "vector" / "sft_model.safetensors").read_bytes() == vec_before
+
+
+def test_a_folder_that_holds_no_run_is_refused_naming_it(trained, tiny_dir, tmp_path, capsys):
+    """``inspect --run /etc`` used to succeed (with no spectra), and ``--resume`` of a deleted run folder trained
+    anew (in the app: failed later, naming a log that was gone): both are refused at once, naming the folder."""
+    lang = str(trained / "lang" / "vector")
+    assert "--run /etc is not a DeFT-X run folder (it has no run.json)" in _err(capsys, ["inspect", lang, "--run",
+                                                                                        "/etc"])
+    assert f"--run {tmp_path / 'gone'} does not exist" in _err(capsys, ["inspect", lang, "--run",
+                                                                       str(tmp_path / "gone")])
+    gone = tmp_path / "deleted-run"
+    msg = _err(capsys, ["train-task", "--data", TASK, "--base-model", tiny_dir, "--resume", "--output-dir", str(gone)])
+    assert f"--resume: --output-dir {gone} does not exist (was it deleted?)" in msg and not gone.exists()
+    assert "nothing to resume: start the run anew" in msg
+    gone.mkdir()  # the app's form: the folder made again for its process.log, its config.json gone
+    (gone / "process.log").write_text("")
+    msg = _err(capsys, ["train-task", "--config", str(gone / "config.json"), "--resume", "--output-dir", str(gone)])
+    assert f"--resume: --output-dir {gone} is not a DeFT-X run folder" in msg
+    spectra = trained / "lang" / "spectra.json"
+    kept = spectra.read_bytes()
+    try:
+        for damaged in ("[1, 2]", '{"m": {"rank": 1}}', '{"m": 3}'):  # a file of another shape is named
+            spectra.write_text(damaged)
+            assert f"{spectra} is damaged" in _err(capsys, ["inspect", lang, "--run", str(trained / "lang")])
+        spectra.unlink()  # as in an LT-SFT run
+        assert main(["inspect", lang, "--run", str(trained / "lang")]) == 0
+        assert "spectra: none in this run" in capsys.readouterr().out
+    finally:
+        spectra.write_bytes(kept)
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(tiny_dir, tmp_path, capsys, monkeypatch):
+    """nohup, CI logs, a pipe: no bars there, so a plain line per logged step of each phase (counted within the
+    phase, and within the run), per --logging-steps steps of the head fit, and the log's story; before, nothing."""
+    import functools
+
+    from deftx_engine import train
+    from deftx_engine.mlm_head import HeadFitConfig
+
+    monkeypatch.setenv("DEFTX_CACHE", str(tmp_path / "cache"))  # a fresh head fit
+    monkeypatch.setattr(train, "HeadFitConfig", functools.partial(HeadFitConfig, max_steps=4, eval_every=2))
+    assert not sys.stderr.isatty()  # capsys: like a pipe
+    capsys.readouterr()
+    assert main(["train-language", "--data", CORPUS, "--base-model", tiny_dir, "--full-steps", "3", "--sparse-steps",
+                 "3", "--output-dir", str(tmp_path / "run"), *FAST, "--logging-steps", "1"]) == 0
+    err = [line[9:] if line[:2].isdigit() and line[8:9] == " " else line  # without the HH:MM:SS stamp
+           for line in capsys.readouterr().err.splitlines()]
+    steps = [line.split(", loss")[0] for line in err if ": step " in line and "phase" in line]
+    assert steps == [f"phase 1/2: full fine-tuning: step {i}/3 (run {i}/6)" for i in (1, 2, 3)] + \
+        [f"phase 2/2: sparse fine-tuning: step {i}/3 (run {i + 3}/6)" for i in (1, 2, 3)]
+    assert any(l.startswith("MLM head fit: step 1 of at most 4") for l in err)  # status.json: at most 2 a second
+    assert "MLM head fit: step 2, held-out loss" in "\n".join(err)  # log.txt's story comes through
+    assert err.index("denoising and selecting the mask") < next(i for i, l in enumerate(err) if "mask of" in l)
+    assert any(line.startswith(f"vector saved to {tmp_path / 'run' / 'vector'}") for line in err)
+    assert not any("Loading weights" in line for line in err)  # transformers' bars are off too
+
+
+def test_a_terminal_gets_the_bars_and_no_plain_lines(tiny_dir, tmp_path, capsys, monkeypatch):
+    """At a terminal the phases' bars and log.txt's story are shown by the trainer; the plain lines stay off."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["train-task", "--data", TASK, "--base-model", tiny_dir, "--full-steps", "2", "--sparse-steps", "2",
+                 "--output-dir", str(tmp_path / "run"), *FAST, "--logging-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "phase 2/2: sparse fine-tuning: 100%" in err and "vector saved to" in err  # tqdm's bar, say()
+    assert "(run 4/4)" not in err and "step 2/2" not in err
 
 
 # ---- processes: cancel, kill + resume, torchrun ------------------------------------------------------
