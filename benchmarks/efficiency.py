@@ -43,8 +43,8 @@ from transformers import AutoConfig
 from benchmarks.common import OtherCpu, machine_info, prefixed
 from benchmarks.perf import Phases, engine_mask, load, make_batches, model_source
 from deftx_engine.constants import PRECISIONS
-from deftx_engine.models import resolve_model
 from deftx_engine.fileio import atomic_write_text, write_json_atomic
+from deftx_engine.models import resolve_model
 from deftx_engine.precision import resolve as resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +272,8 @@ def markdown(res: dict) -> str:
                   for m, r in profiled]
     for m, s in res.get("scoring", {}).items():
         lines.append(f"\nScoring ({m}, {s['sentences']} sentences): float32 pipeline {s['pipeline_per_s']:.1f}/s; "
-                     + "; ".join(f"engine {p} {e['per_s']:.1f}/s ({e['speedup']:.2f}x)" for p, e in s["engine"].items()))
+                     + "; ".join(f"engine {p} {e['per_s']:.1f}/s ({e['speedup']:.2f}x)"
+                                 for p, e in s["engine"].items()))
     for m, fits in res.get("head_fit", {}).items():
         lines.append(f"\nMLM-head fit ({m}, demo corpus): " + "; ".join(
             f"{f['precision']} {f['seconds']:.1f} s ({f['steps']} steps, held-out loss {f['heldout_loss']:.3f}, "

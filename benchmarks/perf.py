@@ -68,8 +68,9 @@ from deftx_engine.fileio import atomic_dir, atomic_write_text, write_json_atomic
 from deftx_engine.masks import k_from, select_top_k  # noqa: E402
 from deftx_engine.models import load_cls_model, load_mlm_model  # noqa: E402
 from deftx_engine.optim import SparseAdamW  # noqa: E402
-from deftx_engine.precision import Amp, resolve as resolve_precision  # noqa: E402
 from deftx_engine.params import parameter_roles  # noqa: E402
+from deftx_engine.precision import Amp  # noqa: E402
+from deftx_engine.precision import resolve as resolve_precision  # noqa: E402
 from deftx_engine.train import trainable_setup  # noqa: E402
 from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
 

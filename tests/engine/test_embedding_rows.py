@@ -88,7 +88,8 @@ def test_rows_only_looks_up_frozen_rows_plus_the_delta_and_folds_it_in(dtype):
         out = emb(ids)
         assert out.dtype == dtype
         want = before[ids] + torch.stack([torch.stack([step[0], torch.zeros(4, dtype=dtype), step[1]]),
-                                          torch.stack([step[2], torch.zeros(4, dtype=dtype), torch.zeros(4, dtype=dtype)])])
+                                          torch.stack([step[2], torch.zeros(4, dtype=dtype),
+                                                       torch.zeros(4, dtype=dtype)])])
         assert torch.equal(out, want)
         out.float().sum().backward()
         assert torch.equal(delta.grad, torch.tensor([[1.0] * 4, [1.0] * 4, [1.0] * 4], dtype=dtype))

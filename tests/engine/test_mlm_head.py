@@ -402,8 +402,10 @@ def reference_fit(model, tokenizer, train, heldout, cfg) -> list[dict]:
     mlm_head._informed_start(model, tokenizer, train, cfg.max_length)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    check = lambda s: {"step": s, **mlm_head.masked_lm_scores(model, tokenizer, heldout, max_length=cfg.max_length,
-                                                              seed=cfg.seed)}
+    def check(step: int) -> dict:
+        return {"step": step, **mlm_head.masked_lm_scores(model, tokenizer, heldout, max_length=cfg.max_length,
+                                                          seed=cfg.seed)}
+
     history = [check(0)]
     model.train()
     step = 0
