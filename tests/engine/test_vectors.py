@@ -343,6 +343,9 @@ def test_labels_need_a_classifier_head_outside_the_pooler(tmp_path):
         SparseVector.load(write_vector(tmp_path / "t", lang_config(kind="task"), lang_tensors()))
     with pytest.raises(VectorError, match="1 label names"):  # labels on a vector without a head
         SparseVector.load(write_vector(tmp_path / "l", lang_config(label_names=["x"]), lang_tensors()))
+    one = hand_config(label_names=["yes"], shapes={"w": [2, 5], "b": [5], "classifier.weight": [1, 4]})
+    t = {**lang_tensors(), "classifier.weight.head": torch.zeros(1, 4)}
+    assert SparseVector.load(write_vector(tmp_path / "one", one, t)).meta.label_names == ["yes"]
     labels = [f"l{i}" for i in range(1000)]  # the bound itself
     cfg = hand_config(label_names=labels, shapes={"w": [2, 5], "b": [5], "classifier.weight": [1000, 4]})
     t = {**lang_tensors(), "classifier.weight.head": torch.zeros(1000, 4)}
