@@ -129,7 +129,7 @@ def test_composable_sft_task_vectors_get_the_heads_labels_or_are_refused_without
                                                                                           "LABEL_2"]
     tiny_cls_model.config.id2label = {0: "x", 1: "y", 2: "z"}
     vec = convert_composable_sft(src, tmp_path / "c", kind="task", model=tiny_cls_model)
-    assert vec.meta.label_names == ["x", "y", "z"] and SparseVector.load(tmp_path / "c").meta.label_names == ["x", "y", "z"]
+    assert vec.meta.label_names == SparseVector.load(tmp_path / "c").meta.label_names == ["x", "y", "z"]
     torch.save({"body": body}, src / "pytorch_diff.bin")
     with pytest.raises(VectorError, match="a task vector needs its classification head"):
         convert_composable_sft(src, tmp_path / "d", kind="task")

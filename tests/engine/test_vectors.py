@@ -9,8 +9,17 @@ from safetensors.torch import load_file, save_file
 import deftx_engine.vectors as vmod
 from deftx_engine.denoise import DenoiseConfig
 from deftx_engine.errors import VectorError
-from deftx_engine.vectors import (CONFIG_FILE, FORMAT, MAX_ABS_VALUE, WEIGHTS_FILE, SparseVector, VectorMeta,
-                                  base_fingerprint, compose, read_json)
+from deftx_engine.vectors import (
+    CONFIG_FILE,
+    FORMAT,
+    MAX_ABS_VALUE,
+    WEIGHTS_FILE,
+    SparseVector,
+    VectorMeta,
+    base_fingerprint,
+    compose,
+    read_json,
+)
 from tiny import make_vector, tiny_bert_config
 
 
@@ -509,7 +518,8 @@ def _tensors(**edit):
     (None, _tensors(b__idx=None), "tensor 'b.val' has no 'b.idx'"),
     (None, _tensors(b__val=None), "parameter 'b' has indices but no values or shape"),
     (None, _tensors(b__val=torch.tensor([1.0, 2.0])), "parameter 'b' has 1 indices but 2 values"),
-    (None, _tensors(classifier__bias__head=torch.zeros(4)), r"head 'classifier.bias' has shape \(4,\), config says \(3,\)"),
+    (None, _tensors(classifier__bias__head=torch.zeros(4)),
+     r"head 'classifier.bias' has shape \(4,\), config says \(3,\)"),
 ])
 def test_a_vector_file_that_breaks_the_format_is_one_vector_error_naming_it(tmp_path, config, tensors, says):
     folder = write_vector(tmp_path / "v", config, tensors)
