@@ -564,7 +564,8 @@ def step2(factory, shapes, deltas, mask, k, seed, noise_share, repeats, table: T
                 params[n].copy_(theta0[n])
         return vec, t
 
-    vec, t_from = vector_from(deltas, mask, "task")
+    # of the task k, but kind "language": a task vector must carry a classifier head and its labels to be saved
+    vec, t_from = vector_from(deltas, mask, "language")
     assert vec.nnz == k
 
     def bit_exact() -> bool:

@@ -5,7 +5,6 @@ cannot run code. ``hub.pull_vector`` calls ``convert_composable_sft`` when a pul
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from .errors import VectorError
 from .params import parameter_roles
-from .vectors import SparseVector, VectorMeta, base_fingerprint
+from .vectors import SparseVector, VectorMeta, base_fingerprint, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -166,14 +165,31 @@ def guess_from_name(text: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _base_model_from_config(src: Path) -> str:
-    cfg = src / "config.json"
+def _model_config(src: Path) -> dict:
+    """The pulled folder's config.json, or {} if there is none or it cannot be read (it only fills in names)."""
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return ""
-    name = data.get("_name_or_path") if isinstance(data, dict) else None
+        data = read_json(src / "config.json", "a model config")
+    except VectorError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _base_model_from_config(config: dict) -> str:
+    name = config.get("_name_or_path")
     return name if isinstance(name, str) and name and not os.path.isabs(name) else ""
+
+
+def _label_names(config: Mapping, heads: Mapping[str, Tensor]) -> list[str]:
+    """A task head's label names: the config's ``id2label`` (the model's, or the pulled config.json's) when it
+    names every output of the head, else transformers' own default names ``LABEL_0``, ``LABEL_1``, ... for the
+    outputs of the head's one classifier weight (none if that is ambiguous: the save then says so)."""
+    outputs = {int(t.shape[0]) for n, t in heads.items() if t.dim() == 2 and ".pooler." not in n}
+    id2label = config.get("id2label")
+    if isinstance(id2label, Mapping):
+        names = [id2label.get(i, id2label.get(str(i))) for i in range(len(id2label))]
+        if names and len(names) in outputs and all(isinstance(x, str) for x in names):
+            return names
+    return [f"LABEL_{i}" for i in range(outputs.pop())] if len(outputs) == 1 else []
 
 
 def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str = "", kind: str = "language",
@@ -222,7 +238,8 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
 
     if not base_model and model is not None:
         base_model = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    meta = VectorMeta(kind=kind, base_model=base_model or _base_model_from_config(src),
+    config = _model_config(src)
+    meta = VectorMeta(kind=kind, base_model=base_model or _base_model_from_config(config),
                       base_fingerprint=base_fingerprint(model) if model is not None else "",
                       language=language, label_names=list(label_names), method="lt-sft", denoise=None,
                       extra={"converted_from": "composable-sft"})
@@ -248,6 +265,11 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
                 continue
             vec.heads[name] = t.detach().float().cpu().clone()
             vec.shapes[name] = tuple(t.shape)
+        if not vec.heads:
+            raise VectorError(f"{path}: a task vector needs its classification head, and the file has none (no "
+                              "'head' section): without it the model would predict from a random head")
+        model_config = model.config.to_dict() if model is not None else config
+        meta.label_names = _label_names(model_config, vec.heads)
     else:
         skipped += [str(n) for n in head]
     vec.shapes = {n: s for n, s in vec.shapes.items() if n in vec.indices or n in vec.heads}

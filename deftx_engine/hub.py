@@ -25,7 +25,7 @@ from .errors import DeftxError, VectorError
 from .fileio import check_replaceable, replace_dir, sibling_tempdir
 from .gallery import hub_error_words, pushed_tags
 from .secrets import scrub
-from .vectors import CONFIG_FILE, FORMAT, WEIGHTS_FILE, SparseVector, VectorMeta
+from .vectors import CONFIG_FILE, FORMAT, WEIGHTS_FILE, SparseVector, VectorMeta, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -194,9 +194,9 @@ def _public(value: Any, depth: int = 0) -> Any:
 def _strip_local_paths(config_file: Path) -> None:
     """Rewrite a staged sft_config.json without local paths (see ``_public``)."""
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError):
-        return  # SparseVector.load reports it, naming the field
+        config = read_json(config_file)
+    except VectorError:
+        return  # SparseVector.load reports it
     config_file.write_text(json.dumps(_public(config), indent=2), encoding="utf-8")
 
 
@@ -242,14 +242,17 @@ def push_vector(folder: str | Path, repo_id: str, *, token: str | None = None, p
 
 # ---- pull -----------------------------------------------------------------------------------------
 def _is_ours(folder: Path) -> bool:
-    cfg = folder / CONFIG_FILE
-    if not cfg.is_file():
+    """A DeFT-X folder: its config, unless a composable-sft file beside it and a config that is not ours (then
+    the composable-sft file is converted). Without one, SparseVector.load reports whatever is wrong."""
+    if not (folder / CONFIG_FILE).is_file():
         return False
+    if not (folder / CSFT_FILE).is_file():
+        return True
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return not (folder / CSFT_FILE).is_file()  # let SparseVector.load report the broken config
-    return (isinstance(data, dict) and data.get("format") == FORMAT) or not (folder / CSFT_FILE).is_file()
+        data = read_json(folder / CONFIG_FILE)
+    except VectorError:
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 def pull_vector(repo_id_or_path: str, dest: str | Path, *, token: str | None = None,

@@ -28,7 +28,7 @@ import torch
 from .constants import TIES_DENSITY, TIES_LAMBDA
 from .errors import VectorError
 from .masks import select_top_k
-from .vectors import SparseVector, VectorMeta
+from .vectors import SparseVector, VectorMeta, check_composable
 
 
 def trim(vec: SparseVector, density: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -51,15 +51,10 @@ def ties_merge(vectors: Sequence[SparseVector], density: float = TIES_DENSITY,
     average the agreeing values (disjoint mean), scale by ``lam``.
 
     With exactly one task vector among the inputs the result is a ``task`` vector carrying that vector's
-    heads and labels (so ``evaluate.composed_model`` accepts it); otherwise a ``composed`` one.
+    heads and labels (so ``evaluate.composed_model`` accepts it); otherwise a ``composed`` one. The inputs
+    are checked as ``compose``'s are (``vectors.check_composable``): a ``composed`` input is refused.
     """
-    if not vectors:
-        raise VectorError("ties_merge() needs at least one vector")
-    if len({v.meta.base_fingerprint for v in vectors}) > 1:
-        raise VectorError("ties_merge(): the vectors were made for different base models")
-    tasks = [v for v in vectors if v.meta.kind == "task"]
-    if len(tasks) > 1:
-        raise VectorError("ties_merge(): more than one task vector; heads would be ambiguous")
+    tasks = check_composable(vectors, "ties_merge()")
     trimmed = [trim(v, density) for v in vectors]
     first = vectors[0].meta
     meta = VectorMeta(kind="task" if tasks else "composed", base_model=first.base_model,

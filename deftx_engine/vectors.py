@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -106,7 +108,7 @@ class SparseVector:
 
     # ---- checking ---------------------------------------------------------------------------------
     def check(self, where: str = "vector") -> None:
-        """Internal consistency: sorted in-range indices, matching lengths, finite values.
+        """Internal consistency: sorted in-range indices, matching lengths, values within ``MAX_ABS_VALUE``.
 
         ``load`` runs it; ``validate`` runs it again only for vectors built or changed in memory.
         """
@@ -122,12 +124,36 @@ class SparseVector:
                 raise VectorError(f"{where}: parameter {name!r} has indices outside [0, {numel}) for shape {shape}")
             if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise VectorError(f"{where}: parameter {name!r} has unsorted or repeated indices")
-            if not bool(torch.isfinite(val).all()):
-                raise VectorError(f"{where}: parameter {name!r} has NaN or infinite values")
+            if not _bounded(val):
+                raise VectorError(f"{where}: parameter {name!r} has values that are NaN, infinite or beyond "
+                                  f"±{MAX_ABS_VALUE:g}")
         for name, t in self.heads.items():
-            if not bool(torch.isfinite(t).all()):
-                raise VectorError(f"{where}: head parameter {name!r} has NaN or infinite values")
+            if not _bounded(t):
+                raise VectorError(f"{where}: head parameter {name!r} has values that are NaN, infinite or beyond "
+                                  f"±{MAX_ABS_VALUE:g}")
         self._checked = self._fingerprint_of_contents()
+
+    def check_claims(self, where: str = "vector") -> None:
+        """What the metadata says of the tensors holds: ``k`` entries, tensors for every shape listed, and (for a
+        task vector, or any with labels) 1..``MAX_LABELS`` distinct label names, as many as the classifier head
+        has outputs. ``save`` and ``load`` run it, so a file that says otherwise never loads (a config whose
+        tensors were emptied would predict from a random head; a label count the head does not have fails in
+        Predict)."""
+        if self.meta.k != self.nnz:
+            raise VectorError(f"{where}: field 'k' says {self.meta.k:,} entries, but the tensors hold {self.nnz:,}")
+        unused = [n for n in self.shapes if n not in self.indices and n not in self.heads]
+        if unused:
+            raise VectorError(f"{where}: field 'shapes' lists {unused[0][:120]!r}, which has no tensors")
+        labels = self.meta.label_names
+        if not labels and self.meta.kind != "task":
+            return
+        if not 1 <= len(labels) <= MAX_LABELS or len(set(labels)) != len(labels):
+            raise VectorError(f"{where}: field 'label_names' must hold 1 to {MAX_LABELS:,} distinct names, found "
+                              f"{len(labels):,} ({len(set(labels)):,} distinct)")
+        outputs = {t.shape[0] for n, t in self.heads.items() if t.dim() == 2 and ".pooler." not in n}
+        if len(labels) not in outputs:
+            raise VectorError(f"{where}: {len(labels):,} label names, but no classifier weight among the heads has "
+                              f"{len(labels):,} outputs (found {sorted(outputs) or 'no classifier head'})")
 
     def _fingerprint_of_contents(self) -> tuple:
         """Cheap identity of the tensors checked: a vector edited in memory is checked again."""
@@ -211,6 +237,7 @@ class SparseVector:
     def save(self, folder: str | Path) -> Path:
         """Write the folder atomically: a temporary sibling is renamed over the target at the end."""
         self.check(str(folder))
+        self.check_claims(str(folder))
         folder = Path(folder)
         with atomic_dir(folder, CONFIG_FILE) as tmp:
             tensors = {}
@@ -233,16 +260,7 @@ class SparseVector:
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise VectorError(f"{p}: file not found (a vector folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-        if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
-            raise VectorError(f"{cfg_path}: {cfg_path.stat().st_size:,} bytes, more than a vector config can hold "
-                              f"({MAX_CONFIG_BYTES:,})")
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise VectorError(f"{cfg_path}: not valid JSON ({e})") from None
-        except RecursionError:
-            raise VectorError(f"{cfg_path}: nested too deeply to be a vector config") from None
-        meta, shapes = meta_from_config(config, cfg_path)
+        meta, shapes = meta_from_config(read_json(cfg_path), cfg_path)
         try:
             tensors = load_file(str(w_path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -260,6 +278,7 @@ class SparseVector:
             if tuple(t.shape) != shapes[name]:
                 raise VectorError(f"{w_path}: head {name!r} has shape {tuple(t.shape)}, config says {shapes[name]}")
         vec.check(str(folder))
+        vec.check_claims(str(cfg_path))
         return vec
 
 
@@ -268,9 +287,56 @@ class SparseVector:
 _APPLIED: "weakref.WeakKeyDictionary[nn.Module, list[tuple[SparseVector, dict[str, Tensor]]]]" = \
     weakref.WeakKeyDictionary()
 MAX_CONFIG_BYTES = 64 * 2 ** 20
+MAX_JSON_DEPTH = 32  # a vector config nests 5 deep; deeper JSON would crash the recursive readers of its metadata
+# |value| bound of every diff and head entry. Trained weights and their diffs are far below 1; at 1e3 a few vectors
+# composed onto theta0 stay far from float32's 3.4e38, and a BERT-base forward pass with every weight at the bound
+# stays finite (LayerNorm's variance peaks near 1e34), whereas 3e38 gives inf logits and NaN probabilities.
+MAX_ABS_VALUE = 1e3
+MAX_LABELS = 1000  # classes of a task vector's classifier head
 KINDS_OF_VECTORS = ("language", "task", "composed")
 INDEX_DTYPES = (torch.int32, torch.int64)
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _bounded(t: Tensor) -> bool:
+    return bool((t.abs() <= MAX_ABS_VALUE).all())  # False for NaN too
+
+
+def _nesting(value: Any) -> int:
+    """How deep lists and objects nest in ``value``, found without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((x, depth + 1) for x in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def read_json(path: Path, what: str = "a vector config") -> Any:
+    """The JSON value in ``path``, read as ``what``: only a regular file of at most ``MAX_CONFIG_BYTES``,
+    nested at most ``MAX_JSON_DEPTH`` deep; anything else (a FIFO, /dev/zero, bad UTF-8 or JSON, a
+    5,000-digit integer, 200,000 nested lists) is one ``VectorError`` naming the file, never a hang, a
+    RecursionError or a reader crashing later."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise VectorError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise VectorError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise VectorError(f"{path}: more than {MAX_CONFIG_BYTES:,} bytes, more than {what} can hold")
+    too_deep = VectorError(f"{path}: nested more than {MAX_JSON_DEPTH} deep, too deep to be {what}")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers of over 4,300 digits
+        raise VectorError(f"{path}: not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise too_deep from None
+    if _nesting(value) > MAX_JSON_DEPTH:
+        raise too_deep
+    return value
 
 
 def _is_int(x) -> bool:
@@ -341,23 +407,40 @@ def _check_tensor(where: Path, key: str, part: str, t: Tensor) -> None:
         raise VectorError(f"{where}: tensor {key!r} must hold real floats, found {t.dtype}")
 
 
+def check_composable(vectors: Sequence[SparseVector], who: str) -> list[SparseVector]:
+    """Raise ``VectorError`` (naming ``who``) unless ``vectors`` may be added onto one base model: at least one,
+    one fingerprint and one base model name (an empty name is unknown, not another model: two bases of the same
+    architecture share a fingerprint), no ``composed`` vector (its heads and scales are already in it), at most
+    one task vector (the heads), and one shape per parameter. Returns the task vectors."""
+    if not vectors:
+        raise VectorError(f"{who} needs at least one vector")
+    names = {v.meta.base_model for v in vectors if v.meta.base_model}
+    if len({v.meta.base_fingerprint for v in vectors}) > 1 or len(names) > 1:
+        bases = ", ".join(f"{v.meta.kind}:{v.meta.base_model}" for v in vectors)
+        raise VectorError(f"{who}: the vectors were made for different base models ({bases})")
+    if any(v.meta.kind == "composed" for v in vectors):
+        raise VectorError(f"{who}: a composed vector cannot be composed again; give its task and language vectors")
+    tasks = [v for v in vectors if v.meta.kind == "task"]
+    if len(tasks) > 1:
+        raise VectorError(f"{who}: more than one task vector; heads would be ambiguous")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for v in vectors:
+        for name, shape in v.shapes.items():
+            if shapes.setdefault(name, tuple(shape)) != tuple(shape):
+                raise VectorError(f"{who}: parameter {name!r} has shape {tuple(shape)} in the {v.meta.kind} vector "
+                                  f"but {shapes[name]} in another one")
+    return tasks
+
+
 def compose(vectors: Sequence[SparseVector], scales: Sequence[float] | None = None) -> SparseVector:
     """One vector whose diffs are the (scaled) sum of the given ones; heads come from the task vector.
 
     theta0 + compose([task, lang]) == theta0 + phi_task + phi_lang, applied in one pass.
     """
-    if not vectors:
-        raise VectorError("compose() needs at least one vector")
+    tasks = check_composable(vectors, "compose()")
     scales = list(scales) if scales is not None else [1.0] * len(vectors)
     if len(scales) != len(vectors):
         raise VectorError(f"compose(): {len(vectors)} vectors but {len(scales)} scales")
-    fps = {v.meta.base_fingerprint for v in vectors}
-    if len(fps) > 1:
-        bases = ", ".join(f"{v.meta.kind}:{v.meta.base_model}" for v in vectors)
-        raise VectorError(f"compose(): the vectors were made for different base models ({bases})")
-    tasks = [v for v in vectors if v.meta.kind == "task"]
-    if len(tasks) > 1:
-        raise VectorError("compose(): more than one task vector; heads would be ambiguous")
     head_src = tasks[0] if tasks else None
     first = vectors[0].meta
     meta = VectorMeta(kind="composed", base_model=first.base_model, base_fingerprint=first.base_fingerprint,

@@ -116,6 +116,7 @@ def _vector(seed: int) -> SparseVector:
         idx = torch.randperm(n, generator=g)[: n // 3].sort().values.to(torch.int32)
         vec.indices[name], vec.values[name], vec.shapes[name] = idx, torch.randn(len(idx), generator=g), shape
     vec.heads["head.w"], vec.shapes["head.w"] = torch.randn(3, 4, generator=g), (3, 4)
+    vec.meta.k = vec.nnz  # what every writer records (SparseVector.save refuses another k)
     return vec
 
 

@@ -10,10 +10,10 @@ from deftx_engine.vectors import SparseVector, VectorMeta, compose
 from tiny import make_tiny_model_dir, make_vector
 
 
-def vec(kind, entries, shapes=None, heads=None, fp="fp"):
+def vec(kind, entries, shapes=None, heads=None, fp="fp", base_model="m"):
     """entries: {param: {flat index: value}}"""
     shapes = shapes or {"w": (2, 5), "b": (5,)}
-    v = SparseVector(VectorMeta(kind=kind, base_model="m", base_fingerprint=fp, language=kind[:4],
+    v = SparseVector(VectorMeta(kind=kind, base_model=base_model, base_fingerprint=fp, language=kind[:4],
                                 label_names=["a", "b"] if kind == "task" else []))
     for name, d in entries.items():
         idx = sorted(d)
@@ -108,3 +108,44 @@ def test_cli_compose_merge_ties_writes_theta0_plus_the_merged_vector(tmp_path):
         assert torch.equal(got[name], p), name
     assert main(["compose", "--task", str(tmp_path / "task"), "--merge", "ties", "--scale", "2",
                  "--output-dir", str(tmp_path / "out2")]) == 2  # --scale belongs to --merge sum
+
+
+def test_ties_metadata_names_the_parts_and_its_indices_are_int32():
+    task = vec("task", {"w": {0: 2.0, 4: 1.0}}, heads={"classifier.weight": torch.ones(2, 5)})
+    lang = vec("language", {"w": {0: -1.0}, "b": {1: 0.5}}, base_model="")  # no name: the fingerprint decides
+    merged = ties_merge([task, lang], density=1.0, lam=0.5)
+    assert merged.meta == VectorMeta(
+        kind="task", base_model="m", base_fingerprint="fp", language="task+lang", label_names=["a", "b"],
+        method="ties", denoise=None, k=3,
+        extra={"ties": {"density": 1.0, "lambda": 0.5},
+               "components": [{"kind": "task", "language": "task", "method": "deftx"},
+                              {"kind": "language", "language": "lang", "method": "deftx"}]})
+    assert all(i.dtype == torch.int32 for i in merged.indices.values())
+    assert merged.shapes == {"w": (2, 5), "b": (5,), "classifier.weight": (2, 5)}
+    assert ties_merge([lang, task], density=1.0).meta.base_model == ""  # the first vector's name
+    alone = ties_merge([task], density=1.0)  # one vector: trimmed and scaled, nothing to elect
+    assert as_dict(alone) == {"w": {0: 2.0, 4: 1.0}} and alone.meta.language == "task"
+    assert ties_merge([vec("language", {"w": {0: 1.0}}, base_model="")], density=1.0).meta.language == "lang"
+
+
+def test_ties_refuses_what_compose_refuses():
+    task = vec("task", {"w": {0: 1.0}})
+    lang = vec("language", {"w": {1: 1.0}})
+    cases = [([task, compose([lang])], "a composed vector cannot be composed again"),
+             ([task, vec("language", {"w": {1: 1.0}}, base_model="other")], "different base models"),
+             ([task, vec("language", {"w": {1: 1.0}}, shapes={"w": (10,), "b": (5,)})],
+              r"parameter 'w' has shape \(10,\) in the language vector but \(2, 5\)"),
+             ([task, vec("task", {"w": {1: 1.0}})], "more than one task vector"),
+             ([], "needs at least one vector")]
+    for vectors, says in cases:
+        with pytest.raises(VectorError, match=r"ties_merge\(\)(:| needs) .*" + says if vectors else says):
+            ties_merge(vectors)
+
+
+def test_trim_refuses_a_density_outside_0_to_1():
+    v = vec("task", {"w": {0: 1.0, 1: 2.0}})
+    for bad in (0.0, -0.5, 1.5, 2.0):
+        with pytest.raises(VectorError, match=f"TIES density must be in \\(0, 1\\], got {bad}"):
+            trim(v, bad)
+    assert {n: i.tolist() for n, (i, _) in trim(v, 1.0).items()} == {"w": [0, 1]}
+    assert {n: i.tolist() for n, (i, _) in trim(v, 0.5).items()} == {"w": [1]}
