@@ -28,6 +28,11 @@ from .secrets import scrub
 from .vectors import CONFIG_FILE, FORMAT, WEIGHTS_FILE, SparseVector, VectorMeta, read_json
 
 logger = logging.getLogger(__name__)
+# the HTTP transports' DEBUG lines quote request and response headers, and a careless server or proxy echoes the
+# token in them: whatever level the app or CLI logs at, these lines are never written
+for _name in ("httpcore", "httpcore2", "httpx", "httpx2", "urllib3"):
+    if logging.getLogger(_name).level < logging.INFO:
+        logging.getLogger(_name).setLevel(logging.INFO)
 
 README_FILE = "README.md"
 PULL_PATTERNS = [CONFIG_FILE, WEIGHTS_FILE, README_FILE, CSFT_FILE, "config.json"]

@@ -2,7 +2,6 @@
 README promise or gave an unclear answer; the handlers are called as the API calls them (``api(studio)``)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -240,12 +239,11 @@ def tiny_vector(folder: Path, **meta) -> Path:
     return vec.save(folder)
 
 
-def test_a_pulled_vector_naming_a_local_folder_is_refused(studio, api, monkeypatch):
-    """From the Hub: no local folder at all; from an allowed folder: only model folders in the allowed folders."""
-    import deftx_engine.hub as hub
-
+def test_a_pulled_vector_naming_a_local_folder_is_refused(studio, api, hub_server):
+    """From the Hub (the local one, over HTTP): no local folder at all; from an allowed folder: only model folders
+    in the allowed folders."""
     src = tiny_vector(studio.home / "incoming" / "v", base_model="/etc")
-    monkeypatch.setattr(hub, "snapshot_download", lambda repo, local_dir, **kw: shutil.copytree(src, local_dir))
+    hub_server.add_repo("someone/vector", src)
     msg, _ = api(studio)["pull"]("someone/vector", "", "", "", "")
     refused(msg, "never a local folder")
     msg, _ = api(studio)["pull"](str(src), "", "", "", "")

@@ -264,40 +264,25 @@ def test_restart_recovery(tmp_path, launch_app):
         demo.close()
 
 
-def test_push_with_model_card_and_metrics(client, trained, monkeypatch):
-    """Push through the Hub tab with HfApi intercepted: files and model card committed, metrics from the
-    Predict tab's scoring in the card, the token used but never returned, and the token field cleared."""
-    from unittest import mock
-
-    from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoUrl
-
+def test_push_with_model_card_and_metrics(client, trained, hub_server, monkeypatch):
+    """Push through the Hub tab to the local Hub (tests/hub_server.py, over HTTP): files and model card committed,
+    metrics from the Predict tab's scoring in the card, the token used but never returned, the field cleared."""
     lang, task = trained
     client.predict(task, lang, None, str(ASSETS / "target_eval_id.csv"), "", "", "label", api_name="/evaluate")
-    committed = {}
-
-    def upload_folder(self, *, repo_id, folder_path, **kw):
-        committed.update({p.name: p.read_text(encoding="utf-8", errors="replace") if p.suffix in (".md", ".json")
-                          else p.stat().st_size for p in Path(folder_path).iterdir()})
-        committed["token"] = kw.get("token")
-
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with mock.patch.object(HfApi, "create_repo", autospec=True,
-                           return_value=RepoUrl("https://huggingface.co/someone/deftx-task")) as create, \
-            mock.patch.object(HfApi, "upload_folder", autospec=True, side_effect=upload_folder):
-        msg, token_field = client.predict(task, "someone/deftx-task", True, "hf_abcdefghijklmnop", api_name="/push")
-    assert "Pushed to" in msg and "someone/deftx-task" in msg and "hf_abcdefghijklmnop" not in msg
+    msg, token_field = client.predict(task, "someone/deftx-task", True, hub_server.token, api_name="/push")
+    assert "Pushed to" in msg and "someone/deftx-task" in msg and hub_server.token not in msg
     assert token_field == ""
-    assert create.call_args.kwargs["private"] is True
-    assert committed["token"] == "hf_abcdefghijklmnop"
-    assert set(committed) >= {"sft_config.json", "sft_model.safetensors", "README.md"}
-    card = committed["README.md"]
+    repo = hub_server.repos["someone/deftx-task"]
+    assert repo.private is True and set(repo.files) >= {"sft_config.json", "sft_model.safetensors", "README.md"}
+    card = repo.files["README.md"].decode("utf-8")
     assert "## Metrics" in card and "macro_f1" in card and "task_only_macro_f1" in card
     assert "target_eval_id.csv (task + language vector, sum, scale 1)" in card
 
-    with mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=OSError("403 for hf_abcdefghijklmnop")):
-        msg, token_field = client.predict(task, "someone/deftx-task", False, "hf_abcdefghijklmnop", api_name="/push")
-    assert "failed" in msg and "hf_abcdefghijklmnop" not in msg and token_field == ""
+    wrong = "hf_abcdefghijklmnop"  # the server refuses it, quoting the credentials it got
+    msg, token_field = client.predict(task, "someone/deftx-task", False, wrong, api_name="/push")
+    assert "failed" in msg and wrong not in msg and token_field == ""
+    assert repo.commits == 1
 
 
 @pytest.mark.parametrize("n_lines", [5, 30])

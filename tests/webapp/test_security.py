@@ -6,7 +6,7 @@
 - The running app serves only its own download folder (DEFTX_HOME/outputs): `/gradio_api/file=` refuses
   /etc/passwd, the registry, uploads, run folders, `..` and a symlink out of outputs/.
 - Tokens never appear in the page, returned values, logs, run folders or the registry, even when the Hub
-  error quotes them (fake HfApi / snapshot_download through the app's push and pull).
+  error quotes them (the local Hub of tests/hub_server.py answers 401 quoting the credentials it got).
 - A vector folder cannot execute code on load: the app's pull refuses a pickle payload without running it
   (the engine-level proof is tests/engine/test_hub.py::test_malicious_pickle_is_refused_without_running;
   vectors are safetensors + JSON only, tests/engine/test_vectors.py).
@@ -186,9 +186,8 @@ def _make_vector(home: Path) -> Path:
     return vec.save(home / "vectors" / "seeded")
 
 
-def test_tokens_never_appear_anywhere(launched, caplog, monkeypatch):
+def test_tokens_never_appear_anywhere(launched, caplog, monkeypatch, hub_server):
     from gradio_client import Client
-    from huggingface_hub import HfApi
 
     from webapp.processes import child_env
 
@@ -199,39 +198,31 @@ def test_tokens_never_appear_anywhere(launched, caplog, monkeypatch):
     run_id = studio.registry.add_vector("seeded", "task", vdir, config={"base_model": "tiny"})
     c = Client(demo.local_url, verbose=False)
     returned = []
+    # the local Hub (tests/hub_server.py) refuses these tokens with a 401 that quotes the credentials it got
+    hub_server.add_repo("me/private-vector", {"sft_config.json": b"{}"}, private=True)
 
-    used = {"secret": TOKEN}  # the token of the current call, quoted by the failing fake
-
-    def quoting(*_a, **_k):
-        t = used["secret"]
-        raise OSError(f"401 Client Error: Unauthorized for url https://huggingface.co/api/repos/create "
-                      f"(token={t}) Authorization: Bearer {t} / {t}")
-
-    def call(secret, *args, api_name):
-        used["secret"] = secret
+    def call(*args, api_name):
         returned.append(c.predict(*args, api_name=api_name))
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    with mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=quoting):
-        call(TOKEN, run_id, "me/deftx-x", False, TOKEN, api_name="/push")  # token in the field
-        call(PLAIN, run_id, "me/deftx-x", True, PLAIN, api_name="/push")  # a token without the hf_ shape
-        monkeypatch.setenv("HF_TOKEN", TOKEN)  # token from the environment
-        call(TOKEN, run_id, "me/deftx-x", False, "", api_name="/push")
-    with mock.patch.object(HfApi, "create_repo", autospec=True), \
-            mock.patch.object(HfApi, "upload_folder", autospec=True, side_effect=quoting):
-        call(TOKEN, run_id, "me/deftx-x", False, TOKEN, api_name="/push")
+    call(run_id, "me/deftx-x", False, TOKEN, api_name="/push")  # token in the field
+    call(run_id, "me/deftx-x", True, PLAIN, api_name="/push")  # a token without the hf_ shape
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # token from the environment
+    call(run_id, "me/deftx-x", False, "", api_name="/push")
+    monkeypatch.delenv("HF_TOKEN")
     with mock.patch("deftx_engine.hub.push_vector", side_effect=RuntimeError(f"boom {PLAIN}")):
-        call(PLAIN, run_id, "me/deftx-x", False, PLAIN, api_name="/push")  # an unexpected error
-    with mock.patch("deftx_engine.hub.snapshot_download", side_effect=quoting):
-        call(TOKEN, "me/private-vector", "", "", "", TOKEN, api_name="/pull")
-        call(PLAIN, "me/private-vector", "", "", "", PLAIN, api_name="/pull")
+        call(run_id, "me/deftx-x", False, PLAIN, api_name="/push")  # an unexpected error (our code, not the client)
+    call("me/private-vector", "", "", "", TOKEN, api_name="/pull")
+    call("me/private-vector", "", "", "", PLAIN, api_name="/pull")
     with mock.patch("deftx_engine.hub.pull_vector", side_effect=ValueError(f"odd {PLAIN}")):
-        call(PLAIN, "me/private-vector", "", "", "", PLAIN, api_name="/pull")
-    assert len(returned) == 8
+        call("me/private-vector", "", "", "", PLAIN, api_name="/pull")
+    assert "me/deftx-x" not in hub_server.repos  # every push was refused
+    assert sum(1 for r in hub_server.requests if r[0] == "POST") >= 3  # ... by the server, over HTTP
+    assert len(returned) == 7
     for msg, token_field in returned:
         assert "failed" in msg or "unexpected error" in msg, msg
         assert token_field == ""  # the token field is cleared
-    assert "***" in returned[0][0]  # the error was shown, with the token masked
+    assert "the Hub refused the token (HTTP 401)" in returned[0][0]  # the error is said in words, no token
 
     env = child_env()  # training processes never get the token
     assert "HF_TOKEN" not in env and TOKEN not in repr(env)
