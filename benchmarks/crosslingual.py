@@ -232,7 +232,7 @@ class Settings:
     ties_density: float
     ties_lambda: float
     eval_batch_size: int
-    precision: str = "auto"
+    precision: str = "fp32"
 
 
 def _common(s: Settings, seed: int) -> dict:
@@ -772,9 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ties-density", type=float, default=TIES_DENSITY, help="TIES: share of each vector's entries kept")
     p.add_argument("--ties-lambda", type=float, default=TIES_LAMBDA, help="TIES: scale of the merged vector")
     p.add_argument("--eval-batch-size", type=int, default=32, help="evaluation batch size")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="training and scoring precision (TrainConfig.precision; results recorded before it were "
-                        "fp32)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="training and scoring precision (TrainConfig.precision); fp32, as every recorded result, "
+                        "so the cached runs and tables stay comparable; auto to measure what users get")
     p.add_argument("--work-dir", default=str(DEFAULT_WORK), help="run cache (re-running reuses finished runs)")
     p.add_argument("--out", help="results prefix (default: <work-dir>/<model>/results)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",

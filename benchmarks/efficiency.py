@@ -174,7 +174,7 @@ def step_rates(source: str, kind: str, batch: int, seq: int, repeats: int, peaks
 
 
 def scoring(source: str, repeats: int) -> dict:
-    """Sentences per second: the engine's predict_proba (float32 and ``auto``) vs a plain float32
+    """Sentences per second: the engine's predict_proba (float32 and bf16) vs a plain float32
     text-classification pipeline, in one run."""
     from transformers import pipeline
 
@@ -187,7 +187,7 @@ def scoring(source: str, repeats: int) -> dict:
     model, tok = load_cls_model(source, data.label_names).eval(), load_tokenizer(source)
     pipe = pipeline("text-classification", model=model, tokenizer=tok, device="cpu")
     length = min(128, model.config.max_position_embeddings)
-    ours, plain = {"fp32": [], "auto": []}, []
+    ours, plain = {"fp32": [], "bf16": []}, []
     for _ in range(repeats):
         for precision, times in ours.items():
             t = time.perf_counter()
@@ -253,7 +253,7 @@ def whole_sft(source: str, steps: int) -> dict:
 
 def markdown(res: dict) -> str:
     rates = ", ".join(f"{k} {v:.0f}" for k, v in res["matmul_gflops"].items())
-    lines = [f"Machine: {res['machine']}; bf16 autocast (precision auto): {res['auto']}.",
+    lines = [f"Machine: {res['machine']}; precision auto: {res['auto']}; bf16: {res['bf16']}.",
              f"Matmul rate, GFLOP/s (torch.mm, all threads, tokens x H x 4H and back): {rates}.", "",
              "| model | kind | step | precision | median s | GFLOP/s | share of its matmul rate | other cores |",
              "|---" * 8 + "|"]
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", nargs="+", default=["minilm", "multilingual-e5-small"],
                    help="minilm, multilingual-e5-small, tiny (random 2-layer BERT) or a model folder")
     p.add_argument("--kinds", nargs="+", default=["language", "task"], help="language and/or task steps")
-    p.add_argument("--precisions", nargs="+", default=["fp32", "auto"], choices=PRECISIONS,
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=PRECISIONS,
                    help="precisions to time the steps in (TrainConfig.precision)")
     p.add_argument("--compile", action="store_true",
                    help="also time the engine's steps under torch.compile (at each precision but fp32), with "
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         sources = {m: model_source(m, Path(tmp)) if m == "tiny" else m for m in args.models}
         hiddens = {AutoConfig.from_pretrained(resolve_model(src)).hidden_size for src in sources.values()}
         res = {"machine": machine_info("torch", "transformers"), "settings": vars(args),
-               "auto": resolve_precision("auto").why,
+               "auto": resolve_precision("auto").why, "bf16": resolve_precision("bf16").why,
                "matmul_gflops": matmul_rates(hiddens, args.batch * args.seq, args.repeats), "steps": {},
                "scoring": {}, "head_fit": {}, "whole": {}}
         for m, src in sources.items():

@@ -203,7 +203,8 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
     their HF names, LayerNorm diffs included (composable-sft trains them by default). Parameters outside
     the encoder (MLM / classification head diffs) are skipped: decided by ``parameter_roles(model)`` if a
     model is given, else by the name prefixes lm_head / cls. / classifier. Whole heads (an 'abs' or 'head'
-    section) are kept for task vectors only, with ``label_names`` in head order (the file does not hold them).
+    section) are kept for task vectors only, with ``label_names`` in head order (the file does not hold them;
+    none given: the model's or the pulled config.json's ``id2label``, else ``LABEL_0``, ``LABEL_1``, ...).
     With ``model`` the vector gets its fingerprint and is validated.
     """
     src, dest = Path(src), Path(dest)
@@ -268,8 +269,8 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
         if not vec.heads:
             raise VectorError(f"{path}: a task vector needs its classification head, and the file has none (no "
                               "'head' section): without it the model would predict from a random head")
-        model_config = model.config.to_dict() if model is not None else config
-        meta.label_names = _label_names(model_config, vec.heads)
+        if not meta.label_names:  # none given: the model's (or the pulled config.json's) names, else LABEL_i
+            meta.label_names = _label_names(model.config.to_dict() if model is not None else config, vec.heads)
     else:
         skipped += [str(n) for n in head]
     vec.shapes = {n: s for n, s in vec.shapes.items() if n in vec.indices or n in vec.heads}

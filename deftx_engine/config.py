@@ -153,7 +153,7 @@ class TrainConfig:
         "weights, optimizer state, masks and the saved vector stay float32"))
     compile: bool = field(default=False, metadata=_help(
         "torch.compile (inductor) the model for both phases: fuses the elementwise work between the matrix "
-        "products, but compiling takes minutes on a CPU, so it pays only on long runs (the paper preset)"))
+        "products; on a 2-core CPU it took ~50 s to compile and did not speed the step up (benchmarks/RESULTS.md)"))
 
     def __post_init__(self) -> None:
         # the one boundary every entry point passes (CLI, --config files, the app, Python): a value that gets

@@ -11,8 +11,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     # phase for task SFTs (batch 32, length 128).
     "paper-xlmr-base": {
         "common": dict(base_model="FacebookAI/xlm-roberta-base", method="deftx", rank_policy="energy",
-                       energy=0.90, residual_share=0.05, seed=42, save_steps=5000, logging_steps=100,
-                       compile=True),  # minutes of compiling against hours of steps
+                       energy=0.90, residual_share=0.05, seed=42, save_steps=5000, logging_steps=100),
         "language": dict(k=7_667_712, lr=5e-5, full_steps=100_000, sparse_steps=100_000, batch_size=8,
                          max_length=256),
         "task": dict(k=14_155_776, lr=2e-5, full_epochs=5, sparse_epochs=5, batch_size=32, max_length=128),

@@ -231,24 +231,21 @@ def _weights_key(model, name: str) -> str:
     return h.hexdigest()
 
 
-def _heldout_scores(model, tokenizer, lines: list[str], cfg: TrainConfig, amp: Amp) -> dict | None:
-    if not lines:
-        return None
-    with amp.autocast():
-        return masked_lm_scores(model, tokenizer, lines, max_length=cfg.max_length, seed=cfg.seed)
+def _heldout_scores(model, tokenizer, lines: list[str], cfg: TrainConfig) -> dict | None:
+    """In float32 whatever the run's precision: the evidence compares runs, so it is scored one way."""
+    return masked_lm_scores(model, tokenizer, lines, max_length=cfg.max_length, seed=cfg.seed) if lines else None
 
 
-def _heldout_report(model, tokenizer, lines, cfg: TrainConfig, amp: Amp, before: dict, theta0: dict,
-                    heads: list[str]) -> dict:
+def _heldout_report(model, tokenizer, lines, cfg: TrainConfig, before: dict, theta0: dict, heads: list[str]) -> dict:
     """Masked-token loss / top-1 on the held-out lines: theta0 (with its fitted head), theta0 + phi (the
     whole vector), and theta0 + phi's encoder under theta0's head -- the part that composition uses."""
-    after = _heldout_scores(model, tokenizer, lines, cfg, amp)
+    after = _heldout_scores(model, tokenizer, lines, cfg)
     params = dict(model.named_parameters())
     trained = {n: params[n].detach().clone() for n in heads}
     with torch.no_grad():
         for n in heads:
             params[n].copy_(theta0[n])
-        encoder_only = _heldout_scores(model, tokenizer, lines, cfg, amp)
+        encoder_only = _heldout_scores(model, tokenizer, lines, cfg)
         for n in heads:
             params[n].copy_(trained[n])
     summary = (f"held-out masked-token loss on {len(lines)} lines: theta0 {before['loss']:.3f} "
@@ -320,12 +317,10 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             if main:
                 run.update(state="running", phase="head-fit", message="fitting the MLM head (once per base model "
                                                                       "and text; cached)")
-            # a head fitted in bf16 is cached apart from a float32 one, so a float32 run stays reproducible
-            key = _weights_key(model, cfg.base_model) + ("" if amp.dtype is None else f"-{amp.name}")
-            with amp.autocast():
-                head_fit = cached_fit(model, tokenizer, key, head_text or dataset.lines,
-                                      HeadFitConfig(max_length=cfg.max_length), progress=say,
-                                      stop=lambda: bool(stop), on_step=_head_fit_progress(run) if main else None)
+            # in float32 whatever the run's precision: in bf16 the fit of a 250k-piece head did not converge
+            head_fit = cached_fit(model, tokenizer, _weights_key(model, cfg.base_model), head_text or dataset.lines,
+                                  HeadFitConfig(max_length=cfg.max_length), progress=say,
+                                  stop=lambda: bool(stop), on_step=_head_fit_progress(run) if main else None)
             if head_fit["stopped"]:
                 if main:
                     run.update(step=head_fit["steps"])
@@ -335,7 +330,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
             say(f"MLM head {'loaded from the cache' if head_fit['cached'] else 'fitted'}: held-out loss "
                 f"{head_fit['heldout']['loss']:.3f}, top-1 {head_fit['heldout']['accuracy']:.1%}")
         theta0 = {n: params[n].detach().clone() for n in roles.maskable + heads}  # a fitted head is theta0's
-        heldout = _heldout_scores(model, tokenizer, dataset.heldout, cfg, amp) if cfg.kind == "language" else None
+        heldout = _heldout_scores(model, tokenizer, dataset.heldout, cfg) if cfg.kind == "language" else None
         full, sparse = cfg.planned_steps(len(dataset), world)
         total = full + sparse
         rows = used_rows(dataset.rows, tokenizer)
@@ -408,7 +403,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
         if not main:
             return run.vector_dir
         if heldout is not None:
-            heldout = _heldout_report(model, tokenizer, dataset.heldout, cfg, amp, heldout, theta0, heads)
+            heldout = _heldout_report(model, tokenizer, dataset.heldout, cfg, heldout, theta0, heads)
             run.log_metrics({"phase": "heldout", **heldout})
             say(heldout["summary"])
         run.update(phase="save", step=total, message="saving the vector")

@@ -167,5 +167,5 @@ def test_lang_groups_change_only_the_language_runs_and_keep_old_keys(tmp_path):
     assert cfg.param_groups == "embeddings"
     settings.lang_groups = "all"
     old = {k: v for k, v in bench.lang_config(settings, "deftx", 1, "javanese", paths).to_dict().items()
-           if k != "param_groups"}
+           if k not in ("param_groups", "precision", "compile")}  # fields an older version did not record
     assert folders["all"][("language", "javanese")].name == f"seed1-{bench._hash(old)}"

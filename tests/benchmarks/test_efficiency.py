@@ -26,15 +26,15 @@ def test_tiny_run_reports_every_measurement(tmp_path):
     engine = {"full, embedding rows only (engine)", "sparse (engine)"}
     for kind in ("language", "task"):
         fp32 = {r["step"] for r in steps if r["kind"] == kind and r["precision"] == "fp32"}
-        auto = {r["step"] for r in steps if r["kind"] == kind and r["precision"] == "auto"}
-        assert fp32 == engine | {"full, whole embedding (dense)", "full, embedding frozen"} and auto == engine
+        bf16 = {r["step"] for r in steps if r["kind"] == kind and r["precision"] == "bf16"}
+        assert fp32 == engine | {"full, whole embedding (dense)", "full, embedding frozen"} and bf16 == engine
     assert all(r["median_s"] > 0 and r["gflops"] > 0 and r["share_of_matmul"] > 0 for r in steps)
     assert set(res["matmul_gflops"]) == {"fp32 H=16", "bf16 H=16"} and min(res["matmul_gflops"].values()) > 0
     assert {r["amp"] for r in steps if r["precision"] == "fp32"} == {"fp32"}
     scoring = res["scoring"]["tiny"]
-    assert set(scoring["engine"]) == {"fp32", "auto"} and min(e["speedup"] for e in scoring["engine"].values()) > 0
-    assert [f["precision"] for f in res["head_fit"]["tiny"]] == ["fp32", "auto"]
+    assert set(scoring["engine"]) == {"fp32", "bf16"} and min(e["speedup"] for e in scoring["engine"].values()) > 0
+    assert [f["precision"] for f in res["head_fit"]["tiny"]] == ["fp32", "bf16"]
     assert all(f["seconds"] > 0 and f["steps"] > 0 for f in res["head_fit"]["tiny"])
     assert res["whole"]["tiny"]["ratio"] > 0
     md = (tmp_path / "results.md").read_text()
-    assert "Scoring (tiny" in md and "MLM-head fit (tiny" in md and "| sparse (engine) | auto (" in md
+    assert "Scoring (tiny" in md and "MLM-head fit (tiny" in md and "| sparse (engine) | bf16 (" in md

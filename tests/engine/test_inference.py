@@ -1,4 +1,7 @@
 """classification_metrics against hand-computed accuracy, per-label and macro F1, and confusion matrix."""
+import logging
+import sys
+
 import pytest
 
 from deftx_engine.errors import DeftxError
@@ -74,6 +77,10 @@ def test_composing_prints_no_load_report(tmp_path, capfd):
     base = str(make_tiny_model_dir(tmp_path / "m"))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_warning()  # as in a fresh process (the CLI lowers it for the whole process)
+    # transformers' handler keeps the stderr of the moment it was made (an earlier test's capture, maybe): point
+    # it at this test's
+    handlers = [h for h in hf_logging.get_logger().handlers if isinstance(h, logging.StreamHandler)]
+    streams = [h.setStream(sys.stderr) for h in handlers]
     try:
         vec = make_vector(load_cls_model(base, ["neg", "neu", "pos"]), base_model=base)
         assert "LOAD REPORT" in capfd.readouterr().err  # what the app's terminal showed for every build
@@ -83,3 +90,6 @@ def test_composing_prints_no_load_report(tmp_path, capfd):
         assert "LOAD REPORT" in capfd.readouterr().err
     finally:
         hf_logging.set_verbosity(verbosity)
+        for h, stream in zip(handlers, streams):
+            if stream is not None:  # None: it was this stream already
+                h.setStream(stream)
