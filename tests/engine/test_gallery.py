@@ -198,3 +198,22 @@ def test_cli_gallery_offline_in_a_fresh_process(tmp_path):
     assert lines[0].startswith("the Hub did not answer (cannot connect to 127.0.0.1")
     assert "cambridgeltl/xlmr-lang-sft-jav-small" in done.stdout and "needs the Hub" in lines[2]
     assert lines[-1] == "1 vector; downloading any needs the Hub"
+
+
+def test_cli_from_the_gallery_to_a_prediction(hub_server, tmp_path, capsys):
+    """The issue's path through the CLI, over HTTP to the local Hub: gallery -> pull the released task and
+    language vectors -> predict with both (the base model itself fetched from the Hub)."""
+    from tiny import RELEASED, XLMR, publish_tiny_release
+
+    publish_tiny_release(hub_server, tmp_path / "release")
+    assert main(["gallery", "--base", "xlmr"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith("from the Hub") and RELEASED["language"] in listed and RELEASED["task"] in listed
+    for kind in ("task", "language"):
+        assert main(["pull", RELEASED[kind], "--output-dir", str(tmp_path / kind)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--task", str(tmp_path / "task"), "--language", str(tmp_path / "language"),
+                 "--text", "apik tenan"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 2 and "apik tenan" in rows[1]  # a header and one prediction
+    assert any(r[1].startswith(f"/{XLMR}/resolve/") for r in hub_server.requests)  # the base came over HTTP
