@@ -155,8 +155,9 @@ def _train(args, kind: str) -> int:
         if plain:
             run.show_log()  # the story's last lines (vector saved, stopped, ...)
     if out is None:
-        run.update(state="cancelled", message="stopped by a signal; resume with --resume")
-        print(f"cancelled; the last checkpoint is in {args.output_dir}", file=sys.stderr)
+        run.update(state="cancelled", message="stopped by a signal; resuming continues from its last checkpoint")
+        print(f"cancelled; the last checkpoint is in {args.output_dir}: run the same command with --resume to "
+              "continue", file=sys.stderr)
         return 128 + (stop.signal or signal.SIGTERM)
     print(out)
     return 0

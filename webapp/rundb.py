@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deftx_engine.constants import KINDS
+from deftx_engine.errors import DeftxError
 from deftx_engine.fileio import write_json_atomic
 from deftx_engine.runs import RunDir
 
@@ -265,7 +266,12 @@ class RunDB:
                                  f"{', '.join(RESUMABLE)} runs can be resumed")
             if not row["command"] or row["kind"] not in KINDS:
                 raise ValueError(f"{row['name']} was not trained here (pulled vector), so there is nothing to resume")
-            writer = RunDir(row["run_dir"]).writer()  # the folder's lock, whatever this row says of the process
+            folder = RunDir(row["run_dir"])
+            try:  # a folder deleted (or emptied) behind the registry's back: said now, not by the process later
+                folder.require_run(f"run {row['name']}: its folder", queued=True)
+            except DeftxError as e:
+                raise ValueError(f"{e.message} There is nothing to resume: start the run anew.") from None
+            writer = folder.writer()  # the folder's lock, whatever this row says of the process
             if writer:
                 raise ValueError(f"run {row['name']} still has a live training process ({writer}); cancel it "
                                  "first, then resume")

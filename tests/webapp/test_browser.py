@@ -148,6 +148,54 @@ def test_demo_training_then_prediction(driver, app):
     d.save_screenshot(str(ARTIFACTS / "webapp_browser.png"))
 
 
+def shown_step(d) -> int:
+    """The step the Train tab's progress card shows ("step N / M"), 0 before one shows."""
+    import re
+
+    m = re.search(r"step (\d+) / \d+", text_of(d, "#dx-progress"))
+    return int(m.group(1)) if m else 0
+
+
+def test_cancel_then_resume_in_the_browser(driver, app):
+    """Cancel a task SFT in its sparse phase from the Train tab, then press Resume: the cancel is no error (no
+    red mark) and names the app's Resume; the same run goes on from its mask (phase 1 is not run again) and
+    ends done with every step counted."""
+    from selenium.webdriver.common.by import By
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    d = driver
+    d.get(app.local_url)
+    wait(d, lambda d: "DeFT-X Studio" in d.title, what="page title")
+    tab(d, "Train")
+    d.find_element(By.XPATH, "//*[@id='dx-kind']//label[contains(., 'Task SFT')]").click()
+    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-data textarea").get_attribute("value")
+         .endswith("source_task_en.csv"), what="the preset to switch to task data")
+    d.find_element(By.XPATH, "//button[contains(., 'Training length and optimiser')]").click()
+    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-full-steps input[type=number]").is_displayed(),
+         what="the training-length accordion")
+    set_number(d, "dx-full-steps", 4)
+    set_number(d, "dx-sparse-steps", 120)
+    time.sleep(0.5)
+    d.find_element(By.ID, "dx-start").click()
+    wait(d, lambda d: shown_step(d) > 6 and "running" in text_of(d, "#dx-progress"), timeout=180,
+         what="the run to be in its sparse phase")
+    d.find_element(By.ID, "dx-cancel").click()
+    said = wait(d, lambda d: "cancelled" in (t := text_of(d, "#dx-train-status")) and t, timeout=60,
+                what="the run to be cancelled")
+    assert "✖" not in said and "Resume" in said and "--resume" not in said, said
+    stopped_at = shown_step(d)
+    assert 4 < stopped_at < 124, text_of(d, "#dx-progress")
+    d.save_screenshot(str(ARTIFACTS / "webapp_browser_cancelled.png"))
+    d.find_element(By.ID, "dx-resume").click()
+    wait(d, lambda d: "continues from its last checkpoint" in text_of(d, "#dx-train-status"), timeout=60,
+         what="the run to be resumed")
+    wait(d, lambda d: "done" in text_of(d, "#dx-progress"), timeout=420, what="the resumed run to finish")
+    assert "step 124 / 124" in text_of(d, "#dx-progress")
+    log = d.find_element(By.CSS_SELECTOR, ".dx-log textarea").get_attribute("value")
+    assert "resumed: mask found, phase 1 skipped" in log, log[-2000:]
+    d.save_screenshot(str(ARTIFACTS / "webapp_browser_resumed.png"))
+
+
 def test_guided_demo_run(driver, app):
     """Run the demo from the Start tab: both runs' steps show as they progress, then Predict opens with the
     two vectors chosen and the example file scored beside the task vector alone."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -320,6 +321,24 @@ def test_a_run_marked_failed_has_no_live_writer_and_resume_never_starts_a_second
         holder.kill()
         holder.wait()
     assert reg.resume(rid)["state"] == "queued"
+
+
+def test_resume_of_a_run_whose_folder_was_deleted_or_emptied_is_refused_at_once(reg):
+    """The folder gone (or emptied) behind the registry's back: Resume says so and queues nothing, instead of
+    starting a process that fails later naming a log that no longer exists."""
+    import shutil
+
+    rid = reg.submit("gone", "task", fake("fail"))
+    reg.start()
+    row = reg.wait(rid, timeout=20)
+    assert row["state"] == "failed"
+    (Path(row["run_dir"]) / "config.json").unlink()  # emptied: a folder, but no run in it
+    with pytest.raises(ValueError, match="is not a DeFT-X run folder.*nothing to resume"):
+        reg.resume(rid)
+    shutil.rmtree(row["run_dir"])
+    with pytest.raises(ValueError, match="does not exist \\(was it deleted\\?\\).*nothing to resume"):
+        reg.resume(rid)
+    assert reg.get(rid)["state"] == "failed" and reg.queue_position(rid) is None
 
 
 # ---- groups: runs that stand or fall together (the guided demo; issue 20) ---------------------------------

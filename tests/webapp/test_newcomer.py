@@ -171,6 +171,20 @@ def test_train_message_follows_the_started_run_to_its_end(studio):
     assert runs.started_outcome(studio, rows, rid, json.dumps([(rid, "failed", 3, "")])) is None  # once only
 
 
+def test_a_cancelled_run_is_no_error_and_is_told_how_to_go_on_in_the_apps_words(studio):
+    """A run the user cancelled ends without the red error mark, and the message names the app's Resume, not
+    the CLI's --resume (the CLI's own status message is shown as the run's message elsewhere)."""
+    from webapp.tabs import runs
+
+    rid = studio.registry.submit("r", "language", ["true"])
+    with studio.registry._transaction() as db:
+        studio.registry._set(db, rid, state="cancelled", message="stopped by a signal")
+    msg = runs.started_outcome(studio, studio.registry.list(), rid, json.dumps([(rid, "running", 3, "")]))
+    assert not msg.startswith(ERR) and "cancelled" in msg and "Resume" in msg and "--resume" not in msg
+    said = runs.stopped_outcome(studio, rid)["train.status"]
+    assert "cancelled" in said and "Resume" in said and "--resume" not in said
+
+
 def test_a_pulled_vector_is_named_by_its_repository(studio, task_run, monkeypatch):
     import shutil
 

@@ -19,6 +19,9 @@ from ..state import Studio
 ACTIVE = ("running", "queued")
 STATUS_OUTPUTS = ("train.progress", "train.loss", "train.log", "train.details", "runs.watch_sig")
 
+# a stopped run continues from its last checkpoint: the app's words for it (the CLI says --resume)
+RESUME_HINT = "↻ Resume continues it from its last checkpoint."
+
 
 def layout(ui: UI) -> None:
     with gr.Row():
@@ -135,6 +138,8 @@ def stopped_outcome(studio: Studio, stopping: str | None) -> Updates:
     if row is not None and row["state"] in ACTIVE:
         return {}
     said = f"Run **{shown_text(row['name'])}** {row['state']}." if row else ""
+    if row and row["state"] == "cancelled":
+        said += f" {RESUME_HINT}"
     return {"train.status": ok(said) if row and row["state"] in ("cancelled", "done") else said,
             "train.stopping": ""}
 
@@ -153,6 +158,8 @@ def started_outcome(studio: Studio, rows: list[dict], started: str | None, rsig:
     name = shown_text(row["name"])
     if row["state"] == "done":
         return ok(f"Run **{name}** finished: its vector is listed in the Runs, Analyze and Predict tabs.")
+    if row["state"] == "cancelled":  # what the user asked for: no error mark, and the app's word for going on
+        return f"Run **{name}** cancelled. {RESUME_HINT}"
     return err(f"Run {name} {row['state']}: {studio.pretty(row['message'] or '') or 'see its log'}")
 
 
