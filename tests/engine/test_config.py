@@ -188,3 +188,34 @@ def test_the_model_is_checked_before_the_run_folder_is_claimed(tmp_path, capsys)
                  "--output-dir", str(tmp_path / "c")]) != 0  # the head's text is read before, not during, the run
     assert "/dev/zero is not a file" in capsys.readouterr().err
     assert not any((tmp_path / x).exists() for x in "abc")
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_an_uncached_hub_model_without_a_hub_is_said_at_once(tmp_path, monkeypatch, capsys, offline):
+    """A Hub id that is not in the download cache, with no Hub to reach (a closed local port) or HF_HUB_OFFLINE
+    set: one line naming the model and the cure within seconds, not the client's five retries (~25-40 s)."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from deftx_engine.cli import main
+    from deftx_engine.models import resolve_model
+    from tiny import ASSETS
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    t = time.monotonic()
+    with pytest.raises(ConfigError, match="someone/some-encoder"):
+        resolve_model("someone/some-encoder")
+    assert time.monotonic() - t < 5
+    assert main(["train-language", "--data", str(ASSETS / "target_corpus_id.txt"), "--base-model",
+                 "someone/some-encoder", "--output-dir", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err
+    assert "someone/some-encoder" in err and "not in the local" in err and "local model folder" in err
+    assert ("HF_HUB_OFFLINE is set" if offline else "cannot be reached") in err
+    assert not (tmp_path / "run").exists()
