@@ -314,7 +314,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if len(raw) > MAX_CONFIG_FILE_BYTES:
         raise ConfigError(f"the config file {path} is larger than {MAX_CONFIG_FILE_BYTES:,} bytes", field="config")
     try:
-        values = json.loads(raw.decode("utf-8"))
+        values = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte-order mark (Windows editors) is no error
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers of over 4,300 digits
         raise ConfigError(f"the config file {path} is not JSON: {str(e)[:200]}", field="config") from None
     except RecursionError:

@@ -161,6 +161,13 @@ def test_config_files_that_cannot_be_configs_are_refused_at_once(tmp_path, make,
     assert e.value.field == "config" and time.time() - t < 5
 
 
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Windows editors may start a UTF-8 file with a BOM; the file is still the same JSON."""
+    path = tmp_path / "run.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"seed": 3, "language": "jv"}).encode())
+    assert read_config_file(path) == {"seed": 3, "language": "jv"}
+
+
 @pytest.mark.parametrize("values,field", [({"logging_steps": 0}, "logging_steps"),
                                           ({"language": "x" * 101}, "language"), ({"data": "d" * 5000}, "data")])
 def test_values_that_would_fail_later_are_refused_by_train_config(values, field):
