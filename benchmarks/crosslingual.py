@@ -91,6 +91,7 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/crosslingual.py` finds deftx
 
 import torch  # noqa: E402
 
+from benchmarks.baselines import dense_trainer  # noqa: E402
 from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet  # noqa: E402
 from deftx_engine.config import settings_key  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, PRECISIONS, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
@@ -366,29 +367,14 @@ def run_sft(job: Job, keep_checkpoints: bool, quiet: bool) -> float:
 
 
 def run_full_ft(job: Job, quiet: bool) -> float:
-    """Dense fine-tune on the source task with HF ``Trainer`` (train_sft has no dense mode)."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
-
-    from deftx_engine.models import load_cls_model, load_tokenizer
-    from deftx_engine.train import load_examples
-
+    """The ``full-ft`` method: the deliberate dense baseline no user runs (``baselines.dense_trainer``)."""
     cfg = job.cfg
     t = time.perf_counter()
     with _captured(job.folder / "console.txt", quiet), OtherCpu() as other:
-        tok = load_tokenizer(cfg.base_model)
-        dataset, labels = load_examples(cfg, tok)
-        set_seed(cfg.seed)
-        model = load_cls_model(cfg.base_model, labels)
-        args = TrainingArguments(
-            output_dir=str(job.folder / "trainer"), max_steps=cfg.full_steps,
-            per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-            lr_scheduler_type="linear", logging_steps=cfg.logging_steps, save_strategy="no", report_to="none",
-            seed=cfg.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-            dataloader_num_workers=0, max_grad_norm=1.0)
-        Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithPadding(tok)).train()
+        trainer = dense_trainer(cfg, job.folder / "trainer")
+        trainer.train()
         with atomic_dir(job.folder / "model", "config.json") as tmp:  # complete or absent, never half a model
-            model.save_pretrained(tmp)
+            trainer.model.save_pretrained(tmp)
     secs = time.perf_counter() - t
     shutil.rmtree(job.folder / "trainer", ignore_errors=True)
     write_json_atomic(job.folder / "bench.json", {"train_seconds": secs, "finished": time.time(),
