@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet, write_outputs  # noqa: E402
+from benchmarks.core import make_deltas  # noqa: E402
 from deftx_engine.config import TrainConfig  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, KINDS  # noqa: E402
 from deftx_engine.denoise import DenoiseConfig, denoise_deltas  # noqa: E402
@@ -283,8 +284,7 @@ def optimizer_state_vs_k(source: str, kind: str, shares: list[float]) -> list[di
     params = dict(model.named_parameters())
     out = []
     for share in shares:
-        g = torch.Generator().manual_seed(1)
-        scores = {n: torch.rand(params[n].shape, generator=g) for n in roles.maskable}
+        scores = make_deltas({n: params[n].shape for n in roles.maskable}, 1, noise_share=1.0)
         k = k_from(share, sum(t.numel() for t in scores.values()))
         mask = select_top_k(scores, k)
         del scores
@@ -314,17 +314,17 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def random_vector(model, kind: str, share: float, seed: int) -> SparseVector:
+    """The largest ``share`` of a Gaussian delta of ``model``'s maskable shapes, as a vector (task: with heads)."""
     roles = parameter_roles(model)
     params = dict(model.named_parameters())
-    g = torch.Generator().manual_seed(seed)
-    scores = {n: torch.randn(params[n].shape, generator=g) for n in roles.maskable}
+    scores = make_deltas({n: params[n].shape for n in roles.maskable}, seed, noise_share=1.0)
     mask = select_top_k(scores, k_from(share, sum(t.numel() for t in scores.values())))
     vec = SparseVector(VectorMeta(kind=kind, base_model="perf", base_fingerprint=base_fingerprint(model),
                                   label_names=LABELS if kind == "task" else []))
     for n, idx in mask.items():
         if idx.numel():
             vec.indices[n] = idx.to(torch.int32)
-            vec.values[n] = scores[n].reshape(-1)[idx] * 1e-3
+            vec.values[n] = scores[n].reshape(-1)[idx]
             vec.shapes[n] = tuple(params[n].shape)
     if kind == "task":
         for n in roles.heads:
@@ -373,8 +373,7 @@ def denoise_mask_time(source: str, repeats: int) -> dict:
     del model, params
     times = []
     for r in range(repeats):
-        g = torch.Generator().manual_seed(r)
-        deltas = {n: torch.randn(s, generator=g) * 1e-3 for n, s in shapes.items()}
+        deltas = make_deltas(shapes, r, noise_share=1.0)
         t = time.perf_counter()
         deltas, _ = denoise_deltas(deltas, DenoiseConfig(), inplace=True)
         t_den = time.perf_counter() - t
