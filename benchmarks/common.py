@@ -1,6 +1,7 @@
 """What every benchmark script needs on a shared machine: who else is using the CPU (``OtherCpu``), waiting
-for a quiet machine (``wait_quiet``), the machine description that heads each result (``machine_info``) and
-replacing one section of ``benchmarks/RESULTS.md`` (``write_results_section``).
+for a quiet machine (``wait_quiet``), the machine description that heads each result (``machine_info``),
+writing a result as ``PREFIX.json`` + ``PREFIX.md`` (``write_outputs``) and replacing one section of
+``benchmarks/RESULTS.md`` (``write_results_section``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from deftx_engine.fileio import atomic_write_text
+from deftx_engine.fileio import atomic_write_text, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -106,6 +107,14 @@ def machine_info(*packages: str) -> dict[str, str]:
 def prefixed(prefix: Path, suffix: str) -> Path:
     """``PREFIX`` + ``suffix``: an output prefix such as ``s09-k0.1`` keeps its dot (``with_suffix`` would cut it)."""
     return prefix.with_name(prefix.name + suffix)
+
+
+def write_outputs(prefix: Path, result: dict, md: str) -> None:
+    """``PREFIX.json`` (every number; values JSON cannot hold written as text) and ``PREFIX.md`` (the tables),
+    each written aside and renamed, then the tables on stdout."""
+    write_json_atomic(prefixed(prefix, ".json"), result, default=str)
+    atomic_write_text(prefixed(prefix, ".md"), md)
+    print(md)
 
 
 def write_results_section(heading: str, body: str, path: Path = RESULTS) -> None:

@@ -114,8 +114,12 @@ def task_k(total: int) -> int:
 # ---- random deltas with a decaying spectrum ---------------------------------------------------------------
 def make_delta(shape: tuple[int, ...], gen: torch.Generator, noise_share: float) -> torch.Tensor:
     """One seeded delta. A matrix is A diag(s) B + noise with s_i = 1/i (i <= 32), Gaussian A and B, scaled
-    so the low-rank part carries (1 - noise_share) of the expected energy; 1-D tensors are Gaussian."""
-    if len(shape) != 2:
+    so the low-rank part carries (1 - noise_share) of the expected energy; 1-D tensors, and everything at
+    ``noise_share`` 1 (no structure: the worst case for the energy rank), are Gaussian.
+
+    The one home of random deltas and vectors in the benchmarks (``perf.py`` builds its random masks and
+    vectors from ``make_deltas``)."""
+    if len(shape) != 2 or noise_share >= 1.0:
         return torch.randn(shape, generator=gen) * DELTA_RMS
     m, n = shape
     r = min(LOW_RANK, m, n)

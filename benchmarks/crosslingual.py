@@ -19,8 +19,9 @@ Methods (``--methods``, all by default):
 ``deftx``                   task SFT + language SFT, both SVD-denoised before masking, composed by a sum
 ``lt-sft``                  the same without denoising (plain magnitude mask; Ansell et al., 2022)
 ``task-only``               the deftx task SFT alone on the target language (no language vector)
-``full-ft``                 a dense fine-tune of the whole model on the source task (HF ``Trainer`` on
-                            ``models.load_cls_model``, LayerNorm included), as many steps as one SFT phase
+``full-ft``                 a dense fine-tune of the whole model on the source task, as many steps as one
+                            SFT phase: the deliberate baseline no user runs (``baselines.dense_trainer``:
+                            HF ``Trainer``, LayerNorm included, the engine's phase-1 settings)
 ``ties``                    the deftx task and language vectors merged with TIES (``deftx_engine/merge.py``:
                             trim to the top ``--ties-density`` of each vector's entries, elect sign by
                             summed mass, disjoint mean) instead of a sum
@@ -91,6 +92,7 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/crosslingual.py` finds deftx
 
 import torch  # noqa: E402
 
+from benchmarks.baselines import dense_trainer  # noqa: E402
 from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet  # noqa: E402
 from deftx_engine.config import settings_key  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, PRECISIONS, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
@@ -366,29 +368,14 @@ def run_sft(job: Job, keep_checkpoints: bool, quiet: bool) -> float:
 
 
 def run_full_ft(job: Job, quiet: bool) -> float:
-    """Dense fine-tune on the source task with HF ``Trainer`` (train_sft has no dense mode)."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
-
-    from deftx_engine.models import load_cls_model, load_tokenizer
-    from deftx_engine.train import load_examples
-
+    """The ``full-ft`` method: the deliberate dense baseline no user runs (``baselines.dense_trainer``)."""
     cfg = job.cfg
     t = time.perf_counter()
     with _captured(job.folder / "console.txt", quiet), OtherCpu() as other:
-        tok = load_tokenizer(cfg.base_model)
-        dataset, labels = load_examples(cfg, tok)
-        set_seed(cfg.seed)
-        model = load_cls_model(cfg.base_model, labels)
-        args = TrainingArguments(
-            output_dir=str(job.folder / "trainer"), max_steps=cfg.full_steps,
-            per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-            lr_scheduler_type="linear", logging_steps=cfg.logging_steps, save_strategy="no", report_to="none",
-            seed=cfg.seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-            dataloader_num_workers=0, max_grad_norm=1.0)
-        Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithPadding(tok)).train()
+        trainer = dense_trainer(cfg, job.folder / "trainer")
+        trainer.train()
         with atomic_dir(job.folder / "model", "config.json") as tmp:  # complete or absent, never half a model
-            model.save_pretrained(tmp)
+            trainer.model.save_pretrained(tmp)
     secs = time.perf_counter() - t
     shutil.rmtree(job.folder / "trainer", ignore_errors=True)
     write_json_atomic(job.folder / "bench.json", {"train_seconds": secs, "finished": time.time(),
@@ -486,58 +473,43 @@ class Evaluator:
 
 
 # ---- the expected time ----------------------------------------------------------------------------------------
+def probe_batches(cfg: TrainConfig, tok, n: int) -> tuple[list[dict], list[str] | None]:
+    """``n`` batches of a run's data as its phase 1 gets them (the engine's examples and collator; rows reused
+    from the start when the data holds fewer), and the label names."""
+    from deftx_engine.embedding_rows import used_rows
+    from deftx_engine.train import data_collator, load_examples
+
+    dataset, labels = load_examples(cfg, tok)
+    collate = data_collator(cfg, tok, used_rows(dataset.rows, tok))
+    rows, b = dataset.rows, cfg.batch_size
+    return [collate([rows[(i * b + j) % len(rows)] for j in range(b)]) for i in range(n)], labels
+
+
 def calibrate(s: Settings, paths: Paths, probe_steps: int = 3) -> dict:
     """Measure on this machine: a full-phase training step (task and MLM, median of ``probe_steps`` after one
-    warm-up), model load, denoise + mask of a real (few-step) task delta, and one evaluation batch."""
-    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
-
-    from deftx_engine.data import load_corpus
+    warm-up; the engine's batches, and the step as phase 1 takes it: ``perf.Phases``), model load, denoise + mask
+    of a real (few-step) task delta, and one evaluation batch."""
+    from benchmarks.perf import Phases
     from deftx_engine.denoise import DenoiseConfig, denoise_deltas
     from deftx_engine.masks import k_from, select_top_k
     from deftx_engine.models import load_cls_model, load_mlm_model, load_tokenizer
-    from deftx_engine.params import parameter_roles
+
+    def step_time(ph: Phases, batches: list[dict]) -> float:
+        return statistics.median([ph.full_step(b) for b in batches][1:])  # the first warms up
 
     out: dict[str, float] = {}
     t = time.perf_counter()
     tok = load_tokenizer(s.model)
     td = load_task_data(paths.source_train)
     out["load_tokenizer"] = time.perf_counter() - t
-    lines = load_corpus(paths.corpus, s.targets[0])
-    b = s.batch_size
-
-    def step_time(model, batches) -> float:
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        times = []
-        for batch in batches:
-            t0 = time.perf_counter()
-            out_ = model(**batch)
-            loss = out_["loss"] if isinstance(out_, dict) else out_.loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
-
+    batches, labels = probe_batches(task_config(s, "deftx", s.seeds[0], paths), tok, probe_steps + 1)
     t = time.perf_counter()
-    model = load_cls_model(s.model, td.label_names)
+    model = load_cls_model(s.model, labels)
     out["load_model"] = time.perf_counter() - t
-    roles = parameter_roles(model)
-    for n, p in model.named_parameters():
-        p.requires_grad_(n not in roles.frozen)
-    lid = {l: i for i, l in enumerate(td.label_names)}
-    collate = DataCollatorWithPadding(tok)
-    batches = []
-    for i in range(probe_steps + 1):
-        rows = range(i * b, (i + 1) * b)
-        enc = tok([td.texts[j] for j in rows], truncation=True, max_length=s.max_length)
-        batches.append(collate([{**{k: enc[k][r] for k in enc}, "labels": lid[td.labels[j]]}
-                                for r, j in enumerate(rows)]))
-    params = dict(model.named_parameters())
-    theta0 = {n: params[n].detach().clone() for n in roles.maskable}
-    model.train()
-    out["task_step"] = step_time(model, batches)
-    deltas = {n: params[n].detach() - theta0[n] for n in roles.maskable}
+    ph = Phases(model, "task")
+    theta0 = {n: ph.params[n].detach().clone() for n in ph.roles.maskable}
+    out["task_step"] = step_time(ph, batches)
+    deltas = {n: ph.params[n].detach() - theta0[n] for n in ph.roles.maskable}
     del theta0
     t = time.perf_counter()
     deltas, _ = denoise_deltas(deltas, DenoiseConfig("energy", s.energy, s.fixed_rank, s.residual_share), inplace=True)
@@ -552,18 +524,10 @@ def calibrate(s: Settings, paths: Paths, probe_steps: int = 3) -> dict:
         t = time.perf_counter()
         model(**enc)
         out["eval_batch"] = time.perf_counter() - t
-    del model, params
-    mlm = load_mlm_model(s.model)
-    collate = DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
-    enc = tok(lines[:b * (probe_steps + 1)], truncation=True, max_length=s.max_length)
-    batches = [collate([{k: enc[k][j] for k in enc} for j in range(i * b, (i + 1) * b)])
-               for i in range(probe_steps + 1)]
-    mroles = parameter_roles(mlm)
-    for n, p in mlm.named_parameters():
-        if n in mroles.frozen:
-            p.requires_grad_(False)
-    mlm.train()
-    out["lang_step"] = step_time(mlm, batches)
+    del model, ph
+    lang = lang_config(s, "deftx", s.seeds[0], s.targets[0], paths)
+    batches, _ = probe_batches(lang, tok, probe_steps + 1)
+    out["lang_step"] = step_time(Phases(load_mlm_model(s.model, lang.mlm_layer), "language"), batches)
     return out
 
 

@@ -1,6 +1,12 @@
 """How close a training step comes to what this CPU can do, where the rest goes, the embedding fast path,
 scoring throughput, and a whole SFT against what a user would do instead (a plain dense fine-tune).
 
+Its job, against ``perf.py``: absolute speed on this machine's hardware -- achieved FLOP rate as a share of the
+matmul rate, per precision (fp32, bf16) and with ``torch.compile``, and the wall time of what a user waits for on
+the real models (scoring, the MLM-head fit, a whole SFT against the dense baseline). ``perf.py`` measures the
+method's relative costs (sparse / full step, state per k, vector operations, memory) and how they scale with
+model size; this module reuses its step harness (``perf.Phases``) rather than timing steps its own way.
+
 Usage::
 
     python -m benchmarks.efficiency                          # MiniLM and multilingual-e5-small (~15 min, 2 cores)
@@ -22,7 +28,8 @@ Usage::
    ``inference_mode``) against ``transformers.pipeline("text-classification")`` on the same model and
    sentences, in the same run (goal >= 2x).
 5. **A whole SFT vs a dense fine-tune**: ``train_sft`` (both phases, denoise, mask, save) of a task SFT
-   against HF ``Trainer`` fine-tuning every parameter for the same total steps on the same data; the ratio
+   against ``baselines.dense_trainer`` (HF ``Trainer`` fine-tuning every parameter with the engine's phase-1
+   settings) for the same total steps on the same data; the ratio
    and the share of the SFT's wall time spent outside training steps (goal <= 5 %).
 
 Results: Markdown on stdout and ``--out`` (default ``benchmarks/out/efficiency/results.{md,json}``).
@@ -40,10 +47,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from benchmarks.common import OtherCpu, machine_info, prefixed
+from benchmarks.baselines import dense_trainer
+from benchmarks.common import OtherCpu, machine_info, write_outputs
 from benchmarks.perf import Phases, engine_mask, load, make_batches, model_source
 from deftx_engine.constants import PRECISIONS
-from deftx_engine.fileio import atomic_write_text, write_json_atomic
 from deftx_engine.models import resolve_model
 from deftx_engine.precision import resolve as resolve_precision
 
@@ -219,13 +226,11 @@ def head_fit(source: str, precision: str) -> dict:
 
 
 def whole_sft(source: str, steps: int) -> dict:
-    """A task SFT through ``train_sft`` vs HF Trainer fine-tuning everything for the same total steps."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
-
+    """A task SFT through ``train_sft`` vs the dense baseline (``baselines.dense_trainer``: HF Trainer fine-tuning
+    everything) for the same total steps."""
     from deftx_engine.config import TrainConfig
-    from deftx_engine.models import load_cls_model, load_tokenizer
     from deftx_engine.runs import RunDir
-    from deftx_engine.train import load_examples, train_sft
+    from deftx_engine.train import train_sft
 
     data = str(EXAMPLES / "source_task_en.csv")
     cfg = TrainConfig(kind="task", data=data, base_model=source, full_steps=steps, sparse_steps=steps, lr=2e-4,
@@ -235,15 +240,9 @@ def whole_sft(source: str, steps: int) -> dict:
         train_sft(cfg, RunDir(Path(tmp) / "sft"))
         sft = time.perf_counter() - t
         logged = [json.loads(line) for line in (Path(tmp) / "sft" / "metrics.jsonl").read_text().splitlines()]
-        tok = load_tokenizer(source)
-        dataset, labels = load_examples(cfg, tok)
-        set_seed(cfg.seed)
-        model = load_cls_model(source, labels)
-        args = TrainingArguments(output_dir=str(Path(tmp) / "dense"), max_steps=2 * steps, learning_rate=cfg.lr,
-                                 per_device_train_batch_size=cfg.batch_size, save_strategy="no", report_to="none",
-                                 use_cpu=True, disable_tqdm=True, logging_steps=10 ** 6)
+        trainer = dense_trainer(cfg, Path(tmp) / "dense", 2 * steps)
         t = time.perf_counter()
-        Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithPadding(tok)).train()
+        trainer.train()
         dense = time.perf_counter() - t
     times = [m["time"] for m in logged if m.get("phase") in ("full", "sparse")]
     in_steps = sum(b - a for a, b in zip(times, times[1:]))  # between the first and the last logged step
@@ -318,12 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
                 res["scoring"][m] = scoring(src, args.repeats)
                 res["head_fit"][m] = [head_fit(src, precision) for precision in args.precisions]
                 res["whole"][m] = whole_sft(src, args.whole_steps)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(prefixed(out, ".json"), res, default=str)
-    md = markdown(res)
-    atomic_write_text(prefixed(out, ".md"), md)
-    print(md)
+    write_outputs(Path(args.out), res, markdown(res))
     return res
 
 

@@ -1,4 +1,10 @@
-"""Training and scaling benchmark: step time of the two phases, optimizer state, vector operations, memory.
+"""Training and scaling benchmark: what sparse fine-tuning costs *relative to* dense training, and how that grows
+with model size -- step time of the two phases, optimizer state, vector operations, memory.
+
+Its job, against ``efficiency.py``: here every figure is a ratio or a scaling law of the method (sparse step /
+full step, state bytes per k, time and bytes per vector entry, peak memory) over model sizes, in float32;
+``efficiency.py`` asks how close the engine comes to this CPU's hardware (FLOP rate against the matmul rate,
+precisions, compile) and what a user waits for on the real models (scoring, the head fit, a whole SFT).
 
 Usage::
 
@@ -11,11 +17,11 @@ Per model size (``tiny``: a 2-layer hidden-16 BERT; ``minilm``: the bundled all-
 process, no download) it measures:
 
 1. **Step time, full phase vs sparse phase, on the same batches.** One model, loaded with the engine's
-   ``load_mlm_model`` / ``load_cls_model``; a full-phase step is what ``train._run_phase`` runs in phase 1
-   (forward, backward, ``clip_grad_norm_(1.0)``, the optimizer HF ``Trainer.create_optimizer`` builds with
-   the same arguments -- fused AdamW on CPU --, ``zero_grad``); a sparse-phase step is phase 2 (parameters
-   set up by ``train.trainable_setup`` with a real mask, ``optim.SparseAdamW`` built as ``train_sft``
-   builds it, no Trainer-side clipping). The mask is the engine's: the delta of the warm-up full steps,
+   ``load_mlm_model`` / ``load_cls_model``; a full-phase step is what phase 1 of ``train_sft`` runs
+   (forward, backward, ``clip_grad_norm_(1.0)``, the optimizer HF ``Trainer.create_optimizer`` builds from
+   the engine's ``train.training_arguments`` -- fused AdamW on CPU --, ``zero_grad``); a sparse-phase step is
+   phase 2 (parameters set up by ``train.trainable_setup`` with a real mask, ``optim.SparseAdamW`` built as
+   ``train_sft`` builds it, no Trainer-side clipping). The mask is the engine's: the delta of the warm-up full steps,
    denoised (energy 0.90, rho 0.05) and cut to the global top-k (2.8 % language, 5.2 % task). Full and
    sparse steps are *interleaved* on the same batch, so machine load hits both alike; the table gives the
    median of ``--repeats`` timed steps after ``--warmup`` warm-up steps, the ratio of medians and the
@@ -61,17 +67,19 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet  # noqa: E402
+from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet, write_outputs  # noqa: E402
+from benchmarks.core import make_deltas  # noqa: E402
+from deftx_engine.config import TrainConfig  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, KINDS  # noqa: E402
 from deftx_engine.denoise import DenoiseConfig, denoise_deltas  # noqa: E402
-from deftx_engine.fileio import atomic_dir, atomic_write_text, write_json_atomic  # noqa: E402
+from deftx_engine.fileio import atomic_dir  # noqa: E402
 from deftx_engine.masks import k_from, select_top_k  # noqa: E402
 from deftx_engine.models import load_cls_model, load_mlm_model  # noqa: E402
 from deftx_engine.optim import SparseAdamW  # noqa: E402
 from deftx_engine.params import parameter_roles  # noqa: E402
 from deftx_engine.precision import Amp  # noqa: E402
 from deftx_engine.precision import resolve as resolve_precision  # noqa: E402
-from deftx_engine.train import trainable_setup  # noqa: E402
+from deftx_engine.train import trainable_setup, training_arguments  # noqa: E402
 from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
 
 SIZES = ("tiny", "minilm", "xlmr-base")
@@ -136,14 +144,15 @@ def _loss(out):
     return out["loss"] if isinstance(out, dict) else out.loss
 
 
-def dense_optimizer(model, lr: float = 5e-5):
-    """The optimizer HF Trainer builds for phase 1 (train._run_phase's arguments)."""
-    from transformers import Trainer, TrainingArguments
+def dense_optimizer(model, kind: str, lr: float = 5e-5):
+    """The optimizer of a run's phase 1: what HF Trainer builds from the engine's phase-1 arguments."""
+    from transformers import Trainer
 
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="perf-trainer-"), learning_rate=lr,
-                             weight_decay=0.0, use_cpu=True, report_to="none", save_strategy="no")
+    out = Path(tempfile.mkdtemp(prefix="perf-trainer-"))
+    args = training_arguments(TrainConfig(kind=kind, data="(perf: random batches)", lr=lr), out, 1,
+                              resolve_precision("fp32"), checkpoints=False)
     opt = Trainer(model=model, args=args).create_optimizer()
-    shutil.rmtree(args.output_dir, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
     return opt
 
 
@@ -180,7 +189,7 @@ class Phases:
     def full_step(self, batch) -> float:
         self._full_setup()
         if self.full_opt is None:
-            self.full_opt = dense_optimizer(self.model)
+            self.full_opt = dense_optimizer(self.model, self.kind)
         self.model.train()
         t = time.perf_counter()
         with self.amp.autocast():
@@ -275,8 +284,7 @@ def optimizer_state_vs_k(source: str, kind: str, shares: list[float]) -> list[di
     params = dict(model.named_parameters())
     out = []
     for share in shares:
-        g = torch.Generator().manual_seed(1)
-        scores = {n: torch.rand(params[n].shape, generator=g) for n in roles.maskable}
+        scores = make_deltas({n: params[n].shape for n in roles.maskable}, 1, noise_share=1.0)
         k = k_from(share, sum(t.numel() for t in scores.values()))
         mask = select_top_k(scores, k)
         del scores
@@ -306,17 +314,17 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def random_vector(model, kind: str, share: float, seed: int) -> SparseVector:
+    """The largest ``share`` of a Gaussian delta of ``model``'s maskable shapes, as a vector (task: with heads)."""
     roles = parameter_roles(model)
     params = dict(model.named_parameters())
-    g = torch.Generator().manual_seed(seed)
-    scores = {n: torch.randn(params[n].shape, generator=g) for n in roles.maskable}
+    scores = make_deltas({n: params[n].shape for n in roles.maskable}, seed, noise_share=1.0)
     mask = select_top_k(scores, k_from(share, sum(t.numel() for t in scores.values())))
     vec = SparseVector(VectorMeta(kind=kind, base_model="perf", base_fingerprint=base_fingerprint(model),
                                   label_names=LABELS if kind == "task" else []))
     for n, idx in mask.items():
         if idx.numel():
             vec.indices[n] = idx.to(torch.int32)
-            vec.values[n] = scores[n].reshape(-1)[idx] * 1e-3
+            vec.values[n] = scores[n].reshape(-1)[idx]
             vec.shapes[n] = tuple(params[n].shape)
     if kind == "task":
         for n in roles.heads:
@@ -365,8 +373,7 @@ def denoise_mask_time(source: str, repeats: int) -> dict:
     del model, params
     times = []
     for r in range(repeats):
-        g = torch.Generator().manual_seed(r)
-        deltas = {n: torch.randn(s, generator=g) * 1e-3 for n, s in shapes.items()}
+        deltas = make_deltas(shapes, r, noise_share=1.0)
         t = time.perf_counter()
         deltas, _ = denoise_deltas(deltas, DenoiseConfig(), inplace=True)
         t_den = time.perf_counter() - t
@@ -553,11 +560,8 @@ def main(argv: list[str] | None = None) -> dict:
             res["rss"]["other_cores"] = other.cores
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    md = markdown(res)
-    print(md)
     out = Path(args.out)
-    write_json_atomic(prefixed(out, ".json"), res, default=str)
-    atomic_write_text(prefixed(out, ".md"), md)
+    write_outputs(out, res, markdown(res))
     print(f"results: {prefixed(out, '.md')}, {prefixed(out, '.json')}")
     return res
 

@@ -66,7 +66,9 @@ def load_examples(cfg: TrainConfig, tokenizer, label_names: list[str] | None = N
     return _Examples(rows), td.label_names
 
 
-def _collator(cfg: TrainConfig, tokenizer, rows: torch.Tensor):
+def data_collator(cfg: TrainConfig, tokenizer, rows: torch.Tensor):
+    """What turns a run's examples into batches: padding, and for a language SFT masking whose random tokens come
+    from ``rows`` (the corpus's ids, ``embedding_rows.used_rows``). Public so benchmarks batch as a run does."""
     from transformers import DataCollatorWithPadding
 
     if cfg.kind == "language":
@@ -158,23 +160,33 @@ def _last_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir, phase: str, offset: int,
-               total: int, stop: StopFlag | None, amp: Amp, optimizer=None, resume: bool = False) -> bool:
-    """Train one phase with ``Trainer``; False if a stop signal ended it early (a checkpoint was saved)."""
-    from transformers import Trainer, TrainingArguments
+def training_arguments(cfg: TrainConfig, out: Path, steps: int, amp: Amp, *, sparse: bool = False,
+                       checkpoints: bool = True):
+    """The ``TrainingArguments`` of one phase (its optimizer, schedule, clipping and precision). Public so
+    benchmarks time and compare against the optimizer and schedule a run really uses; ``checkpoints=False``
+    for a measurement that never resumes."""
+    from transformers import TrainingArguments
 
-    cuda = torch.cuda.is_available()
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to="none",
-        seed=cfg.seed, use_cpu=not cuda, fp16=amp.dtype == torch.float16, bf16=amp.dtype == torch.bfloat16,
+        save_strategy="steps" if checkpoints else "no", save_steps=cfg.save_steps, save_total_limit=1,
+        report_to="none", seed=cfg.seed, use_cpu=not torch.cuda.is_available(),
+        fp16=amp.dtype == torch.float16, bf16=amp.dtype == torch.bfloat16,
         remove_unused_columns=False, torch_compile=cfg.compile,
         dataloader_num_workers=0, disable_tqdm=True,  # our own bar names the phase (_progress_callback)
         ddp_find_unused_parameters=cfg.kind == "language",  # MLM heads carry a bias the loss may not use
-        max_grad_norm=0.0 if optimizer is not None else 1.0,  # the sparse optimizer clips masked grads itself
+        max_grad_norm=0.0 if sparse else 1.0,  # the sparse optimizer clips masked grads itself
     )
+
+
+def _run_phase(model, cfg, dataset, collator, out: Path, steps: int, run: RunDir, phase: str, offset: int,
+               total: int, stop: StopFlag | None, amp: Amp, optimizer=None, resume: bool = False) -> bool:
+    """Train one phase with ``Trainer``; False if a stop signal ended it early (a checkpoint was saved)."""
+    from transformers import Trainer
+
+    args = training_arguments(cfg, out, steps, amp, sparse=optimizer is not None)
     from transformers.trainer_callback import PrinterCallback
 
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
@@ -334,7 +346,7 @@ def train_sft(cfg: TrainConfig, run: RunDir, *, stop: StopFlag | None = None, re
         full, sparse = cfg.planned_steps(len(dataset), world)
         total = full + sparse
         rows = used_rows(dataset.rows, tokenizer)
-        collator = _collator(cfg, tokenizer, rows)
+        collator = data_collator(cfg, tokenizer, rows)
 
         say(f"{cfg.kind} SFT of {cfg.base_model}: {len(dataset)} examples, k = {k:,} of {n_maskable:,} maskable "
             f"({k / n_maskable:.2%}), {full} full + {sparse} sparse steps, method {cfg.method}")

@@ -1,11 +1,13 @@
-"""benchmarks/common.py: the RESULTS.md section writer, the CPU meter and the machine description."""
+"""benchmarks/common.py: the RESULTS.md section writer, the results-file writer, the CPU meter and the machine
+description."""
+import json
 import os
 import time
 from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet, write_results_section
+from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet, write_outputs, write_results_section
 
 RESULTS = "# Benchmark results\n\n## Web app\n\nold figures\n\n## Engine core\n\nkept | 1 s\n"
 
@@ -21,6 +23,15 @@ def test_a_section_is_replaced_and_the_others_kept_byte_for_byte(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert text.startswith("# Benchmark results\n\n## Web app\n\nnew figures\n\n## Engine core\n\nreplaced\n\n")
     assert text.endswith("## Training and scaling\n\nappended\n")
+
+
+def test_outputs_are_the_json_and_the_tables_under_one_prefix(tmp_path, capsys):
+    prefix = tmp_path / "out" / "s09-k0.1"  # a new folder, and a dot the prefix keeps
+    write_outputs(prefix, {"n": 1, "where": tmp_path}, "| a |\n")
+    assert json.loads((tmp_path / "out" / "s09-k0.1.json").read_text()) == {"n": 1, "where": str(tmp_path)}
+    assert (tmp_path / "out" / "s09-k0.1.md").read_text() == "| a |\n"
+    assert capsys.readouterr().out == "| a |\n\n"
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["s09-k0.1.json", "s09-k0.1.md"]  # nothing aside
 
 
 def meter_with(monkeypatch, counters: list, clock: list[float]):

@@ -1,7 +1,7 @@
 """The recipe-search history table built from crosslingual results files."""
 import json
 
-from benchmarks.search_history import table
+from benchmarks.research.search_history import table
 
 
 def _results(path, lang_lr, deftx_avg):

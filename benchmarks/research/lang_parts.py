@@ -26,9 +26,9 @@ trained (nothing is trained here):
 
 Usage::
 
-    python -m benchmarks.lang_parts --results RESULTS.json --out PREFIX
-    python -m benchmarks.lang_parts --results s01.json --source-results s02.json --out /tmp/parts
-    python -m benchmarks.lang_parts --help                  # every option with its default
+    python -m benchmarks.research.lang_parts --results RESULTS.json --out PREFIX
+    python -m benchmarks.research.lang_parts --results s01.json --source-results s02.json --out /tmp/parts
+    python -m benchmarks.research.lang_parts --help                  # every option with its default
 
 ``--results`` is a results JSON of ``benchmarks.crosslingual`` (its ``settings`` and ``runs``; a run's vector is
 ``<folder>/vector``). The task and language vectors are the runs of ``--variant`` and ``--seed``; the source
@@ -60,14 +60,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bar for each of ~50 models
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python benchmarks/lang_parts.py` finds deftx_engine and benchmarks
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `python benchmarks/research/lang_parts.py` finds deftx_engine and benchmarks
 
-from benchmarks.common import prefixed  # noqa: E402
+from benchmarks.common import prefixed, write_outputs  # noqa: E402
 from benchmarks.crosslingual import DEFAULT_DATA, _hash, sorted_task_data  # noqa: E402
 from deftx_engine.data import TaskData  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
-from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
+from deftx_engine.fileio import atomic_write_text  # noqa: E402
 from deftx_engine.params import layer_of, param_group  # noqa: E402
 from deftx_engine.vectors import SparseVector  # noqa: E402
 
@@ -411,10 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "eval_seconds": sum({e["key"]: e["eval_seconds"] for e in evaluations}.values()),
                        "evaluated": scorer.evaluated,
                        "cached": scorer.cached}}
-    write_json_atomic(prefixed(out, ".json"), result)
-    md = markdown(result)
-    atomic_write_text(prefixed(out, ".md"), md)
-    print(md)
+    write_outputs(out, result, markdown(result))
     print(f"results: {prefixed(out, '.json')}, {prefixed(out, '.md')}")
     return result
 

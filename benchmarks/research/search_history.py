@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.search_history OUT/s01.json OUT/s02.json ...   # markdown on stdout
+    python -m benchmarks.research.search_history OUT/s01.json OUT/s02.json ...   # markdown on stdout
 
 Each row is one method of one results file: the settings that differ between the files, macro-F1 x 100 per
 target and on average, the gain over task-only of the same file (when it ran task-only), and the language

@@ -1,4 +1,4 @@
-"""benchmarks/recipe_search.sh (hours of training) is checked without training: bash parses it, and its dry run
+"""benchmarks/research/recipe_search.sh (hours of training) is checked without training: bash parses it, and its dry run
 (DRY_RUN=1) prints every benchmark command it would run; each must be accepted by its benchmark's parser, and
 each benchmarks.crosslingual command must plan its runs on the real NusaX data (its own --dry-run)."""
 import importlib
@@ -7,8 +7,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "recipe_search.sh"
+REPO = Path(__file__).resolve().parents[3]
+SCRIPT = REPO / "benchmarks" / "research" / "recipe_search.sh"
 
 
 def dry_run(work: Path) -> list[list[str]]:
@@ -27,8 +27,9 @@ def test_every_command_is_accepted_by_its_benchmark(tmp_path, capsys):
     assert not (tmp_path / "work").exists()  # the dry run ran nothing
     modules = [c[2] for c in commands]
     assert all(c[:2] == ["python", "-m"] for c in commands), commands
-    assert modules.count("benchmarks.crosslingual") == 11 and modules.count("benchmarks.lang_parts") == 3
-    assert modules.count("benchmarks.lang_diagnostics") == 3 and modules.count("benchmarks.search_history") == 1
+    assert modules.count("benchmarks.crosslingual") == 11 and modules.count("benchmarks.research.lang_parts") == 3
+    assert modules.count("benchmarks.research.lang_diagnostics") == 3
+    assert modules.count("benchmarks.research.search_history") == 1
     outs = [c[c.index("--out") + 1] for c in commands if "--out" in c]
     assert len(outs) == len(set(outs)) == 17  # no command overwrites another's results
     for cmd in commands:

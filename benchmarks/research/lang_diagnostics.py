@@ -4,9 +4,9 @@ in) zero-shot sentiment transfer.
 
 Usage::
 
-    python -m benchmarks.lang_diagnostics --task TASK_VECTOR \\
+    python -m benchmarks.research.lang_diagnostics --task TASK_VECTOR \\
         --lang javanese=JAV_VECTOR --lang sundanese=SUN_VECTOR --out /tmp/diag
-    python -m benchmarks.lang_diagnostics --help          # every option with its default
+    python -m benchmarks.research.lang_diagnostics --help          # every option with its default
 
 Text: NusaX-MT's *valid* split (``<data>/mt/valid.csv``, parallel sentences, one column per language). The
 language vectors were trained on ``mt/train.csv``, so these sentences are held out. Rows where the source or
@@ -51,17 +51,16 @@ from typing import Sequence
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python benchmarks/lang_diagnostics.py` finds deftx_engine
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `python benchmarks/research/lang_diagnostics.py` finds deftx_engine
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from benchmarks.common import prefixed  # noqa: E402
+from benchmarks.common import write_outputs  # noqa: E402
 from benchmarks.crosslingual import DEFAULT_DATA  # noqa: E402
 from deftx_engine.e5_small import ALIAS as E5_ALIAS  # noqa: E402
-from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
 from deftx_engine.models import device, load_cls_model, load_tokenizer  # noqa: E402
 from deftx_engine.vectors import SparseVector  # noqa: E402
 
@@ -348,7 +347,7 @@ def load_kind(path: Path, kind: str) -> SparseVector:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.lang_diagnostics",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.research.lang_diagnostics",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=E5_ALIAS, help="base model (alias, folder or Hub id)")
@@ -385,10 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "date": _dt.datetime.now().isoformat(timespec="seconds")},
               "targets": {t: target_report(st, text, t, label_names) for t in langs}}
     result["wall_seconds"] = time.perf_counter() - t0
-    write_json_atomic(prefixed(out, ".json"), result)
-    md = markdown(result)
-    atomic_write_text(prefixed(out, ".md"), md)
-    print(md)
+    write_outputs(out, result, markdown(result))
     return result
 
 

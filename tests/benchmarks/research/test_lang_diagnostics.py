@@ -1,5 +1,5 @@
-"""benchmarks/lang_diagnostics.py: the pure math on hand-made tensors, the data checks, and one run end to end on
-a tiny model with random vectors and a NusaX-MT-shaped valid.csv."""
+"""benchmarks/research/lang_diagnostics.py: the pure math on hand-made tensors, the data checks, and one run end
+to end on a tiny model with random vectors and a NusaX-MT-shaped valid.csv."""
 import csv
 import importlib
 import json
@@ -12,7 +12,7 @@ from tiny import ASSETS, make_tiny_model_dir, make_vector
 
 
 def bench():
-    return importlib.import_module("benchmarks.lang_diagnostics")
+    return importlib.import_module("benchmarks.research.lang_diagnostics")
 
 
 # ---- the math ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""benchmarks/lang_parts.py: the restriction of a vector to a part, the tables, and a run on a tiny model."""
+"""benchmarks/research/lang_parts.py: the restriction of a vector to a part, the tables, and a run on a tiny model."""
 import importlib
 import importlib.util
 import json
@@ -22,12 +22,12 @@ NAMES = {  # parameter -> (group, layer or None)
 
 
 def load():
-    return importlib.import_module("benchmarks.lang_parts")
+    return importlib.import_module("benchmarks.research.lang_parts")
 
 
 def write_nusax(root: Path) -> Path:
     """The NusaX-shaped folder of test_crosslingual.py (tests/benchmarks is no package: loaded by path)."""
-    path = Path(__file__).with_name("test_crosslingual.py")
+    path = Path(__file__).parents[1] / "test_crosslingual.py"
     spec = importlib.util.spec_from_file_location("_test_crosslingual", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
