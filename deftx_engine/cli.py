@@ -8,9 +8,7 @@ import json
 import os
 import signal
 import sys
-import time
 import typing
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,71 +69,9 @@ def _add_train_parser(sub, kind: str):
     return p
 
 
-def _plain_progress_run(path: str, logging_steps: int):
-    """The run folder for a stderr that is not a terminal (nohup, CI logs, a pipe), where the trainer shows
-    neither its bars nor log.txt's story: a ``RunDir`` that also prints, as plain lines, what the trainer tells
-    it -- each logged step of a phase, the head fit's step every ``logging_steps`` steps, each new status message
-    -- and log.txt's new lines before them. Nothing is polled: the lines come from the trainer's own calls."""
-    from .runs import RunDir
-    from .train import PHASE_NAMES
-
-    def say(line: str) -> None:  # stamped like log.txt's lines, which come through as written
-        print(time.strftime("%H:%M:%S"), line, file=sys.stderr, flush=True)
-
-    def eta(seconds: float | None) -> str:
-        return f", ETA {timedelta(seconds=round(seconds))}" if seconds is not None and seconds >= 0 else ""
-
-    class PlainProgress(RunDir):
-        log_at: int | None = None  # bytes of log.txt already shown; None until this process claims the folder
-        head_fit_shown = 0
-        message = ""
-
-        def claim(self, config: dict, *, resume: bool, overwrite: bool) -> bool:
-            resumed = super().claim(config, resume=resume, overwrite=overwrite)
-            self.log_at = self.log_file.stat().st_size if self.log_file.is_file() else 0  # an earlier attempt's
-            return resumed
-
-        def show_log(self) -> None:
-            """log.txt's lines written since the last call (the trainer's story: head fit, mask, vector)."""
-            if self.log_at is None:
-                return
-            try:
-                with self.log_file.open("rb") as f:
-                    f.seek(self.log_at)
-                    new = f.read()
-            except OSError:
-                return
-            new = new[:new.rfind(b"\n") + 1]  # whole lines only
-            self.log_at += len(new)
-            for line in new.decode("utf-8", errors="replace").splitlines():
-                print(line, file=sys.stderr, flush=True)
-
-        def update(self, **changes) -> None:
-            super().update(**changes)
-            self.show_log()
-            st = self._status
-            if st.message and st.message != self.message and st.state != "done":  # log.txt says "vector saved"
-                say(st.message)
-            self.message = st.message
-            if st.phase == "head-fit" and "step" in changes and st.total_steps:
-                if st.step // logging_steps > self.head_fit_shown // logging_steps or st.step == st.total_steps:
-                    say(f"MLM head fit: step {st.step} of at most {st.total_steps}{eta(st.eta_seconds)}")
-                    self.head_fit_shown = st.step
-
-        def log_metrics(self, record: dict) -> None:
-            super().log_metrics(record)
-            self.show_log()
-            if record.get("phase") in PHASE_NAMES and "phase_step" in record:
-                st = self.status()  # this step's, written just before its log
-                say(f"{PHASE_NAMES[record['phase']]}: step {record['phase_step']}/{record['phase_steps']} (run "
-                    f"{record['step']}/{st.get('total_steps', '?')}), loss {record['loss']:.4f}"
-                    f"{eta(st.get('eta_seconds'))}")
-
-    return PlainProgress(path)
-
-
 def _train(args, kind: str) -> int:
     from .config import FIELDS, resolve
+    from .plain_progress import PlainProgress
     from .runs import RunDir, StopFlag
     from .train import train_sft
 
@@ -147,7 +83,7 @@ def _train(args, kind: str) -> int:
     print("configuration:", json.dumps(cfg.to_dict(), indent=2), file=sys.stderr)
     stop = StopFlag().install()
     plain = not sys.stderr.isatty()  # a terminal gets the trainer's bars and story instead
-    run = _plain_progress_run(args.output_dir, cfg.logging_steps) if plain else RunDir(args.output_dir)
+    run = PlainProgress(args.output_dir, cfg.logging_steps) if plain else RunDir(args.output_dir)
     try:
         out = train_sft(cfg, run, stop=stop, resume=args.resume, overwrite=args.overwrite,
                         keep_checkpoints=args.keep_checkpoints)
@@ -308,74 +244,77 @@ def _gallery(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deftx", description="DeFT-X: composable, SVD-denoised sparse "
-                                     "fine-tunings for zero-shot cross-lingual transfer.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train_parser(sub, "language")
-    _add_train_parser(sub, "task")
+def _command(sub, name: str, func, summary: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary)
+    p.set_defaults(func=func)
+    return p
 
-    def command(name: str, func, summary: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=summary)
-        p.set_defaults(func=func)
-        return p
 
-    def model_args(p):
-        p.add_argument("--task", required=True, help="task vector folder")
-        p.add_argument("--language", action="append", help="language vector folder (repeatable)")
-        p.add_argument("--scale", type=float, nargs="+", help="one scale per vector (task first); default 1")
-        p.add_argument("--merge", choices=MERGES, default="sum",
-                       help="sum = θ0 + the vectors; ties = TIES merging (trim each vector to --ties-density "
-                            "of its entries, elect a sign per entry, average the agreeing values) (default: sum)")
-        p.add_argument("--ties-density", type=float, default=TIES_DENSITY,
-                       help=f"--merge ties: share of each vector's entries kept (default: {TIES_DENSITY})")
-        p.add_argument("--ties-lambda", type=float, default=TIES_LAMBDA,
-                       help=f"--merge ties: scale of the merged vector (default: {TIES_LAMBDA})")
+def _model_args(p) -> None:
+    """The options that name a composed model: the vectors and how they are merged."""
+    p.add_argument("--task", required=True, help="task vector folder")
+    p.add_argument("--language", action="append", help="language vector folder (repeatable)")
+    p.add_argument("--scale", type=float, nargs="+", help="one scale per vector (task first); default 1")
+    p.add_argument("--merge", choices=MERGES, default="sum",
+                   help="sum = θ0 + the vectors; ties = TIES merging (trim each vector to --ties-density "
+                        "of its entries, elect a sign per entry, average the agreeing values) (default: sum)")
+    p.add_argument("--ties-density", type=float, default=TIES_DENSITY,
+                   help=f"--merge ties: share of each vector's entries kept (default: {TIES_DENSITY})")
+    p.add_argument("--ties-lambda", type=float, default=TIES_LAMBDA,
+                   help=f"--merge ties: scale of the merged vector (default: {TIES_LAMBDA})")
 
-    def data_args(p, required):
-        p.add_argument("--data", required=required, help="labelled or unlabelled file (.csv/.tsv/.jsonl/.txt)")
-        p.add_argument("--text-column", help="text column (default: auto-detect)")
-        p.add_argument("--pair-column", help="second text column for pair tasks")
-        p.add_argument("--label-column", default="label", help="label column (default: label)")
-        p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                       help="number format of the matrix products: auto = bf16 autocast where the CPU or GPU "
-                            "multiplies bf16 natively, else float32 (default: auto)")
 
-    p = command("compose", _compose, "θ0 + task + language vectors -> a standard HF model folder")
-    model_args(p)
+def _data_args(p, required: bool) -> None:
+    """The options that say what to score and how: the data file, its columns, the number format."""
+    p.add_argument("--data", required=required, help="labelled or unlabelled file (.csv/.tsv/.jsonl/.txt)")
+    p.add_argument("--text-column", help="text column (default: auto-detect)")
+    p.add_argument("--pair-column", help="second text column for pair tasks")
+    p.add_argument("--label-column", default="label", help="label column (default: label)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="number format of the matrix products: auto = bf16 autocast where the CPU or GPU "
+                        "multiplies bf16 natively, else float32 (default: auto)")
+
+
+def _add_model_parsers(sub) -> None:
+    """compose, evaluate and predict: the commands that build a model from vectors."""
+    p = _command(sub, "compose", _compose, "θ0 + task + language vectors -> a standard HF model folder")
+    _model_args(p)
     p.add_argument("--output-dir", required=True, help="where to write the model (loads with transformers.pipeline)")
 
-    p = command("evaluate", _evaluate, "macro-F1 and accuracy of a composed model (--json: also per class and the "
-                "confusion matrix); with --language also the task vector alone, and the difference")
-    model_args(p)
-    data_args(p, True)
+    p = _command(sub, "evaluate", _evaluate, "macro-F1 and accuracy of a composed model (--json: also per class and "
+                 "the confusion matrix); with --language also the task vector alone, and the difference")
+    _model_args(p)
+    _data_args(p, True)
     p.add_argument("--output", help="also write the whole result as JSON to this file")
     p.add_argument("--json", action="store_true", help="print the whole result (per-class scores, confusion "
                                                        "matrix) as JSON instead of the one-line summary")
 
-    p = command("predict", _predict, "label probabilities for --text or every line of --data (CSV)")
-    model_args(p)
-    data_args(p, False)
+    p = _command(sub, "predict", _predict, "label probabilities for --text or every line of --data (CSV)")
+    _model_args(p)
+    _data_args(p, False)
     p.add_argument("--text", help="one input text")
     p.add_argument("--text-pair", help="its pair (NLI hypothesis)")
     p.add_argument("--labelled", action="store_true",
                    help="--data must be a labelled task file (without it, one is detected: its labels go to the CSV)")
     p.add_argument("--output", help="write the CSV here instead of stdout")
 
-    p = command("inspect", _inspect, "spectra, mask densities and overlap -> JSON and a Plotly HTML report")
+
+def _add_vector_parsers(sub) -> None:
+    """inspect, push, pull and gallery: the commands that look at, share or find vectors."""
+    p = _command(sub, "inspect", _inspect, "spectra, mask densities and overlap -> JSON and a Plotly HTML report")
     p.add_argument("vectors", nargs="+", help="one or more vector folders (overlap is reported for each pair)")
     p.add_argument("--run", help="a run folder whose spectra.json to include")
     p.add_argument("--html", help="write a standalone Plotly report here")
     p.add_argument("--output", help="also write the whole report as JSON here")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a summary")
 
-    p = command("push", _push, "upload a vector folder with a model card to the Hugging Face Hub")
+    p = _command(sub, "push", _push, "upload a vector folder with a model card to the Hugging Face Hub")
     p.add_argument("vector", help="vector folder")
     p.add_argument("repo_id", help="e.g. user/deftx-jav-language")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--token", help="Hugging Face token (default: $HF_TOKEN); never printed or stored")
 
-    p = command("pull", _pull, "download a vector (ours or composable-sft's pytorch_diff.bin) from the Hub")
+    p = _command(sub, "pull", _pull, "download a vector (ours or composable-sft's pytorch_diff.bin) from the Hub")
     p.add_argument("repo_id", help="Hub repo id or a local folder")
     p.add_argument("--output-dir", required=True, help="where to put the vector folder")
     p.add_argument("--revision", help="branch, tag or commit")
@@ -383,14 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .gallery import HUB_TIMEOUT
 
-    p = command("gallery", _gallery, "released (composable-sft) and pushed language and task vectors, from the Hub "
-                "or, when it does not answer, the catalogue shipped with DeFT-X")
+    p = _command(sub, "gallery", _gallery, "released (composable-sft) and pushed language and task vectors, from the "
+                 "Hub or, when it does not answer, the catalogue shipped with DeFT-X")
     p.add_argument("--base", help="only vectors for this base model (e.g. xlmr, mbert, FacebookAI/xlm-roberta-base)")
     p.add_argument("--kind", choices=KINDS, help="only language or only task vectors")
     p.add_argument("--language", help="only vectors for this language (code such as jav, or name such as Javanese)")
     p.add_argument("--timeout", type=float, default=HUB_TIMEOUT,
                    help=f"seconds to wait for the Hub before using the catalogue (default: {HUB_TIMEOUT:g})")
     p.add_argument("--json", action="store_true", help="print the gallery as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deftx", description="DeFT-X: composable, SVD-denoised sparse "
+                                     "fine-tunings for zero-shot cross-lingual transfer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub, "language")
+    _add_train_parser(sub, "task")
+    _add_model_parsers(sub)
+    _add_vector_parsers(sub)
     return parser
 
 

@@ -10,13 +10,13 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .errors import VectorError
-from .params import parameter_roles
+from .params import ParameterRoles, parameter_roles
 from .vectors import SparseVector, VectorMeta, base_fingerprint, read_json
 
 logger = logging.getLogger(__name__)
@@ -192,6 +192,78 @@ def _label_names(config: Mapping, heads: Mapping[str, Tensor]) -> list[str]:
     return [f"LABEL_{i}" for i in range(outputs.pop())] if len(outputs) == 1 else []
 
 
+def _diff_sections(path: Path) -> tuple[Mapping, Mapping]:
+    """(parameter diffs, whole heads) of the file, whichever of its three layouts it has."""
+    raw = _load_csft(path)
+    if not isinstance(raw, Mapping):
+        raise VectorError(f"{path}: expected a dict of parameter diffs, found a {type(raw).__name__}")
+    sections = next((s for s in (("diffs", "abs"), ("body", "head")) if isinstance(raw.get(s[0]), Mapping)), None)
+    if sections is not None:
+        body, head = raw[sections[0]], raw.get(sections[1]) or {}
+    else:
+        body, head = raw, {}
+    if not isinstance(head, Mapping):
+        raise VectorError(f"{path}: {sections[1]!r} is a {type(head).__name__}, expected a dict of tensors")
+    return body, head
+
+
+def _encoder_rule(path: Path, model: nn.Module | None, roles: ParameterRoles | None) -> Callable[[str], bool]:
+    """Whether a diff's parameter is the encoder's (kept) or a head's (skipped): by ``roles`` when a model is
+    given, where a name the model lacks is an error, else by the name prefixes."""
+    # the frozen LayerNorms include the MLM head's (cls.predictions.transform.LayerNorm, lm_head.layer_norm):
+    # encoder only within the base model, or a language vector would not fit a classifier
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    encoder = None if roles is None else set(roles.maskable) | {
+        n for n in roles.frozen if not (prefix and hasattr(model, prefix)) or n.startswith(prefix + ".")}
+
+    def in_encoder(name: str) -> bool:
+        if encoder is None:
+            return not name.startswith(HEAD_PREFIXES)
+        if name in encoder:
+            return True
+        if name in roles.heads or name in roles.frozen or name.startswith(HEAD_PREFIXES):
+            return False
+        raise VectorError(f"{path}: parameter {name!r} is not in the given model (was the vector made for "
+                          f"another model class or base model?)")
+
+    return in_encoder
+
+
+def _add_encoder_diffs(vec: SparseVector, body: Mapping, in_encoder: Callable[[str], bool], path: Path) -> list[str]:
+    """The encoder's nonzero diffs into ``vec``; returns the names of the parameters skipped as heads'."""
+    skipped: list[str] = []
+    for name, obj in body.items():
+        if not isinstance(name, str):
+            raise VectorError(f"{path}: parameter names must be strings, found {name!r}")
+        if not in_encoder(name):
+            skipped.append(name)
+            continue
+        idx, val, shape = _sparse_entries(name, obj, path)
+        vec.shapes[name] = shape
+        if idx.numel():
+            vec.indices[name], vec.values[name] = idx, val
+    return skipped
+
+
+def _add_heads(vec: SparseVector, head: Mapping, roles: ParameterRoles | None, path: Path) -> list[str]:
+    """A task vector's whole head tensors into ``vec`` (one is required); returns the names skipped because the
+    given model has no such head."""
+    skipped: list[str] = []
+    head_names = set(roles.heads) if roles is not None else None
+    for name, t in head.items():
+        if not isinstance(t, Tensor) or t.layout != torch.strided or t.is_complex() or t.dtype == torch.bool:
+            raise VectorError(f"{path}: head parameter {name!r} is not a dense tensor of real numbers")
+        if head_names is not None and name not in head_names:
+            skipped.append(name)
+            continue
+        vec.heads[name] = t.detach().float().cpu().clone()
+        vec.shapes[name] = tuple(t.shape)
+    if not vec.heads:
+        raise VectorError(f"{path}: a task vector needs its classification head, and the file has none (no "
+                          "'head' section): without it the model would predict from a random head")
+    return skipped
+
+
 def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str = "", kind: str = "language",
                            language: str = "", model: nn.Module | None = None,
                            label_names: Sequence[str] = ()) -> SparseVector:
@@ -209,34 +281,9 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
     """
     src, dest = Path(src), Path(dest)
     path = src / CSFT_FILE
-    raw = _load_csft(path)
-    if not isinstance(raw, Mapping):
-        raise VectorError(f"{path}: expected a dict of parameter diffs, found a {type(raw).__name__}")
-    sections = next((s for s in (("diffs", "abs"), ("body", "head")) if isinstance(raw.get(s[0]), Mapping)), None)
-    if sections is not None:
-        body, head = raw[sections[0]], raw.get(sections[1]) or {}
-    else:
-        body, head = raw, {}
-    if not isinstance(head, Mapping):
-        raise VectorError(f"{path}: {sections[1]!r} is a {type(head).__name__}, expected a dict of tensors")
-
+    body, head = _diff_sections(path)
     roles = parameter_roles(model) if model is not None else None
-    # the frozen LayerNorms include the MLM head's (cls.predictions.transform.LayerNorm, lm_head.layer_norm):
-    # encoder only within the base model, or a language vector would not fit a classifier
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    encoder = None if roles is None else set(roles.maskable) | {
-        n for n in roles.frozen if not (prefix and hasattr(model, prefix)) or n.startswith(prefix + ".")}
-
-    def in_encoder(name: str) -> bool:
-        if encoder is None:
-            return not name.startswith(HEAD_PREFIXES)
-        if name in encoder:
-            return True
-        if name in roles.heads or name in roles.frozen or name.startswith(HEAD_PREFIXES):
-            return False
-        raise VectorError(f"{path}: parameter {name!r} is not in the given model (was the vector made for "
-                          f"another model class or base model?)")
-
+    in_encoder = _encoder_rule(path, model, roles)
     if not base_model and model is not None:
         base_model = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     config = _model_config(src)
@@ -245,30 +292,9 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
                       language=language, label_names=list(label_names), method="lt-sft", denoise=None,
                       extra={"converted_from": "composable-sft"})
     vec = SparseVector(meta)
-    skipped: list[str] = []
-    for name, obj in body.items():
-        if not isinstance(name, str):
-            raise VectorError(f"{path}: parameter names must be strings, found {name!r}")
-        if not in_encoder(name):
-            skipped.append(name)
-            continue
-        idx, val, shape = _sparse_entries(name, obj, path)
-        vec.shapes[name] = shape
-        if idx.numel():
-            vec.indices[name], vec.values[name] = idx, val
+    skipped = _add_encoder_diffs(vec, body, in_encoder, path)
     if kind == "task":
-        head_names = set(roles.heads) if roles is not None else None
-        for name, t in head.items():
-            if not isinstance(t, Tensor) or t.layout != torch.strided or t.is_complex() or t.dtype == torch.bool:
-                raise VectorError(f"{path}: head parameter {name!r} is not a dense tensor of real numbers")
-            if head_names is not None and name not in head_names:
-                skipped.append(name)
-                continue
-            vec.heads[name] = t.detach().float().cpu().clone()
-            vec.shapes[name] = tuple(t.shape)
-        if not vec.heads:
-            raise VectorError(f"{path}: a task vector needs its classification head, and the file has none (no "
-                              "'head' section): without it the model would predict from a random head")
+        skipped += _add_heads(vec, head, roles, path)
         if not meta.label_names:  # none given: the model's (or the pulled config.json's) names, else LABEL_i
             meta.label_names = _label_names(model.config.to_dict() if model is not None else config, vec.heads)
     else:

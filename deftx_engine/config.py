@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .constants import DEFAULT_K, KINDS, METHODS, PARAM_GROUPS, PRECISIONS, Kind, Method, Precision
-from .data import MAX_BYTES_DEFAULT
 from .errors import ConfigError
 from .presets import preset
+from .tables import MAX_BYTES_DEFAULT
 
 RankPolicy = Literal["energy", "fixed"]
 ResidualScope = Literal["changed", "matrix"]

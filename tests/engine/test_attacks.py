@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from deftx_engine.cli import main
-from deftx_engine.data import parse_source
 from deftx_engine.errors import DataError, DeftxError, VectorError
 from deftx_engine.hub import pull_vector, push_vector
 from deftx_engine.inference import CHARS_PER_TOKEN, predict_proba
+from deftx_engine.tables import parse_source
 from deftx_engine.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector
 from tiny import make_vector, tiny_bert_config, write_composable_sft
 

@@ -43,6 +43,20 @@ def test_convert_body_head_layout_with_sparse_tensors(tiny_cls_model, tmp_path):
     assert set(vec.heads) == set(head) and all(torch.equal(vec.heads[n], head[n]) for n in head)
 
 
+def test_convert_task_skips_heads_the_model_does_not_have(tiny_cls_model, tmp_path):
+    """A 'head' section's tensor that is no head of the given model (here an MLM head's bias on a classifier)
+    is left out and listed as skipped, not kept as a head the model cannot load."""
+    params = dict(tiny_cls_model.named_parameters())
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    head = {n: torch.randn(params[n].shape) for n in ("classifier.weight", "classifier.bias")}
+    (tmp_path / "csft").mkdir()
+    torch.save({"body": {name: torch.eye(16)}, "head": {**head, "cls.predictions.bias": torch.ones(120)}},
+               tmp_path / "csft" / "pytorch_diff.bin")
+    vec = convert_composable_sft(tmp_path / "csft", tmp_path / "v", kind="task", model=tiny_cls_model)
+    assert set(vec.heads) == set(head) and vec.meta.extra["skipped_parameters"] == ["cls.predictions.bias"]
+    assert "cls.predictions.bias" not in SparseVector.load(tmp_path / "v").shapes
+
+
 class Evil:
     def __init__(self, marker):
         self.marker = marker

@@ -6,17 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from deftx_engine.data import (
-    MAX_BYTES_DEFAULT,
-    HubSource,
-    TaskData,
-    describe_corpus,
-    describe_task,
-    load_corpus,
-    load_task_data,
-    parse_source,
-)
+from deftx_engine.data import TaskData, describe_corpus, describe_task, load_corpus, load_task_data
 from deftx_engine.errors import DataError
+from deftx_engine.tables import MAX_BYTES_DEFAULT, HubSource
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -30,44 +22,6 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
 
 def jsonl(*records: object) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
-
-
-# --- parse_source -------------------------------------------------------------------------------
-
-
-def test_parse_source_local_path():
-    assert parse_source("data/corpus.txt") == Path("data/corpus.txt")
-    assert parse_source("  ~/c.txt ") == Path.home() / "c.txt"
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ("hub:org/name", HubSource("org/name")),
-        ("hub:facebook/xnli:sw", HubSource("facebook/xnli", "sw")),
-        ("hub:facebook/xnli:sw@test", HubSource("facebook/xnli", "sw", "test")),
-        ("hub:facebook/xnli:sw@test#premise", HubSource("facebook/xnli", "sw", "test", "premise")),
-        ("hub:org/name@validation#text", HubSource("org/name", None, "validation", "text")),
-        ("hub:org/name#sentence", HubSource("org/name", column="sentence")),
-    ],
-)
-def test_parse_source_hub(spec, expected):
-    assert parse_source(spec) == expected
-
-
-def test_hub_source_str_round_trips():
-    src = HubSource("facebook/xnli", "sw", "test", "premise")
-    assert str(src) == "hub:facebook/xnli:sw@test#premise"
-    assert parse_source(str(src)) == src
-
-
-@pytest.mark.parametrize(
-    ("spec", "what"),
-    [("hub:", "dataset name"), ("hub:org/x:@test", "config"), ("hub:org/x@", "split"), ("hub:org/x#", "column")],
-)
-def test_parse_source_rejects_empty_parts(spec, what):
-    with pytest.raises(DataError, match=rf"empty {what}.*hub:org/name\[:config\]"):
-        parse_source(spec)
 
 
 # --- load_corpus --------------------------------------------------------------------------------
