@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -99,10 +100,26 @@ def _train(args, kind: str) -> int:
     return 0
 
 
+def _finite(text: str) -> float:
+    """An option's number (``--scale``, ``--ties-*``): a NaN or infinity is refused naming the option, not found
+    later in a vector's values."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _composed(args):
     """The model and tokenizer that ``--task``/``--language``/``--scale``/``--merge`` describe."""
     from .inference import composed_model
 
+    n = 1 + len(args.language or [])
+    if args.scale and args.merge == "sum" and len(args.scale) != n:
+        raise DeftxError(f"--scale takes one value per vector, the task's first: {len(args.scale)} given for {n} "
+                         "vectors")
     if args.merge == "sum":
         return composed_model(args.task, args.language or [], args.scale)
     if args.scale:
@@ -254,13 +271,13 @@ def _model_args(p) -> None:
     """The options that name a composed model: the vectors and how they are merged."""
     p.add_argument("--task", required=True, help="task vector folder")
     p.add_argument("--language", action="append", help="language vector folder (repeatable)")
-    p.add_argument("--scale", type=float, nargs="+", help="one scale per vector (task first); default 1")
+    p.add_argument("--scale", type=_finite, nargs="+", help="one scale per vector (task first); default 1")
     p.add_argument("--merge", choices=MERGES, default="sum",
                    help="sum = θ0 + the vectors; ties = TIES merging (trim each vector to --ties-density "
                         "of its entries, elect a sign per entry, average the agreeing values) (default: sum)")
-    p.add_argument("--ties-density", type=float, default=TIES_DENSITY,
+    p.add_argument("--ties-density", type=_finite, default=TIES_DENSITY,
                    help=f"--merge ties: share of each vector's entries kept (default: {TIES_DENSITY})")
-    p.add_argument("--ties-lambda", type=float, default=TIES_LAMBDA,
+    p.add_argument("--ties-lambda", type=_finite, default=TIES_LAMBDA,
                    help=f"--merge ties: scale of the merged vector (default: {TIES_LAMBDA})")
 
 

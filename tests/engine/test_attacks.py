@@ -251,6 +251,27 @@ def test_cli_output_paths_give_one_line(vector_dir, tmp_path, capsys):
     assert a_file.read_text() == "keep"
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["--scale", "nan"], "argument --scale: must be a finite number, got 'nan'"),
+    (["--scale", "1", "inf"], "argument --scale: must be a finite number, got 'inf'"),
+    (["--scale", "abc"], "argument --scale: must be a number, got 'abc'"),
+    (["--merge", "ties", "--ties-lambda", "inf"], "argument --ties-lambda: must be a finite number"),
+    (["--merge", "ties", "--ties-density", "nan"], "argument --ties-density: must be a finite number"),
+    (["--scale", "1", "2", "3"], "--scale takes one value per vector, the task's first: 3 given for 2 vectors"),
+])
+def test_compose_numbers_are_checked_naming_the_option(vector_dir, tmp_path, capsys, argv, says):
+    """A NaN or infinite scale is refused naming its option, not found later in a parameter's values."""
+    from deftx_engine.cli import main
+
+    try:
+        rc = main(["compose", "--task", str(vector_dir), "--language", str(vector_dir), "--output-dir",
+                   str(tmp_path / "out"), *argv])
+    except SystemExit as e:  # argparse's own refusal
+        rc = e.code
+    assert rc == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_errors_never_echo_a_huge_argument_whole(vector_dir, tmp_path, capsys):
     """A 100,000-character path or repo id came back whole in the one-line error (the app cuts ids to 80
     characters); the CLI keeps the start and the reason of a message and says how much it left out."""
