@@ -75,7 +75,8 @@ def test_the_keys_of_schema_1_given_in_extra_become_fields_in_memory_too():
 def test_compose_records_its_components_as_typed_records():
     a = language_vector(VectorMeta(kind="language", base_model="m", base_fingerprint="fp", language="jv"))
     both = compose([a, a], scales=[1.0, 0.5])
-    assert both.meta.components == [Component("language", "jv", "deftx", 1.0), Component("language", "jv", "deftx", 0.5)]
+    assert both.meta.components == [Component("language", "jv", "deftx", 1.0),
+                                    Component("language", "jv", "deftx", 0.5)]
 
 
 @pytest.mark.parametrize("edit, says", [
