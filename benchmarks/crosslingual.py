@@ -462,7 +462,7 @@ class Evaluator:
                   "confusion": metrics["confusion"],
                   "eval_seconds": time.perf_counter() - t}
         if lang is not None:
-            held = self.vector(lang).meta.extra.get("heldout_mlm")
+            held = self.vector(lang).meta.heldout_mlm
             if held:  # did the language vector learn its language? (masked-token loss on held-out text)
                 result["lang_mlm"] = {k: held[k]["loss"] for k in ("theta0", "theta0+phi", "encoder_only")}
             o = overlap(self.vector(lang).mask(), self.vector(task).mask())["overall"]

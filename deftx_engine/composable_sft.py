@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .errors import VectorError
 from .params import ParameterRoles, parameter_roles
-from .vectors import SparseVector, VectorMeta, base_fingerprint, read_json
+from .vector_meta import VectorMeta, read_json
+from .vectors import SparseVector, base_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
     meta = VectorMeta(kind=kind, base_model=base_model or _base_model_from_config(config),
                       base_fingerprint=base_fingerprint(model) if model is not None else "",
                       language=language, label_names=list(label_names), method="lt-sft", denoise=None,
-                      extra={"converted_from": "composable-sft"})
+                      converted_from="composable-sft")
     vec = SparseVector(meta)
     skipped = _add_encoder_diffs(vec, body, in_encoder, path)
     if kind == "task":
@@ -303,7 +304,7 @@ def convert_composable_sft(src: str | Path, dest: str | Path, *, base_model: str
     if not vec.indices and not vec.heads:
         raise VectorError(f"{path}: no nonzero encoder diffs found (skipped: {', '.join(skipped) or 'none'})")
     if skipped:
-        meta.extra["skipped_parameters"] = skipped
+        meta.skipped_parameters = skipped
     meta.k = vec.nnz
     if model is not None:
         vec.validate(model, where=str(path))

@@ -25,7 +25,8 @@ from .errors import DeftxError, VectorError
 from .fileio import check_replaceable, replace_dir, sibling_tempdir
 from .gallery import hub_error_words, pushed_tags
 from .secrets import scrub
-from .vectors import CONFIG_FILE, FORMAT, WEIGHTS_FILE, SparseVector, VectorMeta, read_json
+from .vector_meta import FORMAT, VectorMeta, read_json
+from .vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector
 
 logger = logging.getLogger(__name__)
 # the HTTP transports' DEBUG lines quote request and response headers, and a careless server or proxy echoes the
@@ -78,8 +79,8 @@ def _flatten_metrics(metrics: Mapping, prefix: str = "") -> list[tuple[str, Any]
 def _density_lines(vec: SparseVector) -> list[str]:
     k = vec.meta.k or vec.nnz
     lines = [f"- **k** (nonzero entries): {k:,}"]
-    n_maskable = vec.meta.extra.get("n_maskable") if isinstance(vec.meta.extra, dict) else None
-    if isinstance(n_maskable, (int, float)) and n_maskable > 0:
+    n_maskable = vec.meta.n_maskable
+    if n_maskable:
         lines.append(f"- **density**: {k / n_maskable:.4%} of the {int(n_maskable):,} maskable encoder parameters")
     touched = sum(int(torch.Size(vec.shapes[n]).numel()) for n in vec.indices)
     if touched:
@@ -110,11 +111,9 @@ def build_model_card(vec: SparseVector, repo_id: str, metrics: Mapping | None = 
     # the gallery finds pushed vectors by these tags and reads base_model and language back from the card data
     tags = list(dict.fromkeys(BASE_TAGS + pushed_tags(meta.kind, languages) + [t for t in (meta.kind, meta.method)
                                                                                 if t]))
-    extra = meta.extra if isinstance(meta.extra, dict) else {}
-    license_ = extra.get("license") if isinstance(extra.get("license"), str) else None
     data = ModelCardData(base_model=meta.base_model or None,
                          language=(languages[0] if len(languages) == 1 else languages) or None,
-                         library_name=LIBRARY_NAME, license=license_, tags=tags)
+                         library_name=LIBRARY_NAME, license=meta.license or None, tags=tags)
 
     name = repo_id.rsplit("/", 1)[-1]
     base = meta.base_model or "<base model>"
@@ -125,7 +124,7 @@ def build_model_card(vec: SparseVector, repo_id: str, metrics: Mapping | None = 
         meta.kind, f"a **{meta.kind}** sparse fine-tuning")
     body = [f"# {name}", "",
             f"This is {what} of [`{base}`]({'https://huggingface.co/' + meta.base_model if meta.base_model else '#'}),"
-            + (f" converted from {_fmt(extra['converted_from'])} by" if extra.get("converted_from") else
+            + (f" converted from {_fmt(meta.converted_from)} by" if meta.converted_from else
                " made with") + f" DeFT-X Studio (`deftx_engine` {meta.engine_version}). Adding it to the pretrained "
             "weights (θ = θ0 + φ) adapts the model; a language vector and a task vector made for the same base model "
             "compose by addition (θ = θ0 + φ_task + φ_language), which gives zero-shot cross-lingual transfer.",
@@ -146,14 +145,14 @@ def build_model_card(vec: SparseVector, repo_id: str, metrics: Mapping | None = 
         body.append("- **labels**: " + ", ".join(f"`{_fmt(x)}`" for x in meta.label_names))
     if vec.heads:
         body.append("- **heads stored whole**: " + ", ".join(f"`{n}`" for n in vec.heads))
-    if extra.get("converted_from"):
-        body.append(f"- **converted from**: {_fmt(extra['converted_from'])}")
+    if meta.converted_from:
+        body.append(f"- **converted from**: {_fmt(meta.converted_from)}")
     from .report import heldout_line
 
-    if heldout_line(extra.get("heldout_mlm")):
-        body.append(f"- **did it learn its language?** {_fmt(heldout_line(extra['heldout_mlm']))}")
+    if heldout_line(meta.heldout_mlm):
+        body.append(f"- **did it learn its language?** {_fmt(heldout_line(meta.heldout_mlm))}")
 
-    metrics = metrics if metrics is not None else extra.get("metrics")
+    metrics = metrics if metrics is not None else meta.metrics
     if isinstance(metrics, Mapping) and metrics:
         body += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]
         body += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in _flatten_metrics(metrics)]

@@ -22,13 +22,14 @@ Pure function on ``SparseVector`` index/value tensors; the exact global top-k is
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
 from .constants import TIES_DENSITY, TIES_LAMBDA
 from .errors import VectorError
 from .masks import select_top_k
-from .vectors import SparseVector, VectorMeta, check_composable
+from .vectors import SparseVector, check_composable, merge_core
 
 
 def trim(vec: SparseVector, density: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -56,31 +57,18 @@ def ties_merge(vectors: Sequence[SparseVector], density: float = TIES_DENSITY,
     """
     tasks = check_composable(vectors, "ties_merge()")
     trimmed = [trim(v, density) for v in vectors]
-    first = vectors[0].meta
-    meta = VectorMeta(kind="task" if tasks else "composed", base_model=first.base_model,
-                      base_fingerprint=first.base_fingerprint,
-                      language="+".join(v.meta.language for v in vectors if v.meta.language),
-                      label_names=list(tasks[0].meta.label_names) if tasks else [], method="ties",
-                      extra={"ties": {"density": density, "lambda": lam},
-                             "components": [{"kind": v.meta.kind, "language": v.meta.language,
-                                             "method": v.meta.method} for v in vectors]})
-    out = SparseVector(meta)
-    for name in dict.fromkeys(n for t in trimmed for n in t):
-        parts = [t[name] for t in trimmed if name in t]
-        idx = torch.cat([p[0] for p in parts])
-        val = torch.cat([p[1] for p in parts])
-        uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-        mass = torch.zeros(uniq.numel(), dtype=val.dtype).index_add_(0, inverse, val)
-        elected = torch.sign(mass)
-        agree = (torch.sign(val) == elected[inverse]) & (val != 0)
-        total = torch.zeros_like(mass).index_add_(0, inverse, torch.where(agree, val, torch.zeros_like(val)))
-        count = torch.zeros_like(mass).index_add_(0, inverse, agree.to(val.dtype))
-        keep = count > 0  # elected sign 0 (exact cancellation) or no agreeing value: entry dropped
-        out.indices[name] = uniq[keep].to(torch.int32)
-        out.values[name] = (total[keep] / count[keep]) * lam
-        out.shapes[name] = next(v.shapes[name] for v in vectors if name in v.shapes)
-    if tasks:
-        out.heads = dict(tasks[0].heads)
-        out.shapes.update({n: tasks[0].shapes[n] for n in tasks[0].heads})
-    out.meta.k = out.nnz
-    return out
+    return merge_core(vectors, trimmed, partial(disjoint_mean, lam=lam), kind="task" if tasks else "composed",
+                      method="ties", ties={"density": density, "lambda": lam})
+
+
+def disjoint_mean(inverse: torch.Tensor, val: torch.Tensor, n: int, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per distinct index (``inverse`` maps each value to one of ``n``): the sign of the summed values wins, and
+    ``lam`` times the mean of the values of that sign is kept; an index whose sum is exactly 0, or with no
+    agreeing value, is dropped. Returns (kept indices as a mask, their values)."""
+    mass = torch.zeros(n, dtype=val.dtype).index_add_(0, inverse, val)
+    elected = torch.sign(mass)
+    agree = (torch.sign(val) == elected[inverse]) & (val != 0)
+    total = torch.zeros_like(mass).index_add_(0, inverse, torch.where(agree, val, torch.zeros_like(val)))
+    count = torch.zeros_like(mass).index_add_(0, inverse, agree.to(val.dtype))
+    keep = count > 0
+    return keep, (total[keep] / count[keep]) * lam

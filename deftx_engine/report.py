@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import asdict
 from html import escape as html_escape
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -17,13 +18,12 @@ from .vectors import SparseVector
 def vector_summary(vec: SparseVector) -> dict:
     shapes = {n: vec.shapes[n] for n in vec.indices}
     mask = vec.mask()
-    n_maskable = vec.meta.extra.get("n_maskable")
+    n_maskable = vec.meta.n_maskable
     return {"kind": vec.meta.kind, "language": vec.meta.language, "method": vec.meta.method,
             "base_model": vec.meta.base_model, "nnz": vec.nnz, "labels": vec.meta.label_names,
-            "density_of_maskable": (vec.nnz / n_maskable if isinstance(n_maskable, (int, float))
-                                    and not isinstance(n_maskable, bool) and n_maskable > 0 else None),
+            "density_of_maskable": vec.nnz / n_maskable if n_maskable else None,
             "heads": sorted(vec.heads), "denoise": vec.meta.denoise,
-            "heldout_mlm": vec.meta.extra.get("heldout_mlm"), "mlm_head": vec.meta.extra.get("mlm_head"),
+            "heldout_mlm": vec.meta.heldout_mlm, "mlm_head": asdict(vec.meta.mlm_head) if vec.meta.mlm_head else None,
             "density_per_layer": densities(mask, shapes, layer_of),
             "density_per_module": densities(mask, shapes, module_type)}
 

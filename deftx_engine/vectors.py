@@ -10,27 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 import weakref
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import __version__
 from .errors import VectorError
 from .fileio import atomic_dir
 from .params import parameter_roles
 from .timing import Times, step
 
+# FORMAT and read_json are found here too (the "as" marks them re-exported), where they were before vector_meta
+from .vector_meta import FORMAT as FORMAT
+from .vector_meta import Component, VectorMeta, config_of, meta_from_config
+from .vector_meta import read_json as read_json
+
 CONFIG_FILE = "sft_config.json"
 WEIGHTS_FILE = "sft_model.safetensors"
-FORMAT = "deftx-sft/1"
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -48,22 +49,6 @@ def base_fingerprint(model: nn.Module) -> str:
 def _outside_encoder(model: nn.Module, name: str) -> bool:
     prefix = getattr(model, "base_model_prefix", "")
     return bool(prefix) and hasattr(model, prefix) and not name.startswith(prefix + ".")
-
-
-@dataclass
-class VectorMeta:
-    """Everything needed to reuse a vector later, on another machine or from the Hub."""
-
-    kind: str  # "language" | "task" | "composed"
-    base_model: str
-    base_fingerprint: str
-    language: str = ""
-    label_names: list[str] = field(default_factory=list)
-    method: str = "deftx"  # "deftx" | "lt-sft" | ...
-    denoise: dict | None = None  # DenoiseConfig.to_dict() for deftx, None for lt-sft
-    k: int = 0
-    engine_version: str = __version__
-    extra: dict = field(default_factory=dict)  # training settings, metrics, components of a composition
 
 
 @dataclass
@@ -247,9 +232,7 @@ class SparseVector:
             for name, t in self.heads.items():
                 tensors[f"{name}.head"] = t.contiguous()
             save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-            config = {"format": FORMAT, **asdict(self.meta),
-                      "shapes": {n: list(s) for n, s in self.shapes.items()}}
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+            (tmp / CONFIG_FILE).write_text(json.dumps(config_of(self.meta, self.shapes), indent=2), encoding="utf-8")
         return folder
 
     @classmethod
@@ -286,115 +269,17 @@ class SparseVector:
 # a model that is dropped takes its record with it
 _APPLIED: "weakref.WeakKeyDictionary[nn.Module, list[tuple[SparseVector, dict[str, Tensor]]]]" = \
     weakref.WeakKeyDictionary()
-MAX_CONFIG_BYTES = 64 * 2 ** 20
-MAX_JSON_DEPTH = 32  # a vector config nests 5 deep; deeper JSON would crash the recursive readers of its metadata
 # |value| bound of every diff and head entry. Trained weights and their diffs are far below 1; at 1e3 a few vectors
 # composed onto theta0 stay far from float32's 3.4e38, and a BERT-base forward pass with every weight at the bound
 # stays finite (LayerNorm's variance peaks near 1e34), whereas 3e38 gives inf logits and NaN probabilities.
 MAX_ABS_VALUE = 1e3
 MAX_LABELS = 1000  # classes of a task vector's classifier head
-KINDS_OF_VECTORS = ("language", "task", "composed")
 INDEX_DTYPES = (torch.int32, torch.int64)
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _bounded(t: Tensor) -> bool:
     return bool((t.abs() <= MAX_ABS_VALUE).all())  # False for NaN too
-
-
-def _nesting(value: Any) -> int:
-    """How deep lists and objects nest in ``value``, found without recursion."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        item, depth = todo.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            todo.extend((x, depth + 1) for x in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
-def read_json(path: Path, what: str = "a vector config") -> Any:
-    """The JSON value in ``path``, read as ``what``: only a regular file of at most ``MAX_CONFIG_BYTES``,
-    nested at most ``MAX_JSON_DEPTH`` deep; anything else (a FIFO, /dev/zero, bad UTF-8 or JSON, a
-    5,000-digit integer, 200,000 nested lists) is one ``VectorError`` naming the file, never a hang, a
-    RecursionError or a reader crashing later."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise VectorError(f"{path}: not a regular file")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise VectorError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise VectorError(f"{path}: more than {MAX_CONFIG_BYTES:,} bytes, more than {what} can hold")
-    too_deep = VectorError(f"{path}: nested more than {MAX_JSON_DEPTH} deep, too deep to be {what}")
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers of over 4,300 digits
-        raise VectorError(f"{path}: not valid JSON ({str(e)[:200]})") from None
-    except RecursionError:
-        raise too_deep from None
-    if _nesting(value) > MAX_JSON_DEPTH:
-        raise too_deep
-    return value
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_scalar(x) -> bool:
-    return x is None or isinstance(x, (str, bool, int, float))
-
-
-def meta_from_config(config, where: Path) -> tuple[VectorMeta, dict[str, tuple[int, ...]]]:
-    """The metadata and shapes of a vector config, every field checked for its type once, here: any error
-    names the file and the field, so a mistyped vector never half-loads or fails later in Analyze or Predict."""
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise VectorError(f"{where}: not a DeFT-X vector config (expected format {FORMAT!r})")
-
-    def bad(name: str, expected: str) -> VectorError:
-        value = config.get(name)
-        got = "nothing" if name not in config else repr(value)[:40] if _is_scalar(value) else type(value).__name__
-        return VectorError(f"{where}: field {name!r} must be {expected}, found {got}")
-
-    known = {f.name for f in fields(VectorMeta)} | {"format", "shapes"}
-    unknown = sorted(k for k in config if k not in known)
-    if unknown:
-        raise VectorError(f"{where}: unknown field {str(unknown[0])[:80]!r} (a vector config holds "
-                          f"{', '.join(sorted(known))})")
-    if config.get("kind") not in KINDS_OF_VECTORS:
-        raise bad("kind", " or ".join(repr(k) for k in KINDS_OF_VECTORS))
-    for name in ("base_model", "base_fingerprint"):
-        if not isinstance(config.get(name), str):
-            raise bad(name, "a string")
-    for name in ("language", "method", "engine_version"):
-        if name in config and not isinstance(config[name], str):
-            raise bad(name, "a string")
-    labels = config.get("label_names", [])
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise bad("label_names", "a list of strings")
-    if "k" in config and not (_is_int(config["k"]) and config["k"] >= 0):
-        raise bad("k", "a whole number >= 0")
-    denoise = config.get("denoise")
-    if denoise is not None and not (isinstance(denoise, dict) and all(_is_scalar(v) for v in denoise.values())):
-        raise bad("denoise", "null or an object of numbers and strings")
-    if "extra" in config and not isinstance(config["extra"], dict):
-        raise bad("extra", "an object")
-    raw = config.get("shapes")
-    if not isinstance(raw, dict):
-        raise bad("shapes", "an object of parameter shapes")
-    shapes = {}
-    for name, shape in raw.items():
-        if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_int(x) and x >= 0 for x in shape)):
-            raise VectorError(f"{where}: field 'shapes' of {name[:120]!r} must be a list of at most 8 whole "
-                              "numbers >= 0")
-        if int(torch.Size(shape).numel()) >= 2 ** 31:
-            raise VectorError(f"{where}: field 'shapes' of {name[:120]!r} has more entries than int32 indices "
-                              "can address")
-        shapes[name] = tuple(shape)
-    meta = VectorMeta(**{k: v for k, v in config.items() if k not in ("format", "shapes")})
-    return meta, shapes
 
 
 def _check_tensor(where: Path, key: str, part: str, t: Tensor) -> None:
@@ -432,34 +317,55 @@ def check_composable(vectors: Sequence[SparseVector], who: str) -> list[SparseVe
     return tasks
 
 
+# (inverse, values, n) -> (which of the n distinct indices are kept, None: all; their merged values)
+Combine = Callable[[Tensor, Tensor, int], tuple[Tensor | None, Tensor]]
+
+
+def merge_core(vectors: Sequence[SparseVector], entries: Sequence[Mapping[str, tuple[Tensor, Tensor]]],
+               combine: Combine, *, kind: str, method: str, scales: Sequence[float | None] | None = None,
+               **meta_fields) -> SparseVector:
+    """The one merge under ``compose`` and ``ties_merge``: ``entries[i]`` holds input i's (flat indices, values)
+    per parameter, as that merge prepared them (scaled, trimmed); per parameter they are gathered, ``combine``
+    merges the values of each distinct index (``inverse`` maps each value to its index), and the result takes
+    its heads and labels from the task vector among ``vectors`` (checked by ``check_composable``: one at most).
+    The metadata names the inputs (``components``, with ``scales``) and gets ``meta_fields``."""
+    tasks = [v for v in vectors if v.meta.kind == "task"]
+    first = vectors[0].meta
+    scales = list(scales) if scales is not None else [None] * len(vectors)
+    meta = VectorMeta(kind=kind, base_model=first.base_model, base_fingerprint=first.base_fingerprint,
+                      language="+".join(v.meta.language for v in vectors if v.meta.language),
+                      label_names=list(tasks[0].meta.label_names) if tasks else [], method=method,
+                      components=[Component(v.meta.kind, v.meta.language, v.meta.method, s)
+                                  for v, s in zip(vectors, scales, strict=True)], **meta_fields)
+    out = SparseVector(meta)
+    for name in dict.fromkeys(n for e in entries for n in e):
+        parts = [e[name] for e in entries if name in e]
+        idx = torch.cat([p[0] for p in parts])
+        val = torch.cat([p[1] for p in parts])
+        uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        keep, merged = combine(inverse, val, uniq.numel())
+        out.indices[name] = (uniq if keep is None else uniq[keep]).to(torch.int32)
+        out.values[name] = merged
+        out.shapes[name] = next(v.shapes[name] for v in vectors if name in v.shapes)
+    if tasks:
+        out.heads = dict(tasks[0].heads)
+        out.shapes.update({n: tasks[0].shapes[n] for n in tasks[0].heads})
+    out.meta.k = out.nnz
+    return out
+
+
+def _sum(inverse: Tensor, val: Tensor, n: int) -> tuple[None, Tensor]:
+    return None, torch.zeros(n, dtype=val.dtype).index_add_(0, inverse, val)
+
+
 def compose(vectors: Sequence[SparseVector], scales: Sequence[float] | None = None) -> SparseVector:
     """One vector whose diffs are the (scaled) sum of the given ones; heads come from the task vector.
 
     theta0 + compose([task, lang]) == theta0 + phi_task + phi_lang, applied in one pass.
     """
-    tasks = check_composable(vectors, "compose()")
+    check_composable(vectors, "compose()")
     scales = list(scales) if scales is not None else [1.0] * len(vectors)
     if len(scales) != len(vectors):
         raise VectorError(f"compose(): {len(vectors)} vectors but {len(scales)} scales")
-    head_src = tasks[0] if tasks else None
-    first = vectors[0].meta
-    meta = VectorMeta(kind="composed", base_model=first.base_model, base_fingerprint=first.base_fingerprint,
-                      language="+".join(v.meta.language for v in vectors if v.meta.language),
-                      label_names=list(head_src.meta.label_names) if head_src else [], method=first.method,
-                      extra={"components": [{"kind": v.meta.kind, "language": v.meta.language,
-                                             "method": v.meta.method, "scale": s}
-                                            for v, s in zip(vectors, scales)]})
-    out = SparseVector(meta)
-    for name in dict.fromkeys(n for v in vectors for n in v.indices):
-        parts = [(v.indices[name].long(), v.values[name] * s) for v, s in zip(vectors, scales) if name in v.indices]
-        idx = torch.cat([p[0] for p in parts])
-        val = torch.cat([p[1] for p in parts])
-        uniq, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-        out.indices[name] = uniq.to(torch.int32)
-        out.values[name] = torch.zeros(uniq.numel(), dtype=val.dtype).index_add_(0, inverse, val)
-        out.shapes[name] = next(v.shapes[name] for v in vectors if name in v.shapes)
-    if head_src:
-        out.heads = dict(head_src.heads)
-        out.shapes.update({n: head_src.shapes[n] for n in head_src.heads})
-    out.meta.k = out.nnz
-    return out
+    entries = [{n: (v.indices[n].long(), v.values[n] * s) for n in v.indices} for v, s in zip(vectors, scales)]
+    return merge_core(vectors, entries, _sum, kind="composed", method=vectors[0].meta.method, scales=scales)

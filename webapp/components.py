@@ -11,6 +11,7 @@ makes such a handler an event function of one app.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -72,6 +73,24 @@ def handler(*outputs: str, status: int | None = 0,
 
         safe.outputs = outputs
         return safe
+
+    return deco
+
+
+def takes(form: type) -> Callable:
+    """A handler of one form, ``fn(studio, form)``: called with the dataclass ``form``'s fields (positionally, in
+    order, or by name), which are also its event's parameters (``bind``) and so its API's."""
+
+    def deco(fn: Callable[..., Updates]) -> Callable[..., Updates]:
+        @functools.wraps(fn)
+        def call(studio: Studio, *args: Any, **kwargs: Any) -> Updates:
+            return fn(studio, form(*args, **kwargs))
+
+        keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        call.__signature__ = inspect.Signature([inspect.Parameter("studio", keyword)] + [
+            inspect.Parameter(f.name, keyword, default=inspect.Parameter.empty if f.default is dataclasses.MISSING
+                              else f.default) for f in dataclasses.fields(form)])
+        return call
 
     return deco
 

@@ -50,7 +50,7 @@ from .processes import (
     signal_group,
     signal_name,
 )
-from .rundb import QUEUE_ORDER, RunDB
+from .rundb import QUEUE_ORDER, RunDB, process_argv
 from .settings import max_jobs
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class JobRegistry(RunDB):
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / PROCESS_LOG, "ab") as out:
-                proc = subprocess.Popen(row["command"], stdout=out, stderr=subprocess.STDOUT,
+                proc = subprocess.Popen(process_argv(row), stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=os.getcwd(),
                                         env=child_env())
         except (OSError, TypeError, ValueError) as e:  # also a registry row whose command is unusable

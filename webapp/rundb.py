@@ -9,13 +9,15 @@ import json
 import secrets
 import shutil
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from deftx_engine.config import TrainConfig
 from deftx_engine.constants import KINDS
 from deftx_engine.errors import DeftxError
 from deftx_engine.fileio import write_json_atomic
@@ -44,16 +46,17 @@ CREATE TABLE IF NOT EXISTS runs (
     cancel_requested REAL,
     exit_code INTEGER,
     queued REAL,
-    grp TEXT
+    grp TEXT,
+    resume INTEGER
 );
 CREATE INDEX IF NOT EXISTS runs_state ON runs(state, created);
 """
 MAX_ID_CHARS = 64  # ids are made by new_id (22 characters) or given by a caller
 COLUMNS = ("id", "name", "kind", "state", "created", "started", "finished", "pid", "run_dir", "config", "message",
            "phase", "step", "total_steps", "command", "vector_dir", "pid_start", "owner", "cancel_requested",
-           "exit_code", "queued", "grp")
+           "exit_code", "queued", "grp", "resume")
 # columns added after the first release: (name, type) added to an older registry file on open
-MIGRATIONS = (("queued", "REAL"), ("grp", "TEXT"))
+MIGRATIONS = (("queued", "REAL"), ("grp", "TEXT"), ("resume", "INTEGER"))
 # queue order: when a run was (re)queued; a resumed run waits behind the runs queued before it
 QUEUE_ORDER = "COALESCE(queued, created), rowid"
 RESUMABLE = ("interrupted", "cancelled", "failed")
@@ -73,12 +76,25 @@ class GroupBusy(Exception):
 
 @dataclass(frozen=True)
 class Submission:
-    """One run to queue: its name, kind, the argv of its process (``{run_dir}`` is replaced by the run folder)
-    and the configuration the row holds and the run folder's ``config.json`` repeats."""
+    """One run to queue under ``name``: a training run of ``config`` (the row holds it, the run folder's
+    ``config.json`` repeats it, and its process is made when it starts: ``process_argv``), or -- given a
+    ``command`` -- a process of another sort, run as given (tests queue stand-ins)."""
     name: str
     kind: str
-    command: Sequence[str]
-    config: dict = field(default_factory=dict)
+    command: Sequence[str] = ()
+    config: TrainConfig | None = None
+
+
+def process_argv(row: dict) -> list[str]:
+    """The argv of a run's process, made when it starts (and so also when it resumes): ``deftx train-<kind>`` on
+    the config in its run folder, with ``--resume`` once the run was resumed. A row that holds its own argv (a
+    stand-in, or a row of a version that stored the argv) runs that, ``--resume`` added the same way."""
+    run_dir = RunDir(row["run_dir"])
+    argv = list(row["command"] or [sys.executable, "-m", "deftx_engine.cli", f"train-{row['kind']}", "--config",
+                                   str(run_dir.submitted_file), "--output-dir", str(run_dir.path)])
+    if row.get("resume") and "--resume" not in argv:
+        argv.append("--resume")
+    return argv
 
 
 class RunDB:
@@ -183,16 +199,16 @@ class RunDB:
     def new_id() -> str:
         return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
-    def submit(self, name: str, kind: str, command: Sequence[str], *, config: dict | None = None,
+    def submit(self, name: str, kind: str, command: Sequence[str] = (), *, config: TrainConfig | None = None,
                run_id: str | None = None, max_queued: int | None = None, distinct: bool = False) -> str:
-        """Queue a run. ``command`` is the argv of its process; ``{run_dir}`` in it is replaced by the
-        run folder (``<home>/runs/<id>``), which is where the process must write ``status.json``. ``config`` is
-        the row's and is written to the run folder as ``config.json`` (``RunDir.submitted_file``), which a
-        training command reads (``--config``): the registry and the run hold one configuration.
+        """Queue a run (``Submission``): a training run of ``config``, or the process ``command``. Its run folder
+        is ``<home>/runs/<id>`` (``run_dir``), where the process writes ``status.json``. The config is the row's
+        and is written to the run folder as ``config.json`` (``RunDir.submitted_file``), which the training
+        command reads (``--config``): the registry and the run hold one configuration.
         With ``max_queued``, ``QueueFull`` is raised if that many runs are waiting already (checked in the
         same transaction as the insert, so concurrent sessions cannot overshoot it). With ``distinct``, a name
         another run has gets ``-2``, ``-3``… (in the same transaction, so two sessions never share one)."""
-        return self.submit_group(None, [Submission(name, kind, command, config or {})], max_queued=max_queued,
+        return self.submit_group(None, [Submission(name, kind, command, config)], max_queued=max_queued,
                                  distinct=distinct, run_ids=[run_id] if run_id else None)[0]
 
     def submit_group(self, group: str | None, runs: Sequence[Submission], *, max_queued: int | None = None,
@@ -214,20 +230,27 @@ class RunDB:
             taken = {r[0] for r in db.execute("SELECT name FROM runs")} if distinct else set()
             now = time.time()
             for run_id, sub in zip(ids, runs, strict=True):
-                run_dir = self.runs_root / run_id
-                argv = [str(a).replace("{run_dir}", str(run_dir)) for a in sub.command]
+                if sub.config is None and not sub.command:
+                    raise ValueError(f"{sub.name}: a run needs a config or a command")
+                run_dir = self.run_dir(run_id)
+                config = sub.config.to_dict() if sub.config else {}
                 name, n = sub.name, 1
                 while name in taken:
                     n += 1
                     name = f"{sub.name}-{n}"
                 taken.add(name)
-                write_json_atomic(RunDir(run_dir).submitted_file, sub.config)
+                write_json_atomic(RunDir(run_dir).submitted_file, config)
                 db.execute("INSERT INTO runs (id, name, kind, state, created, queued, run_dir, config, command, "
                            "vector_dir, grp) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                           (run_id, name, sub.kind, now, now, str(run_dir), json.dumps(sub.config), json.dumps(argv),
+                           (run_id, name, sub.kind, now, now, str(run_dir), json.dumps(config),
+                            json.dumps(list(sub.command)) if sub.command else None,
                             str(RunDir(run_dir).vector_dir), f"{group}:{stamp}" if group else None))
         self._wake.set()
         return ids
+
+    def run_dir(self, run_id: str) -> Path:
+        """The run folder of ``run_id`` (a stand-in process is told it before it is queued)."""
+        return self.runs_root / run_id
 
     def group(self, group: str) -> list[dict]:
         """The runs of the instance of ``group`` under way, else of its newest instance (in the order they were
@@ -254,7 +277,7 @@ class RunDB:
 
     def resume(self, run_id: str, *, max_queued: int | None = None) -> dict:
         """Queue an ``interrupted``, ``cancelled`` or ``failed`` training run again, as the same run (same id,
-        same run folder) with ``--resume`` added to its command: the CLI continues from the newest complete
+        same run folder), to start with ``--resume`` (``process_argv``): the CLI continues from the newest complete
         checkpoint (or skips phase 1 if the mask exists). It waits behind the runs queued before it.
         Returns the updated row; ``ValueError`` if the run cannot be resumed, ``KeyError`` if unknown."""
         with self._transaction() as db:
@@ -264,7 +287,7 @@ class RunDB:
             if row["state"] not in RESUMABLE:
                 raise ValueError(f"run {row['name']} is {row['state']}; only "
                                  f"{', '.join(RESUMABLE)} runs can be resumed")
-            if not row["command"] or row["kind"] not in KINDS:
+            if row["kind"] not in KINDS or row["run_dir"] == row["vector_dir"]:  # add_vector's rows
                 raise ValueError(f"{row['name']} was not trained here (pulled vector), so there is nothing to resume")
             folder = RunDir(row["run_dir"])
             try:  # a folder deleted (or emptied) behind the registry's back: said now, not by the process later
@@ -276,13 +299,9 @@ class RunDB:
                 raise ValueError(f"run {row['name']} still has a live training process ({writer}); cancel it "
                                  "first, then resume")
             self._check_queue(db, max_queued)
-            argv = list(row["command"])
-            if "--resume" not in argv:
-                argv.append("--resume")
             db.execute("UPDATE runs SET state='queued', queued=?, started=NULL, finished=NULL, pid=NULL, "
-                       "pid_start=NULL, owner=NULL, cancel_requested=NULL, exit_code=NULL, command=?, message=? "
-                       "WHERE id=?", (time.time(), json.dumps(argv), "queued to resume from its last checkpoint",
-                                      run_id))
+                       "pid_start=NULL, owner=NULL, cancel_requested=NULL, exit_code=NULL, resume=1, message=? "
+                       "WHERE id=?", (time.time(), "queued to resume from its last checkpoint", run_id))
         self._wake.set()
         return self.get(run_id)
 

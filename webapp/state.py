@@ -6,7 +6,6 @@ read files or call handlers do not have to.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sqlite3
@@ -20,6 +19,7 @@ from deftx_engine.constants import KINDS
 from deftx_engine.errors import ConfigError, DeftxError
 from deftx_engine.runs import RunDir
 from deftx_engine.secrets import scrub
+from deftx_engine.vector_meta import meta_from_config, read_json
 
 from . import render
 from .files import FilePolicy
@@ -114,10 +114,9 @@ class Studio(FilePolicy):
         try:
             if path.stat().st_size > MAX_META_BYTES:
                 return None
-            held = json.loads(path.read_text(encoding="utf-8")).get("extra", {}).get("heldout_mlm")
-        except (OSError, ValueError, AttributeError, RecursionError):
+            return meta_from_config(read_json(path), path)[0].heldout_mlm
+        except (OSError, DeftxError):
             return None
-        return held if isinstance(held, dict) else None
 
     def runs_table(self):
         """The Runs tab's table of every run."""

@@ -224,8 +224,8 @@ def test_pull_replaces_only_a_vector_folder_and_follows_no_link(vector_dir, tmp_
 # ---- 13: nothing local leaves the machine ---------------------------------------------------------
 def test_push_strips_local_paths_from_config_and_card(hub_server, model, tmp_path):
     vec = make_vector(model, base_model="/srv/secret-models/tiny-bert")
-    vec.meta.extra = {"train": {"data": "/home/alice/.deftx/uploads/0123abcd-reviews.csv", "seed": 1},
-                      "n_maskable": 10}
+    vec.meta.train = {"data": "/home/alice/.deftx/uploads/0123abcd-reviews.csv", "seed": 1}
+    vec.meta.n_maskable = 10
     folder = vec.save(tmp_path / "vec")
     push_vector(folder, "user/x")  # to the local Hub (tests/hub_server.py), through the real client
     files = hub_server.repos["user/x"].files

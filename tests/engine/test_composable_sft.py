@@ -23,7 +23,7 @@ def test_convert_with_model_sets_fingerprint_and_uses_roles(mlm_model, tiny_cls_
     encoder = [n for n in roles.maskable + roles.frozen if n.startswith("bert.")]
     head_norms = [n for n in roles.frozen if n.startswith("cls.")]  # the MLM head's LayerNorm: head, not encoder
     assert head_norms and set(vec.indices) == {n for n in encoder if bool((diffs[n] != 0).any())}
-    assert set(vec.meta.extra["skipped_parameters"]) == set(roles.heads + head_norms)
+    assert set(vec.meta.skipped_parameters) == set(roles.heads + head_norms)
     vec.validate(tiny_cls_model, where="a classifier")  # a language vector fits the task model it is composed on
     assert_same_vector(SparseVector.load(tmp_path / "v"), vec)
 

@@ -34,7 +34,7 @@ def saved(hub, repo_id: str, folder: Path) -> Path:
 def vector_dir(tiny_cls_model, tmp_path):
     vec = make_vector(tiny_cls_model, k=150, seed=3)
     vec.meta.denoise = {"rank_policy": "energy", "energy": 0.9, "rank": 100, "residual_share": 0.05}
-    vec.meta.extra = {"n_maskable": 10_000}
+    vec.meta.n_maskable = 10_000
     return vec.save(tmp_path / "vec")
 
 
@@ -119,14 +119,14 @@ def test_push_to_an_existing_repo_adds_a_commit(hub_server, vector_dir):
 def test_push_takes_token_from_env(hub_server, vector_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", hub_server.token)  # the server refuses a push without it
     vec = SparseVector.load(vector_dir)
-    vec.meta.extra["metrics"] = {"sw": {"f1": 0.5}}
+    vec.meta.metrics = {"sw": {"f1": 0.5}}
     vec.meta.language = ""
     vec.save(vector_dir)
     push_vector(vector_dir, "me/v")
     card = ModelCard.load(saved(hub_server, "me/v", tmp_path / "up") / "README.md")
     assert card.data.get("language") is None  # no language in the meta: none in the card
     assert not any(t.startswith("deftx-lang-") for t in card.data.tags)
-    assert "| sw / f1 | 0.5 |" in card.text  # metrics from meta.extra when none are passed
+    assert "| sw / f1 | 0.5 |" in card.text  # metrics from meta.metrics when none are passed
 
 
 def test_push_without_token_fails_before_any_call(hub_server, vector_dir, no_env_token):
@@ -219,7 +219,7 @@ def test_pull_converts_composable_sft(hub_server, mlm_model, tmp_path):
     vec = SparseVector.load(dest)
     assert vec.meta.kind == "language" and vec.meta.language == "sw" and vec.meta.method == "lt-sft"
     assert vec.meta.base_model == "tiny-bert" and vec.meta.base_fingerprint == ""
-    assert vec.meta.extra["converted_from"] == "composable-sft"
+    assert vec.meta.converted_from == "composable-sft"
     assert vec.heads == {} and not any(n.startswith("cls.") for n in vec.indices)
     assert all(i.dtype == torch.int32 for i in vec.indices.values())
     assert vec.meta.k == vec.nnz == sum(int((d != 0).sum()) for n, d in diffs.items() if n.startswith("bert."))

@@ -88,7 +88,7 @@ def test_disjoint_mean_of_three_vectors_ignores_the_minority_sign():
 def test_ties_without_a_task_vector_is_a_composed_vector():
     merged = ties_merge([vec("language", {"w": {0: 1.0}}), vec("language", {"b": {1: -1.0}})], density=1.0)
     assert merged.meta.kind == "composed" and not merged.heads and merged.meta.label_names == []
-    assert merged.meta.extra["ties"] == {"density": 1.0, "lambda": 1.0}
+    assert merged.meta.ties == {"density": 1.0, "lambda": 1.0}
 
 
 def test_cli_compose_merge_ties_writes_theta0_plus_the_merged_vector(tmp_path):

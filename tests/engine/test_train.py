@@ -57,7 +57,7 @@ def test_run_folder_contents(trained):
     assert 1 <= rec["rank"] <= 32 and rec["energy_retained"] >= 0.9 and len(rec["singular_values"]) == 32
     vec = SparseVector.load(lang / "vector")
     assert vec.meta.kind == "language" and vec.meta.language == "id" and vec.meta.method == "deftx"
-    assert vec.nnz == round(0.05 * vec.meta.extra["n_maskable"])
+    assert vec.nnz == round(0.05 * vec.meta.n_maskable)
     assert not any("LayerNorm" in n for n in vec.indices) and not vec.indices.keys() & vec.heads.keys()
     task = SparseVector.load(trained / "task" / "vector")
     assert task.meta.label_names == ["negative", "neutral", "positive"]
@@ -373,7 +373,7 @@ def test_torchrun_two_processes(tiny_dir, tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     vec = SparseVector.load(tmp_path / "ddp" / "vector")
-    assert vec.nnz == round(0.028 * vec.meta.extra["n_maskable"])
+    assert vec.nnz == round(0.028 * vec.meta.n_maskable)
     assert json.loads((tmp_path / "ddp" / "status.json").read_text())["state"] == "done"
 
 
@@ -393,7 +393,7 @@ def test_minilm_smoke_on_nusax(nusax_dir, tmp_path):
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["n"] == 100 and result["labels"] == ["negative", "neutral", "positive"]
     vec = SparseVector.load(tmp_path / "jav" / "vector")
-    assert vec.meta.base_model == "minilm" and vec.nnz == round(0.028 * vec.meta.extra["n_maskable"])
+    assert vec.meta.base_model == "minilm" and vec.nnz == round(0.028 * vec.meta.n_maskable)
 
 
 def test_task_sft_on_top_of_a_source_language_vector(trained, tiny_dir, tmp_path):
@@ -403,7 +403,7 @@ def test_task_sft_on_top_of_a_source_language_vector(trained, tiny_dir, tmp_path
                  "--source-language-vector", src, "--output-dir", str(tmp_path / "t"), "--keep-checkpoints",
                  *FAST]) == 0
     vec = SparseVector.load(tmp_path / "t" / "vector")
-    assert vec.meta.extra["train"]["source_language_vector"] == src
+    assert vec.meta.train["source_language_vector"] == src
     ckpt = load_file(str(tmp_path / "t" / "phase2" / "checkpoint-2" / "model.safetensors"))
     from deftx_engine.models import load_cls_model
 
@@ -424,10 +424,10 @@ def test_fitted_mlm_head_is_cached_and_layers_above_mlm_layer_stay_out(tiny_dir,
     log_a, log_b = ((tmp_path / x / "log.txt").read_text() for x in "ab")
     assert "MLM head fitted" in log_a and "MLM head loaded from the cache" in log_b
     vec = SparseVector.load(tmp_path / "a" / "vector")
-    fit = vec.meta.extra["mlm_head"]
-    assert fit["layer"] == 1 and fit["heldout"]["n"] > 0 and fit["steps"] >= 1
+    fit = vec.meta.mlm_head
+    assert fit.layer == 1 and fit.heldout["n"] > 0 and fit.steps >= 1
     assert any(".layer.0." in n for n in vec.indices) and not any(".layer.1." in n for n in vec.indices)
-    held = vec.meta.extra["heldout_mlm"]
+    held = vec.meta.heldout_mlm
     assert set(held) >= {"theta0", "theta0+phi", "encoder_only"} and held["lines"] == 40
     assert main([*base, "--mlm-layer", "3", "--output-dir", str(tmp_path / "c")]) == 2  # the model has 2 layers
 
@@ -454,9 +454,9 @@ def test_param_groups_confine_the_vector(tiny_dir, tmp_path, groups, trained):
                  "2", "--param-groups", groups, "--output-dir", str(tmp_path / "r"), *FAST]) == 0
     vec = SparseVector.load(tmp_path / "r" / "vector")
     assert vec.indices and {param_group(n) for n in vec.indices} <= set(groups.split(","))
-    everything = SparseVector.load(trained / "lang" / "vector").meta.extra["n_maskable"]
-    assert vec.meta.extra["n_maskable"] < everything  # k is a share of the allowed parameters
-    assert vec.nnz == round(0.028 * vec.meta.extra["n_maskable"])
+    everything = SparseVector.load(trained / "lang" / "vector").meta.n_maskable
+    assert vec.meta.n_maskable < everything  # k is a share of the allowed parameters
+    assert vec.nnz == round(0.028 * vec.meta.n_maskable)
 
 
 # ---- review findings: small corpora, the no-retrain ablation resumed ---------------------------------------
@@ -471,7 +471,7 @@ def test_language_sft_on_a_corpus_smaller_than_a_batch(tiny_dir, tmp_path, n_lin
                  "--sparse-steps", "3", "--k", "0.05", "--output-dir", str(run), *FAST]) == 0
     vec = SparseVector.load(run / "vector")
     trained_on = len(split_heldout(lines, 0.1)[0])  # a corpus of 20 lines or more holds every 10th line out
-    assert vec.meta.extra["mlm_head"]["n_lines"] == trained_on and vec.meta.extra["mlm_head"]["steps"] > 0
+    assert vec.meta.mlm_head.n_lines == trained_on and vec.meta.mlm_head.steps > 0
     assert json.loads((run / "status.json").read_text())["state"] == "done"
 
 

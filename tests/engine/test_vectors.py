@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import deftx_engine.vectors as vmod
+import deftx_engine.vector_meta as vector_meta
 from deftx_engine.denoise import DenoiseConfig
 from deftx_engine.errors import VectorError
 from deftx_engine.vectors import (
@@ -275,7 +275,11 @@ def test_hand_made_vectors_load_and_save_back_unchanged(tmp_path):
     vec.save(tmp_path / "again")
     with safe_open(str(tmp_path / "again" / WEIGHTS_FILE), "pt") as f:
         assert f.metadata() == {"format": FORMAT}
-    assert json.loads((tmp_path / "again" / CONFIG_FILE).read_text()) == hand_config()
+    # written back in the current schema: the same fields, the typed ones that schema 1 kept in "extra" unset
+    assert json.loads((tmp_path / "again" / CONFIG_FILE).read_text()) == {
+        **hand_config(), "schema_version": 2, "train": None, "n_maskable": None, "heldout_mlm": None,
+        "mlm_head": None, "metrics": None, "components": [], "ties": None, "converted_from": "",
+        "skipped_parameters": [], "license": ""}
     assert {k: t.tolist() for k, t in load_file(str(tmp_path / "again" / WEIGHTS_FILE)).items()} == \
         {k: t.tolist() for k, t in hand_tensors().items()}
     lang = SparseVector.load(write_vector(tmp_path / "l", lang_config(), lang_tensors()))
@@ -409,7 +413,7 @@ def test_read_json_limits(tmp_path, monkeypatch):
     with pytest.raises(VectorError, match="not valid JSON"):
         read_json(path)
     path.write_text('{"x": "' + "y" * 91 + '"}')
-    monkeypatch.setattr(vmod, "MAX_CONFIG_BYTES", 100)
+    monkeypatch.setattr(vector_meta, "MAX_CONFIG_BYTES", 100)
     assert path.stat().st_size == 100 and read_json(path) == {"x": "y" * 91}  # exactly the bound
     path.write_text('{"x": "' + "y" * 92 + '"}')
     with pytest.raises(VectorError, match=r"more than 100 bytes, more than a vector config can hold"):
@@ -647,8 +651,8 @@ def test_save_writes_int32_indices_and_the_format_whatever_it_holds(tmp_path):
 def test_a_config_of_exactly_the_size_bound_loads(tmp_path, monkeypatch):
     folder = write_vector(tmp_path / "v")
     size = (folder / CONFIG_FILE).stat().st_size
-    monkeypatch.setattr(vmod, "MAX_CONFIG_BYTES", size)
+    monkeypatch.setattr(vector_meta, "MAX_CONFIG_BYTES", size)
     SparseVector.load(folder)
-    monkeypatch.setattr(vmod, "MAX_CONFIG_BYTES", size - 1)
+    monkeypatch.setattr(vector_meta, "MAX_CONFIG_BYTES", size - 1)
     with pytest.raises(VectorError, match="more than a vector config can hold"):
         SparseVector.load(folder)

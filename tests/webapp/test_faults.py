@@ -90,6 +90,7 @@ def tiny(tmp_path_factory):
 def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatch, api):
     from deftx_engine.runs import RunDir
     from deftx_engine.vectors import SparseVector
+    from webapp.rundb import process_argv
 
     monkeypatch.setenv("DEFTX_WARMUP", "0")
     monkeypatch.setenv("DEFTX_MAX_JOBS", "2")
@@ -123,7 +124,7 @@ def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatc
         assert "continues from its last checkpoint" in msg, msg
         reg = app.registry
         row = reg.get(victim)
-        assert row["id"] == victim and row["command"][-1] == "--resume" and row["run_dir"] == str(run_dir)
+        assert row["id"] == victim and process_argv(row)[-1] == "--resume" and row["run_dir"] == str(run_dir)
         wait_for(lambda: (st := RunDir(run_dir).status()).get("phase") == "sparse" and st.get("step", 0) >= 102,
                  180, "the resumed victim to be 2 steps into phase 2")
         row = reg.get(victim)

@@ -17,8 +17,8 @@ import pytest
 from webapp.jobs import JobRegistry
 from webapp.processes import is_alive, process_start
 
-# argv: run_dir mode seconds. Modes: ok (steps then done), fail (CLI-style error, exit 2), stubborn (ignores
-# SIGTERM), sleep (never writes a final state). Every start appends a line to <run_dir>/starts.txt.
+# argv: run_dir mode seconds (``stand_in``). Modes: ok (steps then done), fail (CLI-style error, exit 2), stubborn
+# (ignores SIGTERM), sleep (never writes a final state). Every start appends a line to <run_dir>/starts.txt.
 FAKE = r"""
 import json, os, signal, sys, time
 run, mode, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
@@ -52,8 +52,16 @@ status("done", 5, "vector saved")
 """
 
 
-def fake(mode="ok", seconds=0.2):
-    return [sys.executable, "-c", FAKE, "{run_dir}", mode, str(seconds)]
+def stand_in(reg, mode="ok", seconds=0.2, script=FAKE) -> tuple[str, list[str]]:
+    """(run id, argv) of a fake job: the registry runs a stand-in's argv as given, so the argv names the run
+    folder of the id it will be queued under."""
+    run_id = reg.new_id()
+    return run_id, [sys.executable, "-c", script, str(reg.run_dir(run_id)), mode, str(seconds)]
+
+
+def submit_fake(reg, name, kind, mode="ok", seconds=0.2, script=FAKE) -> str:
+    run_id, argv = stand_in(reg, mode, seconds, script)
+    return reg.submit(name, kind, argv, run_id=run_id)
 
 
 @pytest.fixture
@@ -75,7 +83,7 @@ def wait_for(pred, timeout=20.0, tick=None):
 
 
 def test_runs_in_fifo_order_one_at_a_time(reg):
-    ids = [reg.submit(f"job{i}", "language", fake("ok", 0.2)) for i in range(3)]
+    ids = [submit_fake(reg, f"job{i}", "language", "ok", 0.2) for i in range(3)]
     assert [reg.get(i)["state"] for i in ids] == ["queued"] * 3
     assert [reg.queue_position(i) for i in ids] == [1, 2, 3]
     reg.start()
@@ -93,7 +101,7 @@ def test_runs_in_fifo_order_one_at_a_time(reg):
 def test_max_concurrent_two(tmp_path):
     reg = JobRegistry(tmp_path, max_concurrent=2, poll=0.05)
     try:
-        ids = [reg.submit(f"j{i}", "task", fake("ok", 1.0)) for i in range(3)]
+        ids = [submit_fake(reg, f"j{i}", "task", "ok", 1.0) for i in range(3)]
         reg.tick()
         assert [reg.get(i)["state"] for i in ids] == ["running", "running", "queued"]
         reg.start()
@@ -112,8 +120,8 @@ def test_env_default_is_one_job(tmp_path, monkeypatch):
 
 
 def test_cancel_queued_is_immediate(reg):
-    first = reg.submit("first", "language", fake("ok", 1.0))
-    second = reg.submit("second", "language", fake("ok", 0.1))
+    first = submit_fake(reg, "first", "language", "ok", 1.0)
+    second = submit_fake(reg, "second", "language", "ok", 0.1)
     reg.tick()
     assert reg.cancel(second) == "cancelled"
     row = reg.get(second)
@@ -126,7 +134,7 @@ def test_cancel_queued_is_immediate(reg):
 
 
 def test_cancel_running_sends_sigterm(reg):
-    rid = reg.submit("long", "language", fake("ok", 60))
+    rid = submit_fake(reg, "long", "language", "ok", 60)
     reg.start()
     wait_for(lambda: reg.get(rid)["step"] >= 1)
     t0 = time.time()
@@ -139,7 +147,7 @@ def test_cancel_running_sends_sigterm(reg):
 
 
 def test_cancel_escalates_to_sigkill(reg):
-    rid = reg.submit("stubborn", "language", fake("stubborn", 60))
+    rid = submit_fake(reg, "stubborn", "language", "stubborn", 60)
     reg.start()
     wait_for(lambda: reg.get(rid)["step"] >= 1)
     pid = reg.get(rid)["pid"]
@@ -151,7 +159,7 @@ def test_cancel_escalates_to_sigkill(reg):
 
 
 def test_failure_without_final_state(reg):
-    rid = reg.submit("bad", "task", fake("fail"))
+    rid = submit_fake(reg, "bad", "task", "fail")
     reg.start()
     row = reg.wait(rid, timeout=15)
     assert row["state"] == "failed"
@@ -160,14 +168,14 @@ def test_failure_without_final_state(reg):
 
 
 def test_exit_zero_without_final_state_is_a_failure(reg):
-    rid = reg.submit("quiet", "task", fake("sleep", 0.1))
+    rid = submit_fake(reg, "quiet", "task", "sleep", 0.1)
     reg.start()
     row = reg.wait(rid, timeout=15)
     assert row["state"] == "failed" and "without reporting a result" in row["message"]
 
 
 def test_command_that_cannot_start(reg):
-    rid = reg.submit("missing", "task", ["/nonexistent/python", "{run_dir}"])
+    rid = reg.submit("missing", "task", ["/nonexistent/python"])
     reg.tick()
     row = reg.get(rid)
     assert row["state"] == "failed" and "could not start" in row["message"]
@@ -175,7 +183,7 @@ def test_command_that_cannot_start(reg):
 
 def test_restart_marks_gone_runs_interrupted(tmp_path):
     a = JobRegistry(tmp_path, poll=0.05)
-    rid = a.submit("orphan", "language", fake("sleep", 60))
+    rid = submit_fake(a, "orphan", "language", "sleep", 60)
     a.tick()
     row = a.get(rid)
     assert row["state"] == "running" and is_alive(row["pid"], row["pid_start"])
@@ -192,7 +200,7 @@ def test_restart_marks_gone_runs_interrupted(tmp_path):
 
 def test_restart_detects_a_reused_pid(tmp_path):
     a = JobRegistry(tmp_path)
-    rid = a.submit("reused", "language", fake("sleep", 60))
+    rid = submit_fake(a, "reused", "language", "sleep", 60)
     a.stop()
     with sqlite3.connect(tmp_path / "registry.sqlite3") as db:  # a pid that now belongs to another process
         db.execute("UPDATE runs SET state='running', pid=?, pid_start='1', owner='1:1:gone' WHERE id=?",
@@ -204,7 +212,7 @@ def test_restart_detects_a_reused_pid(tmp_path):
 
 def test_restart_keeps_watching_a_live_job(tmp_path):
     a = JobRegistry(tmp_path, poll=0.05)
-    rid = a.submit("survivor", "language", fake("ok", 1.5))
+    rid = submit_fake(a, "survivor", "language", "ok", 1.5)
     a.tick()
     a.stop()  # app restart while the job runs
     b = JobRegistry(tmp_path, poll=0.05).start()
@@ -226,7 +234,7 @@ def test_two_registries_share_one_file(tmp_path):
 
     def submit_many(reg, n):
         for i in range(n):
-            rid = reg.submit(f"c{i}", "task", fake("ok", 0.05))
+            rid = submit_fake(reg, f"c{i}", "task", "ok", 0.05)
             with lock:
                 ids.append(rid)
 
@@ -275,10 +283,8 @@ def test_process_identity():
 
 
 def test_registry_survives_corrupt_status(reg):
-    rid = reg.submit("garbled", "task", [sys.executable, "-c",
-                                         "import sys,os; os.makedirs(sys.argv[1], exist_ok=True); "
-                                         "open(os.path.join(sys.argv[1], 'status.json'), 'w').write('{not json')",
-                                         "{run_dir}"])
+    rid = submit_fake(reg, "garbled", "task", script="import sys,os; os.makedirs(sys.argv[1], exist_ok=True); "
+                      "open(os.path.join(sys.argv[1], 'status.json'), 'w').write('{not json')")
     reg.start()
     row = reg.wait(rid, timeout=15)
     assert row["state"] == "failed"
@@ -295,7 +301,7 @@ run.lock()
 with open(run.status_file, "w") as f:
     json.dump({"state": "running", "phase": "full", "step": 2 ** 70, "total_steps": 5, "pid": os.getpid(),
                "updated": time.time()}, f)
-time.sleep(float(sys.argv[2]))
+time.sleep(float(sys.argv[3]))
 """
 HOLD = ("import sys, time; from deftx_engine.runs import RunDir; RunDir(sys.argv[1]).lock(); "
         "print('held', flush=True); time.sleep(60)")
@@ -304,7 +310,7 @@ HOLD = ("import sys, time; from deftx_engine.runs import RunDir; RunDir(sys.argv
 def test_a_run_marked_failed_has_no_live_writer_and_resume_never_starts_a_second(reg):
     from deftx_engine.runs import RunDir
 
-    rid = reg.submit("overflow", "task", [sys.executable, "-c", LOCKED_OVERFLOW, "{run_dir}", "60"])
+    rid = submit_fake(reg, "overflow", "task", seconds=60, script=LOCKED_OVERFLOW)
     reg.start()
     row = reg.wait(rid, timeout=20)
     assert row["state"] == "failed" and "could not record this run's progress" in row["message"]
@@ -350,9 +356,11 @@ def test_a_group_stops_together(tmp_path, how):
 
     reg = JobRegistry(tmp_path, max_concurrent=2, poll=0.05, grace=1.0)
     try:
-        first = fake("ok", 60) if how == "cancel" else [sys.executable, "-c", "import time, sys; time.sleep(1); "
-                                                                              "sys.exit(2)"]
-        a, b = reg.submit_group("g", [Submission("a", "language", first), Submission("b", "task", fake("ok", 60))])
+        (id_a, first), (id_b, second) = stand_in(reg, "ok", 60), stand_in(reg, "ok", 60)
+        if how == "fail":
+            first = [sys.executable, "-c", "import time, sys; time.sleep(1); sys.exit(2)"]
+        a, b = reg.submit_group("g", [Submission("a", "language", first), Submission("b", "task", second)],
+                                run_ids=[id_a, id_b])
         with pytest.raises(GroupBusy):
             reg.submit_group("g", [Submission("c", "task", ["true"])])
         reg.start()
@@ -374,3 +382,66 @@ def test_group_names_are_made_distinct_in_the_transaction(reg):
     ids = reg.submit_group(None, [Submission("x", "task", ["true"])] * 3, distinct=True)
     assert [reg.get(i)["name"] for i in ids] == ["x", "x-2", "x-3"]
     assert reg.get(reg.submit("x", "task", ["true"]))["name"] == "x"  # only when asked
+
+
+# ---- a training run's process: made from its kind and config file when it starts (issue 23) ------------------
+def test_a_training_run_stores_its_config_and_its_argv_is_made_when_it_starts(tmp_path):
+    from deftx_engine.config import TrainConfig
+    from webapp.rundb import RunDB, Submission, process_argv
+
+    reg = RunDB(tmp_path)
+    cfg = TrainConfig(kind="task", data="t.csv", language="en")
+    rid, = reg.submit_group(None, [Submission("t", "task", config=cfg)])
+    row = reg.get(rid)
+    run_dir = reg.run_dir(rid)
+    assert row["command"] is None and row["config"] == cfg.to_dict()
+    assert json.loads((run_dir / "config.json").read_text()) == cfg.to_dict()
+    argv = [sys.executable, "-m", "deftx_engine.cli", "train-task", "--config", str(run_dir / "config.json"),
+            "--output-dir", str(run_dir)]
+    assert process_argv(row) == argv
+    with sqlite3.connect(reg.db_path) as db:
+        db.execute("UPDATE runs SET state='interrupted' WHERE id=?", (rid,))
+    assert process_argv(reg.resume(rid)) == [*argv, "--resume"]
+    with pytest.raises(ValueError, match="a config or a command"):
+        reg.submit_group(None, [Submission("nothing", "task")])
+
+
+# the registry table of a version that stored each run's argv (before the resume column)
+OLD_SCHEMA = """CREATE TABLE runs (id TEXT PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
+created REAL NOT NULL, started REAL, finished REAL, pid INTEGER, run_dir TEXT NOT NULL,
+config TEXT NOT NULL DEFAULT '{}', message TEXT NOT NULL DEFAULT '', phase TEXT NOT NULL DEFAULT '',
+step INTEGER NOT NULL DEFAULT 0, total_steps INTEGER NOT NULL DEFAULT 0, command TEXT, vector_dir TEXT,
+pid_start TEXT, owner TEXT, cancel_requested REAL, exit_code INTEGER, queued REAL, grp TEXT)"""
+RECORD_ARGV = ("import json, os, sys; open(sys.argv[1] + '.tmp', 'w').write(json.dumps(sys.argv[2:])); "
+               "os.replace(sys.argv[1] + '.tmp', sys.argv[1])")
+
+
+def test_an_old_registry_row_with_a_stored_argv_resumes_with_it(tmp_path):
+    """A run interrupted under a version that stored argvs (``--resume`` appended to it on resume) resumes after
+    the upgrade: its own argv, with ``--resume``, once."""
+    run_dir = tmp_path / "runs" / "old-run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    seen = tmp_path / "argv.json"
+    stored = [sys.executable, "-c", RECORD_ARGV, str(seen), "train-language", "--output-dir", str(run_dir)]
+    with sqlite3.connect(tmp_path / "registry.sqlite3") as db:
+        db.execute(OLD_SCHEMA)
+        db.execute("INSERT INTO runs (id, name, kind, state, created, run_dir, command, vector_dir) VALUES "
+                   "('old-run', 'old', 'language', 'interrupted', 1, ?, ?, ?)",
+                   (str(run_dir), json.dumps(stored), str(run_dir / "vector")))
+    reg = JobRegistry(tmp_path, poll=0.05)
+    try:
+        assert reg.resume("old-run")["state"] == "queued"
+        reg.tick()
+        wait_for(seen.exists)
+        assert json.loads(seen.read_text()) == ["train-language", "--output-dir", str(run_dir), "--resume"]
+        reg.wait("old-run", timeout=15)
+        with sqlite3.connect(reg.db_path) as db:
+            db.execute("UPDATE runs SET state='failed' WHERE id='old-run'")
+        seen.unlink()
+        reg.resume("old-run")  # resumed a second time: --resume once
+        reg.tick()
+        wait_for(seen.exists)
+        assert json.loads(seen.read_text())[-2:] == [str(run_dir), "--resume"]
+    finally:
+        reg.shutdown(cancel_running=True)

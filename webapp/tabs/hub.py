@@ -151,7 +151,7 @@ def register_pulled(studio: Studio, dest: Path, run_id: str, name: str, source: 
         raise
     shown = studio.shown_path(source)
     cfg = {"source": shown, "base_model": m.base_model, "language": m.language, "method": m.method,
-           "k": m.k, "denoise": m.denoise, **({"metrics": m.extra["metrics"]} if "metrics" in m.extra else {})}
+           "k": m.k, "denoise": m.denoise, **({"metrics": m.metrics} if m.metrics is not None else {})}
     studio.registry.add_vector(name, m.kind, dest, config=cfg, run_id=run_id, message=f"pulled from {shown}")
     return m
 

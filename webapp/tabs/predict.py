@@ -25,7 +25,7 @@ from ..render import text as shown_text
 from ..settings import max_lines, max_score_seconds, max_text_chars
 from ..state import Studio
 from .pickers import refresh_on_open
-from .train import number
+from .train_form import number
 
 MAX_SCALE = 4.0  # a language vector scaled further is no longer a composition anyone means
 

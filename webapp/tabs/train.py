@@ -2,34 +2,31 @@
 progress of the shown run is polled by ``tabs.runs``."""
 from __future__ import annotations
 
-import math
-import sys
 import time
+from dataclasses import fields
 from typing import Any
 
 import gradio as gr
 
 from deftx_engine import presets as engine_presets
 from deftx_engine.config import MAX_NAME_CHARS, TrainConfig, defaults
-from deftx_engine.constants import KINDS
 from deftx_engine.constants import METHODS as METHOD_NAMES
 from deftx_engine.data import load_corpus, load_task_data
 from deftx_engine.errors import DeftxError
-from deftx_engine.runs import SUBMITTED_CONFIG
 
 from .. import EXAMPLE, EXAMPLE_LANG
-from ..components import FIELD_LABELS, UI, Updates, handler
+from ..components import FIELD_LABELS, UI, Updates, handler, takes
 from ..files import bounded
-from ..render import cut, ok, run_choices
+from ..render import ok, run_choices
 from ..render import text as shown_text
 from ..rundb import QueueFull, Submission
 from ..settings import max_lines, max_queue, max_steps
 from ..state import Studio
-from .train_checks import check_hardware, language_for_data, require_language
+from .train_checks import language_for_data
+from .train_form import CUSTOM, FORM_COMPONENTS, TrainForm
 
 BASE_MODELS = ["multilingual-e5-small", "minilm", "FacebookAI/xlm-roberta-base", "FacebookAI/xlm-roberta-large"]
 PRESETS = list(engine_presets.PRESETS)  # cpu-demo, paper-xlmr-base
-CUSTOM = "custom"
 MAX_RUN_NAME = 100  # characters of a run name
 METHOD_LABELS = {"deftx": "DeFT-X (SVD-denoised)", "lt-sft": "LT-SFT (no denoising)"}
 METHODS = [(METHOD_LABELS[m], m) for m in METHOD_NAMES]  # the engine's list, labelled
@@ -39,10 +36,6 @@ XLMR_BASE_MASKABLE = 277_414_656
 # the controls a preset fills, in the order of apply_preset's values
 PRESET_FIELDS = ["base", "method", "policy", "energy", "rank", "rho", "k", "full", "sparse", "epochs", "lr", "bs",
                  "maxlen", "seed"]
-START_INPUTS = ["train.kind", "train.base", "train.data", "train.lang", "train.name", "train.method", "train.policy",
-                "train.energy", "train.rank", "train.rho", "train.k", "train.full", "train.sparse", "train.epochs",
-                "train.lr", "train.bs", "train.maxlen", "train.seed", "train.textcol", "train.paircol",
-                "train.labelcol", "train.preset", "train.k_exact", "train.srclang"]
 
 
 def layout(ui: UI) -> None:
@@ -173,21 +166,6 @@ def source_choices(studio: Studio, kind, base_model, current) -> Updates:
                                        value=current if current in ids else "")}
 
 
-def source_vector(studio: Studio, run_id: str | None, kind: str, base_model: str) -> str | None:
-    """The vector folder of the chosen source-language run, checked: a done language vector of ``base_model``."""
-    if not run_id or kind != "task":
-        return None
-    folder = studio.run_vector_dir(run_id, "source-language vector")
-    row = studio.registry.get(run_id)
-    if row["kind"] != "language":
-        raise DeftxError(f"the source-language vector must be a language vector; {row['name']} is a {row['kind']} one")
-    if row["config"].get("base_model") != base_model:
-        raise DeftxError(f"the source-language vector {row['name']} was trained on "
-                         f"{studio.shown_path(str(row['config'].get('base_model')))}, not on "
-                         f"{studio.shown_path(base_model)}: choose one of the same base model")
-    return folder
-
-
 @handler("train.denoise", status=None)
 def method_changed(studio: Studio, method) -> Updates:
     return {"train.denoise": gr.update(visible=method == "deftx")}
@@ -204,81 +182,16 @@ def mark_custom(studio: Studio) -> Updates:
     return {"train.preset": CUSTOM}
 
 
-def number(value: Any, what: str, *, integer: bool = False, minimum: float | None = None,
-           default: float | None = None) -> float | int:
-    """A number from a form field or an API call; empty, NaN, infinite or out-of-range values are refused
-    with a message naming the field (never a ValueError from int())."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        if default is None:
-            raise DeftxError(f"{what}: give a number")
-        value = default
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise DeftxError(f"{what} must be a number, got {cut(value, 40)!r}") from None
-    if math.isnan(x) or math.isinf(x):
-        raise DeftxError(f"{what} must be a finite number, got {value}")
-    if integer:
-        if x != int(x):
-            raise DeftxError(f"{what} must be a whole number, got {value}")
-        x = int(x)
-    if minimum is not None and x < minimum:
-        raise DeftxError(f"{what} must be at least {minimum:g}, got {value}")
-    return x
-
-
 @handler("train.status", "train.run_id", "train.progress", "train.watch", "train.stopping")
-def start_training(studio: Studio, kind, base_model, data, language, name, method, rank_policy, energy, rank,
-                   residual_share, k_percent, full_steps, sparse_steps, epochs, lr, batch_size, max_length, seed,
-                   text_column, pair_column, label_column, preset, k_exact_value,
-                   source_language_vector=None) -> Updates:
-    """Validate the settings and the data, then queue a CLI training process. Returns
-    (message, run id, progress, shown-run dropdown). The job is ``deftx train-<kind> --config`` on the config
-    that the registry row holds too. ``source_language_vector`` (a run id) is a task SFT's starting point."""
-    if kind not in KINDS:
-        raise DeftxError("choose the kind of SFT: language or task")
-    data = (data or "").strip()
-    if not data:
-        raise DeftxError("no training data: check a file in the Data tab first")
-    if not data.startswith("hub:"):
-        data = str(studio.check_path(data))
-    k_percent = number(k_percent, "k")
-    if k_exact_value and abs(k_percent - float(k_exact_value[0])) < 1e-9:
-        k = int(k_exact_value[1])
-    else:
-        k = k_percent / 100.0
-        if not 0 < k < 1:
-            raise DeftxError(f"k must be between 0 and 100 %, got {k_percent}")
-    full_steps = number(full_steps, "phase-1 steps", integer=True, minimum=0, default=0)
-    sparse_steps = number(sparse_steps, "phase-2 steps", integer=True, minimum=0, default=0)
-    epochs = number(epochs, "epochs per phase", default=1.0)
-    lines_limit = max_lines()
-    check_hardware(preset)
-    values = dict(data=data, base_model=studio.check_base_model(base_model),
-                  language=require_language(language, kind), method=method, rank_policy=rank_policy,
-                  energy=number(energy, "τ"), rank=number(rank, "r", integer=True),
-                  residual_share=number(residual_share, "ρ"), k=k,
-                  full_steps=full_steps, sparse_steps=sparse_steps, lr=number(lr, "learning rate"),
-                  batch_size=number(batch_size, "batch size", integer=True, minimum=1),
-                  max_length=number(max_length, "max tokens", integer=True, minimum=1),
-                  seed=number(seed, "seed", integer=True, minimum=0, default=0),
-                  text_column=(text_column or "").strip() or None,
-                  pair_column=(pair_column or "").strip() or None,
-                  label_column=(label_column or "").strip() or "label", max_lines=lines_limit)
-    values["source_language_vector"] = source_vector(studio, source_language_vector, kind, values["base_model"])
-    if not full_steps or not sparse_steps:
-        if epochs <= 0:
-            raise DeftxError(f"epochs per phase must be > 0 when the steps are 0, got {epochs:g}")
-    if not full_steps:
-        values["full_epochs"] = epochs
-    if not sparse_steps:
-        values["sparse_epochs"] = epochs
-    if preset and preset != CUSTOM:
-        p = engine_presets.preset(preset, kind)
-        values.update({k_: p[k_] for k_ in ("save_steps", "logging_steps") if k_ in p})
-    cfg = TrainConfig(kind=kind, **values)  # ConfigError -> inline message
+@takes(TrainForm)
+def start_training(studio: Studio, form: TrainForm) -> Updates:
+    """Validate the settings (``TrainForm.config``) and the data, then queue the run of that ``TrainConfig``.
+    Returns (message, run id, progress, shown-run dropdown). ``source_language_vector`` (a run id) is a task
+    SFT's starting point."""
+    cfg = form.config(studio)
+    kind = cfg.kind
     # a name another run has gets -2, -3… (in the queueing transaction): every run is found by its name
-    name = bounded(name, "run name", MAX_RUN_NAME) or f"{cfg.language}-{kind}-{cfg.method}"
+    name = bounded(form.name, "run name", MAX_RUN_NAME) or f"{cfg.language}-{kind}-{cfg.method}"
     run_id = queue_run(studio, cfg, name)
     row = wait_until_started(studio, run_id)
     pos = studio.registry.queue_position(run_id)
@@ -315,8 +228,7 @@ def queue_full(e: QueueFull) -> str:
 
 
 def job(cfg: TrainConfig, name: str) -> Submission:
-    """Check ``cfg`` against this server's limits and its data (line and field): the run ``deftx train-<kind>
-    --config`` on it, ready to queue."""
+    """Check ``cfg`` against this server's limits and its data (line and field): the run of it, ready to queue."""
     kind, data, full_steps, sparse_steps = cfg.kind, cfg.data, cfg.full_steps, cfg.sparse_steps
     lines_limit, steps_limit = max_lines(), max_steps()
     if steps_limit and (full_steps > steps_limit or sparse_steps > steps_limit):
@@ -338,9 +250,7 @@ def job(cfg: TrainConfig, name: str) -> Submission:
             if need > steps_limit:
                 raise DeftxError(f"{what} would take {need:,} steps ({ep:g} epochs of {per_epoch:,}); this "
                                  f"server allows at most {steps_limit:,} per phase (DEFTX_MAX_STEPS)")
-    argv = [sys.executable, "-m", "deftx_engine.cli", f"train-{kind}", "--config", f"{{run_dir}}/{SUBMITTED_CONFIG}",
-            "--output-dir", "{run_dir}"]
-    return Submission(name, kind, argv, cfg.to_dict())
+    return Submission(name, kind, config=cfg)
 
 
 def wait_until_started(studio: Studio, run_id: str) -> dict:
@@ -406,6 +316,7 @@ def wire(ui: UI) -> None:
     for field in PRESET_FIELDS[1:]:
         ui.on(ui[f"train.{field}"].input, mark_custom, api_visibility="private")
     ui.on(ui["train.data"].change, language_for_data, ["train.data"], api_visibility="private")
-    ui.on(ui["train.start"].click, start_training, START_INPUTS, api_name="start_training", concurrency_limit=2)
+    ui.on(ui["train.start"].click, start_training, [FORM_COMPONENTS[f.name] for f in fields(TrainForm)],
+          api_name="start_training", concurrency_limit=2)
     ui.on(ui["train.cancel"].click, cancel_run, ["train.watch"], api_name="cancel_run")
     ui.on(ui["train.resume"].click, resume_run, ["train.watch"], api_name="resume_run")
