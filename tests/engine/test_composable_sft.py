@@ -53,7 +53,7 @@ def test_convert_task_skips_heads_the_model_does_not_have(tiny_cls_model, tmp_pa
     torch.save({"body": {name: torch.eye(16)}, "head": {**head, "cls.predictions.bias": torch.ones(120)}},
                tmp_path / "csft" / "pytorch_diff.bin")
     vec = convert_composable_sft(tmp_path / "csft", tmp_path / "v", kind="task", model=tiny_cls_model)
-    assert set(vec.heads) == set(head) and vec.meta.extra["skipped_parameters"] == ["cls.predictions.bias"]
+    assert set(vec.heads) == set(head) and vec.meta.skipped_parameters == ["cls.predictions.bias"]
     assert "cls.predictions.bias" not in SparseVector.load(tmp_path / "v").shapes
 
 

@@ -334,7 +334,7 @@ def test_resume_of_a_run_whose_folder_was_deleted_or_emptied_is_refused_at_once(
     starting a process that fails later naming a log that no longer exists."""
     import shutil
 
-    rid = reg.submit("gone", "task", fake("fail"))
+    rid = submit_fake(reg, "gone", "task", "fail")
     reg.start()
     row = reg.wait(rid, timeout=20)
     assert row["state"] == "failed"
