@@ -492,8 +492,7 @@ def calibrate(s: Settings, paths: Paths, probe_steps: int = 3) -> dict:
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
 
     from deftx_engine.data import load_corpus
-    from deftx_engine.denoise import DenoiseConfig, denoise_deltas
-    from deftx_engine.masks import k_from, select_top_k
+    from deftx_engine.denoise import DenoiseConfig, choose_mask
     from deftx_engine.models import load_cls_model, load_mlm_model, load_tokenizer
     from deftx_engine.params import parameter_roles
 
@@ -540,8 +539,7 @@ def calibrate(s: Settings, paths: Paths, probe_steps: int = 3) -> dict:
     deltas = {n: params[n].detach() - theta0[n] for n in roles.maskable}
     del theta0
     t = time.perf_counter()
-    deltas, _ = denoise_deltas(deltas, DenoiseConfig("energy", s.energy, s.fixed_rank, s.residual_share), inplace=True)
-    select_top_k(deltas, k_from(s.task_k, sum(d.numel() for d in deltas.values())))
+    choose_mask(deltas, s.task_k, DenoiseConfig("energy", s.energy, s.fixed_rank, s.residual_share))
     out["denoise_mask"] = time.perf_counter() - t
     del deltas
     model.eval()

@@ -63,7 +63,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, KINDS  # noqa: E402
-from deftx_engine.denoise import DenoiseConfig, denoise_deltas  # noqa: E402
+from deftx_engine.denoise import DenoiseConfig, choose_mask  # noqa: E402
 from deftx_engine.fileio import atomic_dir, atomic_write_text, write_json_atomic  # noqa: E402
 from deftx_engine.masks import k_from, select_top_k  # noqa: E402
 from deftx_engine.models import load_cls_model, load_mlm_model  # noqa: E402
@@ -206,9 +206,7 @@ class Phases:
 def engine_mask(ph: Phases, theta0: dict, kind: str) -> dict:
     """The mask train_sft would choose from the current delta: deftx denoise + global top-k."""
     deltas = {n: ph.params[n].detach().float() - theta0[n] for n in ph.roles.maskable}
-    deltas, _ = denoise_deltas(deltas, DenoiseConfig(), inplace=True)
-    k = k_from(DEFAULT_K[kind], sum(d.numel() for d in deltas.values()))
-    return select_top_k(deltas, k)
+    return choose_mask(deltas, DEFAULT_K[kind], DenoiseConfig())[0]
 
 
 def step_times(source: str, kind: str, batch: int, seq: int, repeats: int, warmup: int, profile: bool,
@@ -367,11 +365,9 @@ def denoise_mask_time(source: str, repeats: int) -> dict:
     for r in range(repeats):
         g = torch.Generator().manual_seed(r)
         deltas = {n: torch.randn(s, generator=g) * 1e-3 for n, s in shapes.items()}
-        t = time.perf_counter()
-        deltas, _ = denoise_deltas(deltas, DenoiseConfig(), inplace=True)
-        t_den = time.perf_counter() - t
-        select_top_k(deltas, k_from(DEFAULT_K["task"], sum(d.numel() for d in deltas.values())))
-        times.append((t_den, time.perf_counter() - t - t_den))
+        split = {}
+        choose_mask(deltas, DEFAULT_K["task"], DenoiseConfig(), times=split)
+        times.append((split["denoise"], split["top_k"]))
         del deltas
     return {"denoise_s": statistics.median(t[0] for t in times), "top_k_s": statistics.median(t[1] for t in times)}
 
