@@ -8,8 +8,8 @@ Usage::
 What it measures, on random deltas with EXACTLY the shapes of the chosen encoder's maskable parameters
 (``deftx_engine.params.parameter_roles``: every encoder parameter except LayerNorm):
 
-1. ``denoise_deltas(inplace=True)`` with the default ``DenoiseConfig`` (energy 0.90, rho 0.05) over all
-   deltas, then ``select_top_k`` with the paper's task k = 14,155,776 (scaled by the same share of the
+1. ``choose_mask``: ``denoise_deltas(inplace=True)`` with the default ``DenoiseConfig`` (energy 0.90, rho 0.05)
+   over all deltas, then ``select_top_k`` with the paper's task k = 14,155,776 (scaled by the same share of the
    maskable entries for the smaller shape sets) -- each timed, and the total (target <= 30 s);
 2. a 14.2M-entry ``SparseVector.from_diff`` on a real randomly initialised encoder whose parameters are
    theta0 + delta; ``apply`` / ``revert`` times (target <= 0.5 s each) with a bit-exact revert check
@@ -58,8 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 import torch  # noqa: E402
 
 from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
-from deftx_engine.denoise import CHUNK_ROWS, DenoiseConfig, denoise_deltas, denoise_matrix, spectrum  # noqa: E402
-from deftx_engine.masks import select_top_k  # noqa: E402
+from deftx_engine.denoise import CHUNK_ROWS, DenoiseConfig, choose_mask, denoise_matrix, spectrum  # noqa: E402
 from deftx_engine.params import module_type, parameter_roles  # noqa: E402
 from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
 
@@ -342,11 +341,10 @@ def step1(shapes, k, repeats, seed, noise_share, table: Table, results: dict, ch
             marks: list[tuple[str, float]] = []
             progress = lambda i, n, name: marks.append((name, time.perf_counter()))  # noqa: E731
             with PeakRSS() as mem, Contention() as other:
-                t0 = time.perf_counter()
-                _, records = denoise_deltas(deltas, cfg, inplace=True, progress=progress)
-                t1 = time.perf_counter()
-                mask = select_top_k(deltas, k)
-                t2 = time.perf_counter()
+                t0, split = time.perf_counter(), {}
+                mask, records = choose_mask(deltas, k, cfg, progress=progress, times=split)
+                t1 = t0 + split["denoise"]
+                t2 = t1 + split["top_k"]
             print(f"  [repeat {rep + 1}/{repeats}] denoise {t1 - t0:.2f} s, top-k {t2 - t1:.2f} s, "
                   f"peak extra {mem.extra / 1e9:.3f} GB, other processes {other.cores or 0:.2f} cores",
                   file=sys.stderr, flush=True)
@@ -651,7 +649,7 @@ def step2(factory, shapes, deltas, mask, k, seed, noise_share, repeats, table: T
 
     # a second vector (another seed, LT-SFT style: top-k of the raw delta) to compose with
     deltas_b = make_deltas(shapes, seed + 1000, noise_share)
-    vec_b, _ = vector_from(deltas_b, select_top_k(deltas_b, k), "language")
+    vec_b, _ = vector_from(deltas_b, choose_mask(deltas_b, k, None)[0], "language")
     del deltas_b
     gc.collect()
     t_comp = []

@@ -490,8 +490,7 @@ def calibrate(s: Settings, paths: Paths, probe_steps: int = 3) -> dict:
     warm-up; the engine's batches, and the step as phase 1 takes it: ``perf.Phases``), model load, denoise + mask
     of a real (few-step) task delta, and one evaluation batch."""
     from benchmarks.perf import Phases
-    from deftx_engine.denoise import DenoiseConfig, denoise_deltas
-    from deftx_engine.masks import k_from, select_top_k
+    from deftx_engine.denoise import DenoiseConfig, choose_mask
     from deftx_engine.models import load_cls_model, load_mlm_model, load_tokenizer
 
     def step_time(ph: Phases, batches: list[dict]) -> float:
@@ -512,8 +511,7 @@ def calibrate(s: Settings, paths: Paths, probe_steps: int = 3) -> dict:
     deltas = {n: ph.params[n].detach() - theta0[n] for n in ph.roles.maskable}
     del theta0
     t = time.perf_counter()
-    deltas, _ = denoise_deltas(deltas, DenoiseConfig("energy", s.energy, s.fixed_rank, s.residual_share), inplace=True)
-    select_top_k(deltas, k_from(s.task_k, sum(d.numel() for d in deltas.values())))
+    choose_mask(deltas, s.task_k, DenoiseConfig("energy", s.energy, s.fixed_rank, s.residual_share))
     out["denoise_mask"] = time.perf_counter() - t
     del deltas
     model.eval()

@@ -28,9 +28,8 @@ import torch
 from benchmarks.common import machine_info
 from benchmarks.perf import Phases, load, make_batches, model_source
 from deftx_engine.config import DenoiseConfig
-from deftx_engine.denoise import denoise_deltas
+from deftx_engine.denoise import choose_mask
 from deftx_engine.fileio import write_json_atomic
-from deftx_engine.masks import select_top_k
 from deftx_engine.presets import preset
 from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint
 
@@ -70,8 +69,7 @@ def measure(source: str, kind: str, device: str, steps: int, k: int) -> dict:
     _sync(device)
     t = time.perf_counter()
     deltas = {n: ph.params[n].detach().float() - theta0[n].float() for n in ph.roles.maskable}
-    deltas, _ = denoise_deltas(deltas, DenoiseConfig(), inplace=True)
-    mask = select_top_k(deltas, min(k, sum(d.numel() for d in deltas.values())))
+    mask, _ = choose_mask(deltas, min(k, sum(d.numel() for d in deltas.values())), DenoiseConfig())
     _sync(device)
     denoise_s = time.perf_counter() - t
     del deltas

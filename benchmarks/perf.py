@@ -20,7 +20,7 @@ process, no download) it measures:
    ``load_mlm_model`` / ``load_cls_model``; a full-phase step is what phase 1 of ``train_sft`` runs
    (forward, backward, ``clip_grad_norm_(1.0)``, the optimizer HF ``Trainer.create_optimizer`` builds from
    the engine's ``train.training_arguments`` -- fused AdamW on CPU --, ``zero_grad``); a sparse-phase step is
-   phase 2 (parameters set up by ``train.trainable_setup`` with a real mask, ``optim.SparseAdamW`` built as
+   phase 2 (parameters set up by ``params.trainable_setup`` with a real mask, ``optim.SparseAdamW`` built as
    ``train_sft`` builds it, no Trainer-side clipping). The mask is the engine's: the delta of the warm-up full steps,
    denoised (energy 0.90, rho 0.05) and cut to the global top-k (2.8 % language, 5.2 % task). Full and
    sparse steps are *interleaved* on the same batch, so machine load hits both alike; the table gives the
@@ -71,15 +71,15 @@ from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet, writ
 from benchmarks.core import make_deltas  # noqa: E402
 from deftx_engine.config import TrainConfig  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, KINDS  # noqa: E402
-from deftx_engine.denoise import DenoiseConfig, denoise_deltas  # noqa: E402
+from deftx_engine.denoise import DenoiseConfig, choose_mask  # noqa: E402
 from deftx_engine.fileio import atomic_dir  # noqa: E402
 from deftx_engine.masks import k_from, select_top_k  # noqa: E402
 from deftx_engine.models import load_cls_model, load_mlm_model  # noqa: E402
 from deftx_engine.optim import SparseAdamW  # noqa: E402
-from deftx_engine.params import parameter_roles  # noqa: E402
+from deftx_engine.params import parameter_roles, trainable_setup  # noqa: E402
 from deftx_engine.precision import Amp  # noqa: E402
 from deftx_engine.precision import resolve as resolve_precision  # noqa: E402
-from deftx_engine.train import trainable_setup, training_arguments  # noqa: E402
+from deftx_engine.train import training_arguments  # noqa: E402
 from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
 
 SIZES = ("tiny", "minilm", "xlmr-base")
@@ -215,9 +215,7 @@ class Phases:
 def engine_mask(ph: Phases, theta0: dict, kind: str) -> dict:
     """The mask train_sft would choose from the current delta: deftx denoise + global top-k."""
     deltas = {n: ph.params[n].detach().float() - theta0[n] for n in ph.roles.maskable}
-    deltas, _ = denoise_deltas(deltas, DenoiseConfig(), inplace=True)
-    k = k_from(DEFAULT_K[kind], sum(d.numel() for d in deltas.values()))
-    return select_top_k(deltas, k)
+    return choose_mask(deltas, DEFAULT_K[kind], DenoiseConfig())[0]
 
 
 def step_times(source: str, kind: str, batch: int, seq: int, repeats: int, warmup: int, profile: bool,
@@ -374,11 +372,9 @@ def denoise_mask_time(source: str, repeats: int) -> dict:
     times = []
     for r in range(repeats):
         deltas = make_deltas(shapes, r, noise_share=1.0)
-        t = time.perf_counter()
-        deltas, _ = denoise_deltas(deltas, DenoiseConfig(), inplace=True)
-        t_den = time.perf_counter() - t
-        select_top_k(deltas, k_from(DEFAULT_K["task"], sum(d.numel() for d in deltas.values())))
-        times.append((t_den, time.perf_counter() - t - t_den))
+        split = {}
+        choose_mask(deltas, DEFAULT_K["task"], DenoiseConfig(), times=split)
+        times.append((split["denoise"], split["top_k"]))
         del deltas
     return {"denoise_s": statistics.median(t[0] for t in times), "top_k_s": statistics.median(t[1] for t in times)}
 

@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "DenoiseConfig": "config", "DenoiseRecord": "denoise", "denoise_deltas": "denoise", "denoise_matrix": "denoise",
+    "choose_mask": "denoise",
     "ConfigError": "errors", "DataError": "errors", "DeftxError": "errors", "VectorError": "errors",
     "densities": "masks", "overlap": "masks", "select_top_k": "masks", "parameter_roles": "params",
     "SparseVector": "vectors", "VectorMeta": "vectors", "base_fingerprint": "vectors", "compose": "vectors",

@@ -72,7 +72,7 @@ def _add_train_parser(sub, kind: str):
 
 def _train(args, kind: str) -> int:
     from .config import FIELDS, resolve
-    from .plain_progress import PlainProgress
+    from .progress import PlainProgress
     from .runs import RunDir, StopFlag
     from .train import train_sft
 

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .config import DenoiseConfig
 from .errors import ConfigError
-from .masks import select_top_k
+from .masks import Mask, k_from, select_top_k
 from .timing import Times, step
 
 CHUNK_ROWS = 1 << 15  # rows per chunk when streaming over a tall matrix
@@ -188,3 +188,24 @@ def denoise_deltas(deltas: Mapping[str, Tensor], cfg: DenoiseConfig | None = Non
         if progress:
             progress(i + 1, len(deltas), name)
     return out, records
+
+
+def choose_mask(deltas: dict[str, Tensor], k: int | float, denoise: DenoiseConfig | None, *,
+                progress: Callable[[int, int, str], None] | None = None,
+                times: Times | None = None) -> tuple[Mask, dict[str, DenoiseRecord]]:
+    """The mask of a phase-1 delta: denoised per ``denoise`` (DeFT-X) or as it is (``None``: LT-SFT), then the
+    global top-k (``masks.select_top_k``; ``k`` a count or a share of all entries, ``masks.k_from``).
+
+    Here, not in masks.py: denoising already builds on masks (its residual's top-k), so the step using both sits on top.
+    ``deltas`` is denoised in place (no second copy of the model): afterwards it holds the values the mask was chosen
+    from. ``progress`` is ``denoise_deltas``'; ``times`` (see ``timing``) gets the seconds of "denoise" and "top_k".
+    Returns the mask and the records of the denoised matrices (none for LT-SFT).
+    """
+    records: dict[str, DenoiseRecord] = {}
+    if denoise is not None:
+        with step(times, "denoise"):
+            denoised, records = denoise_deltas(deltas, denoise, inplace=True, progress=progress)
+            deltas.update(denoised)  # a non-contiguous matrix was denoised as a copy
+    with step(times, "top_k"):
+        mask = select_top_k(deltas, k_from(k, sum(d.numel() for d in deltas.values())))
+    return mask, records

@@ -104,6 +104,27 @@ def masked_lm_scores(model, tokenizer, lines: Sequence[str], *, batch_size: int 
     return {"loss": loss_sum / n if n else float("nan"), "accuracy": correct / n if n else float("nan"), "n": n}
 
 
+def heldout_report(model, tokenizer, lines: Sequence[str], before: dict, theta0: dict, heads: Sequence[str], *,
+                   max_length: int, seed: int) -> dict:
+    """Masked-token loss / top-1 on the held-out lines: theta0 (with its fitted head; ``before``, scored so before
+    training), theta0 + phi (the whole vector), and theta0 + phi's encoder under theta0's head -- the part that
+    composition uses. In float32 whatever the run's precision: the evidence compares runs, so it is scored one way."""
+    after = masked_lm_scores(model, tokenizer, lines, max_length=max_length, seed=seed)
+    params = dict(model.named_parameters())
+    trained = {n: params[n].detach().clone() for n in heads}
+    with torch.no_grad():
+        for n in heads:
+            params[n].copy_(theta0[n])
+        encoder_only = masked_lm_scores(model, tokenizer, lines, max_length=max_length, seed=seed)
+        for n in heads:
+            params[n].copy_(trained[n])
+    summary = (f"held-out masked-token loss on {len(lines)} lines: theta0 {before['loss']:.3f} "
+               f"(top-1 {before['accuracy']:.1%}) -> theta0 + phi {after['loss']:.3f} (top-1 {after['accuracy']:.1%});"
+               f" encoder of phi with theta0's head {encoder_only['loss']:.3f}")
+    return {"lines": len(lines), "theta0": before, "theta0+phi": after, "encoder_only": encoder_only,
+            "summary": summary}
+
+
 # ---- the head ------------------------------------------------------------------------------------------------
 def head_parameters(model) -> dict[str, nn.Parameter]:
     """The trainable parameters of the MLM head: not the decoder weight (the frozen input embedding), and
@@ -315,6 +336,15 @@ def _store(stem: Path, tensors: dict, record: dict, progress: Callable[[str], No
     except OSError as e:
         if progress:
             progress(f"could not cache the MLM head in {stem.parent} ({e.strerror or e}); set DEFTX_CACHE")
+
+
+def weights_key(model, name: str) -> str:
+    """Identifies a base model's weights (not only its shapes) for caches: name + a sample of each tensor."""
+    h = hashlib.sha256(name.encode())
+    for n, p in model.named_parameters():
+        if n.startswith(model.base_model_prefix + "."):
+            h.update(n.encode() + p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def cached_fit(model, tokenizer, base_key: str, lines: Sequence[str], cfg: HeadFitConfig,

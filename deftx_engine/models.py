@@ -156,5 +156,16 @@ def load_cls_model(name: str, label_names: list[str]):
         id2label=dict(enumerate(label_names)), label2id={l: i for i, l in enumerate(label_names)})
 
 
+def max_positions(model, tokenizer) -> int:
+    """Tokens per example the model can read: its position embeddings (less RoBERTa's padding offset), or the
+    tokenizer's limit if that is lower."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or 1 << 30
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (config.pad_token_id or 0) + 1
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(positions, limit) if isinstance(limit, int) and limit < 1 << 30 else positions
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

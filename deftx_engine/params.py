@@ -97,3 +97,13 @@ def layer_of(name: str) -> str:
     if "embed" in name:
         return "embeddings"
     return parts[1] if len(parts) > 2 else parts[0]
+
+
+def trainable_setup(model: nn.Module, roles: ParameterRoles, mask: dict | None) -> None:
+    """Phase 1: everything but frozen params trains. Phase 2: only masked params and heads."""
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if name in roles.frozen:
+            p.requires_grad_(False)
+        elif mask is not None and name in roles.maskable:
+            p.requires_grad_(name in mask and mask[name].numel() > 0)

@@ -167,7 +167,7 @@ WRITERS_OUTSIDE_FILEIO = {  # (file, function): why its own file writes are safe
     ("webapp/files.py", "FilePolicy.store_upload"): "a hidden mkstemp file renamed onto its content-hash name "
                                                     "(by hand)",
     ("deftx_engine/runs.py", "RunDir.log_metrics"): LOG,
-    ("deftx_engine/train.py", "train_sft"): LOG,
+    ("deftx_engine/progress.py", "run_logger"): LOG,
     ("webapp/jobs.py", "JobRegistry._start_next"): LOG,
     ("benchmarks/crosslingual.py", "_captured"): LOG,
     ("benchmarks/app_perf.py", "App.__init__"): LOG,

@@ -1,15 +1,17 @@
-"""The trainer's mask is the global top-k of the (denoised) phase-1 delta: checked against references written
-with ``torch.linalg.svd`` and ``torch.topk`` (tests/reference.py), on matrices that span many of masks.py's
-chunks (as every real embedding matrix does)."""
+"""The mask (``denoise.choose_mask``, and the trainer's) is the global top-k of the (denoised) phase-1 delta:
+checked against references written with ``torch.linalg.svd`` and ``torch.topk`` (tests/reference.py), on
+matrices that span many of masks.py's chunks (as every real embedding matrix does)."""
 import json
 
 import pytest
 import reference
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from deftx_engine import masks
-from deftx_engine.config import TrainConfig
+from deftx_engine.config import DenoiseConfig, TrainConfig
+from deftx_engine.denoise import choose_mask
 from deftx_engine.phase1 import load_deltas
 from deftx_engine.runs import RunDir
 from deftx_engine.train import train_sft
@@ -45,3 +47,45 @@ def test_trainer_mask_is_the_top_k_of_the_denoised_delta(tiny_dir, tmp_path, mon
     # float32 (engine) and float64 (reference) may order a handful of near-equal entries differently
     assert missed <= max(2, k // 2000), f"{missed} of {k} entries differ from the reference"
 
+
+
+def _phase1_like_deltas() -> dict:
+    """A row-sparse tall matrix spanning many top-k chunks (an embedding's phase-1 delta), a wide one stored
+    transposed (not contiguous), a dense one and a bias: every kind of tensor the trainer hands over."""
+    g = torch.Generator().manual_seed(7)
+    emb = torch.zeros(3000, 16)
+    emb[torch.randperm(3000, generator=g)[:150]] = torch.randn(150, 16, generator=g)
+    low_rank = torch.randn(30, 3, generator=g) @ torch.randn(3, 20, generator=g)
+    wide = torch.randn(40, 12, generator=g).T
+    dense = low_rank + 0.1 * torch.randn(30, 20, generator=g)
+    return {"emb": emb, "wide": wide, "dense": dense, "bias": torch.randn(50, generator=g)}
+
+
+@pytest.mark.parametrize("scope", ["changed", "matrix"])
+def test_choose_mask_is_the_top_k_of_the_denoised_delta(monkeypatch, scope):
+    monkeypatch.setattr(masks, "_CHUNK", 1000)
+    deltas = _phase1_like_deltas()
+    expected_deltas = {n: reference.denoise(d, 0.9, 0.05, scope) if d.dim() == 2 else d for n, d in deltas.items()}
+    k = round(0.05 * sum(d.numel() for d in deltas.values()))
+    times = {}
+    mask, records = choose_mask(deltas, 0.05, DenoiseConfig(energy=0.9, residual_share=0.05, residual_scope=scope),
+                                times=times)
+    assert set(records) == {"emb", "wide", "dense"} and set(times) == {"denoise", "top_k"}
+    for n, d in expected_deltas.items():  # the caller's deltas now hold what the mask was chosen from
+        torch.testing.assert_close(deltas[n], d, atol=1e-4, rtol=1e-3)
+    chosen = {n: set(i.tolist()) for n, i in mask.items()}
+    expected = reference.global_top_k(expected_deltas, k)
+    assert sum(len(c) for c in chosen.values()) == k
+    assert sum(len(expected[n] - chosen[n]) for n in chosen) <= 2  # float32 vs float64 near-ties
+
+
+def test_choose_mask_without_denoising_is_the_top_k_of_the_raw_delta(monkeypatch):
+    monkeypatch.setattr(masks, "_CHUNK", 1000)
+    deltas = _phase1_like_deltas()
+    raw = {n: d.clone() for n, d in deltas.items()}
+    times = {}
+    mask, records = choose_mask(deltas, 400, None, progress=lambda *a: pytest.fail("nothing is denoised"),
+                                times=times)
+    assert records == {} and set(times) == {"top_k"}
+    assert all(torch.equal(deltas[n], raw[n]) for n in raw)
+    assert {n: set(i.tolist()) for n, i in mask.items()} == reference.global_top_k(raw, 400)
