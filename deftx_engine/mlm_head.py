@@ -118,9 +118,9 @@ def heldout_report(model, tokenizer, lines: Sequence[str], before: dict, theta0:
         encoder_only = masked_lm_scores(model, tokenizer, lines, max_length=max_length, seed=seed)
         for n in heads:
             params[n].copy_(trained[n])
-    summary = (f"held-out masked-token loss on {len(lines)} lines: theta0 {before['loss']:.3f} "
-               f"(top-1 {before['accuracy']:.1%}) -> theta0 + phi {after['loss']:.3f} (top-1 {after['accuracy']:.1%});"
-               f" encoder of phi with theta0's head {encoder_only['loss']:.3f}")
+    summary = (f"held-out masked-token loss on {len(lines)} lines: θ0 {before['loss']:.3f} "
+               f"(top-1 {before['accuracy']:.1%}) -> θ0 + φ {after['loss']:.3f} (top-1 {after['accuracy']:.1%});"
+               f" encoder of φ with θ0's head {encoder_only['loss']:.3f}")
     return {"lines": len(lines), "theta0": before, "theta0+phi": after, "encoder_only": encoder_only,
             "summary": summary}
 
