@@ -656,3 +656,39 @@ def test_a_config_of_exactly_the_size_bound_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(vector_meta, "MAX_CONFIG_BYTES", size - 1)
     with pytest.raises(VectorError, match="more than a vector config can hold"):
         SparseVector.load(folder)
+
+
+def test_apply_and_revert_move_indices_and_values_to_the_parameters_device(monkeypatch):
+    """A model on another device than the vector's CPU tensors (here torch's shape-only "meta" device, so no GPU
+    is needed): apply and revert move the indices and the values to each parameter's device, or index_add_ /
+    index_copy_ refuse the mix."""
+    model = torch.nn.Linear(5, 2)
+    vec = SparseVector(VectorMeta(kind="language", base_model="m", base_fingerprint="fp", language="jv"))
+    vec.indices["weight"] = torch.tensor([1, 7], dtype=torch.int32)
+    vec.values["weight"] = torch.tensor([0.5, -0.5])
+    vec.shapes["weight"] = (2, 5)
+    monkeypatch.setattr(SparseVector, "validate", lambda self, model, **kw: None)  # it reads values: not on meta
+    model.to("meta")
+    vec.apply(model)
+    assert model.weight.device.type == "meta"
+    vec.revert(model)
+    assert model.weight.device.type == "meta"
+
+
+def test_reading_a_vector_config_is_bounded_whatever_the_files_size(tmp_path, monkeypatch):
+    """A config over the limit (here 1 MiB; the file a sparse 64 MiB, no disk used) is refused after reading at
+    most the limit + 1 bytes, not read whole first."""
+    import tracemalloc
+
+    monkeypatch.setattr(vector_meta, "MAX_CONFIG_BYTES", 1 << 20)
+    path = tmp_path / "sft_config.json"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(VectorError, match="larger|too large|bytes"):
+            read_json(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
