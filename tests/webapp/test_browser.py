@@ -105,6 +105,23 @@ def set_number(d, elem_id, value):
     box.send_keys(str(value), Keys.TAB)
 
 
+def start_task_sft(d, full: int, sparse: int) -> None:
+    """In the Train tab: a task SFT on the preset's example data with ``full`` + ``sparse`` steps, started."""
+    from selenium.webdriver.common.by import By
+
+    tab(d, "Train")
+    d.find_element(By.XPATH, "//*[@id='dx-kind']//label[contains(., 'Task SFT')]").click()
+    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-data textarea").get_attribute("value")
+         .endswith("source_task_en.csv"), what="the preset to switch to task data")
+    d.find_element(By.XPATH, "//button[contains(., 'Training length and optimiser')]").click()
+    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-full-steps input[type=number]").is_displayed(),
+         what="the training-length accordion")
+    set_number(d, "dx-full-steps", full)
+    set_number(d, "dx-sparse-steps", sparse)
+    time.sleep(0.5)
+    d.find_element(By.ID, "dx-start").click()
+
+
 def test_demo_training_then_prediction(driver, app):
     from selenium.webdriver.common.by import By
 
@@ -115,17 +132,7 @@ def test_demo_training_then_prediction(driver, app):
     tab(d, "Data")  # the page opens on Start (the guided demo); this test goes through the tabs
     wait(d, lambda d: "400 lines" in d.page_source, what="the example corpus preview")  # checked on load
 
-    tab(d, "Train")
-    d.find_element(By.XPATH, "//*[@id='dx-kind']//label[contains(., 'Task SFT')]").click()
-    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-data textarea").get_attribute("value")
-         .endswith("source_task_en.csv"), what="the preset to switch to task data")
-    d.find_element(By.XPATH, "//button[contains(., 'Training length and optimiser')]").click()
-    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-full-steps input[type=number]").is_displayed(),
-         what="the training-length accordion")
-    set_number(d, "dx-full-steps", 2)
-    set_number(d, "dx-sparse-steps", 2)
-    time.sleep(0.5)
-    d.find_element(By.ID, "dx-start").click()
+    start_task_sft(d, full=2, sparse=2)
     wait(d, lambda d: "started" in text_of(d, "#dx-train-status") or "queued" in text_of(d, "#dx-train-status"),
          what="the run to start")
     wait(d, lambda d: "running" in text_of(d, "#dx-progress") or "done" in text_of(d, "#dx-progress"),
@@ -166,17 +173,7 @@ def test_cancel_then_resume_in_the_browser(driver, app):
     d = driver
     d.get(app.local_url)
     wait(d, lambda d: "DeFT-X Studio" in d.title, what="page title")
-    tab(d, "Train")
-    d.find_element(By.XPATH, "//*[@id='dx-kind']//label[contains(., 'Task SFT')]").click()
-    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-data textarea").get_attribute("value")
-         .endswith("source_task_en.csv"), what="the preset to switch to task data")
-    d.find_element(By.XPATH, "//button[contains(., 'Training length and optimiser')]").click()
-    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#dx-full-steps input[type=number]").is_displayed(),
-         what="the training-length accordion")
-    set_number(d, "dx-full-steps", 4)
-    set_number(d, "dx-sparse-steps", 120)
-    time.sleep(0.5)
-    d.find_element(By.ID, "dx-start").click()
+    start_task_sft(d, full=4, sparse=120)
     wait(d, lambda d: shown_step(d) > 6 and "running" in text_of(d, "#dx-progress"), timeout=180,
          what="the run to be in its sparse phase")
     d.find_element(By.ID, "dx-cancel").click()
