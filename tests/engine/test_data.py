@@ -168,28 +168,17 @@ def test_csv_ragged_row_names_line(tmp_path):
         load_task_data(path)
 
 
-def test_csv_unclosed_quote_is_pointed_out(tmp_path):
-    path = write(tmp_path, "q.csv", 'text,label\n"satu,a\ndua,b\n')
-    with pytest.raises(DataError, match=r"q\.csv line 2 has 1 field but .*runs on to line 3; look for an unclosed"):
-        load_task_data(path)
-
-
-def test_csv_line_numbers_count_multiline_fields_and_blank_lines(tmp_path):
-    path = write(tmp_path, "m.csv", 'text,label\n"satu\ndua",a\n\n,b\n')
-    with pytest.raises(DataError, match=r"m\.csv line 5: field 'text' is empty"):
-        load_task_data(path)
-
-
-def test_csv_duplicate_header(tmp_path):
-    path = write(tmp_path, "d.csv", "text,label,text\nx,a,y\n")
-    with pytest.raises(DataError, match=r"d\.csv line 1 \(header\) repeats column\(s\) text"):
-        load_task_data(path)
-
-
-def test_csv_blank_header(tmp_path):
-    path = write(tmp_path, "h.csv", "\ntext,label\nx,a\n")
-    with pytest.raises(DataError, match=r"h\.csv line 1 \(header\) is blank"):
-        load_task_data(path)
+@pytest.mark.parametrize("name,text,says", [
+    ("q.csv", 'text,label\n"satu,a\ndua,b\n',  # an unclosed quote is pointed out
+     r"q\.csv line 2 has 1 field but .*runs on to line 3; look for an unclosed"),
+    ("m.csv", 'text,label\n"satu\ndua",a\n\n,b\n',  # line numbers count multi-line fields and blank lines
+     r"m\.csv line 5: field 'text' is empty"),
+    ("d.csv", "text,label,text\nx,a,y\n", r"d\.csv line 1 \(header\) repeats column\(s\) text"),
+    ("h.csv", "\ntext,label\nx,a\n", r"h\.csv line 1 \(header\) is blank"),
+])
+def test_csv_structure_errors_name_the_line(tmp_path, name, text, says):
+    with pytest.raises(DataError, match=says):
+        load_task_data(write(tmp_path, name, text))
 
 
 def test_csv_bom_does_not_leak_into_header(tmp_path):

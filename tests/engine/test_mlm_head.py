@@ -527,27 +527,19 @@ def test_cache_messages_in_full(fitted, new_model, tokenizer, cache, tmp_path, m
     log.clear()
     fit_cached(new_model(), tokenizer, log)
     assert log[0].endswith("is damaged (its checksum does not match); it is not used")
-    _damage("wrong shapes, checksum matching", weights, record_file)
-    log.clear()
-    fit_cached(new_model(), tokenizer, log)
-    assert log[0].endswith("is damaged (its tensors are not those of this head (cls.predictions.bias, "
-                           "cls.predictions.decoder.bias, cls.predictions.transform.dense.bias)); it is not used")
-    _damage("a tensor missing, checksum matching", weights, record_file)
-    log.clear()
-    fit_cached(new_model(), tokenizer, log)
-    assert log[0].endswith("(its tensors are not those of this head (cls.predictions.bias)); it is not used")
-    _damage("nan, checksum matching", weights, record_file)
-    log.clear()
-    fit_cached(new_model(), tokenizer, log)
-    assert log[0].endswith("is damaged (it holds NaN or infinite values); it is not used")
-    _damage("nan, record of an older version", weights, record_file)
-    log.clear()
-    fit_cached(new_model(), tokenizer, log)
-    assert log[0].endswith("is damaged (it holds NaN or infinite values); it is not used")
-    _damage("record a list", weights, record_file)
-    log.clear()
-    fit_cached(new_model(), tokenizer, log)
-    assert log[0].endswith("is damaged (its record is not a JSON object); it is not used")
+    for damage, said in [
+        ("wrong shapes, checksum matching", "is damaged (its tensors are not those of this head (cls.predictions.bias, "
+         "cls.predictions.decoder.bias, cls.predictions.transform.dense.bias)); it is not used"),
+        ("a tensor missing, checksum matching",
+         "(its tensors are not those of this head (cls.predictions.bias)); it is not used"),
+        ("nan, checksum matching", "is damaged (it holds NaN or infinite values); it is not used"),
+        ("nan, record of an older version", "is damaged (it holds NaN or infinite values); it is not used"),
+        ("record a list", "is damaged (its record is not a JSON object); it is not used"),
+    ]:
+        _damage(damage, weights, record_file)
+        log.clear()
+        fit_cached(new_model(), tokenizer, log)
+        assert log[0].endswith(said), (damage, log[0])
     weights.write_bytes(b"")
     assert fit_cached(new_model(), tokenizer)["steps"] == CFG.max_steps  # damaged, nobody told: no message, no error
     monkeypatch.setenv("DEFTX_CACHE", str(tmp_path / "other"))
