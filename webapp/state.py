@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -129,6 +130,23 @@ class Studio(FilePolicy):
         return render.runs_table(shown, positions)  # no absolute server path in the table
 
     # ---- vectors and models ---------------------------------------------------------------------------
+    def register_pulled(self, dest: Path, run_id: str, name: str, source: str, *, local: bool = False):
+        """List the vector just pulled into ``dest`` as the finished run ``run_id`` named ``name``; returns its
+        metadata. One naming a base model the app may not load is removed, not listed (one from the Hub may name
+        none of this machine's folders: ``local`` is whether ``source`` is a folder here)."""
+        try:
+            m = self.vector(dest).meta
+            if m.base_model:
+                self.check_base_model(m.base_model, "the vector's base model", local=local, reachable=False)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        shown = self.shown_path(source)
+        cfg = {"source": shown, "base_model": m.base_model, "language": m.language, "method": m.method,
+               "k": m.k, "denoise": m.denoise, **({"metrics": m.metrics} if m.metrics is not None else {})}
+        self.registry.add_vector(name, m.kind, dest, config=cfg, run_id=run_id, message=f"pulled from {shown}")
+        return m
+
     def vector(self, path: str | Path):
         from deftx_engine.vectors import CONFIG_FILE, SparseVector
 

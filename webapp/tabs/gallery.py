@@ -214,7 +214,6 @@ def use_vectors(studio: Studio, task, language_vector="") -> Updates:
             off = hub_off_words(why)
             raise DeftxError(f"{off[:1].upper()}{off[1:]}: pulling {needed} needs it. Vectors trained here, or "
                              "pulled before, can be used without it.")
-    from .hub import register_pulled
 
     released = [e for e in missing if e.source != "pushed"]  # composable-sft's: converted with the base model
     labels = items[0].labels if isinstance(items[0], GalleryEntry) else items[0].meta.label_names
@@ -223,7 +222,7 @@ def use_vectors(studio: Studio, task, language_vector="") -> Updates:
         fits = entry in released and (entry.kind == "language" or bool(entry.labels))
         run_id = studio.registry.new_id()
         pull_entry(entry, studio.registry.vectors_root / run_id, model=model if fits else None)
-        register_pulled(studio, studio.registry.vectors_root / run_id, run_id, entry.id, entry.id)
+        studio.register_pulled(studio.registry.vectors_root / run_id, run_id, entry.id, entry.id)
         runs[entry.kind] = run_id
     _, cached = composed(studio, runs["task"], runs.get("language"))  # the base model is fetched on first use
     pulled = f"pulled {' and '.join(text(e.id) for e in missing)}; " if missing else ""

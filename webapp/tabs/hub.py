@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import traceback
 from pathlib import Path
 
@@ -130,30 +129,12 @@ def pull(studio: Studio, source, base_model, kind, language, token="",
         name = folder.parent.name if folder.name == "vector" else folder.name  # a run folder's vector/
     else:  # named by its repository (owner/name), as the user typed it
         name = source
-    m = register_pulled(studio, dest, run_id, name, source, local=Path(source).is_dir())
+    m = studio.register_pulled(dest, run_id, name, source, local=Path(source).is_dir())
     return {"hub.pull_status": ok(f"Pulled **{text(name)}**: a {text(m.kind)} vector"
                                   + (f" ({text(m.language)})" if m.language else "")
                                   + f" for <code>{text(m.base_model)}</code>, {m.k:,} entries. It is listed in the "
                                     "Runs tab."),
             "hub.token": ""}
-
-
-def register_pulled(studio: Studio, dest: Path, run_id: str, name: str, source: str, *, local: bool = False):
-    """List the vector just pulled into ``dest`` as the finished run ``run_id`` named ``name``; returns its
-    metadata. One naming a base model the app may not load is removed, not listed (one from the Hub may name
-    none of this machine's folders: ``local`` is whether ``source`` is a folder here)."""
-    try:
-        m = studio.vector(dest).meta
-        if m.base_model:
-            studio.check_base_model(m.base_model, "the vector's base model", local=local, reachable=False)
-    except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    shown = studio.shown_path(source)
-    cfg = {"source": shown, "base_model": m.base_model, "language": m.language, "method": m.method,
-           "k": m.k, "denoise": m.denoise, **({"metrics": m.metrics} if m.metrics is not None else {})}
-    studio.registry.add_vector(name, m.kind, dest, config=cfg, run_id=run_id, message=f"pulled from {shown}")
-    return m
 
 
 def wire(ui: UI) -> None:
