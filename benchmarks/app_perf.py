@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python benchmarks/app_perf.py` finds deftx_engine and benchmarks
 
 from benchmarks.common import RESULTS, machine_info, other_cores, wait_quiet, write_results_section  # noqa: E402
-from deftx_engine.presets import preset  # noqa: E402
+from deftx_engine.models.presets import preset  # noqa: E402
 
 EXAMPLES = REPO / "assets" / "examples"
 HEADING = "## Web app"
@@ -204,7 +204,7 @@ def bench_predict(root: Path, calls: int, shared: App | None = None) -> dict:
     home = shared.home if shared else root / "predict" / "home"
     home.mkdir(parents=True, exist_ok=True)
     if SETUP["task_vector"]:  # checked and saved into DEFTX_HOME, where the app may pull it from
-        from deftx_engine.vectors import SparseVector
+        from deftx_engine.method.vectors import SparseVector
 
         vector = SparseVector.load(SETUP["task_vector"]).save(home / "given-task-vector")
     else:

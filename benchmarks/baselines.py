@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deftx_engine.config import TrainConfig
-from deftx_engine.embedding_rows import used_rows
-from deftx_engine.models import load_cls_model, load_tokenizer
-from deftx_engine.precision import resolve as resolve_precision
-from deftx_engine.train import data_collator, load_examples, training_arguments
+from deftx_engine.method.embedding_rows import used_rows
+from deftx_engine.models.loading import load_cls_model, load_tokenizer
+from deftx_engine.models.precision import resolve as resolve_precision
+from deftx_engine.training.config import TrainConfig
+from deftx_engine.training.train import data_collator, load_examples, training_arguments
 
 
 def dense_trainer(cfg: TrainConfig, out: Path, steps: int | None = None):

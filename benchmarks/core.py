@@ -6,7 +6,7 @@ Usage::
     python -m benchmarks.core --shapes tiny --repeats 1 # seconds; what tests/benchmarks/test_core.py runs
 
 What it measures, on random deltas with EXACTLY the shapes of the chosen encoder's maskable parameters
-(``deftx_engine.params.parameter_roles``: every encoder parameter except LayerNorm):
+(``deftx_engine.method.params.parameter_roles``: every encoder parameter except LayerNorm):
 
 1. ``choose_mask``: ``denoise_deltas(inplace=True)`` with the default ``DenoiseConfig`` (energy 0.90, rho 0.05)
    over all deltas, then ``select_top_k`` with the paper's task k = 14,155,776 (scaled by the same share of the
@@ -21,7 +21,7 @@ What it measures, on random deltas with EXACTLY the shapes of the chosen encoder
 and, in the same run, the Gram-eigh ``spectrum`` against ``torch.linalg.svd(full_matrices=False)`` on the
 word-embedding delta (svd once, time ratio and max |sigma difference| / sigma_max), plus two time splits
 that show where the time goes, taken by the engine's own functions (their ``times=`` argument,
-``deftx_engine.timing``): ``denoise_matrix`` on each distinct matrix shape step by step (transpose, Gram,
+``deftx_engine.training.timing``): ``denoise_matrix`` on each distinct matrix shape step by step (transpose, Gram,
 eigh, projection, residual threshold, index pass, scatter; rows starting with "alt:" time alternatives that
 are NOT in the engine, for scale) and ``SparseVector.apply`` / ``revert`` step by step. Each section also reports how
 many cores other processes used meanwhile (from /proc/stat), so a contended run can be recognised.
@@ -58,9 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 import torch  # noqa: E402
 
 from benchmarks.common import OtherCpu, machine_info, wait_quiet  # noqa: E402
-from deftx_engine.denoise import CHUNK_ROWS, DenoiseConfig, choose_mask, denoise_matrix, spectrum  # noqa: E402
-from deftx_engine.params import module_type, parameter_roles  # noqa: E402
-from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
+from deftx_engine.method.denoise import CHUNK_ROWS, DenoiseConfig, choose_mask, denoise_matrix, spectrum  # noqa: E402
+from deftx_engine.method.params import module_type, parameter_roles  # noqa: E402
+from deftx_engine.method.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
 
 PAPER_TASK_K = 14_155_776           # the paper's task-SFT k for XLM-R base
 XLMR_BASE_MASKABLE = 277_414_656    # maskable entries of xlm-roberta-base (LayerNorm and pooler excluded)
@@ -431,7 +431,7 @@ def svd_comparison(shapes, seed, noise_share, repeats, table: Table, results: di
     err = float((sig_g - sig_s.double()).abs().max() / sig_s.double().max())
     table.head(f"Gram-eigh spectrum vs torch.linalg.svd on the {name} delta ({m}x{n})")
     table.row("other processes' CPU use", _others(others))
-    table.row("deftx_engine.denoise.spectrum (Gram in float64 + eigh)", _med(t_gram, repeats))
+    table.row("deftx_engine.method.denoise.spectrum (Gram in float64 + eigh)", _med(t_gram, repeats))
     table.row("torch.linalg.svd(full_matrices=False), run once", _s(t_svd))
     table.row("svd time / Gram-eigh time", f"{t_svd / median(t_gram):.1f}x")
     table.row("max |sigma_gram - sigma_svd| / sigma_max", f"{err:.2e}")

@@ -22,14 +22,14 @@ Methods (``--methods``, all by default):
 ``full-ft``                 a dense fine-tune of the whole model on the source task, as many steps as one
                             SFT phase: the deliberate baseline no user runs (``baselines.dense_trainer``:
                             HF ``Trainer``, LayerNorm included, the engine's phase-1 settings)
-``ties``                    the deftx task and language vectors merged with TIES (``deftx_engine/merge.py``:
+``ties``                    the deftx task and language vectors merged with TIES (``deftx_engine/method/merge.py``:
                             trim to the top ``--ties-density`` of each vector's entries, elect sign by
                             summed mass, disjoint mean) instead of a sum
 ``deftx-no-retrain``        ablation: the vectors are the masked denoised phase-1 deltas
                             (``TrainConfig.sparse_phase=False``), no sparse phase
 ``deftx-matrix``            DeFT-X with the earlier denoising: rho counted over every entry of a matrix
                             (``residual_scope="matrix"``), so a row-sparse delta such as the word
-                            embeddings' keeps its whole residual (``deftx_engine/denoise.py``)
+                            embeddings' keeps its whole residual (``deftx_engine/method/denoise.py``)
 ``deftx-drop-residual``     ablation: rho = 0, the residual S dropped entirely (only the low-rank part)
 ``deftx-fixed-rank``        ablation: rank policy fixed, r = ``--fixed-rank`` (100, clipped to the matrix)
                             instead of energy 0.90
@@ -43,7 +43,7 @@ finished runs and evaluations, continues an interrupted run from its last checkp
 trains anew. Checkpoints are deleted once a vector is saved (``--keep-checkpoints`` keeps them). Phase 1 (the full
 fine-tune) is the same for every variant of a seed and target -- only the mask choice and phase 2 differ --
 so the first variant writes its phase-1 delta to ``<work-dir>/<model>/phase1/`` and the others read it
-(``train_sft(phase1_cache=...)``; tests/engine/test_phase1.py shows the vectors equal those trained alone).
+(``train_sft(phase1_cache=...)``; tests/engine/training/test_phase1.py shows the vectors equal those trained alone).
 
 Reported (``--out``, default ``<work-dir>/<model>/results.{json,md,html}``): macro-F1 x 100, mean +/- std
 (sample std) over the seeds, per target and averaged over the targets (mean over seeds of the per-seed average);
@@ -94,17 +94,17 @@ import torch  # noqa: E402
 
 from benchmarks.baselines import dense_trainer  # noqa: E402
 from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet  # noqa: E402
-from deftx_engine.config import settings_key  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, PRECISIONS, TIES_DENSITY, TIES_LAMBDA  # noqa: E402
-from deftx_engine.data import TaskData, load_task_data  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
 from deftx_engine.fileio import atomic_dir, atomic_write_text, write_json_atomic  # noqa: E402
-from deftx_engine.inference import composed_model, evaluate_task_data  # noqa: E402
-from deftx_engine.masks import overlap  # noqa: E402
-from deftx_engine.merge import ties_merge  # noqa: E402
-from deftx_engine.runs import RunDir, read_json  # noqa: E402
-from deftx_engine.train import TrainConfig, train_sft  # noqa: E402
-from deftx_engine.vectors import SparseVector  # noqa: E402
+from deftx_engine.method.masks import overlap  # noqa: E402
+from deftx_engine.method.merge import ties_merge  # noqa: E402
+from deftx_engine.method.vectors import SparseVector  # noqa: E402
+from deftx_engine.outputs.inference import composed_model, evaluate_task_data  # noqa: E402
+from deftx_engine.training.config import settings_key  # noqa: E402
+from deftx_engine.training.data import TaskData, load_task_data  # noqa: E402
+from deftx_engine.training.runs import RunDir, read_json  # noqa: E402
+from deftx_engine.training.train import TrainConfig, train_sft  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "nusax"
 DEFAULT_WORK = ROOT / "benchmarks" / "out" / "crosslingual"
@@ -191,7 +191,7 @@ def head_corpus(choice: str, paths: Paths, work: Path) -> str | None:
         return None
     if choice != "mt":
         return choice
-    from deftx_engine.mlm_head import split_heldout
+    from deftx_engine.models.mlm_head import split_heldout
 
     with paths.corpus.open(encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
@@ -444,7 +444,7 @@ class Evaluator:
             if method.merge == "dense":
                 from transformers import AutoModelForSequenceClassification
 
-                from deftx_engine.models import device, load_tokenizer
+                from deftx_engine.models.loading import device, load_tokenizer
 
                 model = AutoModelForSequenceClassification.from_pretrained(task.folder / "model").to(device()).eval()
                 tok = load_tokenizer(self.s.model)
@@ -476,8 +476,8 @@ class Evaluator:
 def probe_batches(cfg: TrainConfig, tok, n: int) -> tuple[list[dict], list[str] | None]:
     """``n`` batches of a run's data as its phase 1 gets them (the engine's examples and collator; rows reused
     from the start when the data holds fewer), and the label names."""
-    from deftx_engine.embedding_rows import used_rows
-    from deftx_engine.train import data_collator, load_examples
+    from deftx_engine.method.embedding_rows import used_rows
+    from deftx_engine.training.train import data_collator, load_examples
 
     dataset, labels = load_examples(cfg, tok)
     collate = data_collator(cfg, tok, used_rows(dataset.rows, tok))
@@ -490,8 +490,8 @@ def calibrate(s: Settings, paths: Paths, probe_steps: int = 3) -> dict:
     warm-up; the engine's batches, and the step as phase 1 takes it: ``perf.Phases``), model load, denoise + mask
     of a real (few-step) task delta, and one evaluation batch."""
     from benchmarks.perf import Phases
-    from deftx_engine.denoise import DenoiseConfig, choose_mask
-    from deftx_engine.models import load_cls_model, load_mlm_model, load_tokenizer
+    from deftx_engine.method.denoise import DenoiseConfig, choose_mask
+    from deftx_engine.models.loading import load_cls_model, load_mlm_model, load_tokenizer
 
     def step_time(ph: Phases, batches: list[dict]) -> float:
         return statistics.median([ph.full_step(b) for b in batches][1:])  # the first warms up

@@ -21,7 +21,7 @@ Usage::
    its backward needs the input gradient only); backward = 2 x forward for trained matrices. Achieved
    GFLOP/s = FLOPs / median step time, reported as a share of the matmul rate; a ``torch.profiler`` table
    of one full step says where the rest goes (matmuls, optimizer, embedding backward, elementwise).
-3. **Embedding fast path** (``deftx_engine/embedding_rows.py``): the full-phase step with the whole
+3. **Embedding fast path** (``deftx_engine/method/embedding_rows.py``): the full-phase step with the whole
    embedding matrix trained densely (the old path), with only the rows the batch uses trained (the engine's
    path), and with the embedding frozen; the goal is rows <= 1.3 x frozen.
 4. **Scoring throughput**: sentences per second of ``evaluate.predict_proba`` (length-sorted batches,
@@ -51,8 +51,8 @@ from benchmarks.baselines import dense_trainer
 from benchmarks.common import OtherCpu, machine_info, write_outputs
 from benchmarks.perf import Phases, engine_mask, load, make_batches, model_source
 from deftx_engine.constants import PRECISIONS
-from deftx_engine.models import resolve_model
-from deftx_engine.precision import resolve as resolve_precision
+from deftx_engine.models.loading import resolve_model
+from deftx_engine.models.precision import resolve as resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
@@ -91,7 +91,7 @@ def step_flops(model, kind: str, batch: dict, trained: str = "all") -> float:
 @contextlib.contextmanager
 def _embedding(ph: Phases, mode: str, batches: list[dict]):
     """``dense``: the whole matrix trains; ``rows``: the engine's fast path; ``frozen``: it does not train."""
-    from deftx_engine.embedding_rows import train_rows_only
+    from deftx_engine.method.embedding_rows import train_rows_only
 
     emb = getattr(ph.model, ph.model.base_model_prefix).get_input_embeddings()
     if mode == "dense":
@@ -185,9 +185,9 @@ def scoring(source: str, repeats: int) -> dict:
     text-classification pipeline, in one run."""
     from transformers import pipeline
 
-    from deftx_engine.data import load_task_data
-    from deftx_engine.inference import predict_proba
-    from deftx_engine.models import load_cls_model, load_tokenizer
+    from deftx_engine.models.loading import load_cls_model, load_tokenizer
+    from deftx_engine.outputs.inference import predict_proba
+    from deftx_engine.training.data import load_task_data
 
     data = load_task_data(NUSAX_TEST if NUSAX_TEST.is_file() else EXAMPLES / "target_eval_id.csv")
     texts = data.texts
@@ -212,9 +212,9 @@ def scoring(source: str, repeats: int) -> dict:
 def head_fit(source: str, precision: str) -> dict:
     """The one-time MLM-head fit of the README's CLI block (the demo corpus, the trainer's settings), uncached:
     what the first language SFT on a new base model and text waits for."""
-    from deftx_engine.data import load_corpus
-    from deftx_engine.mlm_head import HeadFitConfig, fit_head, split_heldout
-    from deftx_engine.models import load_mlm_model, load_tokenizer
+    from deftx_engine.models.loading import load_mlm_model, load_tokenizer
+    from deftx_engine.models.mlm_head import HeadFitConfig, fit_head, split_heldout
+    from deftx_engine.training.data import load_corpus
 
     model, tok = load_mlm_model(source), load_tokenizer(source)
     train, heldout = split_heldout(load_corpus(EXAMPLES / "target_corpus_id.txt"), 0.1)
@@ -228,9 +228,9 @@ def head_fit(source: str, precision: str) -> dict:
 def whole_sft(source: str, steps: int) -> dict:
     """A task SFT through ``train_sft`` vs the dense baseline (``baselines.dense_trainer``: HF Trainer fine-tuning
     everything) for the same total steps."""
-    from deftx_engine.config import TrainConfig
-    from deftx_engine.runs import RunDir
-    from deftx_engine.train import train_sft
+    from deftx_engine.training.config import TrainConfig
+    from deftx_engine.training.runs import RunDir
+    from deftx_engine.training.train import train_sft
 
     data = str(EXAMPLES / "source_task_en.csv")
     cfg = TrainConfig(kind="task", data=data, base_model=source, full_steps=steps, sparse_steps=steps, lr=2e-4,

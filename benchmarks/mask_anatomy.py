@@ -7,7 +7,7 @@ Usage (the crosslingual command line, with the module name changed, finds the sa
 
 Why: the overall overlap of two masks hides where their entries are. On a 250k-piece vocabulary most maskable
 entries are word embeddings, so a denoising step that leaves the embedding matrix alone barely changes the mask
-(``deftx_engine/denoise.py``, ``residual_scope``). Three tables, per group (embeddings / attention / ffn),
+(``deftx_engine/method/denoise.py``, ``residual_scope``). Three tables, per group (embeddings / attention / ffn),
 mean +/- sample std over every (seed, target) pair that has finished:
 
 - where the entries are: share of each variant's language and task masks in each group;
@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.crosslingual import Job, build_parser, plan_jobs, settings_from  # noqa: E402
 from deftx_engine.fileio import atomic_write_text, write_json_atomic  # noqa: E402
-from deftx_engine.masks import overlap  # noqa: E402
-from deftx_engine.params import param_group  # noqa: E402
-from deftx_engine.vectors import SparseVector  # noqa: E402
+from deftx_engine.method.masks import overlap  # noqa: E402
+from deftx_engine.method.params import param_group  # noqa: E402
+from deftx_engine.method.vectors import SparseVector  # noqa: E402
 
 GROUPS = ("embeddings", "attention", "ffn")
 

@@ -69,18 +69,18 @@ import torch  # noqa: E402
 
 from benchmarks.common import OtherCpu, machine_info, prefixed, wait_quiet, write_outputs  # noqa: E402
 from benchmarks.core import make_deltas  # noqa: E402
-from deftx_engine.config import TrainConfig  # noqa: E402
 from deftx_engine.constants import DEFAULT_K, KINDS  # noqa: E402
-from deftx_engine.denoise import DenoiseConfig, choose_mask  # noqa: E402
 from deftx_engine.fileio import atomic_dir  # noqa: E402
-from deftx_engine.masks import k_from, select_top_k  # noqa: E402
-from deftx_engine.models import load_cls_model, load_mlm_model  # noqa: E402
-from deftx_engine.optim import SparseAdamW  # noqa: E402
-from deftx_engine.params import parameter_roles, trainable_setup  # noqa: E402
-from deftx_engine.precision import Amp  # noqa: E402
-from deftx_engine.precision import resolve as resolve_precision  # noqa: E402
-from deftx_engine.train import training_arguments  # noqa: E402
-from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
+from deftx_engine.method.denoise import DenoiseConfig, choose_mask  # noqa: E402
+from deftx_engine.method.masks import k_from, select_top_k  # noqa: E402
+from deftx_engine.method.optim import SparseAdamW  # noqa: E402
+from deftx_engine.method.params import parameter_roles, trainable_setup  # noqa: E402
+from deftx_engine.method.vectors import SparseVector, VectorMeta, base_fingerprint, compose  # noqa: E402
+from deftx_engine.models.loading import load_cls_model, load_mlm_model  # noqa: E402
+from deftx_engine.models.precision import Amp  # noqa: E402
+from deftx_engine.models.precision import resolve as resolve_precision  # noqa: E402
+from deftx_engine.training.config import TrainConfig  # noqa: E402
+from deftx_engine.training.train import training_arguments  # noqa: E402
 
 SIZES = ("tiny", "minilm", "xlmr-base")
 LABELS = ["negative", "neutral", "positive"]

@@ -1,20 +1,23 @@
 """DeFT-X: zero-shot cross-lingual transfer by composable, SVD-denoised sparse fine-tunings.
 
-Names are imported on first use, so ``import deftx_engine.data`` (the web app's start-up path) does not
+Names are imported on first use, so ``import deftx_engine.training.data`` (the web app's start-up path) does not
 pay for torch, transformers or huggingface_hub.
 """
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DenoiseConfig": "config", "DenoiseRecord": "denoise", "denoise_deltas": "denoise", "denoise_matrix": "denoise",
-    "choose_mask": "denoise",
     "ConfigError": "errors", "DataError": "errors", "DeftxError": "errors", "VectorError": "errors",
-    "densities": "masks", "overlap": "masks", "select_top_k": "masks", "parameter_roles": "params",
-    "SparseVector": "vectors", "VectorMeta": "vectors", "base_fingerprint": "vectors", "compose": "vectors",
-    "ties_merge": "merge",
-    "TrainConfig": "config", "train_sft": "train", "composed_model": "inference", "predict_proba": "inference",
-    "classification_metrics": "inference", "push_vector": "hub", "pull_vector": "hub",
-    "load_corpus": "data", "load_task_data": "data", "RunDir": "runs",
+    "DenoiseRecord": "method.denoise", "denoise_deltas": "method.denoise", "denoise_matrix": "method.denoise",
+    "choose_mask": "method.denoise",
+    "densities": "method.masks", "overlap": "method.masks", "select_top_k": "method.masks",
+    "parameter_roles": "method.params",
+    "SparseVector": "method.vectors", "VectorMeta": "method.vectors", "base_fingerprint": "method.vectors",
+    "compose": "method.vectors", "ties_merge": "method.merge",
+    "DenoiseConfig": "training.config", "TrainConfig": "training.config", "train_sft": "training.train",
+    "load_corpus": "training.data", "load_task_data": "training.data", "RunDir": "training.runs",
+    "push_vector": "hub.transfer", "pull_vector": "hub.transfer",
+    "composed_model": "outputs.inference", "predict_proba": "outputs.inference",
+    "classification_metrics": "outputs.inference",
 }
 __all__ = list(_LAZY)
 

@@ -40,8 +40,8 @@ def _option_kwargs(typ: Any) -> dict[str, Any]:
 
 
 def _add_train_parser(sub, kind: str):
-    from .config import FIELDS, field_types
-    from .presets import PRESETS
+    from .models.presets import PRESETS
+    from .training.config import FIELDS, field_types
 
     p = sub.add_parser(f"train-{kind}", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help=f"train a {kind} SFT (full FT -> denoise -> mask -> sparse FT)",
@@ -71,10 +71,10 @@ def _add_train_parser(sub, kind: str):
 
 
 def _train(args, kind: str) -> int:
-    from .config import FIELDS, resolve
-    from .progress import PlainProgress
-    from .runs import RunDir, StopFlag
-    from .train import train_sft
+    from .training.config import FIELDS, resolve
+    from .training.progress import PlainProgress
+    from .training.runs import RunDir, StopFlag
+    from .training.train import train_sft
 
     if args.resume:  # before anything is read: a deleted run folder is said, not found out mid-run
         RunDir(args.output_dir).require_run("--resume: --output-dir", queued=True,
@@ -114,7 +114,7 @@ def _finite(text: str) -> float:
 
 def _composed(args):
     """The model and tokenizer that ``--task``/``--language``/``--scale``/``--merge`` describe."""
-    from .inference import composed_model
+    from .outputs.inference import composed_model
 
     n = 1 + len(args.language or [])
     if args.scale and args.merge == "sum" and len(args.scale) != n:
@@ -124,8 +124,8 @@ def _composed(args):
         return composed_model(args.task, args.language or [], args.scale)
     if args.scale:
         raise DeftxError("--scale applies to --merge sum; TIES scales the merged vector by --ties-lambda")
-    from .inference import load_vectors
-    from .merge import ties_merge
+    from .method.merge import ties_merge
+    from .outputs.inference import load_vectors
 
     return composed_model(ties_merge(load_vectors([args.task, *(args.language or [])]), args.ties_density,
                                      args.ties_lambda))
@@ -159,8 +159,8 @@ def _compose(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .data import load_task_data
-    from .inference import evaluate_task_data
+    from .outputs.inference import evaluate_task_data
+    from .training.data import load_task_data
 
     model, tok, names = _classifier(args)
     td = load_task_data(args.data, text_column=args.text_column, pair_column=args.pair_column,
@@ -168,7 +168,7 @@ def _evaluate(args) -> int:
     result = {"data": args.data, "task": args.task, "language": args.language or [],
               **evaluate_task_data(model, tok, td, precision=args.precision)}
     if args.language:  # what the language vectors add or cost is never left for the user to work out
-        from .inference import composed_model, language_effect
+        from .outputs.inference import composed_model, language_effect
 
         alone = evaluate_task_data(*composed_model(args.task, []), td, precision=args.precision)
         diff = result["macro_f1"] - alone["macro_f1"]
@@ -189,7 +189,7 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from .inference import predict_proba, prediction_inputs, write_predictions
+    from .outputs.inference import predict_proba, prediction_inputs, write_predictions
 
     model, tok, names = _classifier(args)
     gold = None
@@ -210,13 +210,13 @@ def _predict(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .report import inspect_report, text_summary
+    from .outputs.report import inspect_report, text_summary
 
     for flag, path in (("--html", args.html), ("--output", args.output)):
         if path:
             check_output_file(path, flag)
     if args.run:
-        from .runs import RunDir
+        from .training.runs import RunDir
 
         RunDir(args.run).require_run("--run")
     report = inspect_report(args.vectors, run=args.run, html=args.html)
@@ -228,14 +228,14 @@ def _inspect(args) -> int:
 
 
 def _push(args) -> int:
-    from .hub import push_vector
+    from .hub.transfer import push_vector
 
     print(push_vector(args.vector, args.repo_id, token=args.token, private=args.private))
     return 0
 
 
 def _pull(args) -> int:
-    from .hub import pull_vector
+    from .hub.transfer import pull_vector
 
     print(pull_vector(args.repo_id, args.output_dir, token=args.token, revision=args.revision))
     return 0
@@ -243,7 +243,7 @@ def _pull(args) -> int:
 
 def _gallery(args) -> int:
     """List released and pushed vectors; says whether the Hub answered or the shipped catalogue was used."""
-    from .gallery import load_gallery
+    from .hub.gallery import load_gallery
 
     gallery = load_gallery(timeout=args.timeout).select(base=args.base, kind=args.kind, language=args.language)
     if args.json:
@@ -337,7 +337,7 @@ def _add_vector_parsers(sub) -> None:
     p.add_argument("--revision", help="branch, tag or commit")
     p.add_argument("--token", help="Hugging Face token for private repos (default: $HF_TOKEN)")
 
-    from .gallery import HUB_TIMEOUT
+    from .hub.gallery import HUB_TIMEOUT
 
     p = _command(sub, "gallery", _gallery, "released (composable-sft) and pushed language and task vectors, from the "
                  "Hub or, when it does not answer, the catalogue shipped with DeFT-X")

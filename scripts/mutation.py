@@ -30,9 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["denoise", "masks", "optim", "vectors", "merge", "embedding_rows", "mlm_head"]
-FAST_TESTS = [f"tests/engine/test_{n}.py" for n in
-              ["denoise", "masks", "optim", "vectors", "merge", "embedding_rows", "mlm_head"]]
-SLOW_TESTS = ["tests/engine/test_mask_choice.py"]  # trains a tiny model (~10 s per parameter)
+FAST_TESTS = ["tests/engine/method/test_denoise.py", "tests/engine/method/test_masks.py",
+              "tests/engine/method/test_optim.py", "tests/engine/method/test_vectors.py",
+              "tests/engine/method/test_merge.py", "tests/engine/method/test_embedding_rows.py",
+              "tests/engine/models/test_mlm_head.py"]
+SLOW_TESTS = ["tests/engine/method/test_mask_choice.py"]  # trains a tiny model (~10 s per parameter)
 EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
 COPY = ["deftx_engine", "tests", "assets"]
 STATUSES = ["killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped",
@@ -71,6 +73,14 @@ def unwrap_decorators(source: str) -> tuple[str, list[str]]:
     return module.with_changes(body=rewrite(list(module.body), "")).code, changed
 
 
+def module_path(name: str) -> str | None:
+    """A module's short name (``denoise``) or its path in its layer (``method/denoise``), .py or not, to its file
+    (``deftx_engine/method/denoise.py``); None unless exactly one engine module has that name."""
+    stem = name.removesuffix(".py")
+    found = [p for p in (ROOT / "deftx_engine").glob(f"**/{stem}.py") if p.name != "__init__.py"]
+    return found[0].relative_to(ROOT).as_posix() if len(found) == 1 else None
+
+
 def toml_list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
@@ -85,7 +95,7 @@ def prepare(work: Path, module: str, tests: list[str], args) -> list[str]:
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    target = work / "deftx_engine" / f"{module}.py"
+    target = work / module_path(module)
     unwrapped: list[str] = []
     if not args.no_unwrap:
         code, unwrapped = unwrap_decorators(target.read_text())
@@ -96,7 +106,7 @@ def prepare(work: Path, module: str, tests: list[str], args) -> list[str]:
     pyproject += f"""
 [tool.mutmut]
 source_paths = ["deftx_engine"]
-only_mutate = ["deftx_engine/{module}.py"]
+only_mutate = ["{module_path(module)}"]
 pytest_add_cli_args_test_selection = {toml_list(tests)}
 pytest_add_cli_args = ["-p", "no:cacheprovider"]
 also_copy = ["assets/"]
@@ -190,7 +200,7 @@ def run_module(module: str, tests: list[str], args, equivalents) -> dict:
     survivors, equivalent = [], []
     diffs = mutant_diffs(work, [n for n, st in status.items() if st != "killed"])
     with open(report / "survivors.md", "w") as md:
-        md.write(f"# Surviving mutants of deftx_engine/{module}.py\n\n")
+        md.write(f"# Surviving mutants of {module_path(module)}\n\n")
         for name, st in sorted(status.items()):
             if st in ("killed",):
                 continue
@@ -206,7 +216,7 @@ def run_module(module: str, tests: list[str], args, equivalents) -> dict:
                      f"```diff\n{diff.strip()}\n```\n\n")
     total = len(status)
     denom = total - len(equivalent)
-    summary = dict(module=f"deftx_engine/{module}.py", tests=tests, total=total, killed=counts["killed"],
+    summary = dict(module=module_path(module), tests=tests, total=total, killed=counts["killed"],
                    survived=counts["survived"], timeout=counts["timeout"], no_tests=counts["no tests"],
                    other={k: v for k, v in counts.items()
                           if k not in ("killed", "survived", "timeout", "no tests")},
@@ -233,7 +243,8 @@ def print_table(rows: list[dict], out: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("modules", nargs="*", default=MODULES, help=f"modules of deftx_engine (default: {MODULES})")
+    ap.add_argument("modules", nargs="*", default=MODULES,
+                    help=f"modules of deftx_engine by short name, e.g. denoise (default: {MODULES})")
     ap.add_argument("--out", default=".mutation", help="output folder (git-ignored)")
     ap.add_argument("--with-mask-choice", action="store_true", help=f"also run {SLOW_TESTS[0]} (slow)")
     ap.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
@@ -247,17 +258,18 @@ def main() -> int:
                     help="do not run mutmut: re-read the last run's results (e.g. after editing "
                          "scripts/mutation_equivalent.txt)")
     args = ap.parse_args()
-    unknown = [m for m in args.modules if not (ROOT / "deftx_engine" / f"{m.removesuffix('.py')}.py").is_file()]
+    unknown = [m for m in args.modules if module_path(m) is None]
     if unknown:
-        ap.error(f"no such module in deftx_engine/: {unknown}")
+        ap.error(f"no such module in deftx_engine/ (or more than one): {unknown}")
+    args.modules = [Path(m).stem for m in args.modules]  # the short name names the work and report folders
     tests = FAST_TESTS + (SLOW_TESTS if args.with_mask_choice else [])
     if args.report_only:
         args.modules = [m for m in args.modules
-                        if (Path(args.out) / "work" / m.removesuffix(".py") / "mutants").is_dir()]
+                        if (Path(args.out) / "work" / m / "mutants").is_dir()]
     equivalents = load_equivalents()
     rows = []
     for module in args.modules:
-        rows.append(run_module(module.removesuffix(".py"), tests, args, equivalents))
+        rows.append(run_module(module, tests, args, equivalents))
         r = rows[-1]
         print(f"[{module}] total {r['total']}, killed {r['killed']}, survived {r['survived']}, timeout "
               f"{r['timeout']}, equivalent {r['equivalent']}, score {r['score']}", flush=True)

@@ -3,7 +3,7 @@
 #
 #   scripts/mutation.sh                          # all core modules, fast engine tests
 #   scripts/mutation.sh denoise masks            # some modules (names without .py)
-#   scripts/mutation.sh --with-mask-choice masks # also run tests/engine/test_mask_choice.py (~10 s a param)
+#   scripts/mutation.sh --with-mask-choice masks # also run tests/engine/method/test_mask_choice.py (~10 s a param)
 #   scripts/mutation.sh --help
 #
 # Everything it writes goes under .mutation/ (git-ignored): the tool's virtual environment, one snapshot work

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deftx_engine.masks import select_top_k
-from deftx_engine.params import parameter_roles
-from deftx_engine.vectors import SparseVector, VectorMeta, base_fingerprint
+from deftx_engine.method.masks import select_top_k
+from deftx_engine.method.params import parameter_roles
+from deftx_engine.method.vectors import SparseVector, VectorMeta, base_fingerprint
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "examples"
 

@@ -22,7 +22,7 @@ from typing import Any
 import gradio as gr
 
 from deftx_engine.errors import DeftxError
-from deftx_engine.secrets import scrub
+from deftx_engine.hub.secrets import scrub
 
 from .render import err
 from .state import Studio

@@ -18,7 +18,7 @@ from deftx_engine.errors import DeftxError
 from . import EXAMPLES
 from .settings import data_dirs, default_model, max_upload_mb
 
-OFFLINE_MODELS = ("minilm", "multilingual-e5-small")  # aliases built from PyPI packages (deftx_engine.models)
+OFFLINE_MODELS = ("minilm", "multilingual-e5-small")  # aliases built from PyPI packages (deftx_engine.models.loading)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}|[A-Za-z0-9][\w.-]{0,95}")
 
 

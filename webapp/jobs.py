@@ -9,7 +9,7 @@ file; every state change that must not race (claiming a queued run, finishing a 
 The scheduler thread (``JobRegistry.start``) of each app process, every ``poll`` seconds:
 
 1. reaps the processes it started (``Popen.poll``) and finalises their runs from the run folder's
-   ``status.json`` (the only channel from the job; ``deftx_engine.runs.RunDir``) and the exit code;
+   ``status.json`` (the only channel from the job; ``deftx_engine.training.runs.RunDir``) and the exit code;
 2. mirrors state/phase/step of every running run from ``status.json`` into the registry;
 3. finalises runs started by an app process that is gone, once their process is gone too;
 4. escalates a cancel to SIGKILL after the grace period;
@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from deftx_engine.runs import FINAL_STATES, RunDir
+from deftx_engine.training.runs import FINAL_STATES, RunDir
 
 from .processes import (
     LIVE_OWNERS,

@@ -97,7 +97,7 @@ def run_settings(row: dict) -> str:
 
 def heldout_lowered(held: Mapping | None) -> bool | None:
     """Whether a language vector lowered the held-out masked-token loss under theta0's head (the part that
-    composition uses; ``deftx_engine.report.heldout_line``'s verdict); None without the evidence."""
+    composition uses; ``deftx_engine.outputs.report.heldout_line``'s verdict); None without the evidence."""
     try:
         return float(held["encoder_only"]["loss"]) < float(held["theta0"]["loss"])
     except (TypeError, KeyError, ValueError):
@@ -203,7 +203,7 @@ def label_bar(counts: dict[str, int], title: str):
     """A bar chart (Plotly) of label counts."""
     import plotly.graph_objects as go
 
-    from deftx_engine.plots import titled
+    from deftx_engine.outputs.plots import titled
 
     fig = go.Figure(go.Bar(x=list(counts), y=list(counts.values()), text=list(counts.values()),
                            marker_color="#6366f1", textangle=0, textposition="outside", cliponaxis=False))

@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from deftx_engine.config import TrainConfig
 from deftx_engine.constants import KINDS
 from deftx_engine.errors import DeftxError
 from deftx_engine.fileio import write_json_atomic
-from deftx_engine.runs import RunDir
+from deftx_engine.training.config import TrainConfig
+from deftx_engine.training.runs import RunDir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -18,9 +18,9 @@ from typing import Any
 
 from deftx_engine.constants import KINDS
 from deftx_engine.errors import ConfigError, DeftxError
-from deftx_engine.runs import RunDir
-from deftx_engine.secrets import scrub
-from deftx_engine.vector_meta import meta_from_config, read_json
+from deftx_engine.hub.secrets import scrub
+from deftx_engine.method.vector_meta import meta_from_config, read_json
+from deftx_engine.training.runs import RunDir
 
 from . import render
 from .files import FilePolicy
@@ -29,7 +29,7 @@ from .settings import app_threads, check_settings, default_home, model_cache_siz
 
 log = logging.getLogger(__name__)
 VECTOR_CACHE = 6  # loaded vectors kept in memory
-VECTOR_CONFIG = "sft_config.json"  # deftx_engine.vectors.CONFIG_FILE, named here so the page needs no torch
+VECTOR_CONFIG = "sft_config.json"  # deftx_engine.method.vectors.CONFIG_FILE, named here so the page needs no torch
 MAX_META_BYTES = 2 ** 20  # a vector config larger than this is not read for the progress card
 _threads_set = False
 
@@ -97,11 +97,11 @@ class Studio(FilePolicy):
 
     def evidence(self, row: dict) -> tuple[bool | None, str] | None:
         """(lowered, sentence): whether a done language run's vector lowered its held-out masked-token loss, and
-        ``deftx_engine.report.heldout_line``; None for other runs."""
+        ``deftx_engine.outputs.report.heldout_line``; None for other runs."""
         held = self.heldout(row)
         if not held:
             return None
-        from deftx_engine.report import heldout_line  # imports torch: only once a language vector is done
+        from deftx_engine.outputs.report import heldout_line  # imports torch: only once a language vector is done
 
         line = heldout_line(held)
         return (render.heldout_lowered(held), line) if line else None
@@ -148,7 +148,7 @@ class Studio(FilePolicy):
         return m
 
     def vector(self, path: str | Path):
-        from deftx_engine.vectors import CONFIG_FILE, SparseVector
+        from deftx_engine.method.vectors import CONFIG_FILE, SparseVector
 
         path = Path(path)
         try:
@@ -169,7 +169,7 @@ class Studio(FilePolicy):
     def composed(self, task_dir: str, language_dir: str | None, scale: float = 1.0, merge: str = "sum"):
         """The composed classifier for (task, language, the language vector's scale, sum or TIES), built once and
         cached (LRU). TIES merges at its own lambda, so ``scale`` applies to a sum only."""
-        from deftx_engine.inference import composed_model
+        from deftx_engine.outputs.inference import composed_model
 
         if not language_dir:
             scale, merge = 1.0, "sum"
@@ -187,7 +187,7 @@ class Studio(FilePolicy):
                 self.check_base_model(vec.meta.base_model, f"the {vec.meta.kind} vector's base model")
             try:
                 if merge == "ties":
-                    from deftx_engine.merge import ties_merge
+                    from deftx_engine.method.merge import ties_merge
 
                     model, tok = composed_model(ties_merge(vectors))
                 else:
@@ -202,10 +202,10 @@ class Studio(FilePolicy):
             return self._models[key], False
 
     def gallery(self, refresh: bool = False):
-        """The gallery of released and pushed vectors (``deftx_engine.gallery.load_gallery``, from the Hub within
+        """The gallery of released and pushed vectors (``deftx_engine.hub.gallery.load_gallery``, from the Hub within
         its timeout, else the shipped catalogue): asked anew when ``refresh`` or never asked, so filtering it or
         picking from it asks the Hub nothing."""
-        from deftx_engine.gallery import load_gallery
+        from deftx_engine.hub.gallery import load_gallery
 
         if refresh or self._gallery is None:
             self._gallery = load_gallery()
@@ -244,9 +244,9 @@ def warm_up() -> None:
     Start, prediction and chart do not pay for it (the first Plotly figure alone takes ~0.3 s)."""
     time.sleep(2)
     try:
-        import deftx_engine.inference  # noqa: F401 -- torch + transformers
-        import deftx_engine.train  # noqa: F401
-        from deftx_engine import plots
+        import deftx_engine.outputs.inference  # noqa: F401 -- torch + transformers
+        import deftx_engine.training.train  # noqa: F401
+        from deftx_engine.outputs import plots
 
         torch_threads()
         plots.probabilities_figure(["a", "b"], [0.5, 0.5]).to_json()

@@ -2,7 +2,7 @@
 
 A thin layer over the engine's public API. Training runs are CLI processes (``python -m deftx_engine.cli
 train-language|train-task``) queued in the job registry (``webapp.jobs``); the app only reads their run
-folders (``deftx_engine.runs.RunDir``). Every event has a stable ``api_name`` so ``gradio_client`` can drive
+folders (``deftx_engine.training.runs.RunDir``). Every event has a stable ``api_name`` so ``gradio_client`` can drive
 the app. Errors a user can act on (``DeftxError``) are shown inline and as a toast, never as a traceback.
 
 ``build_app`` only builds the page: the services (scheduler, recovery, warm-up) are started by

@@ -60,9 +60,9 @@ from torch import Tensor, nn  # noqa: E402
 
 from benchmarks.common import write_outputs  # noqa: E402
 from benchmarks.crosslingual import DEFAULT_DATA  # noqa: E402
-from deftx_engine.e5_small import ALIAS as E5_ALIAS  # noqa: E402
-from deftx_engine.models import device, load_cls_model, load_tokenizer  # noqa: E402
-from deftx_engine.vectors import SparseVector  # noqa: E402
+from deftx_engine.method.vectors import SparseVector  # noqa: E402
+from deftx_engine.models.e5_small import ALIAS as E5_ALIAS  # noqa: E402
+from deftx_engine.models.loading import device, load_cls_model, load_tokenizer  # noqa: E402
 
 VALID = Path("mt") / "valid.csv"
 

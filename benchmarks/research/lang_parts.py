@@ -65,11 +65,11 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/research/lang_parts.py` find
 
 from benchmarks.common import prefixed, write_outputs  # noqa: E402
 from benchmarks.crosslingual import DEFAULT_DATA, _hash, sorted_task_data  # noqa: E402
-from deftx_engine.data import TaskData  # noqa: E402
 from deftx_engine.errors import DeftxError  # noqa: E402
 from deftx_engine.fileio import atomic_write_text  # noqa: E402
-from deftx_engine.params import layer_of, param_group  # noqa: E402
-from deftx_engine.vectors import SparseVector  # noqa: E402
+from deftx_engine.method.params import layer_of, param_group  # noqa: E402
+from deftx_engine.method.vectors import SparseVector  # noqa: E402
+from deftx_engine.training.data import TaskData  # noqa: E402
 
 GROUPS = ("embeddings", "attention", "ffn", "other")  # the values of params.param_group
 PARTS = ("embeddings", "attention", "ffn", "lower", "upper", "all", "none")  # the default --parts
@@ -129,7 +129,7 @@ def layer_count(base_model: str, names: Sequence[str]) -> int:
     try:
         from transformers import AutoConfig
 
-        from deftx_engine.models import resolve_model
+        from deftx_engine.models.loading import resolve_model
 
         n = getattr(AutoConfig.from_pretrained(resolve_model(base_model)), "num_hidden_layers", None)
         if isinstance(n, int) and n > 0:
@@ -284,7 +284,7 @@ class Scorer:
             return {**self.entries[key], "cached": True}
         from transformers import set_seed
 
-        from deftx_engine.inference import composed_model, evaluate_task_data
+        from deftx_engine.outputs.inference import composed_model, evaluate_task_data
 
         t = time.perf_counter()
         langs = [self.vector(p) for p in job.languages]

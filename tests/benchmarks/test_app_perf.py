@@ -53,7 +53,7 @@ def test_the_options_choose_the_sections_and_the_model():
 
 
 def test_the_default_model_is_the_apps_offline_default():
-    from deftx_engine.presets import preset
+    from deftx_engine.models.presets import preset
 
     assert app_perf.build_parser().parse_args([]).model == "multilingual-e5-small"
     assert app_perf.DEFAULT_MODEL == preset("cpu-demo", "task")["base_model"] == "multilingual-e5-small"
@@ -84,9 +84,9 @@ def test_figures_from_measurements():
 def test_the_cli_task_vector_it_predicts_with(tmp_path, monkeypatch):
     """Section 2 without --task-vector trains its vector through the CLI: 3 + 3 steps, k 5 %, on --model (a
     subprocess that imports the engine: slow on a loaded machine, so marked slow)."""
-    from deftx_engine.models import load_cls_model
-    from deftx_engine.params import parameter_roles
-    from deftx_engine.vectors import SparseVector
+    from deftx_engine.method.params import parameter_roles
+    from deftx_engine.method.vectors import SparseVector
+    from deftx_engine.models.loading import load_cls_model
 
     model = make_tiny_model_dir(tmp_path / "tiny")
     monkeypatch.setitem(app_perf.SETUP, "model", str(model))

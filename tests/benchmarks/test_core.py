@@ -49,8 +49,8 @@ def test_a_revert_that_does_not_restore_is_reported(monkeypatch, capsys, broken_
     """revert() is checked against the copy of theta0 taken before apply, on every repeat: a revert that leaves
     the vector in the model (on its first call, or only on a later one) turns the row to NO and misses its
     target instead of being reported as bit-exact."""
-    from deftx_engine import vectors
-    from deftx_engine.vectors import SparseVector
+    from deftx_engine.method import vectors
+    from deftx_engine.method.vectors import SparseVector
 
     core = load_core()
     real = SparseVector.revert

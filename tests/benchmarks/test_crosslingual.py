@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deftx_engine.vectors import SparseVector
+from deftx_engine.method.vectors import SparseVector
 from tiny import ASSETS, make_tiny_model_dir
 
 
@@ -78,7 +78,7 @@ def test_tiny_run_end_to_end_and_cached_rerun(tmp_path, capsys):
     anatomy = importlib.import_module("benchmarks.mask_anatomy").main(argv)
     vec = lambda v, k: SparseVector.load(next(r["folder"] for r in result["runs"]  # noqa: E731
                                               if r["variant"] == v and r["kind"] == k) + "/vector")
-    from deftx_engine.masks import overlap
+    from deftx_engine.method.masks import overlap
 
     where, lang = anatomy["where"]["deftx language"], vec("deftx", "language")
     assert sum(where[g][0] for g in ("embeddings", "attention", "ffn", "other")) == pytest.approx(1.0)

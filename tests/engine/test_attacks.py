@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from deftx_engine.cli import main
 from deftx_engine.errors import DataError, DeftxError, VectorError
-from deftx_engine.hub import pull_vector, push_vector
-from deftx_engine.inference import CHARS_PER_TOKEN, predict_proba
-from deftx_engine.tables import parse_source
-from deftx_engine.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector
+from deftx_engine.hub.transfer import pull_vector, push_vector
+from deftx_engine.method.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector
+from deftx_engine.outputs.inference import CHARS_PER_TOKEN, predict_proba
+from deftx_engine.training.tables import parse_source
 from tiny import make_vector, tiny_bert_config, write_composable_sft
 
 
@@ -120,8 +120,8 @@ def saved_vector(model, tmp_path_factory) -> Path:
 def test_fuzzed_vector_configs_load_whole_or_give_one_message(saved_vector, tmp_path_factory, field, value, drop):
     """Any JSON value in any field (or the field missing): the vector loads and every reader of its metadata
     works (summary, model card), or the load is one VectorError naming the file."""
-    from deftx_engine.hub import build_model_card
-    from deftx_engine.report import vector_summary
+    from deftx_engine.hub.transfer import build_model_card
+    from deftx_engine.outputs.report import vector_summary
 
     folder = shutil.copytree(saved_vector, tmp_path_factory.mktemp("fz") / "v")
     cfg = json.loads((folder / CONFIG_FILE).read_text())

@@ -134,7 +134,7 @@ def test_cli_output_files_are_written_aside_and_renamed(tiny_cli, renames, vecto
 
 
 def test_an_interrupted_cli_prediction_file_keeps_the_old_one(tiny_cli, monkeypatch, vector_dir, tmp_path, capsys):
-    from deftx_engine import inference
+    from deftx_engine.outputs import inference
 
     real = inference.write_predictions
 
@@ -157,17 +157,18 @@ INSIDE_A_TEMPORARY_FOLDER = "into a hidden temporary folder that is renamed into
 LOG = "a log appended line by line while its process runs (never replaced)"
 WRITERS_OUTSIDE_FILEIO = {  # (file, function): why its own file writes are safe without fileio's writers
     ("deftx_engine/cli.py", "_compose"): INSIDE_A_TEMPORARY_FOLDER + " (fileio.atomic_dir)",
-    ("deftx_engine/vectors.py", "SparseVector.save"): INSIDE_A_TEMPORARY_FOLDER + " (fileio.atomic_dir)",
+    ("deftx_engine/method/vectors.py", "SparseVector.save"): INSIDE_A_TEMPORARY_FOLDER + " (fileio.atomic_dir)",
     ("benchmarks/crosslingual.py", "run_full_ft"): INSIDE_A_TEMPORARY_FOLDER + " (fileio.atomic_dir)",
     ("benchmarks/perf.py", "model_source"): INSIDE_A_TEMPORARY_FOLDER + " (fileio.atomic_dir)",
-    ("deftx_engine/e5_small.py", "_build"): INSIDE_A_TEMPORARY_FOLDER + " (model_dir's mkdtemp, by hand)",
-    ("deftx_engine/e5_small.py", "model_dir"): INSIDE_A_TEMPORARY_FOLDER + " (its mkdtemp, by hand)",
-    ("deftx_engine/hub.py", "_strip_local_paths"): "into push_vector's staging folder, uploaded, never read back",
-    ("deftx_engine/hub.py", "push_vector"): "into its staging folder, uploaded, never read back",
+    ("deftx_engine/models/e5_small.py", "_build"): INSIDE_A_TEMPORARY_FOLDER + " (model_dir's mkdtemp, by hand)",
+    ("deftx_engine/models/e5_small.py", "model_dir"): INSIDE_A_TEMPORARY_FOLDER + " (its mkdtemp, by hand)",
+    ("deftx_engine/hub/transfer.py", "_strip_local_paths"): "into push_vector's staging folder, uploaded, "
+                                                            "never read back",
+    ("deftx_engine/hub/transfer.py", "push_vector"): "into its staging folder, uploaded, never read back",
     ("webapp/files.py", "FilePolicy.store_upload"): "a hidden mkstemp file renamed onto its content-hash name "
                                                     "(by hand)",
-    ("deftx_engine/runs.py", "RunDir.log_metrics"): LOG,
-    ("deftx_engine/progress.py", "run_logger"): LOG,
+    ("deftx_engine/training/runs.py", "RunDir.log_metrics"): LOG,
+    ("deftx_engine/training/progress.py", "run_logger"): LOG,
     ("webapp/jobs.py", "JobRegistry._start_next"): LOG,
     ("benchmarks/crosslingual.py", "_captured"): LOG,
     ("benchmarks/app_perf.py", "App.__init__"): LOG,

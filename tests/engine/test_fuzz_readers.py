@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deftx_engine.data import DataError, load_corpus, load_task_data
 from deftx_engine.errors import VectorError
-from deftx_engine.vectors import SparseVector, VectorMeta
+from deftx_engine.method.vectors import SparseVector, VectorMeta
+from deftx_engine.training.data import DataError, load_corpus, load_task_data
 
 CASES = {"corpus": 0, "task": 0, "vector": 0}  # cases run so far in this process, by reader
 MIN_CASES = 100  # of the 150 examples each fuzzer asks hypothesis for

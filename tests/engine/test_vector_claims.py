@@ -10,11 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from deftx_engine.cli import main
 from deftx_engine.errors import VectorError
-from deftx_engine.hub import pull_vector
-from deftx_engine.inference import composed_model
-from deftx_engine.merge import ties_merge
-from deftx_engine.models import load_cls_model, load_mlm_model
-from deftx_engine.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector, compose
+from deftx_engine.hub.transfer import pull_vector
+from deftx_engine.method.merge import ties_merge
+from deftx_engine.method.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector, compose
+from deftx_engine.models.loading import load_cls_model, load_mlm_model
+from deftx_engine.outputs.inference import composed_model
 from tiny import make_tiny_model_dir, make_vector
 
 LABELS = ["neg", "neu", "pos"]
@@ -113,7 +113,7 @@ def test_a_deep_model_config_beside_a_composable_sft_file_only_loses_the_base_mo
 
 
 def test_composable_sft_task_vectors_get_the_heads_labels_or_are_refused_without_a_head(tmp_path, tiny_cls_model):
-    from deftx_engine.composable_sft import convert_composable_sft
+    from deftx_engine.hub.composable_sft import convert_composable_sft
 
     params = dict(tiny_cls_model.named_parameters())
     name = "bert.encoder.layer.0.attention.self.query.weight"

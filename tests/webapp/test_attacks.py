@@ -45,7 +45,7 @@ class Request:
 @pytest.fixture
 def fake_model(monkeypatch):
     """Predict with a stand-in for the composed model: label 'positive' always, ``delay`` seconds a batch."""
-    from deftx_engine import inference
+    from deftx_engine.outputs import inference
     from webapp.tabs import predict
 
     names = ["negative", "positive"]
@@ -430,7 +430,7 @@ def test_scores_survive_their_vectors_being_deleted_while_scored(studio, fake_mo
     """Session A scores a file with a task and a language vector; session B deletes the task run while A's
     composed model is scoring: A gets both scores (once: "unknown run" when the task vector alone was built
     after the composed model's scoring, and the scores computed were lost)."""
-    from deftx_engine import inference
+    from deftx_engine.outputs import inference
     from webapp.tabs import predict
 
     task = task_run(studio)

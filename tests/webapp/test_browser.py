@@ -227,7 +227,7 @@ def test_guided_demo_run(driver, app):
 @pytest.fixture
 def app_with_vectors(tmp_path, monkeypatch, launch_app):
     """An app whose registry holds a task and a language vector of a tiny model (pulled, so no training)."""
-    from deftx_engine.models import load_cls_model
+    from deftx_engine.models.loading import load_cls_model
     from webapp.rundb import RunDB
 
     base = str(make_tiny_model_dir(tmp_path / "tiny"))

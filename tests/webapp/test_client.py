@@ -152,7 +152,7 @@ def test_language_and_task_runs_finish(client, trained):
     assert "deftx" in rows[lang]["settings"] and "k=5.0%" in rows[lang]["settings"]
     st = client.predict(task, api_name="/run_status")
     assert st["step"] == st["total_steps"] == 4 and st["message"].startswith("vector saved")
-    from deftx_engine.precision import resolve
+    from deftx_engine.models.precision import resolve
 
     assert st["precision"] == resolve("auto").name  # what the run's matrix products ran in
 
@@ -326,7 +326,7 @@ def test_no_server_path_on_the_page_or_in_responses(client, app, tiny_model):
 def test_start_training_takes_a_source_language_vector_through_the_api(client, app, tiny_model):
     """The source-language option was unusable through the API (its choices are filled per browser session:
     "not in the list of choices"); now any run id is taken and checked by start_training."""
-    from deftx_engine.models import load_cls_model
+    from deftx_engine.models.loading import load_cls_model
     from tiny import make_vector
     from webapp.rundb import RunDB
 

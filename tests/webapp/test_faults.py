@@ -14,8 +14,8 @@ Through the app's own handlers (the module-level functions behind the `start_tra
 4. Resume again: the run finishes (phase 1 skipped: the mask was saved), and its vector equals the
    reference's: same indices, values and heads within 1e-6.
 
-Engine-level counterparts (not repeated here): tests/engine/test_train.py (SIGKILL in each phase + --resume,
-SIGTERM cancel, full disk via RLIMIT_FSIZE) and tests/engine/test_vectors.py::test_save_is_atomic.
+Engine-level counterparts (not repeated here): tests/engine/training/test_train.py (SIGKILL in each phase + --resume,
+SIGTERM cancel, full disk via RLIMIT_FSIZE) and tests/engine/method/test_vectors.py::test_save_is_atomic.
 """
 import os
 import signal
@@ -88,8 +88,8 @@ def tiny(tmp_path_factory):
 
 
 def test_sigkill_restart_resume_gives_the_same_vector(tmp_path, tiny, monkeypatch, api):
-    from deftx_engine.runs import RunDir
-    from deftx_engine.vectors import SparseVector
+    from deftx_engine.method.vectors import SparseVector
+    from deftx_engine.training.runs import RunDir
     from webapp.rundb import process_argv
 
     monkeypatch.setenv("DEFTX_WARMUP", "0")

@@ -20,7 +20,7 @@ CLIENT_TEXT = ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectError"
 @pytest.fixture(scope="module")
 def app(released_hub, tmp_path_factory, launch_app):
     """An app on the local Hub, with a task vector "trained here" for the released base model."""
-    from deftx_engine.models import load_cls_model
+    from deftx_engine.models.loading import load_cls_model
 
     hub, base = released_hub
     with pytest.MonkeyPatch.context() as mp:

@@ -294,7 +294,7 @@ def test_registry_survives_corrupt_status(reg):
 # a job that holds its run folder's lock (as the training CLI does) and reports a step SQLite cannot store
 LOCKED_OVERFLOW = r"""
 import json, os, sys, time
-from deftx_engine.runs import RunDir
+from deftx_engine.training.runs import RunDir
 run = RunDir(sys.argv[1])
 run.path.mkdir(parents=True, exist_ok=True)
 run.lock()
@@ -303,12 +303,12 @@ with open(run.status_file, "w") as f:
                "updated": time.time()}, f)
 time.sleep(float(sys.argv[3]))
 """
-HOLD = ("import sys, time; from deftx_engine.runs import RunDir; RunDir(sys.argv[1]).lock(); "
+HOLD = ("import sys, time; from deftx_engine.training.runs import RunDir; RunDir(sys.argv[1]).lock(); "
         "print('held', flush=True); time.sleep(60)")
 
 
 def test_a_run_marked_failed_has_no_live_writer_and_resume_never_starts_a_second(reg):
-    from deftx_engine.runs import RunDir
+    from deftx_engine.training.runs import RunDir
 
     rid = submit_fake(reg, "overflow", "task", seconds=60, script=LOCKED_OVERFLOW)
     reg.start()
@@ -386,7 +386,7 @@ def test_group_names_are_made_distinct_in_the_transaction(reg):
 
 # ---- a training run's process: made from its kind and config file when it starts (issue 23) ------------------
 def test_a_training_run_stores_its_config_and_its_argv_is_made_when_it_starts(tmp_path):
-    from deftx_engine.config import TrainConfig
+    from deftx_engine.training.config import TrainConfig
     from webapp.rundb import RunDB, Submission, process_argv
 
     reg = RunDB(tmp_path)

@@ -25,7 +25,7 @@ def studio(tmp_path, monkeypatch):
 @pytest.fixture
 def task_run(studio, tmp_path):
     """A task vector of a tiny model, listed as a pulled vector (no training)."""
-    from deftx_engine.models import load_cls_model
+    from deftx_engine.models.loading import load_cls_model
 
     base = str(make_tiny_model_dir(tmp_path / "data" / "tiny"))
     run_id = studio.registry.new_id()
@@ -188,7 +188,7 @@ def test_a_cancelled_run_is_no_error_and_is_told_how_to_go_on_in_the_apps_words(
 def test_a_pulled_vector_is_named_by_its_repository(studio, task_run, monkeypatch):
     import shutil
 
-    import deftx_engine.hub
+    import deftx_engine.hub.transfer
     from webapp.tabs import hub
 
     src = studio.registry.get(task_run)["vector_dir"]
@@ -198,7 +198,7 @@ def test_a_pulled_vector_is_named_by_its_repository(studio, task_run, monkeypatc
         cfg = json.loads((Path(dest) / "sft_config.json").read_text())
         (Path(dest) / "sft_config.json").write_text(json.dumps({**cfg, "base_model": "minilm"}))
 
-    monkeypatch.setattr(deftx_engine.hub, "pull_vector", fake_pull)
+    monkeypatch.setattr(deftx_engine.hub.transfer, "pull_vector", fake_pull)
     hub.pull(studio, "someone/deftx-id-language", "", "", "", "")
     assert studio.registry.list()[0]["name"] == "someone/deftx-id-language"
 

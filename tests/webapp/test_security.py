@@ -8,8 +8,8 @@
 - Tokens never appear in the page, returned values, logs, run folders or the registry, even when the Hub
   error quotes them (the local Hub of tests/hub_server.py answers 401 quoting the credentials it got).
 - A vector folder cannot execute code on load: the app's pull refuses a pickle payload without running it
-  (the engine-level proof is tests/engine/test_hub.py::test_malicious_pickle_is_refused_without_running;
-  vectors are safetensors + JSON only, tests/engine/test_vectors.py).
+  (the engine-level proof is tests/engine/hub/test_transfer.py::test_malicious_pickle_is_refused_without_running;
+  vectors are safetensors + JSON only, tests/engine/method/test_vectors.py).
 - DEFTX_AUTH: without a login every route is refused; a malformed value stops the app, never runs it open.
 """
 import http.client
@@ -210,11 +210,11 @@ def test_tokens_never_appear_anywhere(launched, caplog, monkeypatch, hub_server)
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # token from the environment
     call(run_id, "me/deftx-x", False, "", api_name="/push")
     monkeypatch.delenv("HF_TOKEN")
-    with mock.patch("deftx_engine.hub.push_vector", side_effect=RuntimeError(f"boom {PLAIN}")):
+    with mock.patch("deftx_engine.hub.transfer.push_vector", side_effect=RuntimeError(f"boom {PLAIN}")):
         call(run_id, "me/deftx-x", False, PLAIN, api_name="/push")  # an unexpected error (our code, not the client)
     call("me/private-vector", "", "", "", TOKEN, api_name="/pull")
     call("me/private-vector", "", "", "", PLAIN, api_name="/pull")
-    with mock.patch("deftx_engine.hub.pull_vector", side_effect=ValueError(f"odd {PLAIN}")):
+    with mock.patch("deftx_engine.hub.transfer.pull_vector", side_effect=ValueError(f"odd {PLAIN}")):
         call("me/private-vector", "", "", "", PLAIN, api_name="/pull")
     assert "me/deftx-x" not in hub_server.repos  # every push was refused
     assert sum(1 for r in hub_server.requests if r[0] == "POST") >= 3  # ... by the server, over HTTP

@@ -6,7 +6,7 @@ import gradio as gr
 
 from deftx_engine.constants import KINDS
 from deftx_engine.errors import DeftxError
-from deftx_engine.runs import RunDir, read_json
+from deftx_engine.training.runs import RunDir, read_json
 
 from ..components import UI, Updates, handler
 from ..render import text
@@ -56,7 +56,7 @@ def default_matrix(records: dict) -> str | None:
          "analyze.table")
 def spectrum(studio: Studio, run_id, matrix) -> Updates:
     """SVD spectrum of one matrix of a run's phase-1 delta; returns (message, figure)."""
-    from deftx_engine.plots import spectrum_figure
+    from deftx_engine.outputs.plots import spectrum_figure
 
     records = spectra(studio, run_id)
     if not records:
@@ -73,9 +73,9 @@ def analyze(studio: Studio, run_id, matrix, other_id) -> Updates:
     Returns (message, summary, matrix dropdown, spectrum, density, overlap, denoising table)."""
     import pandas as pd
 
-    from deftx_engine.masks import overlap
-    from deftx_engine.plots import density_heatmap, overlap_heatmap, spectrum_figure
-    from deftx_engine.report import overlap_by_group, spectra_summary, vector_summary
+    from deftx_engine.method.masks import overlap
+    from deftx_engine.outputs.plots import density_heatmap, overlap_heatmap, spectrum_figure
+    from deftx_engine.outputs.report import overlap_by_group, spectra_summary, vector_summary
 
     vdir = studio.run_vector_dir(run_id, "vector")
     vec = studio.vector(vdir)

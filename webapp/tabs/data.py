@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from deftx_engine.data import describe_corpus, describe_task, load_corpus, load_task_data
+from deftx_engine.training.data import describe_corpus, describe_task, load_corpus, load_task_data
 
 from .. import DATA_SUFFIXES, EXAMPLE
 from ..components import FIELD_LABELS, UI, Updates, handler

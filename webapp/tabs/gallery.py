@@ -1,5 +1,5 @@
 """The Hub tab's gallery: released (composable-sft) and pushed language and task vectors, from the Hub when it
-answers, else from the catalogue shipped with DeFT-X (``deftx_engine.gallery``), beside the vectors on this
+answers, else from the catalogue shipped with DeFT-X (``deftx_engine.hub.gallery``), beside the vectors on this
 server, by base model, kind and language. One button goes from a pick ("sentiment in Javanese": a task vector
 and a language vector on one base model) to Predict with that composition chosen: mismatched bases are
 refused before anything is downloaded, what is not here yet is pulled and listed as a run, and the composed
@@ -11,7 +11,7 @@ import time
 import gradio as gr
 
 from deftx_engine.errors import DeftxError
-from deftx_engine.gallery import (
+from deftx_engine.hub.gallery import (
     Gallery,
     GalleryEntry,
     base_key,
@@ -171,7 +171,7 @@ def gallery_entry(studio: Studio, choice: str, kind: str) -> GalleryEntry:
 def base_model(studio: Studio, name: str, labels) -> object:
     """The base model ``name`` with a head for ``labels`` (fetched from the Hub on first use), to convert released
     vectors with: they then carry its fingerprint and compose with vectors trained here."""
-    from deftx_engine.models import load_cls_model
+    from deftx_engine.models.loading import load_cls_model
 
     studio.check_base_model(name, "the base model")
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from deftx_engine.errors import DeftxError
-from deftx_engine.secrets import scrub
+from deftx_engine.hub.secrets import scrub
 
 from ..components import UI, Updates, handler
 from ..files import bounded
@@ -78,7 +78,7 @@ def call_token(token: str | None, oauth_token: gr.OAuthToken | None) -> str | No
 def push(studio: Studio, run_id, repo_id, private, token, oauth_token: gr.OAuthToken | None = None) -> Updates:
     """Upload a vector with its model card. The token (field, Space login or HF_TOKEN) is used for this
     call only. Returns (message, cleared token field)."""
-    from deftx_engine.hub import push_vector
+    from deftx_engine.hub.transfer import push_vector
 
     vdir = studio.run_vector_dir(run_id, "vector")
     repo_id = bounded(repo_id, "repository id", 200)
@@ -103,7 +103,7 @@ def pull(studio: Studio, source, base_model, kind, language, token="",
          oauth_token: gr.OAuthToken | None = None) -> Updates:
     """Download (or copy) a vector into DEFTX_HOME/vectors and list it as a finished run. A private repo
     needs a token (the token field, the Space login or HF_TOKEN). Returns (message, cleared token field)."""
-    from deftx_engine.hub import pull_vector
+    from deftx_engine.hub.transfer import pull_vector
 
     source = bounded(source, "repository id or folder", 500)
     if not source:

@@ -14,9 +14,9 @@ from pathlib import Path
 import gradio as gr
 
 from deftx_engine.constants import MERGES
-from deftx_engine.data import load_task_data
 from deftx_engine.errors import DeftxError
 from deftx_engine.fileio import atomic_open
+from deftx_engine.training.data import load_task_data
 
 from .. import DATA_SUFFIXES, EXAMPLE
 from ..components import FIELD_LABELS, UI, Updates, handler
@@ -142,8 +142,8 @@ def output_path(studio: Studio, shown: str) -> Path:
 @handler("predict.status", "predict.plot", on_error={"predict.plot": None})  # no stale chart beside an error
 def predict(studio: Studio, task_run, language_run, text, pair, scale=1.0, merge="sum") -> Updates:
     """Label probabilities of one text (pair) under θ0 + task (+ language); returns (message, figure)."""
-    from deftx_engine.inference import predict_proba
-    from deftx_engine.plots import probabilities_figure
+    from deftx_engine.outputs.inference import predict_proba
+    from deftx_engine.outputs.plots import probabilities_figure
 
     text = check_length((text or "").strip(), "text")
     pair = check_length((pair or "").strip(), "second text")
@@ -164,7 +164,7 @@ def predict_file(studio: Studio, task_run, language_run, file, spec, text_column
                  merge="sum", label_column="label", request: gr.Request | None = None) -> Updates:
     """Predict every row of a file (at most DEFTX_MAX_LINES rows, stopped by Stop or after
     DEFTX_MAX_SCORE_SECONDS); returns (message, CSV path). The CSV has the file's gold label when it has one."""
-    from deftx_engine.inference import predict_proba, prediction_inputs, write_predictions
+    from deftx_engine.outputs.inference import predict_proba, prediction_inputs, write_predictions
 
     source, shown = studio.resolve_source(file, spec)
     (model, tok, names), _ = composed(studio, task_run, language_run, scale, merge)
@@ -187,8 +187,8 @@ def evaluate_file(studio: Studio, task_run, language_run, file, spec, text_colum
     """Macro-F1, accuracy and confusion matrix on a labelled file; returns (message, figure). With a language
     vector the task vector alone is scored too, and both are shown side by side with their difference, so a
     language vector that costs accuracy shows as costing it."""
-    from deftx_engine.inference import evaluate_task_data
-    from deftx_engine.plots import confusion_figure
+    from deftx_engine.outputs.inference import evaluate_task_data
+    from deftx_engine.outputs.plots import confusion_figure
 
     source, shown = studio.resolve_source(file, spec)
     (model, tok, names), _ = composed(studio, task_run, language_run, scale, merge)
@@ -232,7 +232,7 @@ def per_label_f1(m: dict) -> str:
 
 def side_by_side(m: dict, alone: dict) -> str:
     """The composed model's macro-F1 next to the task vector's alone, and what the language vector adds or costs."""
-    from deftx_engine.inference import language_effect
+    from deftx_engine.outputs.inference import language_effect
 
     diff = m["macro_f1"] - alone["macro_f1"]
     verdict = language_effect(diff)

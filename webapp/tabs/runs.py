@@ -9,7 +9,7 @@ import gradio as gr
 
 from deftx_engine.constants import KINDS
 from deftx_engine.errors import DeftxError
-from deftx_engine.runs import RunDir
+from deftx_engine.training.runs import RunDir
 
 from ..components import UI, Updates, handler
 from ..render import err, ok, run_choices
@@ -72,7 +72,7 @@ def status_of(studio: Studio, run_id, sig) -> Updates:
     out = {}
     old = json.loads(sig) if sig and sig.startswith("[") else [None] * 8
     if old[0] != run_id or old[5] != msize:
-        from deftx_engine.plots import loss_figure
+        from deftx_engine.outputs.plots import loss_figure
 
         metrics = rd.metrics()
         out["train.loss"] = loss_figure(metrics) if metrics else None

@@ -9,10 +9,10 @@ import re
 
 import gradio as gr
 
-from deftx_engine.config import resolve
 from deftx_engine.constants import KINDS
 from deftx_engine.errors import DeftxError
-from deftx_engine.runs import RunDir
+from deftx_engine.training.config import resolve
+from deftx_engine.training.runs import RunDir
 
 from .. import EXAMPLE, EXAMPLE_LANG
 from ..components import UI, Updates, handler

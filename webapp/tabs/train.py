@@ -8,11 +8,11 @@ from typing import Any
 
 import gradio as gr
 
-from deftx_engine import presets as engine_presets
-from deftx_engine.config import MAX_NAME_CHARS, TrainConfig, defaults
 from deftx_engine.constants import METHODS as METHOD_NAMES
-from deftx_engine.data import load_corpus, load_task_data
 from deftx_engine.errors import DeftxError
+from deftx_engine.models import presets as engine_presets
+from deftx_engine.training.config import MAX_NAME_CHARS, TrainConfig, defaults
+from deftx_engine.training.data import load_corpus, load_task_data
 
 from .. import EXAMPLE, EXAMPLE_LANG
 from ..components import FIELD_LABELS, UI, Updates, handler, takes

@@ -7,10 +7,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from deftx_engine import presets as engine_presets
-from deftx_engine.config import TrainConfig
 from deftx_engine.constants import KINDS
 from deftx_engine.errors import DeftxError
+from deftx_engine.models import presets as engine_presets
+from deftx_engine.training.config import TrainConfig
 
 from ..render import cut
 from ..settings import max_lines

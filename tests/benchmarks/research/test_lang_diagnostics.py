@@ -108,7 +108,7 @@ def test_parse_langs():
 # ---- end to end on a tiny model ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from deftx_engine.models import load_cls_model, load_mlm_model
+    from deftx_engine.models.loading import load_cls_model, load_mlm_model
 
     root = tmp_path_factory.mktemp("diag")
     base = str(make_tiny_model_dir(root / "model"))
@@ -122,7 +122,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def test_end_to_end_tiny(tiny_setup, tmp_path):
-    from deftx_engine.inference import composed_model
+    from deftx_engine.outputs.inference import composed_model
 
     d = bench()
     root, base, data = tiny_setup
@@ -157,8 +157,8 @@ def test_end_to_end_tiny(tiny_setup, tmp_path):
 
 
 def test_encode_batches_agree_and_model_is_theta0_afterwards(tiny_setup):
-    from deftx_engine.models import load_cls_model, load_tokenizer
-    from deftx_engine.vectors import SparseVector
+    from deftx_engine.method.vectors import SparseVector
+    from deftx_engine.models.loading import load_cls_model, load_tokenizer
 
     d = bench()
     root, base, data = tiny_setup

