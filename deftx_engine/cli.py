@@ -337,7 +337,7 @@ def _add_vector_parsers(sub) -> None:
     p.add_argument("--revision", help="branch, tag or commit")
     p.add_argument("--token", help="Hugging Face token for private repos (default: $HF_TOKEN)")
 
-    from .hub.gallery import HUB_TIMEOUT
+    from .hub.contact import HUB_TIMEOUT
 
     p = _command(sub, "gallery", _gallery, "released (composable-sft) and pushed language and task vectors, from the "
                  "Hub or, when it does not answer, the catalogue shipped with DeFT-X")

@@ -2,7 +2,7 @@
 
 From the Hub when it answers: composable-sft's releases (author ``cambridgeltl``, ids
 ``{xlmr,mbert}-lang-sft-{code}-small`` and ``{xlmr,mbert}-task-sft-*``) and the vectors DeFT-X pushed (the
-``deftx`` tag; ``pushed_tags`` says what ``hub.push_vector`` puts in a card and the listing reads back). When
+``deftx`` tag; ``contact.pushed_tags`` says what ``transfer.push_vector`` puts in a card and the listing reads back). When
 it does not (offline, unreachable, slower than ``timeout``): the catalogue shipped in the package
 (``catalogue.json``, composable-sft's MODELS.md as data), every entry saying it needs the Hub.
 
@@ -11,9 +11,7 @@ Torch-free, so the CLI and a web tab answer quickly; every Hub call is bounded b
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -21,28 +19,18 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
-from urllib.parse import urlsplit
 
 from ..errors import DeftxError
+from .contact import GALLERY_TAG, HUB_TIMEOUT, KIND_TAG, LANGUAGE_TAG, hub_error_words, hub_unavailable
 from .secrets import scrub
 
 RELEASED_AUTHOR = "cambridgeltl"
-GALLERY_TAG = "deftx"  # every vector hub.push_vector uploads carries it
-KIND_TAG = "deftx-kind-"  # + language | task: the Hub's list filter can select a kind
-LANGUAGE_TAG = "deftx-lang-"  # + each language code
-HUB_TIMEOUT = 5.0  # seconds the gallery waits for the Hub before it answers from the catalogue
 LIST_LIMIT = 1000  # most repos read per listing
 # released and listed by the Hub; pushed by DeFT-X; shipped list only; on this machine (a caller's own entries)
 SOURCES = ("hub", "pushed", "catalogue", "here")
-OFFLINE = "offline mode: HF_HUB_OFFLINE is set"  # hub_unavailable's reason in offline mode
 NEEDS_HUB = "needs the Hub: the Hub did not answer, so this is the shipped list; downloading it needs the Hub"
 _RELEASED = re.compile(r"(?P<base>xlmr|mbert)-(?:lang-sft-(?P<lang>[a-z]{2,3}(?:_[a-z]+)?)-small"
                        r"|task-sft-(?P<task>[\w.-]+))")
-
-
-def pushed_tags(kind: str, languages: Iterable[str]) -> list[str]:
-    """The tags a pushed vector's card carries for the gallery: ``deftx``, its kind, each language code."""
-    return [GALLERY_TAG, f"{KIND_TAG}{kind}", *(f"{LANGUAGE_TAG}{code}" for code in languages if code)]
 
 
 # ---- entries --------------------------------------------------------------------------------------
@@ -245,71 +233,6 @@ def _query_hub(token: str | None) -> list[GalleryEntry]:
 
 def _sorted(entries: Iterable[GalleryEntry]) -> list[GalleryEntry]:
     return sorted(entries, key=lambda e: (base_key(e.base_model), e.kind, e.language, e.task, e.id))
-
-
-def _unreachable(endpoint: str, timeout: float) -> str:
-    """Why a TCP connection to ``endpoint`` fails ("" if it opens): the Hub client retries a failed name
-    lookup or refused connection for ~30 s, this says so at once. Behind a proxy it cannot tell: ""."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        return ""
-    url = urlsplit(endpoint)
-    try:
-        socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout).close()
-    except OSError as e:
-        return f"cannot connect to {url.netloc}: {e.strerror or e}"
-    return ""
-
-
-def hub_unavailable(timeout: float = HUB_TIMEOUT) -> str:
-    """Why the Hub cannot be used now ("" when a connection to it opens): offline mode, or an endpoint that
-    refuses connections or has no address. Answers at once, without the client's retries."""
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return OFFLINE
-    return _unreachable(constants.ENDPOINT, timeout)
-
-
-def hub_off_words(why: str) -> str:
-    """The Hub being off or out of reach (``why``: ``hub_unavailable``'s reason), in words for a user."""
-    from huggingface_hub import constants
-
-    if why == OFFLINE:
-        return "the Hugging Face Hub is switched off on this server (HF_HUB_OFFLINE is set)"
-    return f"the Hugging Face Hub at {urlsplit(constants.ENDPOINT).netloc} cannot be reached from this server ({why})"
-
-
-def hub_error_words(exc: BaseException) -> str:
-    """A failed Hub call in words a user can act on, never the client's text (which names its own settings and
-    URLs); "" for a failure these words do not cover (the caller shows its first line)."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
-    if isinstance(exc, OfflineModeIsEnabled) or (isinstance(exc, LocalEntryNotFoundError)
-                                                 and constants.is_offline_mode()):
-        return hub_off_words(OFFLINE)
-    # the client's transport errors (its own httpx), a download that found neither the Hub nor a cached copy
-    transport = {"TransportError", "TimeoutException"} & {c.__name__ for c in type(exc).__mro__}
-    if transport or isinstance(exc, (LocalEntryNotFoundError, ConnectionError, TimeoutError)):
-        return hub_off_words(_unreachable(constants.ENDPOINT, 2.0) or "no answer")
-    if isinstance(exc, GatedRepoError):
-        return "the repository is gated: accept its conditions on the Hub, then give a token of that account"
-    if isinstance(exc, RepositoryNotFoundError):
-        return "the Hub has no such repository, or it is private and the token given (if any) has no access to it"
-    status = getattr(getattr(exc, "response", None), "status_code", None) if isinstance(exc, HfHubHTTPError) else None
-    if status in (401, 403):
-        return (f"the Hub refused the token (HTTP {status}): a push needs a token with write access to the "
-                "repository's owner")
-    if isinstance(status, int) and status >= 500:
-        return f"the Hub answered with a server error (HTTP {status}); try again later"
-    return ""
 
 
 def load_gallery(*, timeout: float = HUB_TIMEOUT, token: str | None = None) -> Gallery:

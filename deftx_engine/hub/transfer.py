@@ -25,7 +25,7 @@ from ..fileio import check_replaceable, replace_dir, sibling_tempdir
 from ..method.vector_meta import FORMAT, VectorMeta, read_json
 from ..method.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector
 from .composable_sft import CSFT_FILE, convert_composable_sft, guess_from_name
-from .gallery import hub_error_words, pushed_tags
+from .contact import hub_error_words, pushed_tags
 from .secrets import scrub
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _resolve_token(token: str | None) -> str | None:
 
 
 def _describe(exc: BaseException, token: str | None) -> str:
-    """A failed Hub call in words (``gallery.hub_error_words``), else its first line; without the token."""
+    """A failed Hub call in words (``contact.hub_error_words``), else its first line; without the token."""
     words = hub_error_words(exc)
     if words:
         return words

@@ -43,7 +43,7 @@ def _require_reachable(repo_id: str) -> None:
     the connection five times with back-off (~25-40 s) before an error that names no cure."""
     from huggingface_hub import try_to_load_from_cache
 
-    from ..hub.gallery import hub_off_words, hub_unavailable
+    from ..hub.contact import hub_off_words, hub_unavailable
 
     try:
         if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):

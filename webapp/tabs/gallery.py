@@ -11,13 +11,12 @@ import time
 import gradio as gr
 
 from deftx_engine.errors import DeftxError
+from deftx_engine.hub.contact import hub_off_words, hub_unavailable
 from deftx_engine.hub.gallery import (
     Gallery,
     GalleryEntry,
     base_key,
     check_same_base,
-    hub_off_words,
-    hub_unavailable,
     language_name,
     pull_entry,
 )
