@@ -21,7 +21,7 @@ What it measures, on random deltas with EXACTLY the shapes of the chosen encoder
 and, in the same run, the Gram-eigh ``spectrum`` against ``torch.linalg.svd(full_matrices=False)`` on the
 word-embedding delta (svd once, time ratio and max |sigma difference| / sigma_max), plus two time splits
 that show where the time goes, taken by the engine's own functions (their ``times=`` argument,
-``deftx_engine.training.timing``): ``denoise_matrix`` on each distinct matrix shape step by step (transpose, Gram,
+``deftx_engine.timing``): ``denoise_matrix`` on each distinct matrix shape step by step (transpose, Gram,
 eigh, projection, residual threshold, index pass, scatter; rows starting with "alt:" time alternatives that
 are NOT in the engine, for scale) and ``SparseVector.apply`` / ``revert`` step by step. Each section also reports how
 many cores other processes used meanwhile (from /proc/stat), so a contended run can be recognised.

@@ -29,9 +29,9 @@ from benchmarks.common import machine_info
 from benchmarks.perf import Phases, load, make_batches, model_source
 from deftx_engine.fileio import write_json_atomic
 from deftx_engine.method.denoise import choose_mask
+from deftx_engine.method.denoise_config import DenoiseConfig
 from deftx_engine.method.vectors import SparseVector, VectorMeta, base_fingerprint
 from deftx_engine.models.presets import preset
-from deftx_engine.training.config import DenoiseConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"task": (32, 128), "language": (8, 256)}

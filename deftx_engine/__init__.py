@@ -13,7 +13,7 @@ _LAZY = {
     "parameter_roles": "method.params",
     "SparseVector": "method.vectors", "VectorMeta": "method.vectors", "base_fingerprint": "method.vectors",
     "compose": "method.vectors", "ties_merge": "method.merge",
-    "DenoiseConfig": "training.config", "TrainConfig": "training.config", "train_sft": "training.train",
+    "DenoiseConfig": "method.denoise_config", "TrainConfig": "training.config", "train_sft": "training.train",
     "load_corpus": "training.data", "load_task_data": "training.data", "RunDir": "training.runs",
     "push_vector": "hub.transfer", "pull_vector": "hub.transfer",
     "composed_model": "outputs.inference", "predict_proba": "outputs.inference",

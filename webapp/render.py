@@ -97,7 +97,7 @@ def run_settings(row: dict) -> str:
 
 def heldout_lowered(held: Mapping | None) -> bool | None:
     """Whether a language vector lowered the held-out masked-token loss under theta0's head (the part that
-    composition uses; ``deftx_engine.outputs.report.heldout_line``'s verdict); None without the evidence."""
+    composition uses; ``deftx_engine.method.vector_meta.heldout_line``'s verdict); None without the evidence."""
     try:
         return float(held["encoder_only"]["loss"]) < float(held["theta0"]["loss"])
     except (TypeError, KeyError, ValueError):

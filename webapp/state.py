@@ -19,7 +19,7 @@ from typing import Any
 from deftx_engine.constants import KINDS
 from deftx_engine.errors import ConfigError, DeftxError
 from deftx_engine.hub.secrets import scrub
-from deftx_engine.method.vector_meta import meta_from_config, read_json
+from deftx_engine.method.vector_meta import heldout_line, meta_from_config, read_json
 from deftx_engine.training.runs import RunDir
 
 from . import render
@@ -97,11 +97,10 @@ class Studio(FilePolicy):
 
     def evidence(self, row: dict) -> tuple[bool | None, str] | None:
         """(lowered, sentence): whether a done language run's vector lowered its held-out masked-token loss, and
-        ``deftx_engine.outputs.report.heldout_line``; None for other runs."""
+        ``deftx_engine.method.vector_meta.heldout_line``; None for other runs."""
         held = self.heldout(row)
         if not held:
             return None
-        from deftx_engine.outputs.report import heldout_line  # imports torch: only once a language vector is done
 
         line = heldout_line(held)
         return (render.heldout_lowered(held), line) if line else None

@@ -2,8 +2,8 @@
 
 From the Hub when it answers: composable-sft's releases (author ``cambridgeltl``, ids
 ``{xlmr,mbert}-lang-sft-{code}-small`` and ``{xlmr,mbert}-task-sft-*``) and the vectors DeFT-X pushed (the
-``deftx`` tag; ``contact.pushed_tags`` says what ``transfer.push_vector`` puts in a card and the listing reads back). When
-it does not (offline, unreachable, slower than ``timeout``): the catalogue shipped in the package
+``deftx`` tag; ``contact.pushed_tags`` says what ``transfer.push_vector`` puts in a card and the listing reads
+back). When it does not (offline, unreachable, slower than ``timeout``): the catalogue shipped in the package
 (``catalogue.json``, composable-sft's MODELS.md as data), every entry saying it needs the Hub.
 
 Torch-free, so the CLI and a web tab answer quickly; every Hub call is bounded by ``timeout``.

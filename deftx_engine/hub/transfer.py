@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import DeftxError, VectorError
 from ..fileio import check_replaceable, replace_dir, sibling_tempdir
-from ..method.vector_meta import FORMAT, VectorMeta, read_json
+from ..method.vector_meta import FORMAT, VectorMeta, heldout_line, read_json
 from ..method.vectors import CONFIG_FILE, WEIGHTS_FILE, SparseVector
 from .composable_sft import CSFT_FILE, convert_composable_sft, guess_from_name
 from .contact import hub_error_words, pushed_tags
@@ -147,7 +147,6 @@ def build_model_card(vec: SparseVector, repo_id: str, metrics: Mapping | None = 
         body.append("- **heads stored whole**: " + ", ".join(f"`{n}`" for n in vec.heads))
     if meta.converted_from:
         body.append(f"- **converted from**: {_fmt(meta.converted_from)}")
-    from ..outputs.report import heldout_line
 
     if heldout_line(meta.heldout_mlm):
         body.append(f"- **did it learn its language?** {_fmt(heldout_line(meta.heldout_mlm))}")

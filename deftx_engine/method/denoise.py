@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..training.config import DenoiseConfig
-from ..training.timing import Times, step
+from ..timing import Times, step
+from .denoise_config import DenoiseConfig
 from .masks import Mask, k_from, select_top_k
 
 CHUNK_ROWS = 1 << 15  # rows per chunk when streaming over a tall matrix

@@ -20,7 +20,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.mlm_head import mask_tokens
+
+def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int | torch.Tensor,
+                gen: torch.Generator | None, probability: float = 0.15,
+                replace: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking with an explicit generator (reproducible): ``probability`` of the non-special tokens
+    become targets; of those 80 % <mask>, 10 % a random token (from ``range(vocab)``, or from ``vocab`` when
+    it is a tensor of ids), 10 % unchanged (``replace=False``: all <mask>, for scoring). Returns (inputs,
+    labels with -100 where no target)."""
+    ids = input_ids.clone()
+    chosen = (torch.rand(ids.shape, generator=gen) < probability) & ~special
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    if not replace:
+        ids[chosen] = mask_id
+        return ids, labels
+    r = torch.rand(ids.shape, generator=gen)
+    ids[chosen & (r < 0.8)] = mask_id
+    rand = chosen & (r >= 0.8) & (r < 0.9)
+    if isinstance(vocab, torch.Tensor):  # (an empty set of ids: the token stays as it is)
+        if len(vocab):
+            ids[rand] = vocab[torch.randint(len(vocab), (int(rand.sum()),), generator=gen)]
+    else:
+        ids[rand] = torch.randint(vocab, (int(rand.sum()),), generator=gen)
+    return ids, labels
+
 
 
 def used_rows(rows: Iterable[dict], tokenizer) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..training.timing import Times, step
+from ..timing import Times, step
 from .params import layer_of, module_type, param_group
 
 Mask = dict[str, Tensor]

@@ -242,3 +242,16 @@ def meta_from_config(config, where: Path) -> tuple[VectorMeta, dict[str, tuple[i
     shapes = _shapes(config["shapes"], where)
     meta = VectorMeta(**{k: v for k, v in config.items() if k not in ("format", "schema_version", "shapes")})
     return meta, shapes
+
+
+def heldout_line(held: dict | None) -> str | None:
+    """One sentence on whether a language vector learned its language (masked-token loss on held-out text)."""
+    try:
+        a, b, e = held["theta0"], held["theta0+phi"], held["encoder_only"]
+        float(a["loss"]), float(b["loss"]), float(e["loss"]), float(a["accuracy"]), float(b["accuracy"])
+    except (TypeError, KeyError, ValueError):  # absent (task vectors, older vectors) or not numbers
+        return None
+    verdict = "lower: it learned its language" if e["loss"] < a["loss"] else "NOT lower: it did not learn its language"
+    return (f"held-out masked-token loss ({held['lines']} lines): θ0 {a['loss']:.3f} (top-1 {a['accuracy']:.1%}), "
+            f"θ0 + φ {b['loss']:.3f} (top-1 {b['accuracy']:.1%}); with θ0's head {e['loss']:.3f} -- "
+            f"{verdict}")

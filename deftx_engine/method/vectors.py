@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import VectorError
 from ..fileio import atomic_dir
-from ..training.timing import Times, step
+from ..timing import Times, step
 from .params import parameter_roles
 
 # FORMAT and read_json are found here too (the "as" marks them re-exported), where they were before vector_meta

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..method.embedding_rows import mask_tokens
 from .e5_small import cache_root
 
 
@@ -47,31 +48,7 @@ class HeadFitConfig:
     seed: int = 0
 
 
-# ---- masking and scoring ---------------------------------------------------------------------------------
-def mask_tokens(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int | torch.Tensor,
-                gen: torch.Generator | None, probability: float = 0.15,
-                replace: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking with an explicit generator (reproducible): ``probability`` of the non-special tokens
-    become targets; of those 80 % <mask>, 10 % a random token (from ``range(vocab)``, or from ``vocab`` when
-    it is a tensor of ids), 10 % unchanged (``replace=False``: all <mask>, for scoring). Returns (inputs,
-    labels with -100 where no target)."""
-    ids = input_ids.clone()
-    chosen = (torch.rand(ids.shape, generator=gen) < probability) & ~special
-    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-    if not replace:
-        ids[chosen] = mask_id
-        return ids, labels
-    r = torch.rand(ids.shape, generator=gen)
-    ids[chosen & (r < 0.8)] = mask_id
-    rand = chosen & (r >= 0.8) & (r < 0.9)
-    if isinstance(vocab, torch.Tensor):  # (an empty set of ids: the token stays as it is)
-        if len(vocab):
-            ids[rand] = vocab[torch.randint(len(vocab), (int(rand.sum()),), generator=gen)]
-    else:
-        ids[rand] = torch.randint(vocab, (int(rand.sum()),), generator=gen)
-    return ids, labels
-
-
+# ---- scoring ---------------------------------------------------------------------------------
 def _batches(tokenizer, lines: Sequence[str], batch_size: int, max_length: int):
     for i in range(0, len(lines), batch_size):
         enc = tokenizer(list(lines[i:i + batch_size]), truncation=True, max_length=max_length, padding=True,

@@ -11,6 +11,7 @@ from ..errors import DeftxError
 from ..fileio import atomic_write_text
 from ..method.masks import densities, overlap
 from ..method.params import layer_of, module_type
+from ..method.vector_meta import heldout_line
 from ..method.vectors import SparseVector
 from ..training.runs import RunDir, read_json
 
@@ -26,19 +27,6 @@ def vector_summary(vec: SparseVector) -> dict:
             "heldout_mlm": vec.meta.heldout_mlm, "mlm_head": asdict(vec.meta.mlm_head) if vec.meta.mlm_head else None,
             "density_per_layer": densities(mask, shapes, layer_of),
             "density_per_module": densities(mask, shapes, module_type)}
-
-
-def heldout_line(held: dict | None) -> str | None:
-    """One sentence on whether a language vector learned its language (masked-token loss on held-out text)."""
-    try:
-        a, b, e = held["theta0"], held["theta0+phi"], held["encoder_only"]
-        float(a["loss"]), float(b["loss"]), float(e["loss"]), float(a["accuracy"]), float(b["accuracy"])
-    except (TypeError, KeyError, ValueError):  # absent (task vectors, older vectors) or not numbers
-        return None
-    verdict = "lower: it learned its language" if e["loss"] < a["loss"] else "NOT lower: it did not learn its language"
-    return (f"held-out masked-token loss ({held['lines']} lines): θ0 {a['loss']:.3f} (top-1 {a['accuracy']:.1%}), "
-            f"θ0 + φ {b['loss']:.3f} (top-1 {b['accuracy']:.1%}); with θ0's head {e['loss']:.3f} -- "
-            f"{verdict}")
 
 
 def text_summary(report: dict) -> str:

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from deftx_engine.method import masks
 from deftx_engine.method.denoise import choose_mask
-from deftx_engine.training.config import DenoiseConfig, TrainConfig
+from deftx_engine.method.denoise_config import DenoiseConfig
+from deftx_engine.training.config import TrainConfig
 from deftx_engine.training.phase1 import load_deltas
 from deftx_engine.training.runs import RunDir
 from deftx_engine.training.train import train_sft

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import BertForMaskedLM, BertTokenizer
 
+from deftx_engine.method.embedding_rows import mask_tokens
 from deftx_engine.models import mlm_head
 from deftx_engine.models.loading import MaskedLMForSFT
 from deftx_engine.models.mlm_head import (
@@ -19,7 +20,6 @@ from deftx_engine.models.mlm_head import (
     cached_fit,
     fit_head,
     head_parameters,
-    mask_tokens,
     split_heldout,
 )
 from tiny import ASSETS, tiny_bert_config
