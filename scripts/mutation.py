@@ -29,11 +29,12 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["denoise", "masks", "optim", "vectors", "merge", "embedding_rows", "mlm_head"]
+# the core of the method (vector_meta holds what vectors.py read and checked before issue 23)
+MODULES = ["denoise", "masks", "optim", "vectors", "vector_meta", "merge", "embedding_rows", "mlm_head"]
 FAST_TESTS = ["tests/engine/method/test_denoise.py", "tests/engine/method/test_masks.py",
               "tests/engine/method/test_optim.py", "tests/engine/method/test_vectors.py",
-              "tests/engine/method/test_merge.py", "tests/engine/method/test_embedding_rows.py",
-              "tests/engine/models/test_mlm_head.py"]
+              "tests/engine/method/test_vector_meta.py", "tests/engine/method/test_merge.py",
+              "tests/engine/method/test_embedding_rows.py", "tests/engine/models/test_mlm_head.py"]
 SLOW_TESTS = ["tests/engine/method/test_mask_choice.py"]  # trains a tiny model (~10 s per parameter)
 EQUIVALENT_FILE = ROOT / "scripts" / "mutation_equivalent.txt"
 COPY = ["deftx_engine", "tests", "assets"]
