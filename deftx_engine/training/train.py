@@ -26,6 +26,7 @@ from ..method.embedding_rows import MLMCollator, train_rows_only, used_rows
 from ..method.masks import Mask, k_from
 from ..method.optim import SparseAdamW
 from ..method.params import ParameterRoles, parameter_roles, restrict, trainable_setup
+from ..method.vector_meta import HeadFit
 from ..method.vectors import SparseVector, VectorMeta, base_fingerprint
 from ..models.loading import load_cls_model, load_mlm_model, load_tokenizer, max_positions
 from ..models.mlm_head import HeadFitConfig, cached_fit, heldout_report, masked_lm_scores, split_heldout, weights_key
@@ -344,10 +345,9 @@ def _save_vector(job: _Job, mask: Mask, heldout: dict | None, head_fit: dict | N
                       language=cfg.language, label_names=list(job.label_names or []),
                       method=cfg.method if cfg.sparse_phase else f"{cfg.method}-no-retrain",
                       denoise=cfg.denoise_config().to_dict() if cfg.method == "deftx" else None,
-                      extra={"train": cfg.to_dict(), "n_maskable": n_maskable,
-                             **({"heldout_mlm": heldout} if heldout else {}),
-                             **({"mlm_head": {k: head_fit[k] for k in ("heldout", "steps", "layer", "n_lines")}}
-                                if head_fit else {})})
+                      train=cfg.to_dict(), n_maskable=n_maskable, heldout_mlm=heldout or None,
+                      mlm_head=HeadFit(**{k: head_fit[k] for k in ("heldout", "steps", "layer", "n_lines")})
+                      if head_fit else None)
     vec = SparseVector.from_diff(meta, job.theta0, job.model, mask, job.heads)
     vec.save(run.vector_dir)
     if not keep_checkpoints:

@@ -98,4 +98,4 @@ def test_the_cli_task_vector_it_predicts_with(tmp_path, monkeypatch):
     cls = load_cls_model(str(model), labels)
     maskable = sum(p.numel() for n, p in cls.named_parameters() if n in parameter_roles(cls).maskable)
     assert vec.nnz == vec.meta.k == round(0.05 * maskable)
-    assert vec.meta.extra["train"]["full_steps"] == vec.meta.extra["train"]["sparse_steps"] == 3
+    assert vec.meta.train["full_steps"] == vec.meta.train["sparse_steps"] == 3
