@@ -199,6 +199,9 @@ def launch_kwargs(home: str | Path | None = None) -> dict:
                 css=CSS_FILE.read_text(encoding="utf-8") if CSS_FILE.exists() else None,
                 allowed_paths=[str(outputs.resolve())], max_file_size=max(1, int(max_upload_mb() * 2 ** 20)),
                 show_error=False, app_kwargs={"middleware": [Middleware(ClientAddress)]},
+                # no browser-side run history: it would keep what was typed (a Hub token too) in the browser, and
+                # its footer link "Runs" reads as this app's Runs tab
+                run_history=False, footer_links=["api", "gradio", "settings"],
                 auth=LoginThrottle(pairs).login if (pairs := auth_from_env()) else None)
 
 

@@ -186,6 +186,19 @@ def _make_vector(home: Path) -> Path:
     return vec.save(home / "vectors" / "seeded")
 
 
+def test_the_browser_keeps_no_run_history(launched):
+    """Gradio's run history would keep each call's inputs (a Hub token typed in the Hub tab too) in the browser,
+    and its footer link "Runs" reads as this app's Runs tab: both are off in the page config the browser gets."""
+    import json
+
+    demo, _ = launched()
+    status, body = get(demo.local_url, "/config")
+    assert status == 200
+    config = json.loads(body)
+    assert config["run_history"] is False and "runs" not in config["footer_links"], config.get("footer_links")
+    assert "api" in config["footer_links"]
+
+
 def test_tokens_never_appear_anywhere(launched, caplog, monkeypatch, hub_server):
     from gradio_client import Client
 
