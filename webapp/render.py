@@ -134,6 +134,15 @@ def runs_table(rows: list[dict], queue_positions: Mapping[str, int | None]):
     return pd.DataFrame(out, columns=RUN_COLUMNS)
 
 
+def _steps(state: str, status: Mapping[str, Any], step: int, total: int) -> str:
+    """Where a run is: within its phase while one runs (a phase's steps restart at 1), the run's count beside."""
+    number = {"full": 1, "sparse": 2}.get(status.get("phase"))
+    inner, of = status.get("phase_step"), status.get("phase_steps")
+    if state == "done" or number is None or not isinstance(inner, int) or not isinstance(of, int) or of == total:
+        return f"step {step} / {total}"
+    return f"step {inner} / {of} of phase {number} ({step} / {total} in all)"
+
+
 def progress_html(row: dict | None, status: Mapping[str, Any], queue_position: int | None, message: str,
                   evidence: tuple[bool | None, str] | None = None) -> str:
     """The Train tab's progress card of a run: ``status`` is its status.json, ``message`` its message as
@@ -152,7 +161,7 @@ def progress_html(row: dict | None, status: Mapping[str, Any], queue_position: i
         foot.append(f"waiting for a free slot (#{queue_position} in the queue)" if queue_position else "waiting")
     else:
         if total:
-            foot.append(f"step {step} / {total}")
+            foot.append(_steps(state, status, step, total))
         if status.get("loss") is not None:
             foot.append(f"loss {status['loss']:.3f}")
         if state == "running":

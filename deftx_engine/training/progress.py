@@ -60,7 +60,7 @@ def progress_callback(run: RunDir, phase: str, offset: int, total: int, stop: St
                 rate = (now - t_first) / max(state.global_step - s_first, 1)
                 eta = rate * (total - done) if state.global_step > s_first else None
                 run.update(state="running", phase=phase, step=done, total_steps=total, loss=self.loss,
-                           eta_seconds=eta)
+                           eta_seconds=eta, phase_step=state.global_step, phase_steps=state.max_steps)
                 self.last_write = now
 
         def on_log(self, args, state, control, logs=None, **kw):

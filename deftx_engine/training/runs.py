@@ -42,8 +42,10 @@ def read_json(path: Path, default: Any = None) -> Any:
 class Status:
     state: str = "queued"
     phase: str = ""  # "full" | "denoise" | "sparse" | "save"
-    step: int = 0
+    step: int = 0  # of the whole run (both phases)
     total_steps: int = 0
+    phase_step: int = 0  # of the phase that runs (its steps restart at 1)
+    phase_steps: int = 0
     loss: float | None = None
     eta_seconds: float | None = None
     message: str = ""

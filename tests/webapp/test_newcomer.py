@@ -263,3 +263,21 @@ def test_a_run_name_another_run_has_is_made_distinct(studio):
     second = train.start_training(studio, **args)
     assert "**mine**" in first["train.status"] and "**mine-2** (mine is taken)" in second["train.status"]
     assert sorted(r["name"] for r in studio.registry.list()) == ["mine", "mine-2"]
+
+
+def test_the_progress_card_counts_the_steps_of_the_phase_that_runs():
+    """A phase's steps restart at 1, so the card says where the run is within its phase, with the run's count
+    beside; a finished run shows its count alone."""
+    from webapp.render import progress_html
+
+    row = {"state": "running", "name": "r", "kind": "task", "step": 0, "total_steps": 0, "phase": "sparse",
+           "started": None, "finished": None}
+    running = {"phase": "sparse", "step": 163, "total_steps": 5004, "phase_step": 159, "phase_steps": 5000}
+    assert "step 159 / 5000 of phase 2 (163 / 5004 in all)" in progress_html(row, running, None, "")
+    first = {**running, "phase": "full", "step": 3, "phase_step": 3, "phase_steps": 4}
+    assert "step 3 / 4 of phase 1 (3 / 5004 in all)" in progress_html(row, first, None, "")
+    done = {**running, "step": 5004}
+    finished = progress_html({**row, "state": "done"}, done, None, "")
+    assert "step 5004 / 5004" in finished and "of phase" not in finished
+    older = {k: v for k, v in running.items() if not k.startswith("phase_")}  # a status.json from before
+    assert "step 163 / 5004" in progress_html(row, older, None, "")

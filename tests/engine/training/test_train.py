@@ -45,6 +45,7 @@ def test_run_folder_contents(trained):
     lang = trained / "lang"
     status = json.loads((lang / "status.json").read_text())
     assert status["state"] == "done" and status["step"] == status["total_steps"] == 16
+    assert status["phase_step"] == status["phase_steps"] == 8  # the last phase's own count (the app shows both)
     assert (lang / "phase2").is_dir() and not (trained / "task" / "phase2").exists()  # kept only when asked
     metrics = [json.loads(l) for l in (lang / "metrics.jsonl").read_text().splitlines()]
     assert {m["phase"] for m in metrics} == {"full", "sparse", "heldout"}
