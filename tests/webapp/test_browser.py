@@ -216,7 +216,10 @@ def test_guided_demo_run(driver, app):
     assert "with the language vector: macro-F1" in status and "difference" in status
     assert d.find_element(By.ID, "dx-predict-file-status").is_displayed()  # Predict is the open tab
     assert "demo-en-task" in d.find_element(By.CSS_SELECTOR, "#dx-task-vector input").get_attribute("value")
-    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", d.find_element(By.ID, "dx-predict-file-status"))
+    in_view = ("const r = arguments[0].getBoundingClientRect();"
+               " return r.top >= 0 && r.bottom <= window.innerHeight;")
+    wait(d, lambda d: d.execute_script(in_view, d.find_element(By.ID, "dx-predict-file-status")), timeout=10,
+         what="the demo's scores scrolled into view by the app")  # not below the fold
     time.sleep(1)
     d.save_screenshot(str(ARTIFACTS / "webapp_guided_scored.png"))
     tab(d, "Start")

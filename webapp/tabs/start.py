@@ -208,7 +208,14 @@ def run_steps(studio: Studio, n: int, kind: str, row: dict | None) -> str:
     return f"<li>{badge} <b>{n}. {TITLES[kind]}</b>{''.join(subs)}{held}</li>"
 
 
+# once Predict shows the demo's scores, bring them into view (the tab opens at its top, the scores are further down)
+SHOW_SCORE_JS = ("() => { const e = document.getElementById('dx-predict-file-status');"
+                 " if (e && e.offsetParent && e.textContent.includes('macro-F1'))"
+                 " e.scrollIntoView({block: 'center'}); }")
+
+
 def wire(ui: UI) -> None:
     ui.on(ui["start.run"].click, run_demo, api_name="run_demo")
     ui.on(ui["app.timer"].tick, demo_progress, ["start.demo"], api_visibility="private", show_progress="hidden")
-    ui.on(ui["start.demo"].change, score_demo, ["start.demo"], api_visibility="private")
+    scored = ui.on(ui["start.demo"].change, score_demo, ["start.demo"], api_visibility="private")
+    scored.then(None, js=SHOW_SCORE_JS)  # the demo's result, not below the fold
