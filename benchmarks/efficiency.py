@@ -219,8 +219,7 @@ def head_fit(source: str, precision: str) -> dict:
     model, tok = load_mlm_model(source), load_tokenizer(source)
     train, heldout = split_heldout(load_corpus(EXAMPLES / "target_corpus_id.txt"), 0.1)
     t = time.perf_counter()
-    with resolve_precision(precision).autocast():
-        record = fit_head(model, tok, train, heldout, HeadFitConfig(max_length=64))
+    record = fit_head(model, tok, train, heldout, HeadFitConfig(max_length=64), amp=resolve_precision(precision))
     return {"precision": precision, "seconds": time.perf_counter() - t, "steps": record["steps"],
             "heldout_loss": record["heldout"]["loss"], "heldout_top1": record["heldout"]["accuracy"]}
 

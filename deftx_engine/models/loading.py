@@ -7,6 +7,8 @@
   frozen, so the language vector only moves encoder entries and stays composable with a task vector.
 - Only masked positions are scored by the MLM head: with XLM-R's 250k vocabulary, scoring every position
   would dominate a CPU step.
+- Under autocast (bf16 on a CPU with matrix units, bf16/fp16 on CUDA) the MLM head still runs in float32, all
+  but the product with its frozen decoder (``MaskedLMForSFT.head_logits``).
 """
 from __future__ import annotations
 
@@ -73,6 +75,27 @@ def load_tokenizer(name: str):
                                        cls_token="<s>", mask_token="<mask>")
 
 
+class FrozenDecoder(nn.Linear):
+    """The MLM head's decoder, a frozen copy of the input embeddings (``load_mlm_model``), whose product may run in
+    a lower precision: with ``matmul_dtype`` set, ``x @ W.T`` runs in that dtype from a cast of ``W`` made once
+    and kept while ``W`` is unchanged, and the bias is added in float32. Why: in a language step the decoder
+    (250k x 384 on XLM-R's vocabulary) is the largest product, and autocast would cast its 96M frozen entries
+    again on every call; no update touches them, so nothing is lost to the lower precision but rounding."""
+
+    matmul_dtype: torch.dtype | None = None
+    _cast: tuple | None = None  # (what the cast was made from, the cast)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.matmul_dtype is None or w.requires_grad:
+            return super().forward(x)
+        made_from = (w.data_ptr(), w._version, w.device, self.matmul_dtype)
+        if self._cast is None or self._cast[0] != made_from:
+            self._cast = (made_from, w.detach().to(self.matmul_dtype))
+        out = F.linear(x.to(self.matmul_dtype), self._cast[1]).float()
+        return out if self.bias is None else out + self.bias
+
+
 class MaskedLMForSFT(nn.Module):
     """A masked-LM model whose loss scores only the masked positions.
 
@@ -93,6 +116,9 @@ class MaskedLMForSFT(nn.Module):
                 self._head_name = name
         if self._head_name is None:
             raise ConfigError(f"{type(mlm_model).__name__} has no masked-LM head module")
+        decoder = mlm_model.get_output_embeddings()
+        if type(decoder) is nn.Linear:  # same parameters and names; only its product may change precision
+            decoder.__class__ = FrozenDecoder
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None):
         kw = {"attention_mask": attention_mask}
@@ -101,11 +127,31 @@ class MaskedLMForSFT(nn.Module):
         with _first_layers(getattr(self, self.base_model_prefix), self.mlm_layer):
             hidden = getattr(self, self.base_model_prefix)(input_ids=input_ids, **kw)[0]
         picked = labels != -100
-        logits = getattr(self, self._head_name)(hidden[picked])
+        logits = self.head_logits(hidden[picked])
         # a batch without targets (a short line, 15 % masking) has loss 0 with a graph through whatever trains
         # (the head alone during the head fit), so backward() works and changes nothing
         loss = F.cross_entropy(logits.float(), labels[picked]) if logits.numel() else logits.sum() + hidden.sum() * 0.0
         return {"loss": loss, "logits": logits}
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLM head on ``hidden``. Under autocast the head runs in float32 all the same, but for the product
+        with its frozen decoder (``FrozenDecoder``): the transform and the bias take updates far below bf16's
+        spacing at their values (a bias near -12 moves in steps of 0.06 in bf16, an identity-started transform
+        in steps of 0.008), so in bf16 their training stalled (a head fit on multilingual-e5-small: held-out loss
+        9.2 in bf16 against 6.7 in float32, benchmarks/RESULTS.md); in float32 it matches float32's."""
+        head = getattr(self, self._head_name)
+        dev = hidden.device.type
+        if not torch.is_autocast_enabled(dev):
+            return head(hidden)
+        decoders = [m for m in head.modules() if isinstance(m, FrozenDecoder)]
+        for d in decoders:
+            d.matmul_dtype = torch.get_autocast_dtype(dev)
+        try:
+            with torch.autocast(dev, enabled=False):
+                return head(hidden.float())
+        finally:
+            for d in decoders:
+                d.matmul_dtype = None
 
 
 @contextlib.contextmanager

@@ -5,7 +5,9 @@ MiniLM ship no head, and a random one (masked-token loss ln 250002 = 12.4) makes
 delta on adapting to the head rather than to the language. So before a language SFT of such a base, the
 head alone is fitted with the encoder frozen: its decoder is the (frozen) input embedding matrix, and only
 the transform and the output bias train. It starts from an informed point -- identity transform, bias =
-log unigram frequency of the fitting text -- and trains until the held-out loss stops falling. The fitted
+log unigram frequency of the fitting text, over the decoder's whole vocabulary (multilingual-e5-small's has
+250,037 rows for a tokenizer of 250,002) -- and trains until the held-out loss stops falling. Under a run's
+bf16 precision the frozen encoder runs in bf16 and the head in float32 (``MaskedLMForSFT.head_logits``). The fitted
 head is cached by everything it depends on (base model, layer, text, settings), so every language SFT with
 the same inputs starts from the same head, and the fit is paid once. A stopped fit is kept and resumed where
 it stopped (ending with the head of a fit never stopped); an entry that fails its checksum, shapes or
@@ -32,6 +34,11 @@ from torch import nn
 
 from ..method.embedding_rows import mask_tokens
 from .e5_small import cache_root
+from .precision import Amp
+
+# what a fit made by this code is, in cache keys: 2 since the bias's informed start spans the decoder's whole
+# vocabulary (before, a decoder with more rows than the tokenizer has ids started from a random bias)
+FIT_VERSION = 2
 
 
 @dataclass
@@ -61,11 +68,18 @@ def _batches(tokenizer, lines: Sequence[str], batch_size: int, max_length: int):
 def masked_lm_scores(model, tokenizer, lines: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
                      seed: int = 0) -> dict:
     """Masked-token loss and top-1 accuracy of ``model`` (a ``models.MaskedLMForSFT``) on ``lines``, with
-    the same masked positions for every model given the same seed (so models compare entry for entry)."""
+    the same masked positions for every model given the same seed (so models compare entry for entry). In
+    float32 under any autocast: the evidence compares runs, so it is scored one way."""
+    dev = next(model.parameters()).device
+    with torch.autocast(dev.type, enabled=False):
+        return _masked_lm_scores(model, tokenizer, lines, batch_size, max_length, seed, dev)
+
+
+def _masked_lm_scores(model, tokenizer, lines: Sequence[str], batch_size: int, max_length: int, seed: int,
+                      dev: torch.device) -> dict:
     gen = torch.Generator().manual_seed(seed)
     was = model.training
     model.eval()
-    dev = next(model.parameters()).device
     loss_sum, correct, n = 0.0, 0, 0
     for enc, special in _batches(tokenizer, lines, batch_size, max_length):
         ids, labels = mask_tokens(enc["input_ids"], special, tokenizer.mask_token_id, len(tokenizer), gen,
@@ -85,7 +99,7 @@ def heldout_report(model, tokenizer, lines: Sequence[str], before: dict, theta0:
                    max_length: int, seed: int) -> dict:
     """Masked-token loss / top-1 on the held-out lines: theta0 (with its fitted head; ``before``, scored so before
     training), theta0 + phi (the whole vector), and theta0 + phi's encoder under theta0's head -- the part that
-    composition uses. In float32 whatever the run's precision: the evidence compares runs, so it is scored one way."""
+    composition uses. In float32 whatever the run's precision (``masked_lm_scores``)."""
     after = masked_lm_scores(model, tokenizer, lines, max_length=max_length, seed=seed)
     params = dict(model.named_parameters())
     trained = {n: params[n].detach().clone() for n in heads}
@@ -112,27 +126,30 @@ def head_parameters(model) -> dict[str, nn.Parameter]:
 
 
 def _informed_start(model, tokenizer, lines: Sequence[str], max_length: int) -> None:
-    """Identity transform and bias = log unigram frequency (add-one smoothed) of the fitting text."""
+    """Identity transform and bias = log unigram frequency (add-one smoothed) of the fitting text, over the
+    decoder's vocabulary (``config.vocab_size``, which may hold more rows than the tokenizer has ids)."""
     head = getattr(model, model._head_name)
-    hidden = model.config.hidden_size
-    counts = torch.ones(len(tokenizer), dtype=torch.float64)
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    counts = torch.ones(vocab, dtype=torch.float64)
     for i in range(0, len(lines), 256):
         for ids in tokenizer(list(lines[i:i + 256]), truncation=True, max_length=max_length)["input_ids"]:
-            counts += torch.bincount(torch.tensor(ids), minlength=len(tokenizer)).double()
+            counts += torch.bincount(torch.tensor(ids), minlength=vocab).double()
     with torch.no_grad():
         for module in head.modules():
             if isinstance(module, nn.Linear) and module.weight.shape == (hidden, hidden):
                 module.weight.copy_(torch.eye(hidden))
                 module.bias.zero_()
         for p in head_parameters(model).values():
-            if p.ndim == 1 and p.shape[0] == len(tokenizer):
+            if p.ndim == 1 and p.shape[0] == vocab:
                 p.copy_((counts / counts.sum()).log().to(p.dtype))
 
 
 def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg: HeadFitConfig,
              progress: Callable[[str], None] | None = None, *, stop: Callable[[], bool] | None = None,
-             on_step: Callable[[int, int], None] | None = None, resume: dict | None = None) -> dict:
-    """Fit the head of ``model`` in place (encoder frozen); returns the fit's record (steps, losses).
+             on_step: Callable[[int, int], None] | None = None, resume: dict | None = None,
+             amp: Amp | None = None) -> dict:
+    """Fit the head of ``model`` in place (encoder frozen); returns the fit's record (steps, losses). ``amp``: the
+    steps' precision (the held-out checks are float32 whatever it is).
 
     ``on_step(step, max_steps)`` after every step (progress for watchers); ``stop()`` is asked after every step,
     and a true answer ends the fit there, as a stop signal ends a training phase: the record says "stopped"
@@ -171,7 +188,8 @@ def fit_head(model, tokenizer, train: Sequence[str], heldout: Sequence[str], cfg
             enc, special = next(_batches(tokenizer, batch, cfg.batch_size, cfg.max_length))
             ids, labels = mask_tokens(enc["input_ids"], special, tokenizer.mask_token_id, len(tokenizer), gen)
             enc = {k: v.to(dev) for k, v in enc.items()}
-            loss = model(**{**enc, "input_ids": ids.to(dev)}, labels=labels.to(dev))["loss"]
+            with amp.autocast() if amp else contextlib.nullcontext():
+                loss = model(**{**enc, "input_ids": ids.to(dev)}, labels=labels.to(dev))["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -326,12 +344,14 @@ def weights_key(model, name: str) -> str:
 
 def cached_fit(model, tokenizer, base_key: str, lines: Sequence[str], cfg: HeadFitConfig,
                progress: Callable[[str], None] | None = None, *, stop: Callable[[], bool] | None = None,
-               on_step: Callable[[int, int], None] | None = None) -> dict:
-    """Load the head fitted for these inputs from the cache, or fit and cache it. Returns its record. A fit
+               on_step: Callable[[int, int], None] | None = None, amp: Amp | None = None) -> dict:
+    """Load the head fitted for these inputs from the cache, or fit and cache it (in ``amp``'s precision, part of
+    the key). Returns its record. A fit
     ended by ``stop`` is kept in the cache as ``<key>.partial`` (``fit_head``'s checkpoint), and the next fit
     of the same inputs goes on from there; a damaged entry is named (``progress``) and made again."""
     text_hash = hashlib.sha256("\n".join(lines).encode()).hexdigest()
-    key = hashlib.sha256(json.dumps([base_key, getattr(model, "mlm_layer", None), text_hash, asdict(cfg)],
+    key = hashlib.sha256(json.dumps([base_key, getattr(model, "mlm_layer", None), text_hash, asdict(cfg),
+                                     FIT_VERSION, amp.name if amp else "fp32"],
                                     sort_keys=True).encode()).hexdigest()[:16]
     entry = cache_root() / "heads" / key
     partial = entry.with_name(f"{key}.partial")
@@ -350,12 +370,13 @@ def cached_fit(model, tokenizer, base_key: str, lines: Sequence[str], cfg: HeadF
     if kept and progress:
         progress(f"MLM head fit resumed at step {kept[1]['step']} from {partial}.safetensors")
     record = fit_head(model, tokenizer, train, heldout or train[: cfg.batch_size], cfg, progress, stop=stop,
-                      on_step=on_step, resume={**kept[1], "tensors": kept[0]} if kept else None)
+                      on_step=on_step, resume={**kept[1], "tensors": kept[0]} if kept else None, amp=amp)
     if record["stopped"]:
         checkpoint = record.pop("checkpoint")
         _store(partial, checkpoint.pop("tensors"), checkpoint, progress)
         return {**record, "cached": False}
-    record.update(layer=getattr(model, "mlm_layer", None), text_sha256=text_hash, n_lines=len(lines))
+    record.update(layer=getattr(model, "mlm_layer", None), text_sha256=text_hash, n_lines=len(lines),
+                  precision=amp.name if amp else "fp32")
     _store(entry, params, record, progress)
     for leftover in (partial.with_name(partial.name + ".safetensors"), partial.with_name(partial.name + ".json")):
         with contextlib.suppress(OSError):

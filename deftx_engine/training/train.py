@@ -212,10 +212,10 @@ def _fit_head(job: _Job) -> dict | None:
     if job.main:
         run.update(state="running", phase="head-fit", message="fitting the MLM head (once per base model "
                                                               "and text; cached)")
-    # in float32 whatever the run's precision: in bf16 the fit of a 250k-piece head did not converge
     head_fit = cached_fit(job.model, job.tokenizer, weights_key(job.model, cfg.base_model),
                           job.head_text or job.dataset.lines, HeadFitConfig(max_length=cfg.max_length), progress=say,
-                          stop=lambda: bool(job.stop), on_step=head_fit_progress(run) if job.main else None)
+                          stop=lambda: bool(job.stop), on_step=head_fit_progress(run) if job.main else None,
+                          amp=job.amp)
     if head_fit["stopped"]:
         if job.main:
             run.update(step=head_fit["steps"])

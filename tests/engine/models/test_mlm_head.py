@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertForMaskedLM, BertTokenizer
 
 from deftx_engine.method.embedding_rows import mask_tokens
-from deftx_engine.models import mlm_head
+from deftx_engine.models import mlm_head, precision
 from deftx_engine.models.loading import MaskedLMForSFT
 from deftx_engine.models.mlm_head import (
     HeadFitConfig,
@@ -38,11 +38,12 @@ def tokenizer():
     return BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
 
 
-def build_model(seed: int = 0):
+def build_model(seed: int = 0, extra_rows: int = 0):
     """A tiny masked-LM model with a new head, shaped as ``models.load_mlm_model`` makes it (decoder = a frozen copy
-    of the input embeddings), built in-process: no files, milliseconds."""
+    of the input embeddings), built in-process: no files, milliseconds. ``extra_rows``: embedding rows beyond the
+    tokenizer's ids (multilingual-e5-small has 35)."""
     torch.manual_seed(seed)
-    mlm = BertForMaskedLM(tiny_bert_config(vocab_size=len(VOCAB)))
+    mlm = BertForMaskedLM(tiny_bert_config(vocab_size=len(VOCAB) + extra_rows))
     out = mlm.get_output_embeddings()
     out.weight = torch.nn.Parameter(mlm.get_input_embeddings().weight.detach().clone(), requires_grad=False)
     out.bias = torch.nn.Parameter(out.bias.detach().clone())  # untied from the head's own (unused) bias, as loaded
@@ -380,12 +381,14 @@ def test_head_parameters_are_the_transform_and_biases_not_the_decoder_nor_layern
     assert "cls.predictions.transform.dense.bias" not in head_parameters(model)
 
 
-def test_informed_start_is_the_identity_and_the_smoothed_log_unigram_frequency(tokenizer):
-    model = build_model()
+@pytest.mark.parametrize("extra_rows", [0, 3])
+def test_informed_start_is_the_identity_and_the_smoothed_log_unigram_frequency(tokenizer, extra_rows):
+    """Over the decoder's every row: where the model has rows beyond the tokenizer's ids they start at add-one."""
+    model = build_model(extra_rows=extra_rows)
     lines = LINES * 7  # 280 lines: two chunks of 256
     layer_norm = {n: p.detach().clone() for n, p in model.named_parameters() if "LayerNorm" in n}
     mlm_head._informed_start(model, tokenizer, lines, 9)
-    counts = torch.ones(len(tokenizer), dtype=torch.float64)
+    counts = torch.ones(len(tokenizer) + extra_rows, dtype=torch.float64)
     for line in lines:
         for i in tokenizer(line, truncation=True, max_length=9)["input_ids"]:
             counts[i] += 1
@@ -481,6 +484,24 @@ def test_fit_head_ends_when_the_held_out_loss_stops_falling(tokenizer):
     assert gains[0] > 0 and ended[0] == 0 and max(ended) >= 1, (gains, ended)  # a later check was singled out too
 
 
+def test_a_bf16_fit_runs_its_steps_in_bf16_and_follows_the_float32_fit(tokenizer):
+    """Under bf16 the encoder runs in bf16 and the head in float32 but for its frozen decoder's product
+    (``MaskedLMForSFT.head_logits``; that the head's small updates survive is tested in test_loading.py)."""
+    train, heldout = split_heldout(LINES, 0.1)
+    cfg = dataclasses.replace(CFG, max_steps=12, eval_every=4, lr=3e-2)
+    losses = {}
+    for name in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = build_model()
+        record = fit_head(model, tokenizer, train, heldout, cfg, amp=precision.resolve(name, "cpu"))
+        losses[name] = [h["loss"] for h in record["history"]]
+        cast = model.cls.predictions.decoder._cast
+        assert (cast[1].dtype if cast else None) == (torch.bfloat16 if name == "bf16" else None)
+    assert losses["fp32"][-1] < losses["fp32"][0] - 0.02  # the fit learns something to follow
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-3)
+    assert losses["bf16"] != losses["fp32"]  # (and not by running in float32)
+
+
 def test_fit_head_on_fewer_lines_than_a_batch_takes_one_step_a_pass(tokenizer):
     steps = []
     torch.manual_seed(0)
@@ -517,7 +538,10 @@ def test_the_cache_key_is_every_input_of_the_fit(fitted, new_model, tokenizer, c
     layered.mlm_layer = 1
     torch.manual_seed(0)
     assert cached_fit(layered, tokenizer, "tiny", LINES, CFG)["layer"] == 1
-    assert len(list(cache.glob("*.safetensors"))) == 5
+    torch.manual_seed(0)
+    bf16 = cached_fit(new_model(), tokenizer, "tiny", LINES, CFG, amp=precision.resolve("bf16", "cpu"))
+    assert not bf16["cached"] and bf16["precision"] == "bf16" and record["precision"] == "fp32"
+    assert len(list(cache.glob("*.safetensors"))) == 6
     assert fit_cached(new_model(), tokenizer)["cached"]
 
 
