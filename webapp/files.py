@@ -14,6 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from deftx_engine.errors import DeftxError
+from deftx_engine.hub.contact import model_unavailable
 
 from . import EXAMPLES
 from .settings import data_dirs, default_model, max_upload_mb
@@ -31,27 +32,6 @@ def bounded(value: object, what: str, limit: int) -> str:
     if "\0" in text:
         raise DeftxError(f"the {what} contains a NUL byte")
     return text
-
-
-def hub_model_available(repo_id: str) -> str | None:
-    """None if the Hub model ``repo_id`` is in the local cache or the Hub answers for it, else why not (one
-    line): the app says so at Start instead of queueing a job that fails to download it."""
-    import huggingface_hub
-    from huggingface_hub import constants
-    from huggingface_hub.utils import RepositoryNotFoundError
-
-    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
-        return None
-    if (constants.is_offline_mode()
-            or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")):
-        return "it is not in this server's model cache and the Hub is switched off (HF_HUB_OFFLINE)"
-    try:  # a new client reads the endpoint now (the module-level one kept the one it was imported with)
-        huggingface_hub.HfApi().model_info(repo_id, timeout=10)
-    except RepositoryNotFoundError:
-        return "the Hugging Face Hub has no such model (or it is private)"
-    except Exception:  # noqa: BLE001 -- DNS, proxy, timeout, HTTP 5xx: all mean "cannot be reached"
-        return "the Hugging Face Hub cannot be reached from this server, and the model is not in its cache"
-    return None
 
 
 class FilePolicy:
@@ -227,7 +207,7 @@ class FilePolicy:
         name = self.server_path(name) or name
         looks_local = name.startswith(("/", ".", "~", "\\")) or ".." in name or name.count("/") > 1
         if not looks_local and HUB_ID.fullmatch(name) and not Path(name).exists():
-            why = hub_model_available(name) if reachable else None
+            why = model_unavailable(name, ask_hub=True) if reachable else None
             if why:
                 raise DeftxError(f"{where} {name!r} cannot be used: {why}. Use {' or '.join(OFFLINE_MODELS)}, or "
                                  "a model folder under DEFTX_DATA_DIRS")

@@ -45,6 +45,32 @@ def hub_unavailable(timeout: float = HUB_TIMEOUT) -> str:
     return _unreachable(constants.ENDPOINT, timeout)
 
 
+def model_unavailable(repo_id: str, *, ask_hub: bool = False) -> str:
+    """Why the Hub model ``repo_id`` cannot be loaded now, in words for a user ("" when it can): it is in the local
+    model cache, or the Hub can be reached (``ask_hub``: and says it has the model). Why: ``from_pretrained``
+    retries an unreachable Hub five times with back-off (~25-40 s) before an error that names no cure; the
+    model loader and the app ask this first and answer at once."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return ""
+    except ValueError:  # not a valid repo id: from_pretrained says so in its own words
+        return ""
+    why = hub_unavailable()
+    if why:
+        return f"it is not in the local model cache and {hub_off_words(why)}"
+    if ask_hub:
+        try:  # a new client reads the endpoint now (the module-level one kept the one it was imported with)
+            HfApi().model_info(repo_id, timeout=2 * HUB_TIMEOUT)
+        except RepositoryNotFoundError:
+            return "the Hugging Face Hub has no such model (or it is private)"
+        except Exception as e:  # noqa: BLE001 -- DNS, proxy, timeout, HTTP 5xx: all mean "cannot be reached"
+            return hub_error_words(e) or "the Hugging Face Hub did not answer for it, and it is not in the local cache"
+    return ""
+
+
 def hub_off_words(why: str) -> str:
     """The Hub being off or out of reach (``why``: ``hub_unavailable``'s reason), in words for a user."""
     from huggingface_hub import constants

@@ -42,21 +42,13 @@ def resolve_model(name: str) -> str:
 
 
 def _require_reachable(repo_id: str) -> None:
-    """A Hub id neither in the download cache nor reachable is said at once: ``from_pretrained`` would retry
-    the connection five times with back-off (~25-40 s) before an error that names no cure."""
-    from huggingface_hub import try_to_load_from_cache
+    """A Hub id neither in the download cache nor reachable is refused at once (``hub.contact``)."""
+    from ..hub.contact import model_unavailable
 
-    from ..hub.contact import hub_off_words, hub_unavailable
-
-    try:
-        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-            return
-    except ValueError:  # not a valid repo id: from_pretrained says so in its own words
-        return
-    why = hub_unavailable()
+    why = model_unavailable(repo_id)
     if why:
-        raise ConfigError(f"{repo_id} is not in the local model cache and {hub_off_words(why)}: give a local model "
-                          "folder or an offline model (multilingual-e5-small, minilm)", field="base_model")
+        raise ConfigError(f"{repo_id}: {why}; give a local model folder or an offline model (multilingual-e5-small, "
+                          "minilm)", field="base_model")
 
 
 def load_tokenizer(name: str):

@@ -215,8 +215,10 @@ def test_base_models_outside_the_allowed_folders_are_refused(studio, api, base):
 def test_hub_base_models_need_a_reachable_hub(studio, monkeypatch):
     from deftx_engine.errors import DeftxError
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DeftxError, match="not in this server's model cache and the Hub is switched off"):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # (the client reads the variable once, at import)
+    with pytest.raises(DeftxError, match="not in the local model cache and the Hugging Face Hub is switched off"):
         studio.check_base_model("someone/no-such-model-4242")
     assert studio.check_base_model("multilingual-e5-small") == "multilingual-e5-small"
 
