@@ -108,9 +108,10 @@ class TrainConfig:
         "language SFT: share of the corpus held out to score θ0 against θ0 + φ "
         "(masked-token loss and top-1)"))
     precision: Precision = field(default="auto", metadata=_help(
-        "number format of the matrix products (both phases, the MLM-head fit, held-out checks): auto = bf16 "
-        "autocast on a CPU with native bf16 matrix units (amx_bf16/avx512_bf16) and on CUDA, float32 elsewhere; "
-        "weights, optimizer state, masks and the saved vector stay float32"))
+        "number format of the matrix products (both phases, the MLM-head fit, scoring; held-out checks are "
+        "float32): auto = bf16 autocast on CUDA (fp16 where the GPU lacks bf16) and float32 on a CPU; bf16 on a "
+        "CPU uses its bf16 matrix units (amx_bf16/avx512_bf16); weights, optimizer state, masks and the saved "
+        "vector stay float32"))
     compile: bool = field(default=False, metadata=_help(
         "torch.compile (inductor) the model for both phases: fuses the elementwise work between the matrix "
         "products; on a 2-core CPU it took ~50 s to compile and did not speed the step up (benchmarks/RESULTS.md)"))
