@@ -213,9 +213,9 @@ def test_base_models_outside_the_allowed_folders_are_refused(studio, api, base):
 
 
 def test_hub_base_models_need_a_reachable_hub(studio, monkeypatch):
-    from deftx_engine.errors import DeftxError
-
     from huggingface_hub import constants
+
+    from deftx_engine.errors import DeftxError
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # (the client reads the variable once, at import)
     with pytest.raises(DeftxError, match="not in the local model cache and the Hugging Face Hub is switched off"):
