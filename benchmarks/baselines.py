@@ -28,7 +28,8 @@ def dense_trainer(cfg: TrainConfig, out: Path, steps: int | None = None):
     dataset, labels = load_examples(cfg, tok)
     set_seed(cfg.seed)
     model = load_cls_model(cfg.base_model, labels)
-    args = training_arguments(cfg, out, steps or cfg.full_steps, resolve_precision("fp32"), checkpoints=False)
+    args = training_arguments(cfg, out, steps or cfg.full_steps, resolve_precision(cfg.precision),  # as the SFT
+                              checkpoints=False)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=data_collator(cfg, tok, used_rows(dataset.rows, tok)))
     trainer.remove_callback(PrinterCallback)  # as in a run: no raw loss dict per logged step

@@ -288,8 +288,8 @@ def _data_args(p, required: bool) -> None:
     p.add_argument("--pair-column", help="second text column for pair tasks")
     p.add_argument("--label-column", default="label", help="label column (default: label)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="number format of the matrix products: auto = bf16 autocast on a GPU that has it, float32 "
-                        "on a CPU; bf16 = the CPU's bf16 matrix units, opt-in (default: auto)")
+                   help="number format of the matrix products: auto = bf16 autocast on a GPU or CPU with bf16 "
+                        "matrix units, float32 elsewhere (default: auto)")
 
 
 def _add_model_parsers(sub) -> None:

@@ -9,8 +9,8 @@ from typing import Literal, get_args
 
 Kind = Literal["language", "task"]
 Method = Literal["deftx", "lt-sft"]  # deftx: SVD-denoise the phase-1 delta before the top-k; lt-sft: no denoising
-# auto: bf16 autocast on CUDA (fp16 where the GPU lacks bf16), float32 on a CPU (bf16 there is opt-in until its
-# quality check is complete); see models/precision.py
+# auto: bf16 autocast on CUDA (fp16 where the GPU lacks bf16) and on a CPU with native bf16 matrix units, float32
+# elsewhere; see models/precision.py
 Precision = Literal["auto", "fp32", "bf16"]
 
 KINDS: tuple[str, ...] = get_args(Kind)

@@ -346,12 +346,13 @@ def cached_fit(model, tokenizer, base_key: str, lines: Sequence[str], cfg: HeadF
                progress: Callable[[str], None] | None = None, *, stop: Callable[[], bool] | None = None,
                on_step: Callable[[int, int], None] | None = None, amp: Amp | None = None) -> dict:
     """Load the head fitted for these inputs from the cache, or fit and cache it (in ``amp``'s precision, part of
-    the key). Returns its record. A fit
-    ended by ``stop`` is kept in the cache as ``<key>.partial`` (``fit_head``'s checkpoint), and the next fit
-    of the same inputs goes on from there; a damaged entry is named (``progress``) and made again."""
+    the key). Returns its record. A fit ended by ``stop`` is kept in the cache as ``<key>.partial`` (``fit_head``'s
+    checkpoint), and the next fit of the same inputs goes on from there; a damaged entry is named (``progress``)
+    and made again."""
+    precision = amp.name if amp else "fp32"
     text_hash = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     key = hashlib.sha256(json.dumps([base_key, getattr(model, "mlm_layer", None), text_hash, asdict(cfg),
-                                     FIT_VERSION, amp.name if amp else "fp32"],
+                                     FIT_VERSION, precision],
                                     sort_keys=True).encode()).hexdigest()[:16]
     entry = cache_root() / "heads" / key
     partial = entry.with_name(f"{key}.partial")
@@ -376,7 +377,7 @@ def cached_fit(model, tokenizer, base_key: str, lines: Sequence[str], cfg: HeadF
         _store(partial, checkpoint.pop("tensors"), checkpoint, progress)
         return {**record, "cached": False}
     record.update(layer=getattr(model, "mlm_layer", None), text_sha256=text_hash, n_lines=len(lines),
-                  precision=amp.name if amp else "fp32")
+                  precision=precision)
     _store(entry, params, record, progress)
     for leftover in (partial.with_name(partial.name + ".safetensors"), partial.with_name(partial.name + ".json")):
         with contextlib.suppress(OSError):

@@ -6,10 +6,10 @@ products in bf16 and keeps everything else where it was: the master weights, the
 the denoising, the masks and the saved vectors stay float32, so a vector has the same format whatever trained
 it and ``revert`` stays bit-exact.
 
-``auto`` is bf16 on CUDA where the GPU supports it (else fp16), as the trainer always did. On a CPU ``auto`` stays
-float32, and ``bf16`` is opt-in: measured on multilingual-e5-small (benchmarks/RESULTS.md), bf16 scores 2x faster
-and trains 1.3-1.7x faster, and where the NusaX quality check has run it is within 1.0 macro-F1 of float32. The
-check is not complete (DeFT-X on four of the five targets), so the default keeps float32 there. Under autocast an
+``auto`` is bf16 on CUDA where the GPU supports it (else fp16), as the trainer always did, and bf16 on a CPU
+with native bf16 matrix instructions: measured on multilingual-e5-small (benchmarks/RESULTS.md), it scores 2x
+faster and trains 1.3x faster, and on NusaX (5 targets, 2 seeds, the task vector alone and DeFT-X) every average
+stayed within 1.0 macro-F1 of float32. Elsewhere ``auto`` is float32 (emulated bf16 is slower). Under autocast an
 MLM head runs in float32 but for its frozen decoder's product (``loading.MaskedLMForSFT.head_logits``: in bf16 the
 head's small updates were lost and its fit stalled), and the held-out checks are float32.
 """
@@ -92,6 +92,5 @@ def resolve(precision: Precision, device: torch.device | str | None = None) -> A
         return Amp(torch.bfloat16, "cpu", "bf16 autocast (asked for" +
                    (f"; the CPU has {', '.join(flags)})" if flags else "; no native bf16 on this CPU: emulated, slow)"))
     if flags:
-        return Amp(None, "cpu", f"float32 (auto on a CPU; this one has {', '.join(flags)}: --precision bf16 uses "
-                                "them, not yet checked for quality)")
+        return Amp(torch.bfloat16, "cpu", f"bf16 autocast (auto: the CPU has {', '.join(flags)})")
     return Amp(None, "cpu", "float32 (auto: no native bf16 matrix instructions on this CPU)")

@@ -109,8 +109,8 @@ class TrainConfig:
         "(masked-token loss and top-1)"))
     precision: Precision = field(default="auto", metadata=_help(
         "number format of the matrix products (both phases, the MLM-head fit, scoring; held-out checks are "
-        "float32): auto = bf16 autocast on CUDA (fp16 where the GPU lacks bf16) and float32 on a CPU; bf16 on a "
-        "CPU uses its bf16 matrix units (amx_bf16/avx512_bf16); weights, optimizer state, masks and the saved "
+        "float32): auto = bf16 autocast on CUDA (fp16 where the GPU lacks bf16) and on a CPU with bf16 matrix "
+        "units (amx_bf16/avx512_bf16), float32 on other CPUs; weights, optimizer state, masks and the saved "
         "vector stay float32"))
     compile: bool = field(default=False, metadata=_help(
         "torch.compile (inductor) the model for both phases: fuses the elementwise work between the matrix "

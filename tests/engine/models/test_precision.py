@@ -29,13 +29,15 @@ def test_bf16_flags_are_read_from_the_first_flags_line():
     assert precision.bf16_flags("processor : 0\n") == ()
 
 
-@pytest.mark.parametrize("flags", [("amx_bf16",), ("avx512_bf16",), ()])
-def test_auto_on_a_cpu_is_float32_and_says_what_bf16_would_use(monkeypatch, flags):
-    """bf16 on a CPU is opt-in until its quality is checked (precision.py says why)."""
+@pytest.mark.parametrize("flags", [("amx_bf16",), ("avx512_bf16",), ("amx_bf16", "avx512_bf16"), ()])
+def test_auto_on_a_cpu_is_bf16_where_it_has_native_bf16_and_says_why(monkeypatch, flags):
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: flags)
     amp = precision.resolve("auto", "cpu")
-    assert amp.dtype is None and amp.name == "fp32" and "float32 (auto" in amp.why
-    assert all(f in amp.why for f in flags) and ("--precision bf16" in amp.why) == bool(flags)
+    if flags:
+        assert amp.dtype is torch.bfloat16 and amp.name == "bf16"
+        assert amp.why == f"bf16 autocast (auto: the CPU has {', '.join(flags)})"
+    else:
+        assert amp.dtype is None and amp.why == "float32 (auto: no native bf16 matrix instructions on this CPU)"
 
 
 def test_fp32_and_bf16_are_honoured_whatever_the_cpu(monkeypatch):
@@ -86,6 +88,10 @@ def test_a_bf16_vector_is_float32_reverts_bit_exactly_and_differs_from_fp32(tiny
     assert "precision: float32 (auto: no native bf16" in (tmp_path / "auto" / "log.txt").read_text()
     assert _same(auto, fp32), "without native bf16, auto must train exactly as float32 did"
     assert not _same(bf16, fp32), "bf16 autocast changed nothing: it was not in effect"
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("amx_bf16",))  # native bf16: auto means bf16
+    native = _train(tiny_dir, tmp_path / "native")
+    assert json.loads((tmp_path / "native" / "status.json").read_text())["precision"] == "bf16"
+    assert _same(native, bf16), "with native bf16, auto must train exactly as bf16 does"
     assert all(v.dtype == torch.float32 for v in [*bf16.values.values(), *bf16.heads.values()])
 
     model = load_cls_model(tiny_dir, bf16.meta.label_names)
