@@ -252,8 +252,9 @@ class Job:
 class Scorer:
     """Builds and scores composed models; every result is cached in a JSON-lines file keyed by its inputs."""
 
-    def __init__(self, cache: Path, task: Path, seed: int, batch_size: int, n_layers: int):
+    def __init__(self, cache: Path, task: Path, seed: int, batch_size: int, n_layers: int, precision: str = "fp32"):
         self.cache, self.task, self.seed, self.batch_size, self.n_layers = cache, task, seed, batch_size, n_layers
+        self.precision = precision  # the crosslingual run's: its scores are what "none" and "deftx" reproduce
         self.entries: dict[str, dict] = {}
         self.vectors: dict[Path, SparseVector] = {}
         self.data: dict[Path, TaskData] = {}
@@ -274,7 +275,8 @@ class Scorer:
 
     def key(self, job: Job, test: Path) -> str:
         return _hash([job.what, job.label, job.target, str(self.task), [str(p) for p in job.languages], job.scales,
-                      str(test), test.stat().st_size])
+                      str(test), test.stat().st_size]
+                     + ([self.precision] if self.precision != "fp32" else []))  # fp32: as recorded before
 
     def score(self, job: Job, test: Path) -> dict:
         """The cached result of ``job``, or a new evaluation (written to the cache at once)."""
@@ -295,7 +297,7 @@ class Scorer:
         names = [model.config.id2label[i] for i in range(model.config.num_labels)]
         if test not in self.data:
             self.data[test] = sorted_task_data(test, names)
-        m = evaluate_task_data(model, tok, self.data[test], batch_size=self.batch_size)
+        m = evaluate_task_data(model, tok, self.data[test], batch_size=self.batch_size, precision=self.precision)
         entry = {"key": key, "what": job.what, "label": job.label, "target": job.target,
                  "task": str(self.task), "languages": [str(p) for p in job.languages], "scales": job.scales,
                  "test": str(test), "macro_f1": m["macro_f1"], "accuracy": m["accuracy"], "n": m["n"],
@@ -358,7 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     task_vec = SparseVector.load(task)
     n_layers = layer_count(task_vec.meta.base_model, list(task_vec.indices))
-    scorer = Scorer(prefixed(out, ".cache.jsonl"), task, args.seed, int(st.get("eval_batch_size", 32)), n_layers)
+    scorer = Scorer(prefixed(out, ".cache.jsonl"), task, args.seed, int(st.get("eval_batch_size", 32)), n_layers,
+                    st.get("precision", "fp32"))
     scorer.vectors[task] = task_vec
     lang_scale = float(st.get("lang_scale", 1.0))
     parts = ["none", *[p for p in dict.fromkeys(args.parts) if p != "none"]]

@@ -173,3 +173,26 @@ def test_tiny_run_reproduces_the_benchmark_and_resumes(tmp_path, capsys):
                       "--data", str(data), "--out", str(prefix), "--parts", "all", "--arith-scales", "1"])
     assert fourth["meta"]["evaluated"] == 0 and fourth["arithmetic"]["scales"]["1"] == ar["scales"]["1"]
     assert fourth["arithmetic"]["source_results"] == str(tmp_path / "bench.json")
+
+
+def test_parts_are_scored_in_the_benchmarks_precision(tmp_path, monkeypatch):
+    """A bf16 benchmark's parts are scored in bf16 too (auto would follow the CPU), so "all" and "none" reproduce
+    its scores."""
+    bench = importlib.import_module("benchmarks.crosslingual")
+    lp = load()
+    model, data = make_tiny_model_dir(tmp_path / "tiny"), write_nusax(tmp_path / "nusax")
+    ref = bench.main(["--data", str(data), "--model", str(model), "--targets", "javanese", "--seeds", "1",
+                      "--methods", "task-only", "deftx", "--task-steps", "2", "--lang-steps", "2", "--batch-size", "4",
+                      "--max-length", "24", "--no-calibrate", "--precision", "bf16", "--work-dir",
+                      str(tmp_path / "work"), "--out", str(tmp_path / "bench")])
+    f1 = {(e["method"], e["where"]): 100 * e["macro_f1"] for e in ref["evaluations"]}
+    import deftx_engine.outputs.inference as inference
+
+    seen, real = [], inference.evaluate_task_data
+    monkeypatch.setattr(inference, "evaluate_task_data",
+                        lambda *a, **k: seen.append(k.get("precision")) or real(*a, **k))
+    result = lp.main(["--results", str(tmp_path / "bench.json"), "--data", str(data), "--out", str(tmp_path / "parts"),
+                      "--parts", "all"])
+    assert seen and set(seen) == {"bf16"}
+    assert result["parts"]["all"]["targets"]["javanese"] == f1[("deftx", "javanese")]
+    assert result["parts"]["none"]["targets"]["javanese"] == f1[("task-only", "javanese")]
