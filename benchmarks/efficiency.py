@@ -245,7 +245,8 @@ def whole_sft(source: str, steps: int) -> dict:
         dense = time.perf_counter() - t
     times = [m["time"] for m in logged if m.get("phase") in ("full", "sparse")]
     in_steps = sum(b - a for a, b in zip(times, times[1:]))  # between the first and the last logged step
-    return {"steps": 2 * steps, "sft_s": sft, "dense_trainer_s": dense, "ratio": sft / dense,
+    return {"steps": 2 * steps, "precision": resolve_precision(cfg.precision).name,  # auto, both sides
+            "sft_s": sft, "dense_trainer_s": dense, "ratio": sft / dense,
             "outside_steps_share": max(0.0, 1 - in_steps / sft)}
 
 
@@ -277,8 +278,8 @@ def markdown(res: dict) -> str:
             f"{f['precision']} {f['seconds']:.1f} s ({f['steps']} steps, held-out loss {f['heldout_loss']:.3f}, "
             f"top-1 {f['heldout_top1']:.1%})" for f in fits))
     for m, w in res.get("whole", {}).items():
-        lines.append(f"\nWhole task SFT ({m}, {w['steps']} steps): {w['sft_s']:.1f} s vs dense Trainer "
-                     f"{w['dense_trainer_s']:.1f} s ({w['ratio']:.2f}x); outside training steps "
+        lines.append(f"\nWhole task SFT ({m}, {w['steps']} steps, {w['precision']}): {w['sft_s']:.1f} s vs dense "
+                     f"Trainer {w['dense_trainer_s']:.1f} s ({w['ratio']:.2f}x); outside training steps "
                      f"{w['outside_steps_share']:.1%} of the SFT")
     return "\n".join(lines) + "\n"
 

@@ -252,7 +252,7 @@ class Job:
 class Scorer:
     """Builds and scores composed models; every result is cached in a JSON-lines file keyed by its inputs."""
 
-    def __init__(self, cache: Path, task: Path, seed: int, batch_size: int, n_layers: int, precision: str = "fp32"):
+    def __init__(self, cache: Path, task: Path, seed: int, batch_size: int, n_layers: int, precision: str):
         self.cache, self.task, self.seed, self.batch_size, self.n_layers = cache, task, seed, batch_size, n_layers
         self.precision = precision  # the crosslingual run's: its scores are what "none" and "deftx" reproduce
         self.entries: dict[str, dict] = {}

@@ -2,6 +2,7 @@
 import torch
 
 from benchmarks.efficiency import main, step_flops
+from deftx_engine.models.precision import resolve
 from tiny import tiny_bert_config
 
 
@@ -36,5 +37,6 @@ def test_tiny_run_reports_every_measurement(tmp_path):
     assert [f["precision"] for f in res["head_fit"]["tiny"]] == ["fp32", "bf16"]
     assert all(f["seconds"] > 0 and f["steps"] > 0 for f in res["head_fit"]["tiny"])
     assert res["whole"]["tiny"]["ratio"] > 0
+    assert res["whole"]["tiny"]["precision"] == resolve("auto").name  # the SFT's and the dense baseline's
     md = (tmp_path / "results.md").read_text()
     assert "Scoring (tiny" in md and "MLM-head fit (tiny" in md and "| sparse (engine) | bf16 (" in md
